@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Everything drbdts needs on a fresh machine: system packages, npm dependencies (native ones built, as
+# approved in package.json's allowScripts), our native addon and the TypeScript build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-system.sh
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  npm ci --no-audit --no-fund
+fi
+npm run --silent build
