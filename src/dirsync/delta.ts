@@ -7,7 +7,8 @@
 // with the file so that a signature never has more than SIGNATURE_BLOCKS_MAX entries; delta generation keeps
 // one sliding window; apply copies through one reusable buffer.
 import { open, type FileHandle } from 'node:fs/promises';
-import xxhash, { type XXHashAPI } from 'xxhash-wasm';
+import { getHasher, type XXHashAPI } from './hash.js';
+import { fingerprintHex } from './replica.js';
 
 export const BLOCK_SIZE_MIN_BYTES = 2048;
 export const BLOCK_SIZE_MAX_BYTES = 1 << 20;
@@ -18,17 +19,9 @@ export const LITERAL_RUN_MAX_BYTES = 256 * 1024;
 /** Reads of the source and basis go through buffers of about this size. */
 const IO_CHUNK_BYTES = 1 << 20;
 
-let xxhashApi: XXHashAPI | undefined;
-let xxhashLoading: Promise<XXHashAPI> | undefined;
-
-/** The xxhash-wasm instance, compiled once per process. */
-export async function loadXxhash(): Promise<XXHashAPI> {
-  if (xxhashApi !== undefined) return xxhashApi;
-  xxhashLoading ??= xxhash().then((api) => {
-    xxhashApi = api;
-    return api;
-  });
-  return xxhashLoading;
+/** The xxhash-wasm instance shared with the rest of dirsync (hash.ts). */
+export function loadXxhash(): Promise<XXHashAPI> {
+  return getHasher();
 }
 
 /**
@@ -167,7 +160,7 @@ export function decodeSignature(data: Buffer): Signature {
   return { blockSizeBytes, fileSizeBytes, weak, strong };
 }
 
-// --- delta operations
+// --- delta operations (in memory, between the generator and the stream encoder)
 
 /** Copy `blockCount` consecutive basis blocks starting at `blockIndex`. */
 export interface CopyOp {
@@ -178,7 +171,7 @@ export interface CopyOp {
 
 /**
  * Literal bytes. `bytes` may be a view into the generator's window: it is valid only until the consumer
- * asks for the next operation (so a payload is copied once, straight into the wire frame or the file).
+ * asks for the next operation (so a payload is copied once, straight into the encoded stream).
  */
 export interface DataOp {
   kind: 'data';
@@ -186,32 +179,6 @@ export interface DataOp {
 }
 
 export type DeltaOp = CopyOp | DataOp;
-
-const OP_COPY = 1;
-const OP_DATA = 2;
-
-/** Encodes one op as a self-contained message (copy: 9 bytes; data: 1 + payload). */
-export function encodeDeltaOp(op: DeltaOp): Buffer {
-  if (op.kind === 'copy') {
-    const out = Buffer.allocUnsafe(9);
-    out[0] = OP_COPY;
-    out.writeUInt32BE(op.blockIndex, 1);
-    out.writeUInt32BE(op.blockCount, 5);
-    return out;
-  }
-  const out = Buffer.allocUnsafe(1 + op.bytes.length);
-  out[0] = OP_DATA;
-  op.bytes.copy(out, 1);
-  return out;
-}
-
-export function decodeDeltaOp(message: Buffer): DeltaOp {
-  if (message.length === 9 && message[0] === OP_COPY) {
-    return { kind: 'copy', blockIndex: message.readUInt32BE(1), blockCount: message.readUInt32BE(5) };
-  }
-  if (message.length >= 1 && message[0] === OP_DATA) return { kind: 'data', bytes: message.subarray(1) };
-  throw new Error(`bad delta operation: type ${message[0]} in ${message.length} bytes`);
-}
 
 // --- the lookup table: open hashing of weak checksums to block indexes (chains through `next`).
 
@@ -250,6 +217,9 @@ class WeakIndex {
 export interface DeltaStats {
   copiedBytes: number;
   literalBytes: number;
+  /** Set when the generator finishes: xxh64 of the whole source as read, and its length. */
+  fingerprint?: string;
+  sourceSizeBytes?: number;
 }
 
 /**
@@ -281,6 +251,9 @@ export async function* generateDeltaFromHandle(
   const tailLength = signature.fileSizeBytes - fullBlocks * blockSize;
   const index = new WeakIndex(signature, fullBlocks);
   const { size: sourceSizeBytes } = await handle.stat();
+  // The source is read exactly once, so its fingerprint is computed on the way (the engine compares it with
+  // the scanned one, and the receiver checks the rebuilt file against it).
+  const sourceHasher = api.create64();
 
   // The window holds source bytes [windowStart, windowStart + end). It must fit a full block beyond any
   // pending literal run, so it is at least LITERAL_RUN_MAX_BYTES + 2 blocks.
@@ -316,6 +289,7 @@ export async function* generateDeltaFromHandle(
       const wanted = Math.min(window.length - end, sourceSizeBytes - readPosition);
       const { bytesRead } = await handle.read(window, end, wanted, readPosition);
       if (bytesRead === 0) throw new Error(`source file shrank while generating a delta (at byte ${readPosition})`);
+      sourceHasher.update(window.subarray(end, end + bytesRead));
       end += bytesRead;
       readPosition += bytesRead;
     }
@@ -448,6 +422,9 @@ export async function* generateDeltaFromHandle(
     literalStart = runEnd;
   }
   assert(windowStart + end === sourceSizeBytes, 'delta covered the whole source');
+  assert(stats.copiedBytes + stats.literalBytes === sourceSizeBytes, 'delta bytes add up to the source size');
+  stats.fingerprint = fingerprintHex(sourceHasher.digest());
+  stats.sourceSizeBytes = sourceSizeBytes;
 }
 
 function copyLengthBytes(signature: Signature, op: CopyOp): number {
@@ -456,58 +433,202 @@ function copyLengthBytes(signature: Signature, op: CopyOp): number {
   return stop - start;
 }
 
-export interface ApplyResult {
-  sizeBytes: number;
-  /** xxhash64 of the written content, 16 lowercase hex digits: the caller compares it with the source's. */
-  hashHex: string;
+// --- the encoded delta stream: a sequence of records, self-delimiting so chunk boundaries do not matter.
+//   COPY: u8 1, u32 block index, u32 block count
+//   DATA: u8 2, u32 length, bytes (a literal run may be split over several records)
+//   END:  u8 3, u64 size of the new content, u64 xxh64 of the new content (the receiver checks both)
+//   The stream starts with BASIS: u8 4, u32 block size, u64 basis size (the signature's geometry, so the
+//   receiver interprets block indexes exactly as the sender did and notices a basis that changed size).
+const RECORD_BASIS = 4;
+const BASIS_RECORD_BYTES = 13;
+const RECORD_COPY = 1;
+const RECORD_DATA = 2;
+const RECORD_END = 3;
+const COPY_RECORD_BYTES = 9;
+const DATA_HEADER_BYTES = 5;
+const END_RECORD_BYTES = 17;
+/** Encoded chunks are about this size: big enough to amortise framing, small enough to bound memory. */
+const ENCODED_CHUNK_BYTES = 256 * 1024;
+/** A peer's DATA record longer than this is refused (the encoder never writes more than a chunk). */
+const DATA_RECORD_MAX_BYTES = 16 << 20;
+
+/** Encoded signature of a file (block size chosen from its size). */
+export async function createSignature(path: string): Promise<Buffer> {
+  return encodeSignature(await computeSignature(path));
 }
 
 /**
- * Applies delta ops to `basis`, writing the new content sequentially to `output` from offset 0. Copy ops
- * are checked against the signature's geometry (a peer could send anything): out of range is an error.
+ * The encoded delta that turns the basis (described by `signature`, encoded) into the file at `newPath`.
+ * Chunks are fresh buffers the consumer owns. `stats` (optional) is filled in as the delta is generated; its
+ * fingerprint is set once the last chunk has been yielded.
  */
-export async function applyDelta(
-  basis: FileHandle,
-  geometry: Pick<Signature, 'blockSizeBytes' | 'fileSizeBytes'>,
-  ops: AsyncIterable<DeltaOp> | Iterable<DeltaOp>,
-  output: FileHandle,
-): Promise<ApplyResult> {
-  const api = await loadXxhash();
-  const hasher = api.create64();
-  const count = blockCount(geometry);
-  const buffer = Buffer.allocUnsafe(Math.max(IO_CHUNK_BYTES, geometry.blockSizeBytes));
-  let written = 0;
-  for await (const op of ops) {
-    if (op.kind === 'data') {
-      hasher.update(op.bytes);
-      await writeFully(output, op.bytes, written);
-      written += op.bytes.length;
+export async function* createDelta(newPath: string, signature: Buffer, stats?: DeltaStats): AsyncGenerator<Buffer> {
+  const decoded = decodeSignature(signature);
+  const summary: DeltaStats = stats ?? { copiedBytes: 0, literalBytes: 0 };
+  let out = Buffer.allocUnsafe(ENCODED_CHUNK_BYTES);
+  out[0] = RECORD_BASIS;
+  out.writeUInt32BE(decoded.blockSizeBytes, 1);
+  out.writeBigUInt64BE(BigInt(decoded.fileSizeBytes), 5);
+  let used = BASIS_RECORD_BYTES;
+  for await (const op of generateDelta(newPath, decoded, summary)) {
+    if (op.kind === 'copy') {
+      if (used + COPY_RECORD_BYTES > out.length) {
+        yield out.subarray(0, used);
+        out = Buffer.allocUnsafe(ENCODED_CHUNK_BYTES);
+        used = 0;
+      }
+      out[used] = RECORD_COPY;
+      out.writeUInt32BE(op.blockIndex, used + 1);
+      out.writeUInt32BE(op.blockCount, used + 5);
+      used += COPY_RECORD_BYTES;
       continue;
     }
-    if (
-      !Number.isSafeInteger(op.blockIndex) || !Number.isSafeInteger(op.blockCount) || op.blockCount < 1 ||
-      op.blockIndex < 0 || op.blockIndex + op.blockCount > count
-    ) {
-      throw new Error(`bad delta: copy of blocks ${op.blockIndex}+${op.blockCount} from a basis of ${count} blocks`);
-    }
-    let position = op.blockIndex * geometry.blockSizeBytes;
-    const stop = Math.min(geometry.fileSizeBytes, (op.blockIndex + op.blockCount) * geometry.blockSizeBytes);
-    while (position < stop) {
-      const wanted = Math.min(buffer.length, stop - position);
-      const got = await readFully(basis, buffer, wanted, position);
-      if (got !== wanted) throw new Error(`basis file shrank while applying a delta (at byte ${position + got})`);
-      const chunk = buffer.subarray(0, got);
-      hasher.update(chunk);
-      await writeFully(output, chunk, written);
-      written += got;
-      position += got;
+    let offset = 0;
+    while (offset < op.bytes.length) {
+      if (used + DATA_HEADER_BYTES + 1 > out.length) {
+        yield out.subarray(0, used);
+        out = Buffer.allocUnsafe(ENCODED_CHUNK_BYTES);
+        used = 0;
+      }
+      const length = Math.min(op.bytes.length - offset, out.length - used - DATA_HEADER_BYTES);
+      out[used] = RECORD_DATA;
+      out.writeUInt32BE(length, used + 1);
+      op.bytes.copy(out, used + DATA_HEADER_BYTES, offset, offset + length);
+      used += DATA_HEADER_BYTES + length;
+      offset += length;
     }
   }
-  return { sizeBytes: written, hashHex: hex64(hasher.digest()) };
+  assert(summary.fingerprint !== undefined && summary.sourceSizeBytes !== undefined, 'generator finished');
+  if (used + END_RECORD_BYTES > out.length) {
+    yield out.subarray(0, used);
+    out = Buffer.allocUnsafe(END_RECORD_BYTES);
+    used = 0;
+  }
+  out[used] = RECORD_END;
+  out.writeBigUInt64BE(BigInt(summary.sourceSizeBytes), used + 1);
+  out.writeBigUInt64BE(BigInt('0x' + summary.fingerprint), used + 9);
+  used += END_RECORD_BYTES;
+  yield out.subarray(0, used);
 }
 
-export function hex64(value: bigint): string {
-  return value.toString(16).padStart(16, '0');
+/**
+ * Rebuilds the new content from the basis file at `basisPath` and an encoded delta. Yields the content in
+ * chunks the consumer owns (literal bytes are views of the delta's chunks; copied ranges are fresh buffers of
+ * at most 1 MiB). Everything from the peer is checked: record types, lengths, block ranges, and at the end the
+ * rebuilt content's size and xxh64 against the END record. A bad delta is an Error naming what was wrong.
+ * The basis must not change while this runs (the replica checks its stat before and after).
+ */
+export async function* applyDelta(basisPath: string, delta: AsyncIterable<Buffer>): AsyncGenerator<Buffer> {
+  const api = await loadXxhash();
+  const basis = await open(basisPath, 'r');
+  try {
+    const { size: basisSizeBytes } = await basis.stat();
+    yield* applyDeltaRecords(api, basis, basisSizeBytes, delta);
+  } finally {
+    await basis.close();
+  }
+}
+
+async function* applyDeltaRecords(
+  api: XXHashAPI,
+  basis: FileHandle,
+  basisSizeBytes: number,
+  delta: AsyncIterable<Buffer>,
+): AsyncGenerator<Buffer> {
+  const hasher = api.create64();
+  const geometry = { blockSizeBytes: 0, fileSizeBytes: 0 };
+  let count = -1; // until the BASIS record arrives
+  let written = 0;
+  let ended = false;
+  // A record header split across chunks is gathered here.
+  const header = Buffer.alloc(END_RECORD_BYTES);
+  let headerUsed = 0;
+  let headerWanted = 0;
+  let dataRemaining = 0; // bytes of the current DATA record still to come
+
+  const copyBlocks = async function* (blockIndex: number, blocks: number): AsyncGenerator<Buffer> {
+    if (blocks < 1 || blockIndex + blocks > count) {
+      throw new Error(`bad delta: copy of blocks ${blockIndex}+${blocks} from a basis of ${count} blocks`);
+    }
+    let position = blockIndex * geometry.blockSizeBytes;
+    const stop = Math.min(geometry.fileSizeBytes, (blockIndex + blocks) * geometry.blockSizeBytes);
+    while (position < stop) {
+      const wanted = Math.min(IO_CHUNK_BYTES, stop - position);
+      const chunk = Buffer.allocUnsafe(wanted);
+      const got = await readFully(basis, chunk, wanted, position);
+      if (got !== wanted) throw new Error(`basis file shrank while applying a delta (at byte ${position + got})`);
+      hasher.update(chunk);
+      written += got;
+      position += got;
+      yield chunk;
+    }
+  };
+
+  for await (const chunk of delta) {
+    let offset = 0;
+    while (offset < chunk.length) {
+      if (ended) throw new Error('bad delta: bytes after the end record');
+      if (dataRemaining > 0) {
+        const take = Math.min(dataRemaining, chunk.length - offset);
+        const piece = chunk.subarray(offset, offset + take);
+        hasher.update(piece);
+        written += take;
+        dataRemaining -= take;
+        offset += take;
+        yield piece;
+        continue;
+      }
+      if (headerWanted === 0) {
+        const type = chunk[offset]!;
+        if ((count < 0) !== (type === RECORD_BASIS)) {
+          throw new Error(`bad delta: record type ${type} ${count < 0 ? 'before' : 'after'} the basis record`);
+        }
+        headerWanted =
+          type === RECORD_COPY ? COPY_RECORD_BYTES
+          : type === RECORD_DATA ? DATA_HEADER_BYTES
+          : type === RECORD_END ? END_RECORD_BYTES
+          : type === RECORD_BASIS ? BASIS_RECORD_BYTES
+          : 0;
+        if (headerWanted === 0) throw new Error(`bad delta: unknown record type ${type}`);
+        headerUsed = 0;
+      }
+      const take = Math.min(headerWanted - headerUsed, chunk.length - offset);
+      chunk.copy(header, headerUsed, offset, offset + take);
+      headerUsed += take;
+      offset += take;
+      if (headerUsed < headerWanted) continue;
+      headerWanted = 0;
+      if (header[0] === RECORD_BASIS) {
+        geometry.blockSizeBytes = header.readUInt32BE(1);
+        const sizeBig = header.readBigUInt64BE(5);
+        if (sizeBig !== BigInt(basisSizeBytes)) {
+          throw new Error(`basis changed: the delta was made for ${sizeBig} bytes, the basis now has ${basisSizeBytes}`);
+        }
+        if (geometry.blockSizeBytes < 1) throw new Error('bad delta: block size 0');
+        geometry.fileSizeBytes = basisSizeBytes;
+        count = blockCount(geometry);
+      } else if (header[0] === RECORD_COPY) {
+        yield* copyBlocks(header.readUInt32BE(1), header.readUInt32BE(5));
+      } else if (header[0] === RECORD_DATA) {
+        dataRemaining = header.readUInt32BE(1);
+        if (dataRemaining === 0 || dataRemaining > DATA_RECORD_MAX_BYTES) {
+          throw new Error(`bad delta: literal record of ${dataRemaining} bytes`);
+        }
+      } else {
+        const expectedSize = header.readBigUInt64BE(1);
+        const expectedHash = fingerprintHex(header.readBigUInt64BE(9));
+        const actualHash = fingerprintHex(hasher.digest());
+        if (expectedSize !== BigInt(written) || expectedHash !== actualHash) {
+          throw new Error(
+            `delta result does not match the source: ${written} bytes with xxh64 ${actualHash}, ` +
+              `expected ${expectedSize} bytes with ${expectedHash}`,
+          );
+        }
+        ended = true;
+      }
+    }
+  }
+  if (!ended || dataRemaining > 0 || headerWanted > 0) throw new Error('bad delta: truncated (no end record)');
 }
 
 async function readFully(handle: FileHandle, buffer: Buffer, length: number, position: number): Promise<number> {
