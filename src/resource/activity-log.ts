@@ -1,0 +1,216 @@
+// The activity log: the set of "hot" 4 MiB extents that may have writes in flight. A write to a cold extent
+// waits until the new hot set is durable on disk, so that after a primary crash only the hot extents (at most
+// maxHotExtents * 4 MiB, 4.8 GiB by default) need resync instead of the whole device. Writes to hot extents
+// cost nothing here (no I/O, no allocation: they get one shared resolved promise).
+//
+// Batching: while one transaction is being persisted, new cold-extent writers queue up and the next
+// transaction covers all of them, so N concurrent writers to N cold extents cost about two metadata writes.
+//
+// Eviction: the least recently used extent with no writes in flight leaves the set. Its bitmap bits must be
+// on disk before the AL stops covering it (the persist callback gets the evicted extents and writes the bitmap
+// first). An extent being evicted is treated as cold until the transaction completes, so no write can slip
+// into an extent the on-disk AL no longer covers.
+import assert from 'node:assert/strict';
+
+export const AL_EXTENT_BYTES = 4 * 1024 * 1024;
+export const AL_EXTENTS_DEFAULT = 1237;
+/** A 32 MiB request spans at most 9 extents; fewer hot extents than this could never admit it. */
+export const AL_EXTENTS_MIN = 16;
+
+export interface ActivityLogOptions {
+  dataSizeBytes: number;
+  maxHotExtents?: number;
+  /** Extents found hot on disk at open (the caller has already set their bitmap bits after a crash). */
+  initialHot?: readonly number[];
+  /** Durably records the new hot set. `evicted` left it: their bitmap bits must be on disk first. */
+  persist(hotExtents: readonly number[], evicted: readonly number[]): Promise<void>;
+}
+
+interface Waiter {
+  firstExtent: number;
+  lastExtent: number;
+  resolve: () => void;
+  reject: (error: Error) => void;
+}
+
+const RESOLVED: Promise<void> = Promise.resolve();
+
+export class ActivityLog {
+  readonly dataSizeBytes: number;
+  readonly maxHotExtents: number;
+  readonly extentCount: number;
+  /** Hot extent -> writes in flight. Map order is LRU order (oldest first): a touch re-inserts. */
+  readonly #hot = new Map<number, number>();
+  readonly #evicting = new Set<number>();
+  readonly #waiters: Waiter[] = [];
+  readonly #persist: ActivityLogOptions['persist'];
+  #persisting = false;
+  #inFlight = 0;
+  #transactions = 0;
+
+  constructor(options: ActivityLogOptions) {
+    this.dataSizeBytes = options.dataSizeBytes;
+    this.maxHotExtents = options.maxHotExtents ?? AL_EXTENTS_DEFAULT;
+    assert.ok(this.maxHotExtents >= AL_EXTENTS_MIN, `al-extents ${this.maxHotExtents} below ${AL_EXTENTS_MIN}`);
+    this.extentCount = Math.ceil(options.dataSizeBytes / AL_EXTENT_BYTES);
+    this.#persist = options.persist;
+    for (const extent of options.initialHot ?? []) {
+      if (extent < this.extentCount && this.#hot.size < this.maxHotExtents) this.#hot.set(extent, 0);
+    }
+  }
+
+  get transactions(): number {
+    return this.#transactions;
+  }
+
+  static extentRange(extent: number, dataSizeBytes: number): { offsetBytes: number; lengthBytes: number } {
+    const offsetBytes = extent * AL_EXTENT_BYTES;
+    assert.ok(offsetBytes < dataSizeBytes, `extent ${extent} beyond the data area`);
+    return { offsetBytes, lengthBytes: Math.min(AL_EXTENT_BYTES, dataSizeBytes - offsetBytes) };
+  }
+
+  hotExtents(): number[] {
+    return [...this.#hot.keys()].sort((a, b) => a - b);
+  }
+
+  inFlightWrites(): number {
+    return this.#inFlight;
+  }
+
+  #extents(offsetBytes: number, lengthBytes: number): [number, number] {
+    assert.ok(lengthBytes > 0 && offsetBytes >= 0 && offsetBytes + lengthBytes <= this.dataSizeBytes,
+      `activity log range ${offsetBytes}+${lengthBytes} outside ${this.dataSizeBytes}`);
+    const first = Math.floor(offsetBytes / AL_EXTENT_BYTES);
+    const last = Math.floor((offsetBytes + lengthBytes - 1) / AL_EXTENT_BYTES);
+    assert.ok(last - first + 1 <= this.maxHotExtents, `a write spanning ${last - first + 1} extents`);
+    return [first, last];
+  }
+
+  #allHot(first: number, last: number): boolean {
+    for (let extent = first; extent <= last; extent += 1) {
+      if (!this.#hot.has(extent) || this.#evicting.has(extent)) return false;
+    }
+    return true;
+  }
+
+  #take(first: number, last: number): void {
+    for (let extent = first; extent <= last; extent += 1) {
+      const refs = this.#hot.get(extent)!;
+      // Re-insert to move it to the most recently used end.
+      this.#hot.delete(extent);
+      this.#hot.set(extent, refs + 1);
+    }
+    this.#inFlight += 1;
+  }
+
+  beginWrite(offsetBytes: number, lengthBytes: number): Promise<void> {
+    const [first, last] = this.#extents(offsetBytes, lengthBytes);
+    // Hot writes never wait, not even behind a transaction in progress: the AL must cost nothing in the
+    // common case. (A cold writer cannot starve: it needs one idle extent among maxHotExtents.)
+    if (this.#allHot(first, last)) {
+      this.#take(first, last);
+      return RESOLVED;
+    }
+    return new Promise<void>((resolve, reject) => {
+      this.#waiters.push({ firstExtent: first, lastExtent: last, resolve, reject });
+      this.#schedule();
+    });
+  }
+
+  endWrite(offsetBytes: number, lengthBytes: number): void {
+    const [first, last] = this.#extents(offsetBytes, lengthBytes);
+    for (let extent = first; extent <= last; extent += 1) {
+      const refs = this.#hot.get(extent);
+      assert.ok(refs !== undefined && refs > 0, `endWrite on extent ${extent} without a beginWrite`);
+      this.#hot.set(extent, refs - 1);
+    }
+    assert.ok(this.#inFlight > 0);
+    this.#inFlight -= 1;
+    if (this.#waiters.length > 0) this.#schedule();
+  }
+
+  #schedule(): void {
+    if (this.#persisting) return;
+    this.#persisting = true;
+    queueMicrotask(() => void this.#runTransaction());
+  }
+
+  async #runTransaction(): Promise<void> {
+    try {
+      for (;;) {
+        // Admit waiters whose extents are all hot now (another transaction made them hot).
+        while (this.#waiters.length > 0) {
+          const head = this.#waiters[0]!;
+          if (!this.#allHot(head.firstExtent, head.lastExtent)) break;
+          this.#waiters.shift();
+          this.#take(head.firstExtent, head.lastExtent);
+          head.resolve();
+        }
+        if (this.#waiters.length === 0) return;
+        // Plan one transaction for as many waiters (in order) as the free room allows.
+        const needed = new Set<number>();
+        const reserved = new Set<number>(); // idle hot extents an admitted waiter will use: not evictable
+        const admitted: Waiter[] = [];
+        let idle = 0;
+        for (const refs of this.#hot.values()) if (refs === 0) idle += 1;
+        let room = this.maxHotExtents - this.#hot.size + idle;
+        for (const waiter of this.#waiters) {
+          let cost = 0;
+          for (let extent = waiter.firstExtent; extent <= waiter.lastExtent; extent += 1) {
+            const refs = this.#hot.get(extent);
+            if (refs === undefined ? !needed.has(extent) : refs === 0 && !reserved.has(extent)) cost += 1;
+          }
+          if (cost > room) break;
+          room -= cost;
+          for (let extent = waiter.firstExtent; extent <= waiter.lastExtent; extent += 1) {
+            const refs = this.#hot.get(extent);
+            if (refs === undefined) needed.add(extent);
+            else if (refs === 0) reserved.add(extent);
+          }
+          admitted.push(waiter);
+        }
+        const evictable: number[] = [];
+        for (const [extent, refs] of this.#hot) if (refs === 0 && !reserved.has(extent)) evictable.push(extent);
+        if (admitted.length === 0) return; // no room: endWrite() reschedules when an extent frees up
+        let overflow = this.#hot.size + needed.size - this.maxHotExtents;
+        const evicted: number[] = [];
+        for (const extent of evictable) {
+          if (overflow <= 0) break;
+          evicted.push(extent);
+          overflow -= 1;
+        }
+        assert.ok(overflow <= 0, 'activity log planned more extents than it has room for');
+        for (const extent of evicted) this.#evicting.add(extent);
+        const next = new Set(this.#hot.keys());
+        for (const extent of evicted) next.delete(extent);
+        for (const extent of needed) next.add(extent);
+        try {
+          await this.#persist([...next].sort((a, b) => a - b), evicted);
+        } catch (error) {
+          for (const extent of evicted) this.#evicting.delete(extent);
+          const failure = new Error(`activity log write failed: ${(error as Error).message}`, { cause: error });
+          for (const waiter of admitted) {
+            this.#waiters.splice(this.#waiters.indexOf(waiter), 1);
+            waiter.reject(failure);
+          }
+          continue;
+        }
+        this.#transactions += 1;
+        for (const extent of evicted) {
+          // Nothing can have taken a reference: evicting extents count as cold for beginWrite.
+          assert.equal(this.#hot.get(extent), 0, `evicted extent ${extent} gained a writer`);
+          this.#hot.delete(extent);
+          this.#evicting.delete(extent);
+        }
+        for (const extent of needed) this.#hot.set(extent, 0);
+        for (const waiter of admitted) {
+          this.#waiters.splice(this.#waiters.indexOf(waiter), 1);
+          this.#take(waiter.firstExtent, waiter.lastExtent);
+          waiter.resolve();
+        }
+      }
+    } finally {
+      this.#persisting = false;
+    }
+  }
+}
