@@ -1,0 +1,240 @@
+// The peer protocol's framing. Every frame starts with a fixed 24-byte header:
+//
+//   0  u32 magic  'DRBT'      4  u16 type      6  u16 flags
+//   8  u32 length (body)     12  u32 id       16  u64 offset (hi u32, lo u32)
+//
+// followed by `length` body bytes. Control frames carry a protobuf message (proto/peer.proto) as their body;
+// data and resync frames carry the raw payload, so a write's bytes are never copied through protobuf. A frame
+// is decoded into a callback with plain arguments (no per-frame object), and a body that arrives in one socket
+// chunk is handed on as a view of that chunk: a payload is copied at most once, when it spans chunks.
+import assert from 'node:assert/strict';
+import type { Socket } from 'node:net';
+
+export const FRAME_MAGIC = 0x44524254; // 'DRBT'
+export const FRAME_HEADER_BYTES = 24;
+/** The largest body a peer may send: a 32 MiB write plus slack. Anything bigger is garbage. */
+export const FRAME_BODY_MAX_BYTES = 33 * 1024 * 1024;
+
+export const FrameType = {
+  // Handshake and control (protobuf bodies).
+  HELLO: 1,
+  HELLO_REPLY: 2,
+  AUTH_RESPONSE: 3,
+  AUTH_RESULT: 4,
+  NODE_STATE: 5,
+  STATE_CHANGE: 6,
+  SYNC_DECISION: 7,
+  RESYNC_START: 8,
+  RESYNC_DONE: 9,
+  VERIFY_DONE: 10,
+  COMMAND: 11,
+  DISCONNECT: 12,
+  // Keepalive (no body), on the meta socket.
+  PING: 20,
+  PING_ACK: 21,
+  // Replication of application I/O: raw bodies. id = the primary's request sequence number.
+  DATA: 30, // offset, body = payload
+  TRIM: 31, // offset, body = u32 length
+  ZERO: 32, // offset, body = u32 length
+  RECV_ACK: 33, // meta socket: id
+  WRITE_ACK: 34, // meta socket: id
+  NEG_ACK: 35, // meta socket: id, the peer's write failed
+  BARRIER: 36, // data socket: id; the peer answers after fdatasync of every earlier write
+  BARRIER_ACK: 37,
+  // Bitmap exchange: offset = byte offset within the bitmap, body = bitmap bytes (lz4 when FLAG_LZ4).
+  BITMAP: 40,
+  BITMAP_END: 41,
+  // Resync: the target asks, the source answers. offset/length in bytes.
+  RS_REQUEST: 50, // offset, body = u32 length [+ digest when FLAG_CSUM]
+  RS_REPLY: 51, // offset, body = data (lz4 when FLAG_LZ4) or u32 length when FLAG_SAME
+  RS_ACK: 52, // target -> source on the meta socket: offset, body = u32 length; the blocks are written
+  OV_REQUEST: 55, // online verify: offset, body = u32 length + digest
+  OV_REPLY: 56, // offset, body = u32 length + u8 equal
+} as const;
+export type FrameTypeValue = (typeof FrameType)[keyof typeof FrameType];
+
+const frameTypeNames = new Map<number, string>(Object.entries(FrameType).map(([name, value]) => [value, name]));
+export function frameTypeName(type: number): string {
+  return frameTypeNames.get(type) ?? `unknown(${type})`;
+}
+
+export const FrameFlag = {
+  FUA: 1,
+  LZ4: 2,
+  SAME: 4,
+  CSUM: 8,
+  /** Set on DATA while a resync runs: the block is written through the resync gate as well. */
+  NO_HOLE: 16,
+  FAST_ZERO: 32,
+} as const;
+
+export class FrameError extends Error {
+  override name = 'FrameError';
+}
+
+export type FrameHandler = (type: number, flags: number, id: number, offset: number, body: Buffer) => void;
+
+const emptyBody = Buffer.alloc(0);
+
+/** Incremental frame decoder. Feed socket chunks in; whole frames come out through `onFrame`. */
+export class FrameDecoder {
+  private readonly headerScratch = Buffer.alloc(FRAME_HEADER_BYTES);
+  private headerFilled = 0;
+  /** True between a header with a body and the end of that body. */
+  private inBody = false;
+  private bodyLength = 0;
+  /** Allocated only when a body spans socket chunks. */
+  private body: Buffer | null = null;
+  private bodyFilled = 0;
+  private type = 0;
+  private flags = 0;
+  private id = 0;
+  private offset = 0;
+  private failed = false;
+  receivedBytes = 0;
+
+  constructor(
+    private readonly onFrame: FrameHandler,
+    private readonly allowedTypes: ReadonlySet<number> | null = null,
+  ) {}
+
+  /** Throws FrameError on garbage; the caller drops the connection. */
+  push(chunk: Buffer): void {
+    if (this.failed) return;
+    this.receivedBytes += chunk.length;
+    let position = 0;
+    while (position < chunk.length) {
+      if (!this.inBody) {
+        if (this.headerFilled === 0 && chunk.length - position >= FRAME_HEADER_BYTES) {
+          this.parseHeader(chunk, position);
+          position += FRAME_HEADER_BYTES;
+        } else {
+          const take = Math.min(FRAME_HEADER_BYTES - this.headerFilled, chunk.length - position);
+          chunk.copy(this.headerScratch, this.headerFilled, position, position + take);
+          this.headerFilled += take;
+          position += take;
+          if (this.headerFilled < FRAME_HEADER_BYTES) return;
+          this.headerFilled = 0;
+          this.parseHeader(this.headerScratch, 0);
+        }
+        continue;
+      }
+      if (this.body === null) {
+        if (chunk.length - position >= this.bodyLength) {
+          // Zero-copy: the whole body is inside this chunk; hand on a view of it.
+          const view = chunk.subarray(position, position + this.bodyLength);
+          position += this.bodyLength;
+          this.inBody = false;
+          this.onFrame(this.type, this.flags, this.id, this.offset, view);
+          continue;
+        }
+        this.body = Buffer.allocUnsafe(this.bodyLength);
+        this.bodyFilled = 0;
+      }
+      const body = this.body;
+      const take = Math.min(body.length - this.bodyFilled, chunk.length - position);
+      chunk.copy(body, this.bodyFilled, position, position + take);
+      this.bodyFilled += take;
+      position += take;
+      if (this.bodyFilled === body.length) {
+        this.body = null;
+        this.inBody = false;
+        this.onFrame(this.type, this.flags, this.id, this.offset, body);
+      }
+    }
+  }
+
+  private parseHeader(source: Buffer, at: number): void {
+    const magic = source.readUInt32BE(at);
+    if (magic !== FRAME_MAGIC) {
+      this.failed = true;
+      throw new FrameError(`bad frame magic 0x${magic.toString(16).padStart(8, '0')} (not a drbdts peer?)`);
+    }
+    const type = source.readUInt16BE(at + 4);
+    const length = source.readUInt32BE(at + 8);
+    if (!frameTypeNames.has(type) || (this.allowedTypes !== null && !this.allowedTypes.has(type))) {
+      this.failed = true;
+      throw new FrameError(`unexpected frame type ${frameTypeName(type)} here`);
+    }
+    if (length > FRAME_BODY_MAX_BYTES) {
+      this.failed = true;
+      throw new FrameError(`frame body of ${length} bytes exceeds the limit of ${FRAME_BODY_MAX_BYTES}`);
+    }
+    this.type = type;
+    this.flags = source.readUInt16BE(at + 6);
+    this.id = source.readUInt32BE(at + 12);
+    this.offset = source.readUInt32BE(at + 16) * 0x1_0000_0000 + source.readUInt32BE(at + 20);
+    if (length === 0) {
+      this.onFrame(this.type, this.flags, this.id, this.offset, emptyBody);
+      return;
+    }
+    this.inBody = true;
+    this.bodyLength = length;
+    this.body = null;
+  }
+}
+
+/** Writes a frame header into `target` at `at`. */
+export function writeFrameHeader(
+  target: Buffer,
+  at: number,
+  type: number,
+  flags: number,
+  bodyLength: number,
+  id: number,
+  offset: number,
+): void {
+  assert.ok(bodyLength >= 0 && bodyLength <= FRAME_BODY_MAX_BYTES, 'frame body length out of range');
+  assert.ok(Number.isSafeInteger(offset) && offset >= 0, 'frame offset out of range');
+  target.writeUInt32BE(FRAME_MAGIC, at);
+  target.writeUInt16BE(type, at + 4);
+  target.writeUInt16BE(flags, at + 6);
+  target.writeUInt32BE(bodyLength, at + 8);
+  target.writeUInt32BE(id >>> 0, at + 12);
+  target.writeUInt32BE(Math.floor(offset / 0x1_0000_0000), at + 16);
+  target.writeUInt32BE(offset >>> 0, at + 20);
+}
+
+/**
+ * Sends frames on one socket. Header and body go out as two writes inside one cork, uncorked once per tick, so
+ * a burst of frames leaves in one writev and a payload is never concatenated with its header.
+ */
+export class FrameWriter {
+  private uncorkScheduled = false;
+  sentBytes = 0;
+  private readonly uncork = (): void => {
+    if (!this.uncorkScheduled) return;
+    this.uncorkScheduled = false;
+    this.socket.uncork();
+  };
+
+  constructor(private readonly socket: Socket) {}
+
+  send(type: number, flags: number, id: number, offset: number, body?: Uint8Array): boolean {
+    const header = Buffer.allocUnsafe(FRAME_HEADER_BYTES); // from Node's small-buffer pool
+    const bodyLength = body === undefined ? 0 : body.length;
+    writeFrameHeader(header, 0, type, flags, bodyLength, id, offset);
+    if (!this.uncorkScheduled) {
+      this.uncorkScheduled = true;
+      this.socket.cork();
+      process.nextTick(this.uncork);
+    }
+    this.sentBytes += FRAME_HEADER_BYTES + bodyLength;
+    let flowing = this.socket.write(header);
+    if (bodyLength > 0) flowing = this.socket.write(body!);
+    return flowing;
+  }
+
+  /** Sends whatever is corked now (before closing the socket). */
+  flushNow(): void {
+    if (this.uncorkScheduled) {
+      this.uncorkScheduled = false;
+      this.socket.uncork();
+    }
+  }
+
+  /** Bytes handed to the socket but not yet to the kernel. */
+  get queuedBytes(): number {
+    return this.socket.writableLength;
+  }
+}

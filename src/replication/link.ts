@@ -1,0 +1,498 @@
+// The peer link: two authenticated TCP connections to the peer, like DRBD's data and meta sockets. Writes,
+// resync data and barriers travel on the data socket; acks, pings and state changes on the meta socket, so an
+// ack never waits behind megabytes of data. The node with the smaller name connects, the other listens
+// (deterministic: no connect race to resolve). Each socket runs a mutual HMAC challenge-response first (auth.ts);
+// garbage, a wrong secret or the wrong resource drops that socket with a logged reason and nothing else.
+// Keepalive: the meta socket carries a ping every pingIntervalMs; silence for pingTimeoutMs drops the connection,
+// which is how a dead or black-holed peer is noticed.
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import net, { type Socket } from 'node:net';
+import type { Logger } from '../util/log.js';
+import { authResponse, newChallenge, responseMatches } from './auth.js';
+import { FrameDecoder, FrameError, FrameType, FrameWriter, frameTypeName } from './frame.js';
+import {
+  PROTOCOL_VERSION,
+  Messages,
+  decodeMessage,
+  encodeMessage,
+  type HelloMessage,
+  type HelloReplyMessage,
+} from './messages.js';
+
+export const CHANNEL_DATA = 0;
+export const CHANNEL_META = 1;
+export type Channel = typeof CHANNEL_DATA | typeof CHANNEL_META;
+
+export interface PeerAddress {
+  host: string;
+  port: number;
+}
+
+export interface PeerLinkOptions {
+  resource: string;
+  localNode: string;
+  peerNode: string;
+  sharedSecret: string;
+  /** Where this node listens (used when it is the accepting side). */
+  listen: PeerAddress;
+  /** Where the peer listens (used when this node is the connecting side). */
+  peer: PeerAddress;
+  pingIntervalMs: number;
+  pingTimeoutMs: number;
+  connectRetryMs?: number;
+  handshakeTimeoutMs?: number;
+  /** Default: the node whose name sorts first connects. */
+  side?: 'connector' | 'acceptor';
+  logger: Logger;
+}
+
+export type FrameListener = (
+  channel: Channel,
+  type: number,
+  flags: number,
+  id: number,
+  offset: number,
+  body: Buffer,
+) => void;
+
+interface QueuedFrame {
+  type: number;
+  flags: number;
+  id: number;
+  offset: number;
+  body: Buffer;
+}
+
+/** One socket with its decoder and writer. Frames queue until a consumer takes them (handshake, then link). */
+class FrameSocket {
+  readonly decoder: FrameDecoder;
+  readonly writer: FrameWriter;
+  private queue: QueuedFrame[] = [];
+  private waiter: ((frame: QueuedFrame | Error) => void) | null = null;
+  private listener: ((type: number, flags: number, id: number, offset: number, body: Buffer) => void) | null = null;
+  closedReason: string | null = null;
+  onClose: ((reason: string) => void) | null = null;
+
+  constructor(readonly socket: Socket) {
+    socket.setNoDelay(true);
+    this.writer = new FrameWriter(socket);
+    this.decoder = new FrameDecoder((type, flags, id, offset, body) => {
+      if (this.listener !== null) {
+        this.listener(type, flags, id, offset, body);
+        return;
+      }
+      const frame = { type, flags, id, offset, body };
+      if (this.waiter !== null) {
+        const waiter = this.waiter;
+        this.waiter = null;
+        waiter(frame);
+      } else {
+        this.queue.push(frame);
+      }
+    });
+    socket.on('data', (chunk: Buffer) => {
+      try {
+        this.decoder.push(chunk);
+      } catch (error) {
+        this.close(error instanceof FrameError ? error.message : `receive failed: ${(error as Error).stack}`);
+      }
+    });
+    socket.on('error', (error) => this.close(`socket error: ${error.message}`));
+    socket.on('close', () => this.close('connection closed by peer'));
+  }
+
+  /** The next frame, within timeoutMs. */
+  next(timeoutMs: number, what: string): Promise<QueuedFrame> {
+    const queued = this.queue.shift();
+    if (queued !== undefined) return Promise.resolve(queued);
+    if (this.closedReason !== null) return Promise.reject(new Error(this.closedReason));
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.waiter = null;
+        reject(new Error(`no ${what} within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.waiter = (frame) => {
+        clearTimeout(timer);
+        if (frame instanceof Error) reject(frame);
+        else resolve(frame);
+      };
+    });
+  }
+
+  setListener(listener: (type: number, flags: number, id: number, offset: number, body: Buffer) => void): void {
+    this.listener = listener;
+    const queued = this.queue;
+    this.queue = [];
+    for (const frame of queued) listener(frame.type, frame.flags, frame.id, frame.offset, frame.body);
+  }
+
+  close(reason: string): void {
+    if (this.closedReason !== null) return;
+    this.closedReason = reason;
+    // Flush what is corked (a refusal telling the peer why) and end politely; destroy soon regardless, since a
+    // black-holed peer never completes the close.
+    this.writer.flushNow();
+    this.socket.end();
+    setTimeout(() => this.socket.destroy(), 500).unref();
+    if (this.waiter !== null) {
+      const waiter = this.waiter;
+      this.waiter = null;
+      waiter(new Error(reason));
+    }
+    this.onClose?.(reason);
+  }
+}
+
+async function expectFrame(socket: FrameSocket, type: number, timeoutMs: number): Promise<QueuedFrame> {
+  const frame = await socket.next(timeoutMs, frameTypeName(type));
+  if (frame.type !== type) {
+    throw new FrameError(`expected ${frameTypeName(type)}, got ${frameTypeName(frame.type)}`);
+  }
+  return frame;
+}
+
+/** An established, authenticated connection to the peer: a data socket and a meta socket. */
+export class PeerConnection {
+  onFrame: FrameListener = () => {};
+  onClose: (reason: string) => void = () => {};
+  closedReason: string | null = null;
+  lastMetaReceivedMs = Date.now();
+  private readonly pingTimer: NodeJS.Timeout;
+  private drainWaiters: Array<() => void> = [];
+
+  constructor(
+    private readonly data: FrameSocket,
+    private readonly meta: FrameSocket,
+    readonly peerNode: string,
+    private readonly pingIntervalMs: number,
+    private readonly pingTimeoutMs: number,
+  ) {
+    data.onClose = (reason) => this.close(`data socket: ${reason}`);
+    meta.onClose = (reason) => this.close(`meta socket: ${reason}`);
+    data.socket.on('drain', () => {
+      const waiters = this.drainWaiters;
+      this.drainWaiters = [];
+      for (const waiter of waiters) waiter();
+    });
+    this.pingTimer = setInterval(() => this.keepalive(), Math.max(10, Math.min(pingIntervalMs, pingTimeoutMs / 2)));
+    this.pingTimer.unref();
+  }
+
+  /** Starts delivering frames (queued ones first) to `listener`. Call once, after setting onClose. */
+  start(listener: FrameListener): void {
+    this.onFrame = listener;
+    this.data.setListener((type, flags, id, offset, body) => this.onFrame(CHANNEL_DATA, type, flags, id, offset, body));
+    this.meta.setListener((type, flags, id, offset, body) => {
+      this.lastMetaReceivedMs = Date.now();
+      if (type === FrameType.PING) {
+        this.meta.writer.send(FrameType.PING_ACK, 0, id, 0);
+        return;
+      }
+      if (type === FrameType.PING_ACK) return;
+      this.onFrame(CHANNEL_META, type, flags, id, offset, body);
+    });
+  }
+
+  private keepalive(): void {
+    const silentMs = Date.now() - this.lastMetaReceivedMs;
+    if (silentMs > this.pingTimeoutMs) {
+      this.close(`ping timeout: nothing from ${this.peerNode} for ${silentMs} ms (limit ${this.pingTimeoutMs} ms)`);
+      return;
+    }
+    this.meta.writer.send(FrameType.PING, 0, 0, 0);
+  }
+
+  send(channel: Channel, type: number, flags: number, id: number, offset: number, body?: Uint8Array): boolean {
+    if (this.closedReason !== null) return false;
+    return (channel === CHANNEL_DATA ? this.data : this.meta).writer.send(type, flags, id, offset, body);
+  }
+
+  sendMessage(channel: Channel, type: number, messageType: keyof typeof Messages, value: object): void {
+    this.send(channel, type, 0, 0, 0, encodeMessage(Messages[messageType], value));
+  }
+
+  /** Bytes written to the data socket that the kernel has not taken yet (the send queue toward the peer). */
+  get dataQueuedBytes(): number {
+    return this.data.writer.queuedBytes;
+  }
+
+  /** Resolves when the data socket's user-space queue drained (or the connection closed). */
+  waitDataDrain(): Promise<void> {
+    if (this.closedReason !== null || this.data.writer.queuedBytes === 0) return Promise.resolve();
+    return new Promise((resolve) => this.drainWaiters.push(resolve));
+  }
+
+  get sentBytes(): number {
+    return this.data.writer.sentBytes + this.meta.writer.sentBytes;
+  }
+
+  get receivedBytes(): number {
+    return this.data.decoder.receivedBytes + this.meta.decoder.receivedBytes;
+  }
+
+  close(reason: string): void {
+    if (this.closedReason !== null) return;
+    this.closedReason = reason;
+    clearInterval(this.pingTimer);
+    this.data.close(reason);
+    this.meta.close(reason);
+    const waiters = this.drainWaiters;
+    this.drainWaiters = [];
+    for (const waiter of waiters) waiter();
+    this.onClose(reason);
+  }
+}
+
+export type LinkState = 'StandAlone' | 'Connecting' | 'Connected';
+
+interface PendingSession {
+  sockets: Array<FrameSocket | undefined>;
+  timer: NodeJS.Timeout;
+}
+
+/** Keeps one PeerConnection up while connecting is enabled. */
+export class PeerLink {
+  state: LinkState = 'StandAlone';
+  connection: PeerConnection | null = null;
+  onConnected: (connection: PeerConnection) => void = () => {};
+  onDisconnected: (reason: string) => void = () => {};
+  readonly side: 'connector' | 'acceptor';
+  /** Reasons for dropped inbound connections (garbage, wrong secret), newest last; bounded. */
+  readonly rejections: string[] = [];
+  private server: net.Server | null = null;
+  private retryTimer: NodeJS.Timeout | null = null;
+  private attempt = 0;
+  private readonly pending = new Map<string, PendingSession>();
+  private readonly connectRetryMs: number;
+  private readonly handshakeTimeoutMs: number;
+  private closed = false;
+
+  constructor(private readonly options: PeerLinkOptions) {
+    assert.notEqual(options.localNode, options.peerNode, 'a node cannot peer with itself');
+    this.side = options.side ?? (options.localNode < options.peerNode ? 'connector' : 'acceptor');
+    this.connectRetryMs = options.connectRetryMs ?? 300;
+    this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? Math.max(2000, options.pingTimeoutMs);
+  }
+
+  private get log(): Logger {
+    return this.options.logger;
+  }
+
+  /** Starts listening (acceptor side); does not connect yet. */
+  async start(): Promise<void> {
+    if (this.side !== 'acceptor') return;
+    const server = net.createServer((socket) => this.accept(socket));
+    this.server = server;
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(this.options.listen.port, this.options.listen.host, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+    server.on('error', (error) => this.log.error({ err: error }, 'peer listener failed'));
+  }
+
+  /** The port actually listened on (tests listen on port 0). */
+  get listenPort(): number {
+    const address = this.server?.address();
+    return typeof address === 'object' && address !== null ? address.port : this.options.listen.port;
+  }
+
+  connect(): void {
+    if (this.closed || this.state !== 'StandAlone') return;
+    this.state = 'Connecting';
+    if (this.side === 'connector') this.scheduleAttempt(0);
+  }
+
+  disconnect(reason: string): void {
+    this.state = 'StandAlone';
+    if (this.retryTimer !== null) clearTimeout(this.retryTimer);
+    this.retryTimer = null;
+    this.connection?.close(reason);
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    this.disconnect('shutting down');
+    for (const session of this.pending.values()) {
+      clearTimeout(session.timer);
+      for (const socket of session.sockets) socket?.close('shutting down');
+    }
+    this.pending.clear();
+    const server = this.server;
+    this.server = null;
+    if (server !== null) await new Promise<void>((resolve) => server.close(() => resolve()));
+  }
+
+  private reject(reason: string): void {
+    this.log.warn({ peer: this.options.peerNode }, `peer connection dropped: ${reason}`);
+    this.rejections.push(reason);
+    if (this.rejections.length > 32) this.rejections.shift();
+  }
+
+  private scheduleAttempt(delayMs: number): void {
+    if (this.retryTimer !== null) clearTimeout(this.retryTimer);
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = null;
+      void this.attemptConnect();
+    }, delayMs);
+  }
+
+  private async attemptConnect(): Promise<void> {
+    if (this.state !== 'Connecting' || this.closed) return;
+    const attempt = ++this.attempt;
+    const session = randomBytes(16);
+    const sockets: FrameSocket[] = [];
+    try {
+      for (const channel of [CHANNEL_DATA, CHANNEL_META] as const) {
+        const socket = await this.dial();
+        sockets.push(socket);
+        await this.connectorHandshake(socket, session, channel);
+      }
+    } catch (error) {
+      for (const socket of sockets) socket.close('handshake failed');
+      const message = (error as Error).message;
+      if (attempt === 1 || attempt % 50 === 0 || !/ECONNREFUSED|ECONNRESET|closed/.test(message)) {
+        this.log.info({ peer: this.options.peerNode, attempt }, `connect to peer failed: ${message}`);
+      }
+      if (this.state === 'Connecting' && !this.closed) this.scheduleAttempt(this.connectRetryMs);
+      return;
+    }
+    if (this.state !== 'Connecting' || this.closed) {
+      for (const socket of sockets) socket.close('no longer connecting');
+      return;
+    }
+    this.establish(sockets[0]!, sockets[1]!);
+  }
+
+  private dial(): Promise<FrameSocket> {
+    const { host, port } = this.options.peer;
+    return new Promise((resolve, reject) => {
+      const socket = net.connect({ host, port });
+      const timer = setTimeout(() => {
+        socket.destroy();
+        reject(new Error(`connect to ${host}:${port} timed out`));
+      }, this.handshakeTimeoutMs);
+      socket.once('connect', () => {
+        clearTimeout(timer);
+        socket.removeAllListeners('error');
+        resolve(new FrameSocket(socket));
+      });
+      socket.once('error', (error) => {
+        clearTimeout(timer);
+        reject(error);
+      });
+    });
+  }
+
+  private async connectorHandshake(socket: FrameSocket, session: Buffer, channel: Channel): Promise<void> {
+    const { resource, localNode, peerNode, sharedSecret } = this.options;
+    const challenge = newChallenge();
+    socket.writer.send(FrameType.HELLO, 0, 0, 0, encodeMessage(Messages.Hello, {
+      protocolVersion: PROTOCOL_VERSION, resource, node: localNode, peerNode, channel, challenge, session,
+    }));
+    const replyFrame = await expectFrame(socket, FrameType.HELLO_REPLY, this.handshakeTimeoutMs);
+    const reply = decodeMessage<HelloReplyMessage>(Messages.HelloReply, replyFrame.body);
+    if (reply.node !== peerNode) throw new FrameError(`peer says it is node "${reply.node}", expected "${peerNode}"`);
+    // Answer first so that the acceptor, too, can log a wrong secret; then check the acceptor's answer.
+    socket.writer.send(FrameType.AUTH_RESPONSE, 0, 0, 0, encodeMessage(Messages.AuthResponse, {
+      response: authResponse(sharedSecret, 'connector', resource, reply.challenge, session, channel),
+    }));
+    const expected = authResponse(sharedSecret, 'acceptor', resource, challenge, session, channel);
+    if (!responseMatches(expected, reply.response)) {
+      throw new FrameError(`peer ${peerNode} failed authentication (shared-secret differs)`);
+    }
+    const resultFrame = await expectFrame(socket, FrameType.AUTH_RESULT, this.handshakeTimeoutMs);
+    const result = decodeMessage<{ ok: boolean; reason: string }>(Messages.AuthResult, resultFrame.body);
+    if (!result.ok) throw new FrameError(`peer ${peerNode} refused us: ${result.reason}`);
+  }
+
+  private accept(raw: Socket): void {
+    const socket = new FrameSocket(raw);
+    const remote = `${raw.remoteAddress}:${raw.remotePort}`;
+    this.acceptorHandshake(socket).catch((error: Error) => {
+      this.reject(`from ${remote}: ${error.message}`);
+      socket.close(error.message);
+    });
+  }
+
+  private async acceptorHandshake(socket: FrameSocket): Promise<void> {
+    const { resource, localNode, peerNode, sharedSecret } = this.options;
+    const helloFrame = await expectFrame(socket, FrameType.HELLO, this.handshakeTimeoutMs);
+    const hello = decodeMessage<HelloMessage>(Messages.Hello, helloFrame.body);
+    const refuse = (reason: string): never => {
+      socket.writer.send(FrameType.AUTH_RESULT, 0, 0, 0, encodeMessage(Messages.AuthResult, { ok: false, reason }));
+      throw new FrameError(reason);
+    };
+    if (hello.protocolVersion !== PROTOCOL_VERSION) refuse(`protocol version ${hello.protocolVersion} unsupported`);
+    if (hello.resource !== resource) refuse(`wrong resource "${hello.resource}" (this is "${resource}")`);
+    if (hello.node !== peerNode) refuse(`unknown node "${hello.node}" (the peer is "${peerNode}")`);
+    if (hello.peerNode !== localNode) refuse(`peer wants node "${hello.peerNode}", this is "${localNode}"`);
+    if (hello.channel !== CHANNEL_DATA && hello.channel !== CHANNEL_META) refuse(`bad channel ${hello.channel}`);
+    if (hello.session.length !== 16 || hello.challenge.length < 16) refuse('malformed hello');
+    const channel = hello.channel as Channel;
+    const challenge = newChallenge();
+    socket.writer.send(FrameType.HELLO_REPLY, 0, 0, 0, encodeMessage(Messages.HelloReply, {
+      protocolVersion: PROTOCOL_VERSION,
+      node: localNode,
+      challenge,
+      response: authResponse(sharedSecret, 'acceptor', resource, hello.challenge, hello.session, channel),
+    }));
+    const answerFrame = await expectFrame(socket, FrameType.AUTH_RESPONSE, this.handshakeTimeoutMs);
+    const answer = decodeMessage<{ response: Buffer }>(Messages.AuthResponse, answerFrame.body);
+    const expected = authResponse(sharedSecret, 'connector', resource, challenge, hello.session, channel);
+    if (!responseMatches(expected, answer.response)) {
+      refuse(`node ${hello.node} failed authentication (shared-secret differs)`);
+    }
+    if (this.state === 'StandAlone' || this.closed) refuse(`node ${localNode} is StandAlone (not connecting)`);
+    socket.writer.send(FrameType.AUTH_RESULT, 0, 0, 0, encodeMessage(Messages.AuthResult, { ok: true, reason: '' }));
+    this.pair(hello.session.toString('hex'), channel, socket);
+  }
+
+  private pair(sessionKey: string, channel: Channel, socket: FrameSocket): void {
+    let session = this.pending.get(sessionKey);
+    if (session === undefined) {
+      const timer = setTimeout(() => {
+        this.pending.delete(sessionKey);
+        for (const pendingSocket of session!.sockets) pendingSocket?.close('second socket never came');
+      }, this.handshakeTimeoutMs);
+      session = { sockets: [], timer };
+      this.pending.set(sessionKey, session);
+    }
+    if (session.sockets[channel] !== undefined) {
+      socket.close('duplicate channel');
+      return;
+    }
+    session.sockets[channel] = socket;
+    const data = session.sockets[CHANNEL_DATA];
+    const meta = session.sockets[CHANNEL_META];
+    if (data === undefined || meta === undefined) return;
+    clearTimeout(session.timer);
+    this.pending.delete(sessionKey);
+    // A new authenticated session replaces an old connection: the peer restarted before we noticed.
+    if (this.connection !== null) this.connection.close('replaced by a new connection from the peer');
+    this.establish(data, meta);
+  }
+
+  private establish(data: FrameSocket, meta: FrameSocket): void {
+    const connection = new PeerConnection(
+      data, meta, this.options.peerNode, this.options.pingIntervalMs, this.options.pingTimeoutMs,
+    );
+    this.connection = connection;
+    this.state = 'Connected';
+    connection.onClose = (reason) => {
+      if (this.connection !== connection) return;
+      this.connection = null;
+      this.log.warn({ peer: this.options.peerNode }, `connection to peer lost: ${reason}`);
+      if (this.state === 'Connected') this.state = 'Connecting';
+      this.onDisconnected(reason);
+      if (this.state === 'Connecting' && this.side === 'connector' && !this.closed) {
+        this.scheduleAttempt(this.connectRetryMs);
+      }
+    };
+    this.log.info({ peer: this.options.peerNode, side: this.side }, 'connected to peer');
+    this.onConnected(connection);
+  }
+}
