@@ -1,0 +1,426 @@
+// Typed wrapper over the native addon (native/, built by `npm run build:native`). The addon does only what
+// Node.js lacks; this layer checks arguments first so that a bad call fails here with a precise message rather
+// than as an opaque errno from the kernel. Errors from system calls are Node-style: `.code` is the errno name
+// (EOPNOTSUPP reports as ENOTSUP: Linux gives both the number 95), `.errno` is negative, `.syscall` names the call.
+import { createRequire } from 'node:module';
+import util from 'node:util';
+
+interface NativeAddon {
+  punchHole(fd: number, offset: number, length: number): Promise<void>;
+  zeroRange(fd: number, offset: number, length: number): Promise<void>;
+  allocateRange(fd: number, offset: number, length: number): Promise<void>;
+  blockDiscard(fd: number, offset: number, length: number): Promise<void>;
+  blockZeroOut(fd: number, offset: number, length: number): Promise<void>;
+  seekData(fd: number, offset: number): number;
+  seekHole(fd: number, offset: number): number;
+  blockDeviceSizeBytes(fd: number): number;
+  blockDeviceLogicalBlockSizeBytes(fd: number): number;
+  fadviseWillNeed(fd: number, offset: number, length: number): void;
+  ioBatch(
+    fd: number,
+    count: number,
+    kinds: Uint8Array,
+    offsets: Float64Array,
+    buffers: (Uint8Array | null)[],
+    results: Int32Array,
+    callback: (error: null) => void,
+  ): void;
+  socketPair(): [number, number];
+  closeFd(fd: number): void;
+  nbdConfigure(
+    nbdFd: number,
+    blockSizeBytes: number,
+    sizeBytes: number,
+    timeoutSeconds: number,
+    flags: number,
+    kernelSocketFds: number[],
+  ): void;
+  nbdDoIt(nbdFd: number): Promise<void>;
+  nbdDisconnect(nbdFd: number): void;
+}
+
+/** Where the addon lives relative to this file, both as src/native/index.ts (vitest) and dist/native/index.js. */
+const addonPath = '../../native/build/Release/drbdts_native.node';
+
+function loadAddon(): NativeAddon {
+  try {
+    return createRequire(import.meta.url)(addonPath) as NativeAddon;
+  } catch (error) {
+    throw new Error(
+      `the drbdts native addon is not built or does not load (${addonPath}): run "npm run build:native"`,
+      { cause: error },
+    );
+  }
+}
+
+const addon: NativeAddon = loadAddon();
+
+/** A Node-style system error, for errors the wrapper reports itself (the addon builds its own the same way). */
+export interface SystemError extends Error {
+  code: string;
+  errno: number;
+  syscall: string;
+}
+
+export function systemError(errnoPositive: number, syscall: string, detail?: string): SystemError {
+  const code = util.getSystemErrorName(-errnoPositive);
+  const description = util.getSystemErrorMap().get(-errnoPositive)?.[1] ?? 'unknown error';
+  const error = new Error(`${code}: ${description}, ${syscall}${detail === undefined ? '' : ` (${detail})`}`);
+  return Object.assign(error, { code, errno: -errnoPositive, syscall });
+}
+
+export function isSystemError(error: unknown, ...codes: string[]): error is SystemError {
+  return error instanceof Error && codes.includes((error as Partial<SystemError>).code ?? '');
+}
+
+function checkFd(fd: number): void {
+  if (!Number.isSafeInteger(fd) || fd < 0) throw new TypeError(`fd must be a non-negative integer, got ${fd}`);
+}
+
+function checkRange(offset: number, length: number, lengthMayBeZero = false): void {
+  if (!Number.isSafeInteger(offset) || offset < 0) {
+    throw new RangeError(`offset must be a non-negative safe integer, got ${offset}`);
+  }
+  if (!Number.isSafeInteger(length) || length < (lengthMayBeZero ? 0 : 1)) {
+    throw new RangeError(`length must be a ${lengthMayBeZero ? 'non-negative' : 'positive'} safe integer, got ${length}`);
+  }
+  if (!Number.isSafeInteger(offset + length)) throw new RangeError(`offset + length overflows: ${offset} + ${length}`);
+}
+
+/** fallocate(PUNCH_HOLE | KEEP_SIZE): deallocate; the range reads back as zeros. The file size is unchanged. */
+export function punchHole(fd: number, offset: number, length: number): Promise<void> {
+  checkFd(fd);
+  checkRange(offset, length);
+  return addon.punchHole(fd, offset, length);
+}
+
+/** fallocate(ZERO_RANGE | KEEP_SIZE): zero and keep allocated. Rejects with code ENOTSUP where unsupported (tmpfs). */
+export function zeroRange(fd: number, offset: number, length: number): Promise<void> {
+  checkFd(fd);
+  checkRange(offset, length);
+  return addon.zeroRange(fd, offset, length);
+}
+
+/** fallocate(KEEP_SIZE): allocate blocks (reading as zeros where there was a hole). Data already there stays. */
+export function allocateRange(fd: number, offset: number, length: number): Promise<void> {
+  checkFd(fd);
+  checkRange(offset, length);
+  return addon.allocateRange(fd, offset, length);
+}
+
+/** lseek(SEEK_DATA): the first data offset at or after `offset`, or -1 when there is none (ENXIO). */
+export function seekData(fd: number, offset: number): number {
+  checkFd(fd);
+  checkRange(offset, 0, true);
+  return addon.seekData(fd, offset);
+}
+
+/** lseek(SEEK_HOLE): the first hole at or after `offset` (end of file counts as one), or -1 past the end (ENXIO). */
+export function seekHole(fd: number, offset: number): number {
+  checkFd(fd);
+  checkRange(offset, 0, true);
+  return addon.seekHole(fd, offset);
+}
+
+/** ioctl(BLKGETSIZE64) on a block device. */
+export function blockDeviceSizeBytes(fd: number): number {
+  checkFd(fd);
+  return addon.blockDeviceSizeBytes(fd);
+}
+
+/** ioctl(BLKSSZGET): the logical block size, the alignment BLKDISCARD and BLKZEROOUT demand. */
+export function blockDeviceLogicalBlockSizeBytes(fd: number): number {
+  checkFd(fd);
+  return addon.blockDeviceLogicalBlockSizeBytes(fd);
+}
+
+/** ioctl(BLKDISCARD): offset and length must be multiples of the logical block size. Contents become undefined. */
+export function blockDiscard(fd: number, offset: number, length: number): Promise<void> {
+  checkFd(fd);
+  checkRange(offset, length);
+  return addon.blockDiscard(fd, offset, length);
+}
+
+/** ioctl(BLKZEROOUT): zero without unmapping; the kernel writes zeros itself where the device cannot. */
+export function blockZeroOut(fd: number, offset: number, length: number): Promise<void> {
+  checkFd(fd);
+  checkRange(offset, length);
+  return addon.blockZeroOut(fd, offset, length);
+}
+
+/** posix_fadvise(WILLNEED): start reading the range into the page cache and return at once. */
+export function fadviseWillNeed(fd: number, offset: number, length: number): void {
+  checkFd(fd);
+  checkRange(offset, length, true);
+  addon.fadviseWillNeed(fd, offset, length);
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Batched positioned I/O.
+
+const KIND_READ = 0;
+const KIND_WRITE = 1;
+const KIND_WRITE_FUA = 2;
+const KIND_FLUSH = 3;
+const syscallOfKind = ['pread', 'pwrite', 'pwrite', 'fdatasync'] as const;
+
+export interface FileIoQueueOptions {
+  /** Operations per thread-pool hop. */
+  batchOperationsMax?: number;
+  /** Payload bytes per hop (a batch always takes at least one operation): bounds how long one hop runs. */
+  batchBytesMax?: number;
+  /** Hops in flight at once: more overlap copies on several cores, fewer make bigger batches. */
+  batchesInFlightMax?: number;
+}
+
+type Settle = (error: Error | null) => void;
+
+/** One hop's worth of operations; a few are allocated per queue and reused. */
+class Batch {
+  count = 0;
+  readonly kinds: Uint8Array;
+  readonly offsets: Float64Array;
+  readonly buffers: (Uint8Array | null)[];
+  readonly results: Int32Array;
+  readonly settles: (Settle | null)[];
+  readonly onDone: () => void;
+
+  constructor(capacity: number, onDone: (batch: Batch) => void) {
+    this.kinds = new Uint8Array(capacity);
+    this.offsets = new Float64Array(capacity);
+    this.buffers = new Array<Uint8Array | null>(capacity).fill(null);
+    this.results = new Int32Array(capacity);
+    this.settles = new Array<Settle | null>(capacity).fill(null);
+    this.onDone = () => onDone(this);
+  }
+}
+
+/**
+ * Positioned reads and writes on one file descriptor, several per thread-pool hop. Operations issued while
+ * hops are busy (or in the same tick) wait in a ring and leave together in the next hop; FUA writes and
+ * flushes in one hop share a single fdatasync at its end. Operations in different hops may run concurrently,
+ * in any order, as NBD allows; an operation issued after another resolved always runs after it.
+ */
+export class FileIoQueue {
+  readonly fd: number;
+  private readonly batchOperationsMax: number;
+  private readonly batchBytesMax: number;
+  private readonly idleBatches: Batch[] = [];
+  private batchesInFlight = 0;
+  private dispatchScheduled = false;
+  // The waiting operations: a growable ring (index arithmetic, no shift()).
+  private ringKinds: Uint8Array;
+  private ringOffsets: Float64Array;
+  private ringBuffers: (Uint8Array | null)[];
+  private ringSettles: (Settle | null)[];
+  private ringHead = 0;
+  private ringCount = 0;
+  private drainWaiters: (() => void)[] = [];
+  private readonly dispatchBound = () => this.dispatch();
+
+  constructor(fd: number, options: FileIoQueueOptions = {}) {
+    checkFd(fd);
+    this.fd = fd;
+    this.batchOperationsMax = options.batchOperationsMax ?? 64;
+    this.batchBytesMax = options.batchBytesMax ?? 8 * 1024 * 1024;
+    const batchesInFlightMax = options.batchesInFlightMax ?? 2;
+    if (!(this.batchOperationsMax >= 1 && this.batchBytesMax >= 1 && batchesInFlightMax >= 1)) {
+      throw new RangeError('FileIoQueue: batch limits must be at least 1');
+    }
+    for (let i = 0; i < batchesInFlightMax; i++) {
+      this.idleBatches.push(new Batch(this.batchOperationsMax, (batch) => this.complete(batch)));
+    }
+    const ringCapacity = 256;
+    this.ringKinds = new Uint8Array(ringCapacity);
+    this.ringOffsets = new Float64Array(ringCapacity);
+    this.ringBuffers = new Array<Uint8Array | null>(ringCapacity).fill(null);
+    this.ringSettles = new Array<Settle | null>(ringCapacity).fill(null);
+  }
+
+  /** Fills `target` with the bytes at `offset`; fails with EIO if the file ends first. */
+  read(offset: number, target: Uint8Array, settle: Settle): void {
+    this.enqueue(KIND_READ, offset, target, settle);
+  }
+
+  /** Writes all of `data` at `offset`; with `fua` it is on stable storage (fdatasync) before `settle`. */
+  write(offset: number, data: Uint8Array, fua: boolean, settle: Settle): void {
+    this.enqueue(fua ? KIND_WRITE_FUA : KIND_WRITE, offset, data, settle);
+  }
+
+  /** fdatasync: every write settled before this call is durable before `settle`. */
+  flush(settle: Settle): void {
+    this.enqueue(KIND_FLUSH, 0, null, settle);
+  }
+
+  readAsync(offset: number, target: Uint8Array): Promise<void> {
+    return new Promise((resolve, reject) => this.read(offset, target, (error) => (error ? reject(error) : resolve())));
+  }
+
+  writeAsync(offset: number, data: Uint8Array, fua: boolean): Promise<void> {
+    return new Promise((resolve, reject) =>
+      this.write(offset, data, fua, (error) => (error ? reject(error) : resolve())),
+    );
+  }
+
+  flushAsync(): Promise<void> {
+    return new Promise((resolve, reject) => this.flush((error) => (error ? reject(error) : resolve())));
+  }
+
+  /** Resolves once nothing is queued or running (used before closing the descriptor). */
+  drain(): Promise<void> {
+    if (this.ringCount === 0 && this.batchesInFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.drainWaiters.push(resolve));
+  }
+
+  private enqueue(kind: number, offset: number, buffer: Uint8Array | null, settle: Settle): void {
+    if (kind !== KIND_FLUSH) {
+      checkRange(offset, buffer!.byteLength, true);
+    }
+    if (this.ringCount === this.ringKinds.length) this.growRing();
+    const index = (this.ringHead + this.ringCount) % this.ringKinds.length;
+    this.ringKinds[index] = kind;
+    this.ringOffsets[index] = offset;
+    this.ringBuffers[index] = buffer;
+    this.ringSettles[index] = settle;
+    this.ringCount++;
+    // Dispatch at the end of the current job, so that requests issued together (one socket read's worth of
+    // NBD requests) leave in one hop.
+    if (!this.dispatchScheduled && this.idleBatches.length > 0) {
+      this.dispatchScheduled = true;
+      queueMicrotask(this.dispatchBound);
+    }
+  }
+
+  private growRing(): void {
+    const oldCapacity = this.ringKinds.length;
+    const capacity = oldCapacity * 2;
+    const kinds = new Uint8Array(capacity);
+    const offsets = new Float64Array(capacity);
+    const buffers = new Array<Uint8Array | null>(capacity).fill(null);
+    const settles = new Array<Settle | null>(capacity).fill(null);
+    for (let i = 0; i < this.ringCount; i++) {
+      const from = (this.ringHead + i) % oldCapacity;
+      kinds[i] = this.ringKinds[from]!;
+      offsets[i] = this.ringOffsets[from]!;
+      buffers[i] = this.ringBuffers[from]!;
+      settles[i] = this.ringSettles[from]!;
+    }
+    this.ringKinds = kinds;
+    this.ringOffsets = offsets;
+    this.ringBuffers = buffers;
+    this.ringSettles = settles;
+    this.ringHead = 0;
+  }
+
+  private dispatch(): void {
+    this.dispatchScheduled = false;
+    while (this.ringCount > 0 && this.idleBatches.length > 0) {
+      const batch = this.idleBatches.pop()!;
+      const capacity = this.ringKinds.length;
+      let count = 0;
+      let bytes = 0;
+      while (this.ringCount > 0 && count < this.batchOperationsMax) {
+        const index = this.ringHead;
+        const buffer = this.ringBuffers[index]!;
+        const length = buffer === null ? 0 : buffer.byteLength;
+        if (count > 0 && bytes + length > this.batchBytesMax) break;
+        batch.kinds[count] = this.ringKinds[index]!;
+        batch.offsets[count] = this.ringOffsets[index]!;
+        batch.buffers[count] = buffer;
+        batch.settles[count] = this.ringSettles[index]!;
+        this.ringBuffers[index] = null;
+        this.ringSettles[index] = null;
+        this.ringHead = (index + 1) % capacity;
+        this.ringCount--;
+        bytes += length;
+        count++;
+      }
+      batch.count = count;
+      this.batchesInFlight++;
+      try {
+        addon.ioBatch(this.fd, count, batch.kinds, batch.offsets, batch.buffers, batch.results, batch.onDone);
+      } catch {
+        // Only a programming error gets here (the arguments were checked); fail the batch rather than hang it.
+        batch.results.fill(5 /* EIO */, 0, count);
+        queueMicrotask(batch.onDone);
+      }
+    }
+  }
+
+  private complete(batch: Batch): void {
+    this.batchesInFlight--;
+    const count = batch.count;
+    batch.count = 0;
+    // Settle after the batch is back in the pool, so an operation issued from a settle callback can use it.
+    const settles = batch.settles;
+    this.idleBatches.push(batch);
+    if (this.ringCount > 0) this.dispatch();
+    for (let i = 0; i < count; i++) {
+      const settle = settles[i]!;
+      const result = batch.results[i]!;
+      const kind = batch.kinds[i]!;
+      settles[i] = null;
+      batch.buffers[i] = null;
+      settle(result === 0 ? null : systemError(result, syscallOfKind[kind]!));
+    }
+    if (this.ringCount === 0 && this.batchesInFlight === 0 && this.drainWaiters.length > 0) {
+      const waiters = this.drainWaiters;
+      this.drainWaiters = [];
+      for (const waiter of waiters) waiter();
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Kernel NBD client primitives (src/nbd/kernel.ts builds the attach/detach flow on them).
+
+/** socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC): two connected descriptors. */
+export function socketPair(): [number, number] {
+  return addon.socketPair();
+}
+
+/** close(2) for descriptors no Node.js object owns. */
+export function closeFd(fd: number): void {
+  checkFd(fd);
+  addon.closeFd(fd);
+}
+
+export interface NbdConfiguration {
+  blockSizeBytes: number;
+  sizeBytes: number;
+  timeoutSeconds: number;
+  /** NBD transmission flags (HAS_FLAGS, READ_ONLY, SEND_FLUSH...), as the server would send them. */
+  flags: number;
+  kernelSocketFds: number[];
+}
+
+/** The ioctl sequence before NBD_DO_IT: NBD_CLEAR_SOCK, SET_BLKSIZE, SET_SIZE_BLOCKS, SET_TIMEOUT, SET_SOCK..., SET_FLAGS. */
+export function nbdConfigure(nbdFd: number, configuration: NbdConfiguration): void {
+  checkFd(nbdFd);
+  const { blockSizeBytes, sizeBytes, timeoutSeconds, flags, kernelSocketFds } = configuration;
+  if (![512, 1024, 2048, 4096].includes(blockSizeBytes)) {
+    throw new RangeError(`blockSizeBytes must be 512, 1024, 2048 or 4096, got ${blockSizeBytes}`);
+  }
+  if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % blockSizeBytes !== 0) {
+    throw new RangeError(`sizeBytes must be a positive multiple of blockSizeBytes ${blockSizeBytes}, got ${sizeBytes}`);
+  }
+  if (!Number.isSafeInteger(timeoutSeconds) || timeoutSeconds < 0) {
+    throw new RangeError(`timeoutSeconds must be a non-negative integer, got ${timeoutSeconds}`);
+  }
+  if (!Number.isInteger(flags) || flags < 0 || flags > 0xffff) throw new RangeError(`flags must be a u16, got ${flags}`);
+  if (kernelSocketFds.length < 1) throw new RangeError('at least one socket is needed');
+  kernelSocketFds.forEach(checkFd);
+  addon.nbdConfigure(nbdFd, blockSizeBytes, sizeBytes, timeoutSeconds, flags, kernelSocketFds);
+}
+
+/** NBD_DO_IT on a dedicated thread: settles when the kernel lets go of the device. */
+export function nbdDoIt(nbdFd: number): Promise<void> {
+  checkFd(nbdFd);
+  return addon.nbdDoIt(nbdFd);
+}
+
+/** NBD_DISCONNECT: the kernel sends NBD_CMD_DISC and NBD_DO_IT returns. */
+export function nbdDisconnect(nbdFd: number): void {
+  checkFd(nbdFd);
+  addon.nbdDisconnect(nbdFd);
+}
