@@ -1,0 +1,218 @@
+// The NBD server: listeners (TCP and unix sockets), TLS settings, the set of connections, the server-wide
+// in-flight budget, and a graceful close. It knows only the BlockDevice interface; handshake.ts and
+// transmission.ts hold the protocol.
+
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as tls from 'node:tls';
+import type { Duplex } from 'node:stream';
+import { pino, type Logger } from 'pino';
+import type { BlockDevice } from '../blockdev/types.js';
+import { formatListenAddress, type ListenAddress } from './address.js';
+import { transmissionFlagsFor, type ExportSettings } from './handshake.js';
+import { resolveLimits, type NbdLimits } from './limits.js';
+import { BufferPool } from './pool.js';
+import { NbdConnection, type ConnectionHost } from './transmission.js';
+
+export type { ListenAddress } from './address.js';
+export type { NbdLimits } from './limits.js';
+
+export interface NbdServerOptions {
+  device: BlockDevice;
+  exportName?: string;
+  description?: string;
+  readOnly?: boolean;
+  tls?: { certPath: string; keyPath: string };
+  logger?: Logger;
+  limits?: Partial<NbdLimits>;
+}
+
+/** How long close() lets connections finish their in-flight requests before cutting them. */
+const closeGraceMs = 30_000;
+
+export class NbdServer {
+  private device: BlockDevice;
+  private readonly exportName: string;
+  private readonly description: string | undefined;
+  private readonly readOnly: boolean;
+  private readonly logger: Logger;
+  private readonly limits: NbdLimits;
+  private readonly pool: BufferPool;
+  private readonly secureContext: tls.SecureContext | undefined;
+  private readonly listeners: Array<{ server: net.Server; address: ListenAddress }> = [];
+  private readonly connections = new Set<NbdConnection>();
+  private readonly waitingForBudget = new Set<NbdConnection>();
+  private serverInFlightBytes = 0;
+  private closed = false;
+  private readonly host: ConnectionHost;
+
+  constructor(options: NbdServerOptions) {
+    this.device = options.device;
+    this.exportName = options.exportName ?? '';
+    this.description = options.description;
+    this.readOnly = options.readOnly ?? false;
+    this.logger = options.logger ?? pino({ level: 'silent' });
+    this.limits = resolveLimits(options.limits);
+    if (Buffer.byteLength(this.exportName) > this.limits.stringMaxBytes) {
+      throw new Error(`export name is longer than ${this.limits.stringMaxBytes} bytes`);
+    }
+    this.pool = new BufferPool({ pooledBytesMax: Math.min(this.limits.serverInFlightBytesMax, 256 * 1024 * 1024) });
+    if (options.tls !== undefined) {
+      this.secureContext = loadSecureContext(options.tls.certPath, options.tls.keyPath);
+    }
+    const server = this;
+    this.host = {
+      limits: this.limits,
+      pool: this.pool,
+      secureContext: this.secureContext,
+      exportSettings: (): ExportSettings => ({
+        exportName: server.exportName,
+        description: server.description,
+        device: server.device,
+        readOnly: server.readOnly,
+        tlsConfigured: server.secureContext !== undefined,
+        limits: server.limits,
+        logger: server.logger,
+      }),
+      chargeServer: (bytes: number): void => server.chargeServer(bytes),
+      serverOverBudget: (): boolean => server.serverInFlightBytes >= server.limits.serverInFlightBytesMax,
+      waitForServerBudget: (connection: NbdConnection): void => { server.waitingForBudget.add(connection); },
+      connectionClosed: (connection: NbdConnection): void => {
+        server.connections.delete(connection);
+        server.waitingForBudget.delete(connection);
+      },
+    };
+  }
+
+  get activeConnections(): number {
+    return this.connections.size;
+  }
+
+  /** The addresses actually bound (a TCP port 0 replaced by the port the OS chose). */
+  get addresses(): string[] {
+    return this.listeners.map(({ server, address }) => {
+      const bound = server.address();
+      if (address.kind === 'tcp' && bound !== null && typeof bound === 'object') {
+        return formatListenAddress({ kind: 'tcp', host: address.host, port: bound.port });
+      }
+      return formatListenAddress(address);
+    });
+  }
+
+  /** Swaps the device for new connections (a role change); connections already open keep theirs. */
+  setDevice(device: BlockDevice): void {
+    this.device = device;
+  }
+
+  async listen(address: ListenAddress): Promise<void> {
+    if (this.closed) throw new Error('NbdServer.listen: the server is closed');
+    if (address.kind === 'unix') removeStaleSocket(address.path);
+    const server = net.createServer({ noDelay: true, allowHalfOpen: true }, (socket) => this.accept(socket));
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      const done = (): void => {
+        server.off('error', reject);
+        resolve();
+      };
+      if (address.kind === 'unix') server.listen(address.path, done);
+      else server.listen(address.port, address.host, done);
+    }).catch((error: NodeJS.ErrnoException) => {
+      throw new Error(`cannot listen on ${formatListenAddress(address)}: ${error.message}`, { cause: error });
+    });
+    server.on('error', (error) => this.logger.error({ err: error }, 'listener error'));
+    this.listeners.push({ server, address });
+    this.logger.info({ address: this.addresses[this.addresses.length - 1], export: this.exportName }, 'listening');
+  }
+
+  /** Serves a socket that is already past the handshake (the kernel client): simple replies only. */
+  adoptTransmissionSocket(socket: net.Socket | Duplex): void {
+    if (this.closed) {
+      socket.destroy();
+      return;
+    }
+    const connection = new NbdConnection(this.host, socket, this.logger);
+    this.connections.add(connection);
+    connection.adoptTransmission(this.device, transmissionFlagsFor(this.device, this.readOnly, false));
+  }
+
+  /** Stops accepting, lets in-flight requests finish, flushes the device and closes every connection. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    const listenersClosed = this.listeners.map(({ server, address }) => new Promise<void>((resolve) => {
+      server.close(() => resolve());
+      if (address.kind === 'unix') fs.rmSync(address.path, { force: true });
+    }));
+    const connections = [...this.connections];
+    const drained = Promise.all(connections.map((connection) => connection.shutdown()));
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = new Promise<boolean>((resolve) => {
+      timer = setTimeout(() => resolve(true), closeGraceMs);
+    });
+    if (await Promise.race([drained.then(() => false), timedOut])) {
+      this.logger.warn('connections did not finish in time; closing them');
+      for (const connection of connections) connection.destroy();
+      await Promise.all(connections.map((connection) => connection.settled()));
+    }
+    clearTimeout(timer);
+    await Promise.all(listenersClosed);
+    const caps = this.device.capabilities();
+    if (caps.canFlush && !caps.readOnly && !this.readOnly) {
+      await this.device.flush();
+    }
+    this.logger.info('NBD server closed');
+  }
+
+  private accept(socket: net.Socket): void {
+    if (this.closed || this.connections.size >= this.limits.connectionsMax) {
+      this.logger.warn({ connections: this.connections.size }, 'refusing connection');
+      socket.destroy();
+      return;
+    }
+    const connection = new NbdConnection(this.host, socket, this.logger);
+    this.connections.add(connection);
+    this.logger.debug({ connection: connection.id, remote: socket.remoteAddress ?? 'unix' }, 'accepted');
+    void connection.startHandshake();
+  }
+
+  private chargeServer(bytes: number): void {
+    this.serverInFlightBytes += bytes;
+    if (bytes < 0 && this.waitingForBudget.size > 0 && this.serverInFlightBytes < this.limits.serverInFlightBytesMax) {
+      const waiting = [...this.waitingForBudget];
+      this.waitingForBudget.clear();
+      for (const connection of waiting) connection.resumeReading();
+    }
+  }
+}
+
+function loadSecureContext(certPath: string, keyPath: string): tls.SecureContext {
+  let cert: Buffer;
+  let key: Buffer;
+  try {
+    cert = fs.readFileSync(certPath);
+  } catch (error) {
+    throw new Error(`TLS certificate ${certPath}: ${(error as Error).message}`, { cause: error });
+  }
+  try {
+    key = fs.readFileSync(keyPath);
+  } catch (error) {
+    throw new Error(`TLS key ${keyPath}: ${(error as Error).message}`, { cause: error });
+  }
+  try {
+    return tls.createSecureContext({ cert, key, minVersion: 'TLSv1.2' });
+  } catch (error) {
+    throw new Error(`TLS certificate ${certPath} / key ${keyPath}: ${(error as Error).message}`, { cause: error });
+  }
+}
+
+/** A unix socket left by a server that died is removed; any other file at the path is an error. */
+function removeStaleSocket(path: string): void {
+  let stat: fs.Stats;
+  try {
+    stat = fs.lstatSync(path);
+  } catch {
+    return;
+  }
+  if (!stat.isSocket()) throw new Error(`cannot listen on unix:${path}: the path exists and is not a socket`);
+  fs.rmSync(path, { force: true });
+}
