@@ -210,7 +210,14 @@ export class FrameWriter {
 
   constructor(private readonly socket: Socket) {}
 
-  send(type: number, flags: number, id: number, offset: number, body?: Uint8Array): boolean {
+  send(
+    type: number,
+    flags: number,
+    id: number,
+    offset: number,
+    body?: Uint8Array,
+    onWritten?: (error?: Error | null) => void,
+  ): boolean {
     const header = Buffer.allocUnsafe(FRAME_HEADER_BYTES); // from Node's small-buffer pool
     const bodyLength = body === undefined ? 0 : body.length;
     writeFrameHeader(header, 0, type, flags, bodyLength, id, offset);
@@ -220,8 +227,8 @@ export class FrameWriter {
       process.nextTick(this.uncork);
     }
     this.sentBytes += FRAME_HEADER_BYTES + bodyLength;
-    let flowing = this.socket.write(header);
-    if (bodyLength > 0) flowing = this.socket.write(body!);
+    let flowing = this.socket.write(header, bodyLength > 0 ? undefined : onWritten);
+    if (bodyLength > 0) flowing = this.socket.write(body!, onWritten);
     return flowing;
   }
 

@@ -208,6 +208,20 @@ export class PeerConnection {
     return (channel === CHANNEL_DATA ? this.data : this.meta).writer.send(type, flags, id, offset, body);
   }
 
+  /** As send(); `onWritten` runs once the kernel took the frame (protocol A's completion point). */
+  sendWithCallback(
+    channel: Channel,
+    type: number,
+    flags: number,
+    id: number,
+    offset: number,
+    body: Uint8Array,
+    onWritten: () => void,
+  ): void {
+    if (this.closedReason !== null) return;
+    (channel === CHANNEL_DATA ? this.data : this.meta).writer.send(type, flags, id, offset, body, () => onWritten());
+  }
+
   sendMessage(channel: Channel, type: number, messageType: keyof typeof Messages, value: object): void {
     this.send(channel, type, 0, 0, 0, encodeMessage(Messages[messageType], value));
   }

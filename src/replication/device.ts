@@ -1,0 +1,496 @@
+// ReplicatedDevice: a BlockDevice over a local disk that mirrors every write to the peer with DRBD's protocols.
+//
+// One application write on the Primary:
+//   1. a slot among maxInFlightWrites (bounded memory: past it, writes wait);
+//   2. the ordering gate (gate.ts): an overlapping write in flight is waited for;
+//   3. the activity log: a write to a cold 4 MiB extent waits for the AL transaction;
+//   4. the DATA frame goes to the peer and the local write starts, sharing the caller's buffer (no copy);
+//   5. completion: A = local done + frame taken by the kernel's socket buffer, B = local + RECV_ACK,
+//      C = local + WRITE_ACK. FUA (and FLUSH) wait for the peer's durable write on every protocol.
+//   6. the write stays "unacked" until WRITE_ACK: if the link breaks first, its blocks go into the bitmap and
+//      the caller still gets success (the node continues StandAlone). The AL extent stays hot until then.
+// The Secondary applies DATA frames through its own gate in the order they arrive, so overlapping writes land in
+// the same order on both replicas. Resync (resync.ts) reads and writes through the same gates.
+import assert from 'node:assert/strict';
+import type { BlockDevice, BlockDeviceCapabilities, Extent, ZeroOptions } from '../blockdev/types.js';
+import { BlockDeviceError } from '../blockdev/types.js';
+import type { Logger } from '../util/log.js';
+import type { Bitmap } from '../resource/bitmap.js';
+import type { ActivityLog } from '../resource/activity-log.js';
+import { FrameFlag, FrameType } from './frame.js';
+import { IntervalGate, type GateEntry } from './gate.js';
+import { CHANNEL_DATA, CHANNEL_META, type PeerConnection } from './link.js';
+
+export type ReplicationProtocol = 'A' | 'B' | 'C';
+
+export interface ReplicatedDeviceOptions {
+  local: BlockDevice;
+  protocol: ReplicationProtocol;
+  bitmap: Bitmap;
+  activityLog?: ActivityLog;
+  onCongestion: 'block' | 'pull-ahead';
+  /** Bytes queued toward the peer in user space before writes wait (or pull ahead, protocol A). */
+  sendQueueMaxBytes: number;
+  maxInFlightWrites: number;
+  logger: Logger;
+  /** Text for NBD clients of a Secondary. */
+  describe(): string;
+}
+
+export interface ReplicationCounters {
+  networkSentBytes: number;
+  networkReceivedBytes: number;
+  diskWrittenBytes: number;
+  diskReadBytes: number;
+  resyncSentBytes: number;
+  resyncReceivedBytes: number;
+}
+
+interface PendingWrite {
+  seq: number;
+  offset: number;
+  lengthBytes: number;
+  /** Wait for the peer's WRITE_ACK before completing (protocol C, or FUA/flush on any protocol). */
+  needWritten: boolean;
+  needReceived: boolean;
+  needSent: boolean;
+  localDone: boolean;
+  sent: boolean;
+  received: boolean;
+  written: boolean;
+  /** The caller was answered (the write may still await its WRITE_ACK). */
+  completed: boolean;
+  alBegun: boolean;
+  failure: Error | null;
+  resolve: () => void;
+  reject: (error: Error) => void;
+}
+
+/** The seq space is u32 on the wire; ids wrap, pending entries never live that long. */
+const SEQ_MASK = 0xffff_ffff;
+
+export class ReplicatedDevice implements BlockDevice {
+  readonly sizeBytes: number;
+  role: 'Primary' | 'Secondary' = 'Secondary';
+  /** Operator may read/write (UpToDate, or forced). */
+  readonly gate = new IntervalGate();
+  readonly counters: ReplicationCounters = {
+    networkSentBytes: 0, networkReceivedBytes: 0, diskWrittenBytes: 0, diskReadBytes: 0,
+    resyncSentBytes: 0, resyncReceivedBytes: 0,
+  };
+  /** Writes to the peer not acknowledged as written yet. */
+  private readonly pending = new Map<number, PendingWrite>();
+  private readonly barriers = new Map<number, { resolve: () => void }>();
+  private connection: PeerConnection | null = null;
+  /** Replicate application writes to the peer (connected, and not pulled ahead). */
+  private shipping = false;
+  /** Protocol A pull-ahead: the send queue overflowed; writes mark the bitmap until it drains. */
+  ahead = false;
+  onAheadDrained: (() => void) | null = null;
+  /** Called (once per disconnected period) before the first write that the peer does not get. */
+  onFirstUnreplicatedWrite: (() => Promise<void>) | null = null;
+  private unreplicatedHookDone = false;
+  private nextSeq = 1;
+  private nextBarrier = 1;
+  private inFlight = 0;
+  private slotWaiters: Array<() => void> = [];
+  /** Peer-side state: writes received and not yet written, for barriers. */
+  private readonly applying = new Set<Promise<void>>();
+  /** Last time the peer sent us application data (the resync rate controller backs off while it flows). */
+  lastApplicationIoMs = 0;
+  private closed = false;
+
+  constructor(private readonly options: ReplicatedDeviceOptions) {
+    this.sizeBytes = options.bitmap.dataSizeBytes;
+    assert.ok(options.local.sizeBytes >= this.sizeBytes, 'local disk smaller than the data area');
+  }
+
+  get protocol(): ReplicationProtocol {
+    return this.options.protocol;
+  }
+
+  get local(): BlockDevice {
+    return this.options.local;
+  }
+
+  get bitmap(): Bitmap {
+    return this.options.bitmap;
+  }
+
+  get unacked(): number {
+    return this.pending.size;
+  }
+
+  get pendingLocal(): number {
+    return this.inFlight;
+  }
+
+  capabilities(): BlockDeviceCapabilities {
+    const local = this.options.local.capabilities();
+    return { ...local, readOnly: local.readOnly, canCache: local.canCache, canMultiConn: true };
+  }
+
+  exportRefusal(): string | null {
+    if (this.role !== 'Primary') return this.options.describe();
+    return null;
+  }
+
+  // ---- connection management (the daemon decides when) ----
+
+  /** Starts shipping application writes over `connection` (after the handshake and bitmap exchange). */
+  attach(connection: PeerConnection): void {
+    this.connection = connection;
+    this.shipping = true;
+    this.ahead = false;
+    this.unreplicatedHookDone = false;
+  }
+
+  /** The link is gone: every write the peer did not confirm goes into the bitmap; waiting callers complete. */
+  detach(): void {
+    this.connection = null;
+    this.shipping = false;
+    this.ahead = false;
+    for (const write of this.pending.values()) {
+      this.options.bitmap.setRange(write.offset, write.lengthBytes);
+      write.sent = write.received = write.written = true;
+      this.settle(write);
+    }
+    for (const barrier of this.barriers.values()) barrier.resolve();
+    this.barriers.clear();
+  }
+
+  get isShipping(): boolean {
+    return this.shipping && !this.ahead;
+  }
+
+  // ---- BlockDevice ----
+
+  async read(offset: number, target: Buffer): Promise<void> {
+    this.checkRange(offset, target.length);
+    await this.options.local.read(offset, target);
+    this.counters.diskReadBytes += target.length;
+  }
+
+  write(offset: number, data: Buffer, fua: boolean): Promise<void> {
+    this.checkRange(offset, data.length);
+    this.checkWritable();
+    return this.replicate(FrameType.DATA, offset, data.length, fua, data, 0, () =>
+      this.options.local.write(offset, data, fua),
+    );
+  }
+
+  trim(offset: number, lengthBytes: number, fua: boolean): Promise<void> {
+    this.checkRange(offset, lengthBytes);
+    this.checkWritable();
+    return this.replicate(FrameType.TRIM, offset, lengthBytes, fua, null, 0, () =>
+      this.options.local.trim(offset, lengthBytes, fua),
+    );
+  }
+
+  async zero(offset: number, lengthBytes: number, options: ZeroOptions): Promise<void> {
+    this.checkRange(offset, lengthBytes);
+    this.checkWritable();
+    const flags = options.noHole ? FrameFlag.NO_HOLE : 0;
+    // With FAST_ZERO only the local disk decides whether zeroing is fast; it runs first so that a refusal
+    // (ENOTSUP) reaches the client before the peer zeroed anything. The peer then zeroes however it can.
+    return this.replicate(FrameType.ZERO, offset, lengthBytes, options.fua, null, flags, () =>
+      this.options.local.zero(offset, lengthBytes, options), options.fastZero,
+    );
+  }
+
+  async flush(): Promise<void> {
+    const connection = this.isShipping ? this.connection : null;
+    let barrier: Promise<void> | null = null;
+    if (connection !== null) {
+      const id = this.nextBarrier;
+      this.nextBarrier = (this.nextBarrier + 1) & SEQ_MASK || 1;
+      barrier = new Promise<void>((resolve) => this.barriers.set(id, { resolve }));
+      connection.send(CHANNEL_DATA, FrameType.BARRIER, 0, id, 0);
+    }
+    await Promise.all([this.options.local.flush(), barrier]);
+  }
+
+  cache(offset: number, lengthBytes: number): Promise<void> {
+    return this.options.local.cache(offset, lengthBytes);
+  }
+
+  blockStatus(offset: number, lengthBytes: number): Promise<Extent[]> {
+    return this.options.local.blockStatus(offset, lengthBytes);
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    // The local disk belongs to the daemon, which closes it after the NBD server and the link.
+  }
+
+  // ---- the write path ----
+
+  private checkRange(offset: number, lengthBytes: number): void {
+    if (!(Number.isSafeInteger(offset) && offset >= 0 && lengthBytes >= 0 && offset + lengthBytes <= this.sizeBytes)) {
+      throw new BlockDeviceError('EINVAL', `range ${offset}+${lengthBytes} outside the ${this.sizeBytes}-byte device`);
+    }
+  }
+
+  private checkWritable(): void {
+    if (this.closed) throw new BlockDeviceError('ESHUTDOWN', 'device is shutting down');
+    if (this.role !== 'Primary') throw new BlockDeviceError('EPERM', this.options.describe());
+  }
+
+  private async acquireSlot(): Promise<void> {
+    while (this.inFlight >= this.options.maxInFlightWrites) {
+      await new Promise<void>((resolve) => this.slotWaiters.push(resolve));
+    }
+    this.inFlight += 1;
+  }
+
+  private releaseSlot(): void {
+    this.inFlight -= 1;
+    const waiter = this.slotWaiters.shift();
+    waiter?.();
+  }
+
+  private async replicate(
+    type: number,
+    offset: number,
+    lengthBytes: number,
+    fua: boolean,
+    payload: Buffer | null,
+    extraFlags: number,
+    writeLocal: () => Promise<void>,
+    localFirst = false,
+  ): Promise<void> {
+    await this.acquireSlot();
+    let entry: GateEntry | null = null;
+    let alBegun = false;
+    const activityLog = this.options.activityLog;
+    try {
+      const admitted = this.gate.enter(offset, lengthBytes);
+      entry = admitted instanceof Promise ? await admitted : admitted;
+      if (activityLog !== undefined && lengthBytes > 0) {
+        await activityLog.beginWrite(offset, lengthBytes);
+        alBegun = true;
+      }
+      await this.waitForSendQueue();
+      const connection = this.isShipping ? this.connection : null;
+      if (connection === null) {
+        // The peer will not see this write: remember its blocks for the next resync.
+        if (!this.unreplicatedHookDone && this.onFirstUnreplicatedWrite !== null) {
+          this.unreplicatedHookDone = true;
+          await this.onFirstUnreplicatedWrite();
+        }
+        this.options.bitmap.setRange(offset, lengthBytes);
+        await writeLocal();
+        this.counters.diskWrittenBytes += payload === null ? 0 : lengthBytes;
+        return;
+      }
+      if (localFirst) {
+        await writeLocal();
+        writeLocal = resolvedLocal;
+      }
+      const protocol = this.options.protocol;
+      const seq = this.nextSeq;
+      this.nextSeq = (this.nextSeq + 1) & SEQ_MASK || 1;
+      const write = await new Promise<void>((resolve, reject) => {
+        const pending: PendingWrite = {
+          seq, offset, lengthBytes,
+          needWritten: protocol === 'C' || fua,
+          needReceived: protocol === 'B',
+          needSent: protocol === 'A',
+          localDone: false, sent: false, received: false, written: false, completed: false,
+          alBegun, failure: null, resolve, reject,
+        };
+        alBegun = false; // the pending entry ends the AL write when the peer confirms
+        this.pending.set(seq, pending);
+        const flags = (fua ? FrameFlag.FUA : 0) | extraFlags;
+        const body = payload ?? lengthBody(lengthBytes);
+        connection.sendWithCallback(CHANNEL_DATA, type, flags, seq, offset, body, () => {
+          pending.sent = true;
+          this.settle(pending);
+        });
+        this.counters.networkSentBytes += body.length + 24;
+        if (connection.closedReason !== null) {
+          // The link broke between the check and the send: the peer will not get it.
+          this.options.bitmap.setRange(offset, lengthBytes);
+          pending.sent = pending.received = pending.written = true;
+        }
+        writeLocal().then(
+          () => {
+            this.counters.diskWrittenBytes += payload === null ? 0 : lengthBytes;
+            pending.localDone = true;
+            // Later overlapping writes may go now: this one is on the local disk and already on the wire.
+            if (entry !== null) {
+              this.gate.leave(entry);
+              entry = null;
+            }
+            this.settle(pending);
+          },
+          (error: Error) => {
+            pending.failure = error;
+            pending.localDone = true;
+            if (entry !== null) {
+              this.gate.leave(entry);
+              entry = null;
+            }
+            this.settle(pending);
+          },
+        );
+      });
+      return write;
+    } finally {
+      if (entry !== null) this.gate.leave(entry);
+      if (alBegun) activityLog!.endWrite(offset, lengthBytes);
+      this.releaseSlot();
+    }
+  }
+
+  /** Completes the caller when the protocol's condition holds; forgets the write once the peer wrote it. */
+  private settle(write: PendingWrite): void {
+    if (!write.completed && write.localDone) {
+      const peerOk = (!write.needWritten || write.written) && (!write.needReceived || write.received || write.written)
+        && (!write.needSent || write.sent || write.received || write.written);
+      if (peerOk) {
+        write.completed = true;
+        if (write.failure !== null) write.reject(write.failure);
+        else write.resolve();
+      }
+    }
+    if (write.completed && write.written && this.pending.get(write.seq) === write) {
+      this.pending.delete(write.seq);
+      if (write.alBegun) this.options.activityLog?.endWrite(write.offset, write.lengthBytes);
+    }
+  }
+
+  /** Bounded send queue: block (or, protocol A with pull-ahead, stop shipping and mark the bitmap). */
+  private async waitForSendQueue(): Promise<void> {
+    for (;;) {
+      const connection = this.isShipping ? this.connection : null;
+      if (connection === null || connection.dataQueuedBytes < this.options.sendQueueMaxBytes) return;
+      if (this.options.protocol === 'A' && this.options.onCongestion === 'pull-ahead') {
+        this.enterAhead(connection);
+        return;
+      }
+      await connection.waitDataDrain();
+    }
+  }
+
+  private enterAhead(connection: PeerConnection): void {
+    if (this.ahead) return;
+    this.ahead = true;
+    this.options.logger.warn('send queue full: pulling ahead of the peer (writes mark the bitmap until it drains)');
+    void connection.waitDataDrain().then(async () => {
+      // Let the writes already sent be acknowledged, then hand over to a resync.
+      while (this.pending.size > 0 && this.connection === connection) await new Promise((r) => setTimeout(r, 10));
+      if (this.connection !== connection) return;
+      this.ahead = false;
+      this.onAheadDrained?.();
+    });
+  }
+
+  // ---- frames from the peer ----
+
+  /** Handles replication frames; returns false for frames that are not the device's. */
+  handleFrame(channel: number, type: number, flags: number, id: number, offset: number, body: Buffer): boolean {
+    switch (type) {
+      case FrameType.DATA:
+      case FrameType.TRIM:
+      case FrameType.ZERO:
+        this.counters.networkReceivedBytes += body.length + 24;
+        this.applyPeerWrite(type, flags, id, offset, body);
+        return true;
+      case FrameType.RECV_ACK:
+      case FrameType.WRITE_ACK:
+      case FrameType.NEG_ACK: {
+        const write = this.pending.get(id);
+        if (write === undefined) return true; // acked after a detach/reattach: nothing waits for it
+        if (type === FrameType.NEG_ACK) {
+          // The peer could not write it: its copy of these blocks is stale.
+          this.options.bitmap.setRange(write.offset, write.lengthBytes);
+          write.received = write.written = true;
+        } else if (type === FrameType.RECV_ACK) {
+          write.received = true;
+        } else {
+          write.received = write.written = true;
+        }
+        this.settle(write);
+        return true;
+      }
+      case FrameType.BARRIER:
+        void this.applyBarrier(id);
+        return true;
+      case FrameType.BARRIER_ACK: {
+        const barrier = this.barriers.get(id);
+        this.barriers.delete(id);
+        barrier?.resolve();
+        return true;
+      }
+      default:
+        void channel;
+        return false;
+    }
+  }
+
+  /** Secondary side: apply a replicated write in arrival order, then acknowledge it. */
+  private applyPeerWrite(type: number, flags: number, seq: number, offset: number, body: Buffer): void {
+    const connection = this.connection;
+    this.lastApplicationIoMs = Date.now();
+    const lengthBytes = type === FrameType.DATA ? body.length : body.readUInt32BE(0);
+    const fua = (flags & FrameFlag.FUA) !== 0;
+    if (this.options.protocol === 'B' && connection !== null) {
+      connection.send(CHANNEL_META, FrameType.RECV_ACK, 0, seq, 0);
+    }
+    const admitted = this.gate.enter(offset, lengthBytes, 'peer');
+    const run = async (): Promise<void> => {
+      const entry = admitted instanceof Promise ? await admitted : admitted;
+      let ok = true;
+      try {
+        if (offset + lengthBytes > this.sizeBytes) throw new Error(`peer write beyond the end (${offset}+${lengthBytes})`);
+        if (type === FrameType.DATA) {
+          await this.options.local.write(offset, body, fua);
+          this.counters.diskWrittenBytes += lengthBytes;
+        } else if (type === FrameType.TRIM) {
+          await this.options.local.trim(offset, lengthBytes, fua);
+        } else {
+          await this.options.local.zero(offset, lengthBytes, {
+            fua, noHole: (flags & FrameFlag.NO_HOLE) !== 0, fastZero: false,
+          });
+        }
+      } catch (error) {
+        ok = false;
+        this.options.bitmap.setRange(offset, lengthBytes);
+        this.options.logger.error({ err: error, offset, lengthBytes }, 'replicated write failed on this node');
+      } finally {
+        this.gate.leave(entry);
+      }
+      connection?.send(CHANNEL_META, ok ? FrameType.WRITE_ACK : FrameType.NEG_ACK, 0, seq, 0);
+    };
+    const done = run();
+    this.applying.add(done);
+    void done.finally(() => this.applying.delete(done));
+  }
+
+  /** Secondary side: every write received before the barrier is written, then made durable, then acked. */
+  private async applyBarrier(id: number): Promise<void> {
+    const connection = this.connection;
+    await Promise.all([...this.applying]);
+    try {
+      await this.options.local.flush();
+    } catch (error) {
+      this.options.logger.error({ err: error }, 'flush for the peer failed');
+      return; // no ack: the primary's flush waits until the link drops and the bitmap covers the writes
+    }
+    connection?.send(CHANNEL_META, FrameType.BARRIER_ACK, 0, id, 0);
+  }
+
+  /** Waits until every peer write received so far is on the local disk. */
+  async drainPeerWrites(): Promise<void> {
+    await Promise.all([...this.applying]);
+  }
+}
+
+const resolvedLocal = (): Promise<void> => Promise.resolve();
+
+function lengthBody(lengthBytes: number): Buffer {
+  const body = Buffer.allocUnsafe(4);
+  body.writeUInt32BE(lengthBytes, 0);
+  return body;
+}
