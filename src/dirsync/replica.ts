@@ -82,6 +82,9 @@ export interface WriteFileRequest {
   /** The fingerprint the written content must have, if known before the transfer (delta and local). For 'full'
    * the replica compares against `source.done`'s fingerprint. */
   expectFingerprint?: string;
+  /** The source's stat as scanned: the target compares `source.done`'s statAfter with it (sameStat) before the
+   * rename, so a source modified during the transfer fails with ECHANGED instead of installing torn content. */
+  sourceStat?: EntryStat;
 }
 
 export interface WriteFileResult {

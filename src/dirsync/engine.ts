@@ -1,0 +1,916 @@
+// The sync engine: update detection against the archive, reconciliation, the plan, propagation, and the archive
+// commit. It sees the two roots only through the Replica interface (replica.ts), so the same code syncs local
+// directories, tcp:// and ssh:// roots.
+//
+// One run:
+//   1. open both replicas, take the pair's lock, load the archive;
+//   2. scan both sides (in parallel), then hash only the files whose fast check (size, mtime, ctime, inode against
+//      the archive) failed, or that are new on both sides, or that may be copied locally on the other side;
+//   3. classify each path per side (unchanged, new, modified, deleted, props) and reconcile the pair into actions
+//      or conflicts, in path order so that a decision on a directory governs its subtree;
+//   4. check deletion safety, show the plan, ask (or, with --batch, go on);
+//   5. propagate: renames of conflict losers and deletions (deepest first), directories (shallowest first), files
+//      and links (bounded parallelism), deferred deletions, properties;
+//   6. commit the archive with exactly the paths that synced, release the lock.
+import { ArchiveError, archivePathFor, loadArchive, PairLock, saveArchive, type ArchiveEntry } from './archive.js';
+import {
+  ReplicaError,
+  sameStat,
+  type EntryStat,
+  type Precondition,
+  type Replica,
+  type ReplicaInfo,
+  type ScanEntry,
+} from './replica.js';
+
+export type Side = 1 | 2;
+export type Prefer = Side | 'newer' | 'older';
+
+export interface SyncOptions {
+  batch: boolean;
+  prefer?: Prefer;
+  copyOnConflict: boolean;
+  ignore: string[];
+  times: boolean;
+  perms: boolean;
+  alwaysHash: boolean;
+  archiveDir: string;
+  dryRun: boolean;
+  /** Use delta transfer for files at least this big when the target holds an old version (only when a side is
+   * remote: between two local roots a plain copy is cheaper than reading both files). */
+  deltaThresholdBytes?: number;
+  /** Whether each replica is local (decides delta vs full copy). */
+  local: [boolean, boolean];
+  /** Interactive mode: shown the plan, answers whether to propagate. */
+  confirm?: (plan: PlanItem[], warnings: string[]) => Promise<boolean>;
+  /** Called after each propagated item (progress display). */
+  progress?: (state: ProgressState) => void;
+  warn: (message: string) => void;
+}
+
+export interface ProgressState {
+  itemsDone: number;
+  itemsTotal: number;
+  bytesDone: number;
+  bytesTotal: number;
+}
+
+/** How one side of a path changed since the archive. */
+export type ChangeKind = 'unchanged' | 'new' | 'modified' | 'deleted' | 'props' | 'absent';
+
+export type ActionKind = 'copy' | 'delete' | 'props' | 'conflict' | 'equal';
+
+export interface PlanItem {
+  path: string;
+  action: ActionKind;
+  /** Direction of propagation: the side whose state wins (copy, delete, props). */
+  from?: Side;
+  change1: ChangeKind;
+  change2: ChangeKind;
+  kind1?: EntryStat['kind'];
+  kind2?: EntryStat['kind'];
+  reason?: string;
+  /** Resolved conflict (by --prefer). */
+  resolvedBy?: string;
+  status: 'planned' | 'done' | 'skipped' | 'failed';
+  error?: string;
+  /** Copy: how the content travelled ('full', 'delta', 'local'). */
+  transfer?: 'full' | 'delta' | 'local';
+}
+
+export interface SyncResult {
+  exitCode: 0 | 1 | 2 | 3;
+  root1: string;
+  root2: string;
+  items: PlanItem[];
+  counts: { propagated: number; skipped: number; failed: number; equal: number };
+  bytesTransferred: number;
+  fatal?: string;
+  archiveFile?: string;
+}
+
+interface PathState {
+  path: string;
+  e1: ScanEntry | undefined;
+  e2: ScanEntry | undefined;
+  a: ArchiveEntry | undefined;
+  fp1?: string;
+  fp2?: string;
+  change1: ChangeKind;
+  change2: ChangeKind;
+  /** Inside a directory that could not be listed on that side: its state is unknown, nothing is decided. */
+  unknown: boolean;
+}
+
+interface Action {
+  item: PlanItem;
+  state: PathState;
+  /** Side that wins (copy, delete, props). */
+  from: Side;
+  /** Rename the loser to this conflict name before changing the path (copy-on-conflict). */
+  keepLoserAs?: string;
+  /** Entry the target had at scan time (precondition), or undefined (absent). */
+  target?: ScanEntry;
+  /** The target holds a different kind that must be removed before the create. */
+  removeTargetFirst?: boolean;
+}
+
+const HASH_BATCH_PATHS = 256;
+const PARALLEL_TRANSFERS = 16;
+const DEFAULT_DELTA_THRESHOLD_BYTES = 256 * 1024;
+/** Modification-time differences below this are not changes (FAT, some network file systems: 1-2 s granularity). */
+const TIME_TOLERANCE_MS = 1000;
+
+function other(side: Side): Side {
+  return side === 1 ? 2 : 1;
+}
+
+function parentOf(path: string): string {
+  const index = path.lastIndexOf('/');
+  return index === -1 ? '' : path.slice(0, index);
+}
+
+function depthOf(path: string): number {
+  let depth = 0;
+  for (let index = path.indexOf('/'); index !== -1; index = path.indexOf('/', index + 1)) depth++;
+  return depth;
+}
+
+function conflictName(path: string, now: Date): string {
+  const stamp = now.toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
+  const slash = path.lastIndexOf('/');
+  const dir = slash === -1 ? '' : path.slice(0, slash + 1);
+  const name = path.slice(slash + 1);
+  const dot = name.lastIndexOf('.');
+  // Keep the extension last so the copy still opens with the right program: "report (conflict 20261122T0705Z).txt".
+  return dot > 0
+    ? `${dir}${name.slice(0, dot)} (conflict ${stamp})${name.slice(dot)}`
+    : `${dir}${name} (conflict ${stamp})`;
+}
+
+function entryOf(state: PathState, side: Side): ScanEntry | undefined {
+  return side === 1 ? state.e1 : state.e2;
+}
+
+function fingerprintOf(state: PathState, side: Side): string | undefined {
+  return side === 1 ? state.fp1 : state.fp2;
+}
+
+/** Mode as compared for props (symlink bits are meaningless on Linux). */
+function modeOf(entry: EntryStat): number {
+  return entry.kind === 'symlink' ? 0 : entry.mode;
+}
+
+export class SyncEngine {
+  private readonly options: SyncOptions;
+  private readonly replicas: [Replica, Replica];
+  private infos!: [ReplicaInfo, ReplicaInfo];
+  private archive = new Map<string, ArchiveEntry>();
+  private readonly states = new Map<string, PathState>();
+  private sortedPaths: string[] = [];
+  private bytesTransferred = 0;
+
+  constructor(replica1: Replica, replica2: Replica, options: SyncOptions) {
+    this.replicas = [replica1, replica2];
+    this.options = options;
+  }
+
+  private replica(side: Side): Replica {
+    return this.replicas[side - 1]!;
+  }
+
+  async run(): Promise<SyncResult> {
+    const result: SyncResult = {
+      exitCode: 0,
+      root1: '?',
+      root2: '?',
+      items: [],
+      counts: { propagated: 0, skipped: 0, failed: 0, equal: 0 },
+      bytesTransferred: 0,
+    };
+    let lock: PairLock | undefined;
+    try {
+      this.infos = [await this.replicas[0].open(), await this.replicas[1].open()];
+      result.root1 = this.infos[0].rootId;
+      result.root2 = this.infos[1].rootId;
+      const id1 = `${this.infos[0].hostName}:${this.infos[0].rootId}`;
+      const id2 = `${this.infos[1].hostName}:${this.infos[1].rootId}`;
+      if (id1 === id2) throw new ReplicaError('ENOROOT', `both roots are the same directory (${result.root1})`);
+      const { file, swapped } = await archivePathFor(this.options.archiveDir, id1, id2);
+      result.archiveFile = file;
+      if (!this.options.dryRun) lock = PairLock.acquire(file, this.options.warn);
+      this.archive = await loadArchive(file, swapped);
+      const problems = await this.scanBoth();
+      await this.detectUpdates(problems);
+      const actions = this.reconcile();
+      // Paths unchanged on both sides only refresh the archive; the plan lists what changed.
+      result.items = actions
+        .filter((action) => action.item.action !== 'equal' || action.state.change1 !== 'unchanged' || action.state.change2 !== 'unchanged')
+        .map((action) => action.item);
+      const warnings = this.deletionSafety(actions);
+      if (warnings.length > 0 && this.options.batch && !this.options.dryRun) {
+        throw new ReplicaError('ENOROOT', warnings.join('; ') + '; refusing to propagate in batch mode (run without --batch to confirm)');
+      }
+      const toPropagate = actions.filter((action) => action.item.action !== 'conflict' && action.item.status === 'planned');
+      let proceed = !this.options.dryRun;
+      if (proceed && this.options.confirm !== undefined && toPropagate.some((a) => a.item.action !== 'equal')) {
+        proceed = await this.options.confirm(result.items, warnings);
+      }
+      if (proceed) {
+        await this.propagate(actions);
+        const newArchive = this.buildArchive(actions);
+        await saveArchive(file, swapped, { root1Id: id1, root2Id: id2 }, newArchive);
+      } else {
+        for (const action of actions) if (action.item.status === 'planned' && action.item.action !== 'equal') action.item.status = 'skipped';
+      }
+      for (const item of result.items) {
+        if (item.action === 'conflict' || item.status === 'skipped') result.counts.skipped++;
+        else if (item.status === 'failed') result.counts.failed++;
+        else if (item.action === 'equal') result.counts.equal++;
+        else if (item.status === 'done') result.counts.propagated++;
+      }
+      result.exitCode = result.counts.failed > 0 ? 2 : result.counts.skipped > 0 ? 1 : 0;
+    } catch (error) {
+      if (!(error instanceof ReplicaError) && !(error instanceof ArchiveError)) throw error;
+      result.fatal = error.message;
+      result.exitCode = 3;
+    } finally {
+      lock?.release();
+      result.bytesTransferred = this.bytesTransferred;
+    }
+    return result;
+  }
+
+  // ---- scanning and update detection -------------------------------------------------------------------------
+
+  private async scanBoth(): Promise<[Set<string>, Set<string>]> {
+    const problems: [Set<string>, Set<string>] = [new Set(), new Set()];
+    const scanSide = async (side: Side): Promise<void> => {
+      for await (const batch of this.replica(side).scan({ ignore: this.options.ignore })) {
+        for (const entry of batch.entries) {
+          let state = this.states.get(entry.path);
+          if (state === undefined) {
+            state = { path: entry.path, e1: undefined, e2: undefined, a: undefined, change1: 'absent', change2: 'absent', unknown: false };
+            this.states.set(entry.path, state);
+          }
+          if (side === 1) state.e1 = entry;
+          else state.e2 = entry;
+        }
+        for (const problem of batch.problems) {
+          problems[side - 1].add(problem.path);
+          this.options.warn(`root ${side}: ${problem.path}: ${problem.message} (skipped)`);
+        }
+      }
+    };
+    await Promise.all([scanSide(1), scanSide(2)]);
+    for (const [path, entry] of this.archive) {
+      let state = this.states.get(path);
+      if (state === undefined) {
+        state = { path, e1: undefined, e2: undefined, a: entry, change1: 'absent', change2: 'absent', unknown: false };
+        this.states.set(path, state);
+      } else state.a = entry;
+    }
+    return problems;
+  }
+
+  /** Is `path` at or under one of the problem paths (unlistable directories)? */
+  private static underProblem(path: string, problems: Set<string>): boolean {
+    if (problems.size === 0) return false;
+    if (problems.has('.')) return true;
+    for (let current = path; current !== ''; current = parentOf(current)) if (problems.has(current)) return true;
+    return false;
+  }
+
+  private fastCheckPasses(entry: ScanEntry, a: ArchiveEntry, side: Side): boolean {
+    if (this.options.alwaysHash) return false;
+    return side === 1
+      ? entry.sizeBytes === a.sizeBytes && entry.mtimeMs === a.mtime1Ms && entry.ctimeMs === a.ctime1Ms && entry.inode === a.inode1
+      : entry.sizeBytes === a.sizeBytes && entry.mtimeMs === a.mtime2Ms && entry.ctimeMs === a.ctime2Ms && entry.inode === a.inode2;
+  }
+
+  private async detectUpdates(problems: [Set<string>, Set<string>]): Promise<void> {
+    const toHash: [string[], string[]] = [[], []];
+    // Copy-local candidates: sizes of files on each side whose fingerprint is known without hashing.
+    const knownSizes: [Set<number>, Set<number>] = [new Set(), new Set()];
+    for (const state of this.states.values()) {
+      if (SyncEngine.underProblem(state.path, problems[0]) || SyncEngine.underProblem(state.path, problems[1])) {
+        state.unknown = true;
+        continue;
+      }
+      const { a } = state;
+      for (const side of [1, 2] as const) {
+        const entry = entryOf(state, side);
+        if (entry?.kind !== 'file') continue;
+        if (a?.kind === 'file' && this.fastCheckPasses(entry, a, side)) {
+          if (side === 1) state.fp1 = a.fingerprint;
+          else state.fp2 = a.fingerprint;
+          knownSizes[side - 1].add(entry.sizeBytes);
+        } else if (a?.kind === 'file' || this.options.alwaysHash || entryOf(state, other(side))?.kind === 'file') {
+          toHash[side - 1].push(state.path);
+        }
+      }
+    }
+    // New files on one side only whose size matches a known file on the other side: hash them, so that a rename
+    // or copy is recognised and propagated as a local copy on the target instead of a transfer.
+    for (const state of this.states.values()) {
+      if (state.unknown || state.a !== undefined) continue;
+      for (const side of [1, 2] as const) {
+        const entry = entryOf(state, side);
+        if (entry?.kind === 'file' && entry.sizeBytes > 0 && entryOf(state, other(side)) === undefined && knownSizes[other(side) - 1].has(entry.sizeBytes)) {
+          toHash[side - 1].push(state.path);
+        }
+      }
+    }
+    await Promise.all([this.hashSide(1, toHash[0]), this.hashSide(2, toHash[1])]);
+    for (const state of this.states.values()) {
+      if (state.unknown) continue;
+      state.change1 = this.classify(state, 1);
+      state.change2 = this.classify(state, 2);
+    }
+    this.sortedPaths = [...this.states.keys()].sort();
+  }
+
+  private async hashSide(side: Side, paths: string[]): Promise<void> {
+    const replica = this.replica(side);
+    for (let start = 0; start < paths.length; start += HASH_BATCH_PATHS) {
+      const batch = paths.slice(start, start + HASH_BATCH_PATHS);
+      let results: Awaited<ReturnType<Replica['hashFiles']>>;
+      try {
+        results = await replica.hashFiles(batch);
+      } catch (error) {
+        // One unreadable file must not sink the batch: hash one by one, marking failures as unknown.
+        results = [];
+        for (const path of batch) {
+          try {
+            results.push((await replica.hashFiles([path]))[0] ?? null);
+          } catch (inner) {
+            this.options.warn(`root ${side}: ${(inner as Error).message} (skipped)`);
+            this.states.get(path)!.unknown = true;
+            results.push(null);
+          }
+        }
+        void error;
+      }
+      for (let index = 0; index < batch.length; index++) {
+        const state = this.states.get(batch[index]!)!;
+        const hashed = results[index];
+        if (hashed == null) continue;
+        const entry = entryOf(state, side);
+        if (entry !== undefined && !sameStat(entry, hashed.stat)) {
+          // Changed between scan and hash: take the newer stat so the archive pairs it with this fingerprint.
+          Object.assign(entry, hashed.stat);
+        }
+        if (side === 1) state.fp1 = hashed.fingerprint;
+        else state.fp2 = hashed.fingerprint;
+      }
+    }
+  }
+
+  private classify(state: PathState, side: Side): ChangeKind {
+    const entry = entryOf(state, side);
+    const { a } = state;
+    if (a === undefined) return entry === undefined ? 'absent' : 'new';
+    if (entry === undefined) return 'deleted';
+    if (entry.kind !== a.kind) return 'modified';
+    if (entry.kind === 'file') {
+      const fp = fingerprintOf(state, side);
+      if (fp !== a.fingerprint || entry.sizeBytes !== a.sizeBytes) return 'modified';
+    } else if (entry.kind === 'symlink' && entry.linkTarget !== a.linkTarget) return 'modified';
+    if (this.options.perms && modeOf(entry) !== (entry.kind === 'symlink' ? 0 : a.mode)) return 'props';
+    if (this.options.times && entry.kind === 'file') {
+      const archived = side === 1 ? a.mtime1Ms : a.mtime2Ms;
+      if (Math.abs(entry.mtimeMs - archived) >= TIME_TOLERANCE_MS) return 'props';
+    }
+    return 'unchanged';
+  }
+
+  // ---- reconciliation ----------------------------------------------------------------------------------------
+
+  private contentEqual(state: PathState): boolean {
+    const { e1, e2 } = state;
+    if (e1 === undefined || e2 === undefined || e1.kind !== e2.kind) return false;
+    if (e1.kind === 'dir') return true;
+    if (e1.kind === 'symlink') return e1.linkTarget === e2.linkTarget;
+    return state.fp1 !== undefined && state.fp1 === state.fp2 && e1.sizeBytes === e2.sizeBytes;
+  }
+
+  private reconcile(): Action[] {
+    // Sides on which a path has a changed descendant: a directory deleted on one side while something below it
+    // changed on the other is a conflict on the directory (unison's behaviour), not a silent deletion.
+    const changedBelow: [Set<string>, Set<string>] = [new Set(), new Set()];
+    for (const state of this.states.values()) {
+      for (const side of [1, 2] as const) {
+        const change = side === 1 ? state.change1 : state.change2;
+        if (change === 'new' || change === 'modified' || change === 'deleted' || change === 'props' || state.unknown) {
+          for (let current = parentOf(state.path); current !== ''; current = parentOf(current)) {
+            if (changedBelow[side - 1].has(current)) break;
+            changedBelow[side - 1].add(current);
+          }
+        }
+      }
+    }
+    // Decisions on a directory that govern its subtree: 'skip' (conflict or unknown), or a forced winner side.
+    const governing = new Map<string, 'skip' | Side>();
+    const actions: Action[] = [];
+    const now = new Date();
+    for (const path of this.sortedPaths) {
+      const state = this.states.get(path)!;
+      let governed: 'skip' | Side | undefined;
+      if (governing.size > 0) {
+        for (let current = parentOf(path); current !== ''; current = parentOf(current)) {
+          governed = governing.get(current);
+          if (governed !== undefined) break;
+        }
+      }
+      if (governed === 'skip') {
+        governing.set(path, 'skip');
+        continue;
+      }
+      if (state.unknown) {
+        governing.set(path, 'skip');
+        continue;
+      }
+      const item: PlanItem = {
+        path,
+        action: 'equal',
+        change1: state.change1,
+        change2: state.change2,
+        kind1: state.e1?.kind,
+        kind2: state.e2?.kind,
+        status: 'planned',
+      };
+      const action: Action = { item, state, from: 1 };
+      if (governed !== undefined) {
+        // Inside a conflict resolved in favour of `governed`: that side's state is imposed on the whole subtree.
+        if (!this.decideFrom(action, governed)) continue;
+        item.resolvedBy = 'parent';
+        actions.push(action);
+        continue;
+      }
+      const { change1, change2 } = state;
+      const changed1 = change1 !== 'unchanged' && change1 !== 'absent';
+      const changed2 = change2 !== 'unchanged' && change2 !== 'absent';
+      if (!changed1 && !changed2) {
+        if (state.e1 === undefined && state.e2 === undefined) continue;
+        actions.push(action); // archive refresh only
+        continue;
+      }
+      let conflict: string | undefined;
+      if (changed1 && changed2) {
+        if (state.e1 === undefined && state.e2 === undefined) {
+          item.action = 'equal'; // deleted on both sides: drop from the archive
+          actions.push(action);
+          continue;
+        }
+        if (this.contentEqual(state)) {
+          const props = this.propsDecision(state);
+          if (props === 'conflict') conflict = 'permissions changed differently on both sides';
+          else {
+            if (props !== undefined) {
+              item.action = 'props';
+              action.from = props;
+              item.from = props;
+              action.target = entryOf(state, other(props));
+            }
+            actions.push(action);
+            continue;
+          }
+        } else if (state.e1 === undefined || state.e2 === undefined) conflict = 'deleted on one side, changed on the other';
+        else if (state.e1.kind !== state.e2.kind) conflict = `${state.e1.kind} on one side, ${state.e2.kind} on the other`;
+        else if (state.e1.kind === 'symlink') conflict = 'symbolic link retargeted differently on both sides';
+        else conflict = state.a === undefined ? 'new file on both sides with different contents' : 'changed on both sides';
+      } else {
+        const winner: Side = changed1 ? 1 : 2;
+        const loser = other(winner);
+        const winnerEntry = entryOf(state, winner);
+        const loserEntry = entryOf(state, loser);
+        // Replacing or deleting a directory of the loser whose subtree changed there: conflict.
+        if (loserEntry?.kind === 'dir' && winnerEntry?.kind !== 'dir' && changedBelow[loser - 1].has(path)) {
+          conflict = `directory ${winnerEntry === undefined ? 'deleted' : 'replaced'} on one side, its contents changed on the other`;
+        } else {
+          if (this.decideFrom(action, winner)) actions.push(action);
+          continue;
+        }
+      }
+      // A conflict: resolve with --prefer, or skip it (with its subtree).
+      item.action = 'conflict';
+      item.reason = conflict;
+      const winner = this.preferredSide(state);
+      if (winner === undefined) {
+        governing.set(path, 'skip');
+        actions.push(action);
+        continue;
+      }
+      item.resolvedBy = this.options.prefer === 'newer' || this.options.prefer === 'older' ? this.options.prefer : `root${winner}`;
+      if (!this.decideFrom(action, winner)) {
+        item.action = 'equal';
+        actions.push(action);
+        continue;
+      }
+      const loserEntry = entryOf(state, other(winner));
+      if (this.options.copyOnConflict && loserEntry !== undefined) {
+        action.keepLoserAs = conflictName(path, now);
+      }
+      if (entryOf(state, winner)?.kind === 'dir' || loserEntry?.kind === 'dir') governing.set(path, winner);
+      actions.push(action);
+    }
+    return actions;
+  }
+
+  /** Props resolution between two equal contents: which side's props to propagate, or conflict. */
+  private propsDecision(state: PathState): Side | 'conflict' | undefined {
+    const { e1, e2, a } = state;
+    if (e1 === undefined || e2 === undefined) return undefined;
+    let from: Side | undefined;
+    if (this.options.perms && modeOf(e1) !== modeOf(e2)) {
+      const m1Changed = a === undefined || modeOf(e1) !== (e1.kind === 'symlink' ? 0 : a.mode);
+      const m2Changed = a === undefined || modeOf(e2) !== (e2.kind === 'symlink' ? 0 : a.mode);
+      if (m1Changed && m2Changed) return 'conflict';
+      from = m1Changed ? 1 : 2;
+    }
+    if (from === undefined && this.options.times && e1.kind === 'file' && Math.abs(e1.mtimeMs - e2.mtimeMs) >= TIME_TOLERANCE_MS) {
+      from = e1.mtimeMs > e2.mtimeMs ? 1 : 2; // both touched: the later time wins (no content at stake)
+    }
+    return from;
+  }
+
+  /** Fill in an action propagating `winner`'s state. Returns false when there is nothing to do. */
+  private decideFrom(action: Action, winner: Side): boolean {
+    const { state, item } = action;
+    const winnerEntry = entryOf(state, winner);
+    const loserEntry = entryOf(state, other(winner));
+    action.from = winner;
+    item.from = winner;
+    action.target = loserEntry;
+    if (winnerEntry === undefined) {
+      if (loserEntry === undefined) return false;
+      if (item.action !== 'conflict') item.action = 'delete';
+      return true;
+    }
+    if (loserEntry !== undefined && winnerEntry.kind === loserEntry.kind && this.contentEqual(state)) {
+      const change = winner === 1 ? state.change1 : state.change2;
+      if (change === 'props' || this.propsDiffer(winnerEntry, loserEntry)) {
+        if (item.action !== 'conflict') item.action = 'props';
+        return true;
+      }
+      if (item.action !== 'conflict') item.action = 'equal';
+      return true;
+    }
+    if (item.action !== 'conflict') item.action = 'copy';
+    action.removeTargetFirst = loserEntry !== undefined && (loserEntry.kind === 'dir' || winnerEntry.kind === 'dir');
+    return true;
+  }
+
+  private propsDiffer(winner: EntryStat, loser: EntryStat): boolean {
+    if (this.options.perms && modeOf(winner) !== modeOf(loser)) return true;
+    return this.options.times && winner.kind === 'file' && Math.abs(winner.mtimeMs - loser.mtimeMs) >= TIME_TOLERANCE_MS;
+  }
+
+  private preferredSide(state: PathState): Side | undefined {
+    const { prefer } = this.options;
+    if (prefer === undefined) return undefined;
+    if (prefer === 1 || prefer === 2) return prefer;
+    const { e1, e2 } = state;
+    // newer/older never pick a deletion over an edit: the side that still has the path wins (no data lost).
+    if (e1 === undefined) return 2;
+    if (e2 === undefined) return 1;
+    if (e1.mtimeMs === e2.mtimeMs) return undefined;
+    const newer: Side = e1.mtimeMs > e2.mtimeMs ? 1 : 2;
+    return prefer === 'newer' ? newer : other(newer);
+  }
+
+  // ---- deletion safety ---------------------------------------------------------------------------------------
+
+  private deletionSafety(actions: Action[]): string[] {
+    const warnings: string[] = [];
+    if (this.archive.size === 0) return warnings;
+    for (const side of [1, 2] as const) {
+      const deletes = actions.filter((action) => action.item.action === 'delete' && action.from === side);
+      if (deletes.length === 0) continue;
+      // Emptied root: every top-level path of the archive is gone on this side.
+      let topLevel = 0;
+      let topLevelGone = 0;
+      for (const path of this.archive.keys()) {
+        if (path.includes('/')) continue;
+        topLevel++;
+        const state = this.states.get(path)!;
+        if (entryOf(state, side) === undefined) topLevelGone++;
+      }
+      if (topLevel > 0 && topLevelGone === topLevel) {
+        warnings.push(`root ${side} (${this.infos[side - 1].rootId}) was emptied: all ${topLevel} top-level paths are gone, which would delete ${deletes.length} paths on the other side`);
+      }
+    }
+    return warnings;
+  }
+
+  // ---- propagation -------------------------------------------------------------------------------------------
+
+  private async propagate(actions: Action[]): Promise<void> {
+    const work = actions.filter((action) => action.item.action !== 'equal' && (action.item.action !== 'conflict' || action.item.resolvedBy !== undefined));
+    const progress: ProgressState = { itemsDone: 0, itemsTotal: work.length, bytesDone: 0, bytesTotal: 0 };
+    for (const action of work) {
+      const entry = entryOf(action.state, action.from);
+      if (entry?.kind === 'file' && (action.item.action === 'copy' || action.item.action === 'conflict')) progress.bytesTotal += entry.sizeBytes;
+    }
+    const report = (): void => {
+      progress.itemsDone++;
+      this.options.progress?.(progress);
+    };
+    const fail = (action: Action, error: unknown): void => {
+      action.item.status = 'failed';
+      action.item.error = error instanceof Error ? error.message : String(error);
+      this.options.warn(`failed: ${action.item.path}: ${action.item.error}`);
+    };
+    const isCreate = (action: Action): boolean => entryOf(action.state, action.from) !== undefined;
+
+    // Phase 1a: keep conflict losers (rename), shallowest first, so that a moved directory takes its subtree along.
+    const losersMoved = new Set<string>();
+    for (const action of work) {
+      if (action.keepLoserAs === undefined || action.target === undefined) continue;
+      try {
+        await this.replica(other(action.from)).rename(action.item.path, action.keepLoserAs, action.target);
+        losersMoved.add(action.item.path);
+        action.target = undefined;
+        action.removeTargetFirst = false;
+      } catch (error) {
+        fail(action, error);
+      }
+    }
+    const movedAway = (path: string): boolean => {
+      if (losersMoved.size === 0) return false;
+      for (let current = parentOf(path); current !== ''; current = parentOf(current)) if (losersMoved.has(current)) return true;
+      return false;
+    };
+    for (const action of work) {
+      if (action.item.status !== 'planned' || !movedAway(action.item.path)) continue;
+      // The loser's entry moved with its renamed ancestor: the path is now absent on that side.
+      action.target = undefined;
+      action.removeTargetFirst = false;
+      if (!isCreate(action)) {
+        action.item.status = 'done';
+        report();
+      }
+    }
+
+    // Copy-local sources: target-side files whose content will be reused; their deletion waits until after copies.
+    const targetIndex: [Map<string, PathState>, Map<string, PathState>] = [new Map(), new Map()];
+    for (const state of this.states.values()) {
+      if (state.unknown) continue;
+      for (const side of [1, 2] as const) {
+        const entry = entryOf(state, side);
+        const fp = fingerprintOf(state, side);
+        if (entry?.kind === 'file' && fp !== undefined && entry.sizeBytes > 0 && !targetIndex[side - 1].has(fp)) targetIndex[side - 1].set(fp, state);
+      }
+    }
+    const deferredDeletes = new Set<Action>();
+    const copySources = new Set<string>();
+    for (const action of work) {
+      if (action.item.action !== 'copy' && action.item.action !== 'conflict') continue;
+      const fp = fingerprintOf(action.state, action.from);
+      if (fp === undefined) continue;
+      const local = targetIndex[other(action.from) - 1].get(fp);
+      if (local !== undefined && local.path !== action.item.path) copySources.add(`${other(action.from)}:${local.path}`);
+    }
+
+    // Phase 1b: deletions and removals of mismatched kinds, deepest first.
+    const removals = work
+      .filter((action) => action.item.status === 'planned' && action.target !== undefined && (!isCreate(action) || action.removeTargetFirst))
+      .sort((x, y) => depthOf(y.item.path) - depthOf(x.item.path) || (x.item.path < y.item.path ? 1 : -1));
+    for (const action of removals) {
+      const targetSide = other(action.from);
+      if (!isCreate(action) && copySources.has(`${targetSide}:${action.item.path}`)) {
+        deferredDeletes.add(action);
+        continue;
+      }
+      try {
+        await this.replica(targetSide).remove(action.item.path, action.target!);
+        action.target = undefined;
+        if (!isCreate(action)) {
+          action.item.status = 'done';
+          report();
+        }
+      } catch (error) {
+        fail(action, error);
+        report();
+      }
+    }
+
+    // Phase 2a: directories, shallowest first (sorted paths put a parent before its children).
+    const creates = work.filter((action) => action.item.status === 'planned' && isCreate(action));
+    for (const action of creates) {
+      const source = entryOf(action.state, action.from)!;
+      if (source.kind !== 'dir') continue;
+      try {
+        if (action.target === undefined) {
+          const stat = await this.replica(other(action.from)).mkdir(action.item.path, source.mode);
+          this.setResultStat(action, stat);
+        } else {
+          await this.applyProps(action);
+        }
+        action.item.status = 'done';
+      } catch (error) {
+        fail(action, error);
+      }
+      report();
+    }
+
+    // Phase 2b: files and symlinks, several in flight (a remote replica multiplexes them).
+    const fileWork = creates.filter((action) => entryOf(action.state, action.from)!.kind !== 'dir');
+    let next = 0;
+    const worker = async (): Promise<void> => {
+      while (next < fileWork.length) {
+        const action = fileWork[next++]!;
+        try {
+          await this.propagateFile(action, targetIndex);
+          action.item.status = 'done';
+          progress.bytesDone += entryOf(action.state, action.from)!.sizeBytes;
+        } catch (error) {
+          fail(action, error);
+        }
+        report();
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(PARALLEL_TRANSFERS, fileWork.length) }, worker));
+
+    // Phase 3: deletions deferred because their content was being copied locally.
+    for (const action of [...deferredDeletes]) {
+      try {
+        await this.replica(other(action.from)).remove(action.item.path, action.target!);
+        action.target = undefined;
+        action.item.status = 'done';
+      } catch (error) {
+        fail(action, error);
+      }
+      report();
+    }
+
+    // Phase 4: props-only changes, deepest first (a directory's permissions may stop us writing inside it).
+    const propsWork = work
+      .filter((action) => action.item.status === 'planned' && action.item.action === 'props')
+      .sort((x, y) => depthOf(y.item.path) - depthOf(x.item.path));
+    for (const action of propsWork) {
+      try {
+        await this.applyProps(action);
+        action.item.status = 'done';
+      } catch (error) {
+        fail(action, error);
+      }
+      report();
+    }
+    for (const action of work) if (action.item.status === 'planned') action.item.status = 'done';
+  }
+
+  /** Final target-side stats of successful actions, for the archive. */
+  private readonly resultStats = new Map<Action, EntryStat>();
+  private readonly resultFingerprints = new Map<Action, string>();
+
+  private setResultStat(action: Action, stat: EntryStat): void {
+    this.resultStats.set(action, stat);
+  }
+
+  private async applyProps(action: Action): Promise<void> {
+    const source = entryOf(action.state, action.from)!;
+    const target = action.target!;
+    const mode = this.options.perms && modeOf(source) !== modeOf(target) ? source.mode : undefined;
+    const mtimeMs =
+      this.options.times && source.kind === 'file' && Math.abs(source.mtimeMs - target.mtimeMs) >= TIME_TOLERANCE_MS ? source.mtimeMs : undefined;
+    if (mode === undefined && mtimeMs === undefined) {
+      this.setResultStat(action, target);
+      return;
+    }
+    const stat = await this.replica(other(action.from)).setProps({ path: action.item.path, precondition: target, mode, mtimeMs });
+    this.setResultStat(action, stat);
+  }
+
+  private async propagateFile(action: Action, targetIndex: [Map<string, PathState>, Map<string, PathState>]): Promise<void> {
+    const sourceSide = action.from;
+    const targetSide = other(sourceSide);
+    const source = entryOf(action.state, sourceSide)!;
+    const target = this.replica(targetSide);
+    const precondition: Precondition = action.target ?? 'absent';
+    if (source.kind === 'symlink') {
+      const stat = await target.symlink(action.item.path, source.linkTarget!, precondition);
+      this.setResultStat(action, stat);
+      return;
+    }
+    // Keep the target's own permission bits on update when permissions are not synced.
+    const mode = !this.options.perms && action.target?.kind === 'file' ? action.target.mode : source.mode;
+    const mtimeMs = this.options.times ? source.mtimeMs : undefined;
+    const knownFingerprint = fingerprintOf(action.state, sourceSide);
+    if (knownFingerprint !== undefined) {
+      const local = targetIndex[targetSide - 1].get(knownFingerprint);
+      const localEntry = local === undefined ? undefined : entryOf(local, targetSide);
+      if (local !== undefined && localEntry !== undefined && local.path !== action.item.path) {
+        try {
+          const result = await target.writeFile({
+            path: action.item.path,
+            precondition,
+            mode,
+            mtimeMs,
+            content: { kind: 'local', fromPath: local.path, fromStat: localEntry, fingerprint: knownFingerprint, sizeBytes: source.sizeBytes },
+          });
+          action.item.transfer = 'local';
+          this.resultStats.set(action, result.stat);
+          this.resultFingerprints.set(action, result.fingerprint);
+          return;
+        } catch (error) {
+          if (!(error instanceof ReplicaError) || (error.code !== 'ECHANGED' && error.code !== 'EGONE' && error.code !== 'EHASH')) throw error;
+          // The local copy's source changed meanwhile: fall back to a transfer.
+        }
+      }
+    }
+    const remote = !this.options.local[0] || !this.options.local[1];
+    const threshold = this.options.deltaThresholdBytes ?? DEFAULT_DELTA_THRESHOLD_BYTES;
+    const sourceReplica = this.replica(sourceSide);
+    if (remote && action.target?.kind === 'file' && action.target.sizeBytes >= threshold && source.sizeBytes >= threshold) {
+      const signature = await target.signature(action.item.path, action.target);
+      const delta = await sourceReplica.delta(action.item.path, source, signature);
+      const result = await target.writeFile({
+        path: action.item.path,
+        precondition,
+        mode,
+        mtimeMs,
+        sourceStat: source,
+        content: { kind: 'delta', basisPath: action.item.path, basisStat: action.target, source: delta },
+      });
+      action.item.transfer = 'delta';
+      this.resultStats.set(action, result.stat);
+      this.resultFingerprints.set(action, result.fingerprint);
+      return;
+    }
+    const content = await sourceReplica.readFile(action.item.path, source);
+    const result = await target.writeFile({ path: action.item.path, precondition, mode, mtimeMs, sourceStat: source, content: { kind: 'full', source: content } });
+    action.item.transfer = 'full';
+    this.bytesTransferred += source.sizeBytes;
+    this.resultStats.set(action, result.stat);
+    this.resultFingerprints.set(action, result.fingerprint);
+  }
+
+  // ---- archive -----------------------------------------------------------------------------------------------
+
+  private buildArchive(actions: Action[]): Map<string, ArchiveEntry> {
+    const decided = new Map<string, Action>();
+    for (const action of actions) decided.set(action.item.path, action);
+    const next = new Map<string, ArchiveEntry>();
+    for (const path of this.sortedPaths) {
+      const state = this.states.get(path)!;
+      const action = decided.get(path);
+      const keepOld = (): void => {
+        if (state.a !== undefined) next.set(path, state.a);
+      };
+      if (action === undefined) {
+        // Skipped (under a conflict or unknown) or nothing on either side: the archive keeps what it knew.
+        keepOld();
+        continue;
+      }
+      const { item } = action;
+      const resolved = item.action === 'conflict' && item.resolvedBy !== undefined;
+      if (item.status === 'failed' || (item.action === 'conflict' && !resolved) || item.status === 'skipped') {
+        keepOld();
+        continue;
+      }
+      let s1: EntryStat | undefined;
+      let s2: EntryStat | undefined;
+      let fingerprint: string | undefined;
+      if (item.action === 'equal' && item.from === undefined) {
+        s1 = state.e1;
+        s2 = state.e2;
+        fingerprint = state.fp1 ?? state.fp2;
+        if (s1 === undefined || s2 === undefined) continue; // deleted on both, or refresh of a one-sided path
+        if (s1.kind === 'file' && (state.fp1 === undefined || state.fp2 === undefined || state.fp1 !== state.fp2)) {
+          keepOld();
+          continue;
+        }
+      } else {
+        const winner = entryOf(state, action.from);
+        if (winner === undefined) continue; // deletion propagated: gone from both sides
+        const targetStat = this.resultStats.get(action) ?? entryOf(state, other(action.from));
+        if (targetStat === undefined) {
+          keepOld();
+          continue;
+        }
+        fingerprint = this.resultFingerprints.get(action) ?? fingerprintOf(state, action.from);
+        if (winner.kind === 'file' && fingerprint === undefined) {
+          keepOld();
+          continue;
+        }
+        [s1, s2] = action.from === 1 ? [winner, targetStat] : [targetStat, winner];
+      }
+      const source = item.from === 2 ? s2 : s1;
+      next.set(path, {
+        kind: source.kind,
+        sizeBytes: source.kind === 'file' ? source.sizeBytes : 0,
+        fingerprint: source.kind === 'file' ? fingerprint ?? '' : '',
+        mode: source.mode,
+        linkTarget: source.linkTarget ?? '',
+        mtime1Ms: s1.mtimeMs,
+        ctime1Ms: s1.ctimeMs,
+        inode1: s1.inode,
+        mtime2Ms: s2.mtimeMs,
+        ctime2Ms: s2.ctimeMs,
+        inode2: s2.inode,
+      });
+    }
+    return next;
+  }
+}
