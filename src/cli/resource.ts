@@ -1,5 +1,435 @@
-// Placeholder until this command group lands; replaced by its owner.
-export async function run(command: string, _argv: string[]): Promise<number> {
-  process.stderr.write(`drbdts: "${command}" is not built yet\n`);
-  return 3;
+// Operator commands for a replicated resource, in DRBD's vocabulary: `drbdts COMMAND RES [--config FILE]
+// [--node NAME]`. create-md and up run here (create-md touches only local metadata; up runs the node daemon in
+// the foreground); every other command is a request to the running daemon over its control socket, so the
+// daemon's state machine alone decides what is allowed and says why not.
+//
+// Exit codes: 0 done, 1 refused or failed (the message says why), 2 bad usage.
+import { setTimeout as sleep } from 'node:timers/promises';
+import { ConfigError, defaultConfigPath, loadResourceConfig, resolveNodeName, type NodeConfig, type ResourceConfig } from '../resource/config.js';
+import { ControlError, sendControlRequest, type ResourceStatus } from '../resource/control.js';
+import { formatBytes, parseSize } from '../util/size.js';
+
+class UsageError extends Error {}
+
+interface Options {
+  resource: string;
+  config?: string;
+  node?: string;
+  flags: Set<string>;
+  rate?: number;
+  intervalMs: number;
+  positional: string[];
+}
+
+// Which flags each command takes; anything else is a usage error naming the flag.
+const commandFlags: Record<string, string[]> = {
+  'create-md': ['force'],
+  up: [],
+  down: [],
+  primary: ['force'],
+  secondary: [],
+  connect: ['discard-my-data'],
+  disconnect: [],
+  invalidate: [],
+  'invalidate-remote': [],
+  'new-current-uuid': ['clear-bitmap'],
+  verify: ['wait', 'json'],
+  status: ['json', 'statistics', 's', 'verbose', 'v'],
+  resync: ['json', 'wait', 'rate', 'interval'],
+  'pause-sync': [],
+  'resume-sync': [],
+  events2: ['now', 'statistics', 's', 'interval'],
+};
+
+const commandHelp: Record<string, string> = {
+  'create-md': 'create-md RES [--force]   write fresh metadata on this node\'s disk (creates a missing backing file\n' +
+    '  of [disk] size plus metadata); refuses to overwrite existing metadata without --force',
+  up: 'up RES   run the node daemon in the foreground (SIGTERM or "drbdts down RES" stops it)',
+  down: 'down RES   stop the node daemon (waits until it has gone)',
+  primary: 'primary RES [--force]   promote; --force makes this node\'s data the good copy (initial sync)',
+  secondary: 'secondary RES   demote',
+  connect: 'connect RES [--discard-my-data]   (re)connect to the peer; --discard-my-data resolves a split brain\n' +
+    '  by throwing away this node\'s changes',
+  disconnect: 'disconnect RES   drop the peer connection and stay StandAlone',
+  invalidate: 'invalidate RES   discard this node\'s data and resync it from the peer',
+  'invalidate-remote': 'invalidate-remote RES   resync the whole device to the peer',
+  'new-current-uuid': 'new-current-uuid RES [--clear-bitmap]   start a new data generation; --clear-bitmap on a\n' +
+    '  fresh connected pair skips the initial sync (both disks must already be identical, e.g. all zeros)',
+  verify: 'verify RES [--wait] [--json]   online verify against the peer; --wait polls until it ends',
+  status: 'status RES [--json] [--statistics]   roles, disk states, connection, resync progress, counters',
+  resync: 'resync RES [status|pause|resume] [--rate R] [--wait] [--interval SECONDS] [--json]\n' +
+    '  show resync progress (a bar with rate and ETA on a terminal), pause or resume it, set its maximum rate\n' +
+    '  (R is bytes per second: 50MiB, 200M); --wait polls until the resync is done',
+  'pause-sync': 'pause-sync RES   pause the resync',
+  'resume-sync': 'resume-sync RES   resume the resync',
+  events2: 'events2 RES [--now] [--statistics] [--interval SECONDS]   drbdsetup-style event lines\n' +
+    '  (exists ... then change ... lines); --now prints the current state and exits',
+};
+
+function parseArgs(command: string, argv: string[]): Options {
+  const allowed = new Set(commandFlags[command] ?? []);
+  const options: Options = { resource: '', flags: new Set(), intervalMs: 1000, positional: [] };
+  for (let i = 0; i < argv.length; i += 1) {
+    const arg = argv[i]!;
+    const takeValue = (name: string): string => {
+      const eq = arg.indexOf('=');
+      if (eq !== -1) return arg.slice(eq + 1);
+      const value = argv[i + 1];
+      if (value === undefined || value.startsWith('--')) throw new UsageError(`${name} needs a value`);
+      i += 1;
+      return value;
+    };
+    const name = arg.startsWith('--') ? arg.slice(2).split('=')[0]! : arg.startsWith('-') && arg.length > 1 ? arg.slice(1) : undefined;
+    if (name === undefined) {
+      options.positional.push(arg);
+      continue;
+    }
+    if (name === 'config' || name === 'c') options.config = takeValue('--config');
+    else if (name === 'node') options.node = takeValue('--node');
+    else if (!allowed.has(name)) {
+      throw new UsageError(`"${command}" does not take ${arg}` +
+        (allowed.size > 0 ? ` (it takes ${[...allowed].filter((f) => f.length > 1).map((f) => `--${f}`).join(', ')})` : ''));
+    } else if (name === 'rate') {
+      const text = takeValue('--rate').replace(/\/s$/i, '');
+      try {
+        options.rate = parseSize(text, '--rate');
+      } catch {
+        throw new UsageError(`--rate: "${text}" is not a rate in bytes per second (examples: 50MiB, 200M)`);
+      }
+      if (options.rate < 64 * 1024) throw new UsageError('--rate: the minimum is 64KiB (per second)');
+    } else if (name === 'interval') {
+      const seconds = Number(takeValue('--interval'));
+      if (!(seconds > 0) || seconds > 3600) throw new UsageError('--interval: a number of seconds, like 1 or 0.5');
+      options.intervalMs = Math.round(seconds * 1000);
+    } else {
+      options.flags.add(name === 's' ? 'statistics' : name === 'v' ? 'verbose' : name);
+    }
+  }
+  const resource = options.positional.shift();
+  if (resource === undefined) throw new UsageError(`"${command}" needs the resource name: drbdts ${commandHelp[command]?.split('\n')[0] ?? command}`);
+  options.resource = resource;
+  const extraAllowed = command === 'resync' ? 1 : 0;
+  if (options.positional.length > extraAllowed) {
+    throw new UsageError(`unexpected argument "${options.positional[extraAllowed]}"`);
+  }
+  return options;
+}
+
+interface Target {
+  config: ResourceConfig;
+  nodeName: string;
+  node: NodeConfig;
+}
+
+function loadTarget(options: Options): Target {
+  const file = options.config ?? defaultConfigPath(options.resource);
+  const config = loadResourceConfig(file);
+  if (config.name !== options.resource) {
+    throw new ConfigError(file, 'resource.name', `is "${config.name}", but the command names resource "${options.resource}"`);
+  }
+  const nodeName = resolveNodeName(config, options.node);
+  return { config, nodeName, node: config.nodes[nodeName]! };
+}
+
+async function request(target: Target, command: string, args: Record<string, unknown> = {}, timeoutMs?: number): Promise<unknown> {
+  try {
+    return await sendControlRequest(target.node.control, command, args, { timeoutMs });
+  } catch (error) {
+    if (error instanceof ControlError && error.code === 'ENODAEMON') {
+      throw new ControlError('ENODAEMON',
+        `resource ${target.config.name} is not up on node ${target.nodeName} (no daemon at ${target.node.control})`);
+    }
+    throw error;
+  }
+}
+
+function out(text: string): void {
+  process.stdout.write(text);
+}
+
+// ---- status rendering (drbdadm status layout) ----
+
+function kib(bytes: number): number {
+  return Math.floor(bytes / 1024);
+}
+
+function percent(done: number, total: number): string {
+  return total <= 0 ? '100.00' : (Math.floor((done / total) * 10000) / 100).toFixed(2);
+}
+
+export function renderStatus(status: ResourceStatus, options: { statistics?: boolean } = {}): string {
+  const lines: string[] = [];
+  lines.push(`${status.name} role:${status.role}`);
+  let diskLine = `  disk:${status.disk}`;
+  if (options.statistics) {
+    diskLine += `\n      size:${kib(status.size)} read:${kib(status.counters.diskReadBytes)} written:${kib(status.counters.diskWrittenBytes)}` +
+      ` al-writes:${status.counters.alWrites} bm-writes:${status.counters.bmWrites}`;
+  }
+  lines.push(diskLine);
+  const syncing = status.connection === 'SyncSource' || status.connection === 'SyncTarget'
+    || status.connection === 'PausedSyncS' || status.connection === 'PausedSyncT'
+    || status.connection === 'VerifyS' || status.connection === 'VerifyT';
+  if (status.connection === 'Connected' || syncing) {
+    lines.push(`  ${status.peer.node} role:${status.peer.role}`);
+    let replication = syncing ? `    replication:${status.connection} peer-disk:${status.peer.disk}` : `    peer-disk:${status.peer.disk}`;
+    if (status.resync !== null && syncing) {
+      replication += ` done:${percent(status.resync.doneBytes, status.resync.totalBytes)}`;
+    }
+    if (status.verify) replication += ` verified:${percent(status.verify.doneBytes, status.verify.totalBytes)}`;
+    lines.push(replication);
+  } else {
+    lines.push(`  ${status.peer.node} connection:${status.connection}`);
+  }
+  if (options.statistics) {
+    lines.push(`      received:${kib(status.counters.networkReceivedBytes)} sent:${kib(status.counters.networkSentBytes)}` +
+      ` out-of-sync:${kib(status.outOfSyncBytes)} pending:${status.pending} unacked:${status.unacked}` +
+      ` resync-sent:${kib(status.counters.resyncSentBytes)} resync-received:${kib(status.counters.resyncReceivedBytes)}`);
+  } else if (status.outOfSyncBytes > 0 && status.resync === null) {
+    lines.push(`      out-of-sync:${kib(status.outOfSyncBytes)}`);
+  }
+  return `${lines.join('\n')}\n\n`;
+}
+
+function formatEta(seconds: number): string {
+  if (!Number.isFinite(seconds) || seconds < 0) return '--:--';
+  const s = Math.round(seconds);
+  const h = Math.floor(s / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  const sec = s % 60;
+  return h > 0 ? `${h}:${String(m).padStart(2, '0')}:${String(sec).padStart(2, '0')}` : `${m}:${String(sec).padStart(2, '0')}`;
+}
+
+export function renderResyncLine(status: ResourceStatus, barWidth: number | null): string {
+  const r = status.resync;
+  if (r === null) {
+    return `${status.name}: no resync (${status.connection}, disk:${status.disk} peer-disk:${status.peer.disk}, out-of-sync:${formatBytes(status.outOfSyncBytes)})`;
+  }
+  const fraction = r.totalBytes <= 0 ? 1 : Math.min(1, r.doneBytes / r.totalBytes);
+  const who = r.direction === 'source' ? `to ${status.peer.node}` : `from ${status.peer.node}`;
+  const state = r.paused ? 'paused' : `${formatBytes(r.bytesPerSecond)}/s ETA ${formatEta(r.etaSeconds)}`;
+  const numbers = `${percent(r.doneBytes, r.totalBytes)}% ${formatBytes(r.doneBytes)}/${formatBytes(r.totalBytes)} ${state}`;
+  if (barWidth === null) return `${status.name}: resync ${who} (${status.connection}) ${numbers}`;
+  const filled = Math.round(fraction * barWidth);
+  const bar = `${'='.repeat(Math.max(0, filled - 1))}${filled > 0 ? (filled === barWidth ? '=' : '>') : ''}${' '.repeat(barWidth - filled)}`;
+  return `${status.name} ${who} [${bar}] ${numbers}`;
+}
+
+// ---- commands ----
+
+async function createMd(options: Options): Promise<number> {
+  const target = loadTarget(options);
+  const { Metadata } = await import('../resource/metadata.js');
+  const metadata = await Metadata.create({
+    diskPath: target.node.disk,
+    metaDisk: target.node.metaDisk,
+    dataSizeBytes: target.config.sizeBytes,
+    force: options.flags.has('force'),
+    nodeName: target.nodeName,
+    resourceName: target.config.name,
+    alExtents: target.config.alExtents,
+  });
+  const where = target.node.metaDisk === 'internal' ? `internal, at the end of ${target.node.disk}` : target.node.metaDisk;
+  out(`${target.config.name} on ${target.nodeName}: new metadata (${where}): data ${formatBytes(metadata.dataSizeBytes)} ` +
+    `(${metadata.dataSizeBytes} bytes), metadata ${formatBytes(metadata.metadataSizeBytes)}, ${metadata.alExtents} activity-log extents\n`);
+  await metadata.close();
+  return 0;
+}
+
+async function up(options: Options): Promise<number> {
+  const target = loadTarget(options);
+  const { createLogger } = await import('../util/log.js');
+  const logger = createLogger(`${target.config.name}@${target.nodeName}`);
+  // A variable specifier: the daemon is another engineer's module and this file must build without it.
+  const daemonPath = '../resource/daemon.js';
+  const daemon = (await import(daemonPath)) as {
+    runDaemon(config: ResourceConfig, nodeName: string, logger: unknown): Promise<void>;
+  };
+  await daemon.runDaemon(target.config, target.nodeName, logger);
+  return 0;
+}
+
+async function down(options: Options): Promise<number> {
+  const target = loadTarget(options);
+  await request(target, 'down');
+  // Return only when the daemon has gone, so "down; up" and "down; create-md" work from scripts.
+  const deadline = Date.now() + 60_000;
+  while (Date.now() < deadline) {
+    try {
+      await sendControlRequest(target.node.control, 'status', {}, { timeoutMs: 2000 });
+    } catch (error) {
+      if (error instanceof ControlError && (error.code === 'ENODAEMON' || error.code === 'EPROTO')) return 0;
+    }
+    await sleep(100);
+  }
+  process.stderr.write(`drbdts: ${target.config.name} on ${target.nodeName}: the daemon accepted "down" but still runs after 60 s\n`);
+  return 1;
+}
+
+function printResult(result: unknown): void {
+  if (typeof result === 'string' && result !== '') out(`${result}\n`);
+  else if (typeof result === 'object' && result !== null && typeof (result as { message?: unknown }).message === 'string') {
+    out(`${(result as { message: string }).message}\n`);
+  }
+}
+
+async function simple(command: string, options: Options): Promise<number> {
+  const target = loadTarget(options);
+  const args: Record<string, unknown> = {};
+  let wire = command;
+  if (command === 'primary') args.force = options.flags.has('force');
+  if (command === 'connect') args.discardMyData = options.flags.has('discard-my-data');
+  if (command === 'new-current-uuid') args.clearBitmap = options.flags.has('clear-bitmap');
+  if (command === 'pause-sync') wire = 'resync-pause';
+  if (command === 'resume-sync') wire = 'resync-resume';
+  printResult(await request(target, wire, args));
+  return 0;
+}
+
+async function status(options: Options): Promise<number> {
+  const target = loadTarget(options);
+  const result = (await request(target, 'status')) as ResourceStatus;
+  if (options.flags.has('json')) out(`${JSON.stringify(result, null, 2)}\n`);
+  else out(renderStatus(result, { statistics: options.flags.has('statistics') || options.flags.has('verbose') }));
+  return 0;
+}
+
+async function resync(options: Options): Promise<number> {
+  const target = loadTarget(options);
+  const action = options.positional[0] ?? 'status';
+  if (!['status', 'pause', 'resume'].includes(action)) {
+    throw new UsageError(`resync: unknown action "${action}" (status, pause, resume)`);
+  }
+  const json = options.flags.has('json');
+  if (options.rate !== undefined) {
+    printResult(await request(target, 'resync-rate', { bytesPerSecond: options.rate }));
+  }
+  if (action === 'pause') printResult(await request(target, 'resync-pause'));
+  if (action === 'resume') printResult(await request(target, 'resync-resume'));
+  const tty = process.stdout.isTTY === true && !json;
+  const barWidth = tty ? Math.max(10, Math.min(40, (process.stdout.columns ?? 80) - 70)) : null;
+  const show = (s: ResourceStatus, final: boolean): void => {
+    if (json) out(`${JSON.stringify({ resync: s.resync, connection: s.connection, disk: s.disk, peerDisk: s.peer.disk, outOfSyncBytes: s.outOfSyncBytes })}\n`);
+    else if (tty) out(`\r\x1b[2K${renderResyncLine(s, barWidth)}${final ? '\n' : ''}`);
+    else out(`${renderResyncLine(s, null)}\n`);
+  };
+  let current = (await request(target, 'status')) as ResourceStatus;
+  if (!options.flags.has('wait')) {
+    show(current, true);
+    return 0;
+  }
+  // --wait: until no resync runs and nothing is out of sync while connected (a resync about to start counts
+  // as pending), or the connection is gone (then the operator must know: exit 1).
+  let lastPlainMs = 0;
+  for (;;) {
+    const connected = current.connection !== 'StandAlone' && current.connection !== 'Connecting' && current.connection !== 'Disconnecting';
+    const done = current.resync === null && connected && current.outOfSyncBytes === 0
+      && current.disk !== 'Inconsistent' && current.peer.disk !== 'Inconsistent';
+    if (done) {
+      show(current, true);
+      return 0;
+    }
+    if (!connected) {
+      show(current, true);
+      process.stderr.write(`drbdts: ${target.config.name} on ${target.nodeName}: not connected (${current.connection}); the resync cannot finish\n`);
+      return 1;
+    }
+    const now = Date.now();
+    // On a pipe one line every 10 intervals is plenty; a terminal redraws every interval.
+    if (tty || json || now - lastPlainMs >= options.intervalMs * 10) {
+      show(current, false);
+      lastPlainMs = now;
+    }
+    await sleep(options.intervalMs);
+    current = (await request(target, 'status')) as ResourceStatus;
+  }
+}
+
+async function verify(options: Options): Promise<number> {
+  const target = loadTarget(options);
+  printResult(await request(target, 'verify'));
+  if (!options.flags.has('wait')) return 0;
+  for (;;) {
+    await sleep(options.intervalMs);
+    const s = (await request(target, 'status')) as ResourceStatus;
+    if (s.connection !== 'VerifyS' && s.connection !== 'VerifyT') {
+      const found = s.verify?.outOfSyncBlocks;
+      if (options.flags.has('json')) out(`${JSON.stringify({ verify: s.verify ?? null, outOfSyncBytes: s.outOfSyncBytes })}\n`);
+      else out(`${s.name}: verify finished${found === undefined ? '' : `: ${found} blocks out of sync`} (out-of-sync now ${formatBytes(s.outOfSyncBytes)}; "drbdts disconnect/connect ${s.name}" resyncs them)\n`);
+      return 0;
+    }
+  }
+}
+
+function eventLines(verb: string, s: ResourceStatus, statistics: boolean): string[] {
+  const mayPromote = s.disk === 'UpToDate' && s.role !== 'Primary' && s.peer.role !== 'Primary' ? 'yes' : 'no';
+  const lines = [
+    `${verb} resource name:${s.name} role:${s.role} suspended:no may_promote:${mayPromote}`,
+    `${verb} device name:${s.name} volume:0 minor:0 disk:${s.disk}` +
+      (statistics ? ` size:${kib(s.size)} read:${kib(s.counters.diskReadBytes)} written:${kib(s.counters.diskWrittenBytes)} al-writes:${s.counters.alWrites} bm-writes:${s.counters.bmWrites}` : ''),
+    `${verb} connection name:${s.name} peer-node-id:1 conn-name:${s.peer.node} connection:${s.connection === 'Connecting' ? 'Connecting' : s.connection === 'StandAlone' ? 'StandAlone' : 'Connected'} role:${s.peer.role}`,
+    `${verb} peer-device name:${s.name} peer-node-id:1 conn-name:${s.peer.node} volume:0 replication:${s.connection === 'Connected' ? 'Established' : s.connection} peer-disk:${s.peer.disk}` +
+      ` resync-suspended:${s.resync?.paused ? 'user' : 'no'}` +
+      (s.resync !== null ? ` done:${percent(s.resync.doneBytes, s.resync.totalBytes)}` : '') +
+      (statistics ? ` received:${kib(s.counters.networkReceivedBytes)} sent:${kib(s.counters.networkSentBytes)} out-of-sync:${kib(s.outOfSyncBytes)} pending:${s.pending} unacked:${s.unacked}` : ''),
+  ];
+  return lines;
+}
+
+async function events2(options: Options): Promise<number> {
+  const target = loadTarget(options);
+  const statistics = options.flags.has('statistics');
+  let previous = eventLines('exists', (await request(target, 'status')) as ResourceStatus, statistics);
+  out(`${previous.join('\n')}\nexists -\n`);
+  if (options.flags.has('now')) return 0;
+  for (;;) {
+    await sleep(options.intervalMs);
+    let s: ResourceStatus;
+    try {
+      s = (await request(target, 'status')) as ResourceStatus;
+    } catch (error) {
+      if (error instanceof ControlError && error.code === 'ENODAEMON') {
+        out(`destroy resource name:${target.config.name}\n`);
+        return 0;
+      }
+      throw error;
+    }
+    const next = eventLines('change', s, statistics);
+    for (let i = 0; i < next.length; i += 1) {
+      // "exists" and "change" are both 6 letters: compare what follows the verb.
+      if (next[i]!.slice(6) !== previous[i]!.slice(6)) out(`${next[i]}\n`);
+    }
+    previous = next;
+  }
+}
+
+export async function run(command: string, argv: string[]): Promise<number> {
+  if (argv.includes('--help') || argv.includes('-h')) {
+    out(`Usage: drbdts ${commandHelp[command] ?? command}\nCommon options: --config FILE (default /etc/drbdts/RES.toml), --node NAME (default $DRBDTS_NODE, then the host name)\n`);
+    return 0;
+  }
+  try {
+    const options = parseArgs(command, argv);
+    switch (command) {
+      case 'create-md': return await createMd(options);
+      case 'up': return await up(options);
+      case 'down': return await down(options);
+      case 'status': return await status(options);
+      case 'resync': return await resync(options);
+      case 'verify': return await verify(options);
+      case 'events2': return await events2(options);
+      case 'primary': case 'secondary': case 'connect': case 'disconnect': case 'invalidate': case 'invalidate-remote':
+      case 'new-current-uuid': case 'pause-sync': case 'resume-sync':
+        return await simple(command, options);
+      default:
+        throw new UsageError(`unknown resource command "${command}"`);
+    }
+  } catch (error) {
+    if (error instanceof UsageError) {
+      process.stderr.write(`drbdts ${command}: ${error.message}\n`);
+      return 2;
+    }
+    const message = error instanceof Error ? error.message : String(error);
+    process.stderr.write(`drbdts ${command}: ${message}\n`);
+    return 1;
+  }
 }
