@@ -348,22 +348,23 @@ export class FileIoQueue {
   }
 
   private complete(batch: Batch): void {
-    this.batchesInFlight--;
     const count = batch.count;
-    batch.count = 0;
-    // Settle after the batch is back in the pool, so an operation issued from a settle callback can use it.
     const settles = batch.settles;
-    this.idleBatches.push(batch);
-    if (this.ringCount > 0) this.dispatch();
     for (let i = 0; i < count; i++) {
       const settle = settles[i]!;
       const result = batch.results[i]!;
-      const kind = batch.kinds[i]!;
       settles[i] = null;
       batch.buffers[i] = null;
-      settle(result === 0 ? null : systemError(result, syscallOfKind[kind]!));
+      // Settle callbacks only resolve promises or queue more work; none may reach this batch before it is
+      // back in the pool below.
+      settle(result === 0 ? null : systemError(result, syscallOfKind[batch.kinds[i]!]!));
     }
-    if (this.ringCount === 0 && this.batchesInFlight === 0 && this.drainWaiters.length > 0) {
+    batch.count = 0;
+    this.batchesInFlight--;
+    this.idleBatches.push(batch);
+    if (this.ringCount > 0) {
+      this.dispatch();
+    } else if (this.batchesInFlight === 0 && this.drainWaiters.length > 0) {
       const waiters = this.drainWaiters;
       this.drainWaiters = [];
       for (const waiter of waiters) waiter();
