@@ -330,13 +330,18 @@ export class LocalDisk implements BlockDevice {
 
   private async zeroFile(offset: number, lengthBytes: number, options: ZeroOptions): Promise<void> {
     // Cheapest first. A punched hole reads as zeros and frees space; NO_HOLE forbids it, so ZERO_RANGE (zeroes
-    // and keeps the blocks allocated); where the filesystem lacks ZERO_RANGE (tmpfs), punch and then
-    // re-allocate, which is also fast. Only then write zeros, which FAST_ZERO forbids.
+    // and keeps the blocks allocated); where the filesystem lacks ZERO_RANGE (tmpfs), punch and re-allocate,
+    // which is also fast, but only once allocation is known to work (a plain fallocate changes no data), so
+    // that a refused FAST_ZERO leaves no hole behind. Only then write zeros, which FAST_ZERO forbids.
     if (!options.noHole && (await this.tryFallocate(punchHole, offset, lengthBytes))) return;
     if (await this.tryFallocate(zeroRange, offset, lengthBytes)) return;
-    if (options.noHole && (await this.tryFallocate(punchHole, offset, lengthBytes))) {
-      if (await this.tryFallocate(allocateRange, offset, lengthBytes)) return;
-      // The hole reads as zeros already; writing zeros below allocates it as NO_HOLE asks.
+    if (
+      options.noHole &&
+      (await this.tryFallocate(allocateRange, offset, lengthBytes)) &&
+      (await this.tryFallocate(punchHole, offset, lengthBytes)) &&
+      (await this.tryFallocate(allocateRange, offset, lengthBytes))
+    ) {
+      return;
     }
     if (options.fastZero) throw this.slowZeroError();
     await this.writeZeros(offset, lengthBytes);
