@@ -104,12 +104,18 @@ export function metadataSizeBytes(dataSizeBytes: number, alExtents = AL_EXTENTS_
 
 /** The largest 4 KiB-aligned data area that fits with its internal metadata into `backingSizeBytes`. */
 export function maxDataSizeBytes(backingSizeBytes: number, alExtents = AL_EXTENTS_DEFAULT): number {
-  // The bitmap grows by 4 KiB per 128 MiB of data: start from an upper bound and step down (a few iterations).
-  let data = Math.floor((backingSizeBytes - 2 * SLOT_BYTES - 2 * alSlotBytes(alExtents)) / 4096) * 4096;
-  while (data > 0 && data + metadataSizeBytes(data, alExtents) > backingSizeBytes) {
-    const over = data + metadataSizeBytes(data, alExtents) - backingSizeBytes;
-    data -= Math.max(4096, roundUp(over, 4096));
+  // The bitmap grows by 4 KiB per 128 MiB of data: iterate to the fixed point data = B - fixed - bitmap(data)
+  // (bitmap size is monotonic, so this settles in a few rounds), then nudge by 4 KiB to the exact largest fit.
+  const fixed = 2 * SLOT_BYTES + 2 * alSlotBytes(alExtents);
+  const floor4k = (value: number): number => Math.max(0, Math.floor(value / 4096) * 4096);
+  let data = floor4k(backingSizeBytes - fixed);
+  for (let round = 0; round < 64; round += 1) {
+    const next = floor4k(backingSizeBytes - fixed - bitmapAreaBytes(data));
+    if (next === data) break;
+    data = next;
   }
+  while (data > 0 && data + metadataSizeBytes(data, alExtents) > backingSizeBytes) data -= 4096;
+  while (data + 4096 + metadataSizeBytes(data + 4096, alExtents) <= backingSizeBytes) data += 4096;
   return Math.max(0, data);
 }
 
@@ -446,6 +452,8 @@ export class Metadata {
       await ensure(options.diskPath, wanted === undefined ? undefined : wanted + metadataSizeBytes(wanted, alExtents), 'disk');
     } else {
       await ensure(options.diskPath, wanted, 'disk');
+      // Created empty; sized below once the data size (and so the bitmap size) is known.
+      await ensure(metaPath, 0, 'meta-disk');
     }
 
     const dataHandle = internal ? undefined : await openFile(options.diskPath, 'disk');
