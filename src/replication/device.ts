@@ -137,12 +137,22 @@ export class ReplicatedDevice implements BlockDevice {
 
   // ---- connection management (the daemon decides when) ----
 
-  /** Starts shipping application writes over `connection` (after the handshake and bitmap exchange). */
+  /** Uses `connection` for peer writes and acks; application writes are shipped once startShipping() ran. */
   attach(connection: PeerConnection): void {
     this.connection = connection;
-    this.shipping = true;
+    this.shipping = false;
     this.ahead = false;
+  }
+
+  /** The sync decision is made: from now on application writes go to the peer instead of into the bitmap. */
+  startShipping(): void {
+    assert.ok(this.connection !== null, 'startShipping without a connection');
+    this.shipping = true;
     this.unreplicatedHookDone = false;
+  }
+
+  get attachedConnection(): PeerConnection | null {
+    return this.connection;
   }
 
   /** The link is gone: every write the peer did not confirm goes into the bitmap; waiting callers complete. */
@@ -274,7 +284,7 @@ export class ReplicatedDevice implements BlockDevice {
       const connection = this.isShipping ? this.connection : null;
       if (connection === null) {
         // The peer will not see this write: remember its blocks for the next resync.
-        if (!this.unreplicatedHookDone && this.onFirstUnreplicatedWrite !== null) {
+        if (!this.unreplicatedHookDone && this.connection === null && this.onFirstUnreplicatedWrite !== null) {
           this.unreplicatedHookDone = true;
           await this.onFirstUnreplicatedWrite();
         }

@@ -60,6 +60,7 @@ export interface NodeStateMessage {
   protocol: string;
   resyncInProgress: boolean;
   allowTwoPrimaries: boolean;
+  lastPromotedMs: bigint;
 }
 export interface StateChangeMessage {
   role: string;
