@@ -1,0 +1,176 @@
+// The activity log (src/resource/activity-log.ts, persisted by src/resource/metadata.ts).
+// In process, with a recording persist callback: a cold extent is persisted before beginWrite resolves, hot
+// extents cost no I/O, concurrent cold writers share one transaction, eviction is LRU and never takes an
+// extent with writes in flight (a writer waits for room instead), a failed persist rejects the writers.
+// Across a real crash: a child process writes through Metadata's ActivityLog as a disconnected Primary does
+// (AL begin, bitmap bit, pwrite, AL end) with only 16 hot extents so it evicts constantly; it is SIGKILLed
+// mid-stream; reopening the metadata must find every block the child reported starting to write marked out
+// of sync (and not the whole device).
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { ActivityLog, AL_EXTENT_BYTES } from '../src/resource/activity-log.js';
+import { Metadata } from '../src/resource/metadata.js';
+import { buildDist, killChildren, repoRoot, spawnUntil, waitExit } from './resource-helpers.js';
+
+let dir: string;
+beforeAll(async () => {
+  dir = await mkdtemp(path.join(os.tmpdir(), 'drbdts-al-'));
+});
+afterEach(async () => {
+  await killChildren();
+});
+afterAll(async () => {
+  await rm(dir, { recursive: true, force: true });
+});
+
+const E = AL_EXTENT_BYTES;
+
+function recordingLog(maxHotExtents = 16, dataSizeBytes = 256 * E) {
+  const persisted: { hot: number[]; evicted: number[] }[] = [];
+  let gate: Promise<void> = Promise.resolve();
+  let fail: Error | undefined;
+  const log = new ActivityLog({
+    dataSizeBytes,
+    maxHotExtents,
+    persist: async (hot, evicted) => {
+      await gate;
+      if (fail) throw fail;
+      persisted.push({ hot: [...hot], evicted: [...evicted] });
+    },
+  });
+  return {
+    log,
+    persisted,
+    hold(): () => void {
+      let release!: () => void;
+      gate = new Promise((resolve) => { release = resolve; });
+      return release;
+    },
+    failWith(error: Error | undefined): void { fail = error; },
+  };
+}
+
+describe('ActivityLog', () => {
+  it('persists a cold extent before the write may start; hot writes cost nothing', async () => {
+    const { log, persisted, hold } = recordingLog();
+    const release = hold();
+    let started = false;
+    const begin = log.beginWrite(5 * E + 10, 4096).then(() => { started = true; });
+    await sleep(10);
+    expect(started).toBe(false); // the transaction is not durable yet
+    release();
+    await begin;
+    expect(persisted).toEqual([{ hot: [5], evicted: [] }]);
+    for (let i = 0; i < 100; i += 1) await log.beginWrite(5 * E + i * 4096, 4096);
+    expect(persisted.length).toBe(1);
+    expect(log.inFlightWrites()).toBe(101);
+    expect(log.hotExtents()).toEqual([5]);
+  });
+
+  it('batches concurrent cold writers into few transactions', async () => {
+    const { log, persisted, hold } = recordingLog(64);
+    const release = hold();
+    const first = log.beginWrite(0, 4096);
+    await sleep(1); // the first transaction is now in progress
+    const rest = Array.from({ length: 40 }, (_, i) => log.beginWrite((i + 1) * E, 4096));
+    release();
+    await Promise.all([first, ...rest]);
+    expect(persisted.length).toBe(2);
+    expect(persisted[1]!.hot.length).toBe(41);
+    expect(log.transactions).toBe(2);
+  });
+
+  it('evicts the least recently used idle extent, never one with writes in flight, and waits when full', async () => {
+    const { log, persisted } = recordingLog(16);
+    for (let extent = 0; extent < 16; extent += 1) await log.beginWrite(extent * E, 4096);
+    for (let extent = 1; extent < 16; extent += 1) log.endWrite(extent * E, 4096); // extent 0 stays busy
+    await log.beginWrite(1 * E, 4096); // touch 1: now 2 is the least recently used idle extent
+    log.endWrite(1 * E, 4096);
+    await log.beginWrite(100 * E, 4096);
+    expect(persisted.at(-1)!.evicted).toEqual([2]);
+    expect(log.hotExtents()).not.toContain(2);
+    // Make every hot extent busy: the next cold writer must wait until one frees up.
+    for (const extent of log.hotExtents()) if (extent !== 0 && extent !== 100) await log.beginWrite(extent * E, 4096);
+    let admitted = false;
+    const waiting = log.beginWrite(200 * E, 4096).then(() => { admitted = true; });
+    await sleep(20);
+    expect(admitted).toBe(false);
+    log.endWrite(100 * E, 4096);
+    await waiting;
+    expect(persisted.at(-1)!.evicted).toEqual([100]);
+    expect(log.hotExtents()).toContain(0); // busy the whole time: never evicted
+  });
+
+  it('rejects the writers of a failed transaction and recovers afterwards', async () => {
+    const { log, failWith } = recordingLog();
+    failWith(new Error('EIO on the meta disk'));
+    await expect(log.beginWrite(7 * E, 4096)).rejects.toThrow('activity log write failed: EIO on the meta disk');
+    expect(log.inFlightWrites()).toBe(0);
+    failWith(undefined);
+    await log.beginWrite(7 * E, 4096);
+    expect(log.hotExtents()).toEqual([7]);
+  });
+
+  it('handles a write spanning two extents', async () => {
+    const { log, persisted } = recordingLog();
+    await log.beginWrite(3 * E - 4096, 8192);
+    expect(persisted[0]!.hot).toEqual([2, 3]);
+    log.endWrite(3 * E - 4096, 8192);
+    expect(log.inFlightWrites()).toBe(0);
+  });
+});
+
+describe('ActivityLog crash recovery', () => {
+  it('after SIGKILL mid-write, every block the child started to write is out of sync on reopen', async () => {
+    await buildDist();
+    const disk = path.join(dir, 'crash.img');
+    const dataSizeBytes = 64 * E; // 256 MiB, 64 extents, sparse
+    await (await Metadata.create({ diskPath: disk, metaDisk: 'internal', dataSizeBytes, alExtents: 16 })).close();
+    const child = path.join(dir, 'writer.mjs');
+    await writeFile(child, `
+import { Metadata } from ${JSON.stringify(path.join(repoRoot, 'dist/resource/metadata.js'))};
+import { open } from 'node:fs/promises';
+const md = await Metadata.open(${JSON.stringify(disk)}, 'internal');
+const fh = await open(${JSON.stringify(disk)}, 'r+');
+const block = Buffer.alloc(4096, 0xab);
+let seed = 12345;
+const next = () => (seed = (seed * 1103515245 + 12345) % 2147483648);
+process.stdout.write('ready\\n');
+async function writer() {
+  for (;;) {
+    const blockIndex = next() % ${dataSizeBytes / 4096};
+    const offset = blockIndex * 4096;
+    await md.activityLog.beginWrite(offset, 4096);
+    md.bitmap.setRange(offset, 4096);          // disconnected Primary: the peer lacks this block
+    process.stdout.write('begin ' + blockIndex + '\\n'); // synchronous on a pipe: printed before the pwrite
+    await fh.write(block, 0, 4096, offset);
+    md.activityLog.endWrite(offset, 4096);
+  }
+}
+await Promise.all([writer(), writer(), writer(), writer()]);
+`);
+    const proc = await spawnUntil(process.execPath, [child], /ready\n/, { cwd: dir });
+    // Let it write (and evict: 16 hot extents out of 64) for a while, then kill it without warning.
+    const deadline = Date.now() + 20_000;
+    while ((proc.output().match(/begin /g)?.length ?? 0) < 3000 && Date.now() < deadline) await sleep(50);
+    proc.child.kill('SIGKILL');
+    await waitExit(proc.child);
+    const started = new Set<number>();
+    for (const match of proc.output().matchAll(/begin (\d+)\n/g)) started.add(Number(match[1]));
+    expect(started.size).toBeGreaterThan(500);
+    const md = await Metadata.open(disk, 'internal');
+    try {
+      expect(md.recoveredFromCrash).toBe(true);
+      const missing = [...started].filter((blockIndex) => !md.bitmap.isSet(blockIndex));
+      expect(missing).toEqual([]);
+      // Recovery adds at most the hot extents on top of what was written: not the whole device.
+      expect(md.bitmap.setBits()).toBeLessThanOrEqual(started.size + 16 * (E / 4096));
+      expect(md.activityLog.hotExtents().length).toBeLessThanOrEqual(16);
+    } finally {
+      await md.close();
+    }
+  });
+});
