@@ -224,7 +224,7 @@ export class SyncEngine {
         for (const action of actions) if (action.item.status === 'planned' && action.item.action !== 'equal') action.item.status = 'skipped';
       }
       for (const item of result.items) {
-        if (item.action === 'conflict' || item.status === 'skipped') result.counts.skipped++;
+        if ((item.action === 'conflict' && item.resolvedBy === undefined) || item.status === 'skipped') result.counts.skipped++;
         else if (item.status === 'failed') result.counts.failed++;
         else if (item.action === 'equal') result.counts.equal++;
         else if (item.status === 'done') result.counts.propagated++;
@@ -587,17 +587,12 @@ export class SyncEngine {
     for (const side of [1, 2] as const) {
       const deletes = actions.filter((action) => action.item.action === 'delete' && action.from === side);
       if (deletes.length === 0) continue;
-      // Emptied root: every top-level path of the archive is gone on this side.
-      let topLevel = 0;
-      let topLevelGone = 0;
-      for (const path of this.archive.keys()) {
-        if (path.includes('/')) continue;
-        topLevel++;
-        const state = this.states.get(path)!;
-        if (entryOf(state, side) === undefined) topLevelGone++;
-      }
-      if (topLevel > 0 && topLevelGone === topLevel) {
-        warnings.push(`root ${side} (${this.infos[side - 1].rootId}) was emptied: all ${topLevel} top-level paths are gone, which would delete ${deletes.length} paths on the other side`);
+      // Emptied root: the side holds nothing any more while the archive remembers content (a missing mount, a
+      // wiped disk): propagating would delete everything on the other side.
+      let remaining = 0;
+      for (const state of this.states.values()) if (entryOf(state, side) !== undefined) remaining++;
+      if (remaining === 0) {
+        warnings.push(`root ${side} (${this.infos[side - 1].rootId}) was emptied: it would delete ${deletes.length} paths on the other side`);
       }
     }
     return warnings;
