@@ -197,11 +197,18 @@ export function decideSync(local: SyncView, peer: SyncView, policies: AfterSbPol
     }
     return { kind: 'none', reason: 'same data generation: nothing to sync' };
   }
-  if (l.bitmap !== 0n && l.bitmap === p.current) return { kind: 'source', reason: `${me} changed the data since ${them} last had it: bitmap-based resync to ${them}` };
-  if (p.bitmap !== 0n && p.bitmap === l.current) return { kind: 'target', reason: `${them} changed the data since ${me} last had it: bitmap-based resync from ${them}` };
+  // Each rule is checked in both directions at once, so that odd histories where both directions match
+  // (which DRBD would never produce, but a damaged disk might) give the same answer on both nodes.
+  const iAmAhead = l.bitmap !== 0n && l.bitmap === p.current;
+  const peerIsAhead = p.bitmap !== 0n && p.bitmap === l.current;
+  if (iAmAhead && !peerIsAhead) return { kind: 'source', reason: `${me} changed the data since ${them} last had it: bitmap-based resync to ${them}` };
+  if (peerIsAhead && !iAmAhead) return { kind: 'target', reason: `${them} changed the data since ${me} last had it: bitmap-based resync from ${them}` };
+  if (iAmAhead && peerIsAhead) return { kind: 'split-brain', reason: `split brain: each node's bitmap UUID is the other's current UUID; ${'run "drbdts connect RES --discard-my-data" on the node to be overwritten'}` };
   if (l.bitmap !== 0n && l.bitmap === p.bitmap) return splitBrain(local, peer, policies);
-  if (p.history.includes(l.current)) return { kind: 'full-target', reason: `${me}'s data is an older generation of ${them}'s, too old for a bitmap: full sync from ${them}` };
-  if (l.history.includes(p.current)) return { kind: 'full-source', reason: `${them}'s data is an older generation of ${me}'s, too old for a bitmap: full sync to ${them}` };
+  const iAmOld = p.history.includes(l.current);
+  const peerIsOld = l.history.includes(p.current);
+  if (iAmOld && !peerIsOld) return { kind: 'full-target', reason: `${me}'s data is an older generation of ${them}'s, too old for a bitmap: full sync from ${them}` };
+  if (peerIsOld && !iAmOld) return { kind: 'full-source', reason: `${them}'s data is an older generation of ${me}'s, too old for a bitmap: full sync to ${them}` };
   const shared = [l.bitmap, ...l.history].some((uuid) => uuid !== 0n && (uuid === p.bitmap || p.history.includes(uuid)));
   if (shared) {
     return { kind: 'split-brain', reason: `split brain: both changed the data since a common ancestor too old for a bitmap; run "drbdts connect RES --discard-my-data" on the node to be overwritten (full sync)` };
