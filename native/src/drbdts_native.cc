@@ -378,16 +378,26 @@ Napi::Value NbdConfigure(const Napi::CallbackInfo& info) {
   if (block_size < 512 || block_size > 4096 || (block_size & (block_size - 1)) != 0 || size % block_size != 0) {
     throw Napi::RangeError::New(env, "blockSizeBytes must be a power of two in 512..4096 dividing sizeBytes");
   }
-  NbdIoctl(env, fd, NBD_CLEAR_SOCK, 0, "ioctl(NBD_CLEAR_SOCK)");
-  NbdIoctl(env, fd, NBD_SET_BLKSIZE, static_cast<unsigned long>(block_size), "ioctl(NBD_SET_BLKSIZE)");
-  NbdIoctl(env, fd, NBD_SET_SIZE_BLOCKS, static_cast<unsigned long>(size / block_size), "ioctl(NBD_SET_SIZE_BLOCKS)");
-  NbdIoctl(env, fd, NBD_SET_TIMEOUT, static_cast<unsigned long>(timeout), "ioctl(NBD_SET_TIMEOUT)");
+  std::vector<int> socket_fds;
   for (uint32_t i = 0; i < sockets.Length(); i++) {
     Napi::Value value = sockets[i];
     if (!value.IsNumber()) throw Napi::TypeError::New(env, "kernelSocketFds must hold numbers");
-    NbdIoctl(env, fd, NBD_SET_SOCK, value.As<Napi::Number>().Uint32Value(), "ioctl(NBD_SET_SOCK)");
+    socket_fds.push_back(static_cast<int>(value.As<Napi::Number>().Int32Value()));
   }
-  NbdIoctl(env, fd, NBD_SET_FLAGS, static_cast<unsigned long>(flags), "ioctl(NBD_SET_FLAGS)");
+  NbdIoctl(env, fd, NBD_CLEAR_SOCK, 0, "ioctl(NBD_CLEAR_SOCK)");
+  try {
+    NbdIoctl(env, fd, NBD_SET_BLKSIZE, static_cast<unsigned long>(block_size), "ioctl(NBD_SET_BLKSIZE)");
+    NbdIoctl(env, fd, NBD_SET_SIZE_BLOCKS, static_cast<unsigned long>(size / block_size), "ioctl(NBD_SET_SIZE_BLOCKS)");
+    NbdIoctl(env, fd, NBD_SET_TIMEOUT, static_cast<unsigned long>(timeout), "ioctl(NBD_SET_TIMEOUT)");
+    for (int socket_fd : socket_fds) {
+      NbdIoctl(env, fd, NBD_SET_SOCK, static_cast<unsigned long>(socket_fd), "ioctl(NBD_SET_SOCK)");
+    }
+    NbdIoctl(env, fd, NBD_SET_FLAGS, static_cast<unsigned long>(flags), "ioctl(NBD_SET_FLAGS)");
+  } catch (const Napi::Error&) {
+    // Give back the sockets the kernel already took, so the device is as free as before the call.
+    ioctl(fd, NBD_CLEAR_SOCK);
+    throw;
+  }
   return env.Undefined();
 }
 
