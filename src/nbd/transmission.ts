@@ -183,6 +183,8 @@ export class NbdConnection {
 
   private onData(chunk: Buffer): void {
     if (chunk.length === 0) return;
+    // After DISC or shutdown we only read on to see the client's EOF; what it still sends is dropped.
+    if (this.readingStopped && this.phase === 'transmission' && this.receiveState === ReceiveState.Header) return;
     this.chunks.push(chunk);
     this.queuedBytes += chunk.length;
     if (this.phase === 'handshake') this.serveWaiter();
@@ -762,7 +764,7 @@ export class NbdConnection {
   }
 
   private endSocketWhenDrained(): void {
-    if (this.phase === 'closed') return;
+    if (this.phase === 'closed' || this.socket.writableEnded) return;
     if (this.receiveState !== ReceiveState.Header) {
       // A WRITE payload is half received: it cannot finish, so the connection goes now.
       this.destroy();
@@ -770,6 +772,8 @@ export class NbdConnection {
     }
     if (this.corked) this.uncork();
     this.socket.end();
+    // Read on (discarding) so the client's EOF arrives and the half-open socket closes fully.
+    this.socket.resume();
     // A client that never closes its side must not keep the connection open for ever.
     setTimeout(() => this.socket.destroy(), 5000).unref();
   }
