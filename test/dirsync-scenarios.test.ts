@@ -58,7 +58,7 @@ for (const kind of ['local', 'tcp'] as const) {
         const pair = makePair(kind);
         if (scenario.baseline !== undefined) {
           scenario.baseline(pair);
-          const baseline = await dirsync(pair);
+          const baseline = await dirsync(pair, scenario.args?.(pair) ?? []);
           expect(baseline.code, baseline.stderr).toBe(0);
         }
         const memo = scenario.change(pair) ?? {};

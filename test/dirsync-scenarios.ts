@@ -14,7 +14,8 @@ export type Tool = 'dirsync' | 'unison';
 export interface Scenario {
   id: string;
   title: string;
-  /** State synced once before the change (so the archive records it); omitted for first-sync scenarios. */
+  /** State synced once (with the same options) before the change, so the archive records it; omitted for
+   * first-sync scenarios. */
   baseline?: (pair: Pair) => void;
   change: (pair: Pair) => void | Record<string, unknown>;
   args?: (pair: Pair) => string[];
