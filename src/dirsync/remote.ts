@@ -222,6 +222,7 @@ export class RemoteReplica implements Replica {
     const args: Record<string, unknown> = { path: request.path, precondition: request.precondition, mode: request.mode };
     if (request.mtimeMs !== undefined) args.mtimeMs = request.mtimeMs;
     if (request.expectFingerprint !== undefined) args.expectFingerprint = request.expectFingerprint;
+    if (request.sourceStat !== undefined) args.sourceStat = request.sourceStat;
     if (content.kind === 'local') {
       args.content = content;
       return (await this.call('writeFile', args)).json as WriteFileResult;

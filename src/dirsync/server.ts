@@ -235,6 +235,7 @@ function writeRequestArg(args: Record<string, unknown>, upload: IncomingStream |
     mode: numberArg(args.mode),
   };
   if (args.mtimeMs !== undefined) request.mtimeMs = numberArg(args.mtimeMs);
+  if (args.sourceStat !== undefined) request.sourceStat = statArg(args.sourceStat);
   if (args.expectFingerprint !== undefined) {
     if (typeof args.expectFingerprint !== 'string') throw new ReplicaError('EPROTO', 'writeFile: bad fingerprint');
     request.expectFingerprint = args.expectFingerprint;

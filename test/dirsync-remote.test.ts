@@ -1,0 +1,338 @@
+// Remote replicas over tcp:// against a real `drbdts dirsync-server` process: every Replica call round-trips,
+// content moves in full, as a delta and as a local copy with the bytes on the wire counted, lz4 shrinks
+// compressible data, a wrong or missing secret and a peer speaking garbage fail with clear errors, roots cannot
+// escape --root, and a connection cut (proxy) or a server killed with SIGKILL mid-transfer leaves the target
+// path with its old content and no temp files.
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { mkdtemp, mkdir, readdir, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
+import { createServer, connect } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { spawnSync } from 'node:child_process';
+import { LocalReplica } from '../src/dirsync/local.js';
+import { openRemoteReplica, parseRemoteUrl, type RemoteReplica } from '../src/dirsync/remote.js';
+import { ReplicaError, type EntryStat } from '../src/dirsync/replica.js';
+import { fingerprintOf } from '../src/dirsync/hash.js';
+import { collect, drbdtsBin, startProxy, startServerProcess, writeSecret, type Proxy, type ServerProcess } from './dirsync-remote-helpers.js';
+
+let base: string;
+let serverRoot: string;
+let localRoot: string;
+let secretFile: string;
+let server: ServerProcess;
+const cleanups: Array<() => Promise<void>> = [];
+
+beforeAll(async () => {
+  base = await mkdtemp(join(tmpdir(), 'drbdts-remote-'));
+  serverRoot = join(base, 'served');
+  localRoot = join(base, 'local');
+  await mkdir(join(serverRoot, 'tree'), { recursive: true });
+  await mkdir(localRoot);
+  secretFile = await writeSecret(base, 'secret', 'correct horse battery staple');
+  server = await startServerProcess(serverRoot, ['--secret-file', secretFile]);
+});
+
+afterEach(async () => {
+  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+});
+
+afterAll(async () => {
+  await server?.stop();
+  await rm(base, { recursive: true, force: true });
+});
+
+async function remote(path = 'tree', options: { port?: number; secretFile?: string; compress?: boolean } = {}): Promise<RemoteReplica> {
+  const replica = await openRemoteReplica(`tcp://127.0.0.1:${options.port ?? server.port}/${path}`, {
+    secretFile: options.secretFile ?? secretFile,
+    ...(options.compress === undefined ? {} : { compress: options.compress }),
+  });
+  cleanups.push(() => replica.close());
+  return replica;
+}
+
+async function expectCode(promise: Promise<unknown>, code: string, message?: RegExp): Promise<ReplicaError> {
+  const error = await promise.then(
+    () => undefined,
+    (caught: unknown) => caught,
+  );
+  expect(error, `expected ${code}`).toBeInstanceOf(ReplicaError);
+  expect((error as ReplicaError).code).toBe(code);
+  if (message) expect((error as ReplicaError).message).toMatch(message);
+  return error as ReplicaError;
+}
+
+function contentOf(data: Buffer, sizeBytes = data.length) {
+  // A ContentSource built by hand, as the engine gets one from the other replica.
+  return fingerprintOf(data).then((fingerprint) => ({
+    sizeBytes,
+    chunks: (async function* () {
+      for (let offset = 0; offset < data.length; offset += 1 << 20) yield data.subarray(offset, offset + (1 << 20));
+    })(),
+    done: Promise.resolve({ fingerprint, statAfter: { kind: 'file', sizeBytes, mtimeMs: 1, ctimeMs: 1, inode: 1, mode: 0o644 } as EntryStat }),
+    cancel: () => undefined,
+  }));
+}
+
+describe('tcp:// replica calls', () => {
+  // Proves each Replica operation round-trips through the server and acts on the served directory.
+  it('scans, reads, writes, and changes the tree on the server', async () => {
+    const dir = join(serverRoot, 'tree');
+    await mkdir(join(dir, 'sub dir', 'ünïcödé'), { recursive: true });
+    await writeFile(join(dir, 'sub dir', 'ünïcödé', '-leading dash.txt'), 'first');
+    await symlink('sub dir/target', join(dir, 'link'));
+    const replica = await remote();
+    const info = await replica.open();
+    expect(info.rootId).toBe(`tcp://127.0.0.1:${server.port}/tree`);
+
+    const entries = [];
+    for await (const batch of replica.scan({ ignore: [] })) entries.push(...batch.entries);
+    const byPath = new Map(entries.map((entry) => [entry.path, entry]));
+    expect(byPath.get('sub dir')?.kind).toBe('dir');
+    expect(byPath.get('link')?.linkTarget).toBe('sub dir/target');
+    const fileEntry = byPath.get('sub dir/ünïcödé/-leading dash.txt')!;
+    expect(fileEntry.sizeBytes).toBe(5);
+
+    const [hashed] = await replica.hashFiles(['sub dir/ünïcödé/-leading dash.txt']);
+    expect(hashed!.fingerprint).toBe(await fingerprintOf(Buffer.from('first')));
+    const source = await replica.readFile('sub dir/ünïcödé/-leading dash.txt', fileEntry);
+    expect((await collect(source.chunks)).toString()).toBe('first');
+    expect((await source.done).fingerprint).toBe(hashed!.fingerprint);
+    expect((await replica.readRange('sub dir/ünïcödé/-leading dash.txt', 1, 3)).toString()).toBe('irs');
+
+    // Full write of a new file, then a replacement guarded by the scanned stat.
+    const data = randomBytes(3 << 20);
+    const written = await replica.writeFile({ path: 'new.bin', precondition: 'absent', mode: 0o640, content: { kind: 'full', source: await contentOf(data) } });
+    expect((await readFile(join(dir, 'new.bin'))).equals(data)).toBe(true);
+    expect((await stat(join(dir, 'new.bin'))).mode & 0o777).toBe(0o640);
+    expect(written.fingerprint).toBe(await fingerprintOf(data));
+
+    // A stale precondition fails with the server's code; the file keeps its content.
+    await expectCode(
+      replica.writeFile({ path: 'new.bin', precondition: 'absent', mode: 0o644, content: { kind: 'full', source: await contentOf(Buffer.from('x')) } }),
+      'ECHANGED',
+    );
+    expect((await readFile(join(dir, 'new.bin'))).equals(data)).toBe(true);
+
+    const made = await replica.mkdir('made', 0o750);
+    expect(made.kind).toBe('dir');
+    const link = await replica.symlink('made/link', '../new.bin', 'absent');
+    expect(link.linkTarget).toBe('../new.bin');
+    const renamed = await replica.rename('new.bin', 'made/renamed.bin', written.stat);
+    const props = await replica.setProps({ path: 'made/renamed.bin', precondition: renamed, mode: 0o600, mtimeMs: 1_000_000_000_000 });
+    expect(props.mode).toBe(0o600);
+    expect((await stat(join(dir, 'made', 'renamed.bin'))).mtimeMs).toBe(1_000_000_000_000);
+    await replica.remove('made/link', link);
+    expect(await replica.stat('made/link')).toBeNull();
+    await expectCode(replica.stat('../escape'), 'EPATH');
+  });
+
+  // Proves both delta directions send about the changed megabyte only: push (signature from the server, delta
+  // computed here, applied there) and pull (signature from here, delta computed on the server).
+  it('moves a changed big file as a delta, both directions, counting wire bytes', async () => {
+    const size = 24 << 20;
+    const old = randomBytes(size);
+    const next = Buffer.from(old);
+    randomBytes(1 << 20).copy(next, size / 2 + 777);
+    await writeFile(join(serverRoot, 'tree', 'big.img'), old);
+    await writeFile(join(localRoot, 'big.img'), next);
+    const local = new LocalReplica(localRoot);
+    const replica = await remote('tree', { compress: false });
+    await replica.open();
+    const remoteStat = (await replica.stat('big.img'))!;
+    const localStat = (await local.stat('big.img'))!;
+
+    const before = replica.counters.bytesSent;
+    const signature = await replica.signature('big.img', remoteStat);
+    const delta = await local.delta('big.img', localStat, signature);
+    await replica.writeFile({
+      path: 'big.img', precondition: remoteStat, mode: 0o644, sourceStat: localStat,
+      content: { kind: 'delta', basisPath: 'big.img', basisStat: remoteStat, source: delta },
+    });
+    const pushedBytes = replica.counters.bytesSent - before;
+    expect((await readFile(join(serverRoot, 'tree', 'big.img'))).equals(next)).toBe(true);
+    expect(pushedBytes).toBeGreaterThan(1 << 20);
+    expect(pushedBytes).toBeLessThan((1 << 20) * 1.3);
+
+    // Pull: the server's copy changes again; bring it here as a delta.
+    const third = Buffer.from(next);
+    randomBytes(1 << 20).copy(third, 4096);
+    await writeFile(join(serverRoot, 'tree', 'big.img'), third);
+    const remoteStat2 = (await replica.stat('big.img'))!;
+    const receivedBefore = replica.counters.bytesReceived;
+    const localSignature = await local.signature('big.img', localStat);
+    const pulled = await replica.delta('big.img', remoteStat2, localSignature);
+    await local.writeFile({
+      path: 'big.img', precondition: localStat, mode: 0o644, sourceStat: remoteStat2,
+      content: { kind: 'delta', basisPath: 'big.img', basisStat: localStat, source: pulled },
+    });
+    expect((await readFile(join(localRoot, 'big.img'))).equals(third)).toBe(true);
+    expect(replica.counters.bytesReceived - receivedBefore).toBeLessThan((1 << 20) * 1.3);
+  });
+
+  // Proves a local copy on the server sends no content, and lz4 shrinks compressible content on the wire.
+  it('copies existing content on the server without sending it; compresses text', async () => {
+    const text = Buffer.from('The quick brown fox jumps over the lazy dog. '.repeat(200_000));
+    const replica = await remote();
+    await replica.open();
+    let before = replica.counters.bytesSent;
+    const first = await replica.writeFile({ path: 'text.txt', precondition: 'absent', mode: 0o644, content: { kind: 'full', source: await contentOf(text) } });
+    const textWireBytes = replica.counters.bytesSent - before;
+    expect(textWireBytes).toBeLessThan(text.length / 4);
+    before = replica.counters.bytesSent;
+    await replica.writeFile({
+      path: 'copy.txt', precondition: 'absent', mode: 0o644,
+      content: { kind: 'local', fromPath: 'text.txt', fromStat: first.stat, fingerprint: first.fingerprint, sizeBytes: text.length },
+    });
+    expect(replica.counters.bytesSent - before).toBeLessThan(2000);
+    expect((await readFile(join(serverRoot, 'tree', 'copy.txt'))).equals(text)).toBe(true);
+  });
+
+  // Proves many calls multiplex on one connection: 16 concurrent writes all land intact.
+  it('runs 16 transfers at once on one connection', async () => {
+    const replica = await remote();
+    await replica.open();
+    await replica.mkdir('many', 0o755);
+    const files = Array.from({ length: 16 }, (_, i) => randomBytes(300_000 + i * 50_000));
+    await Promise.all(
+      files.map(async (data, i) =>
+        replica.writeFile({ path: `many/f${i}`, precondition: 'absent', mode: 0o644, content: { kind: 'full', source: await contentOf(data) } }),
+      ),
+    );
+    for (let i = 0; i < files.length; i++) {
+      expect((await readFile(join(serverRoot, 'tree', 'many', `f${i}`))).equals(files[i]!)).toBe(true);
+    }
+  });
+});
+
+describe('tcp:// bad input', () => {
+  // Proves a wrong secret and a missing secret are refused with messages that say what to do.
+  it('refuses a wrong or missing secret', async () => {
+    const wrong = await writeSecret(base, 'wrong', 'not the secret');
+    await expectCode(remote('tree', { secretFile: wrong }), 'EAUTH', /wrong shared secret/);
+    const saved = process.env.DRBDTS_DIRSYNC_SECRET;
+    delete process.env.DRBDTS_DIRSYNC_SECRET;
+    try {
+      await expectCode(openRemoteReplica(`tcp://127.0.0.1:${server.port}/tree`, {}), 'EAUTH', /--secret-file/);
+    } finally {
+      if (saved !== undefined) process.env.DRBDTS_DIRSYNC_SECRET = saved;
+    }
+    await expectCode(remote('tree', { secretFile: join(base, 'no-such-file') }), 'EAUTH', /cannot read secret file/);
+    // The server is still fine for a client with the right secret.
+    const replica = await remote();
+    expect((await replica.open()).hostName.length).toBeGreaterThan(0);
+  });
+
+  // Proves the server refuses to listen without a secret, naming the options.
+  it('dirsync-server without a secret exits 3 with a clear message', () => {
+    const env = { ...process.env };
+    delete env.DRBDTS_DIRSYNC_SECRET;
+    const result = spawnSync(process.execPath, [drbdtsBin, 'dirsync-server', '--listen', '127.0.0.1:0', '--root', base], { env, encoding: 'utf8' });
+    expect(result.status).toBe(3);
+    expect(result.stderr).toMatch(/shared secret.*--secret-file/);
+    const bad = spawnSync(process.execPath, [drbdtsBin, 'dirsync-server', '--listen', 'nonsense', '--root', base, '--secret-file', secretFile], { encoding: 'utf8' });
+    expect(bad.status).toBe(3);
+    expect(bad.stderr).toMatch(/--listen: "nonsense" is not HOST:PORT/);
+  });
+
+  // Proves a client reaching something that is not a dirsync server (here: an ssh banner) fails at once with
+  // EPROTO quoting what it got, and a client sending garbage to the server does not disturb the server.
+  it('detects a peer speaking garbage, both ways', async () => {
+    const fake = createServer((socket) => {
+      socket.on('error', () => undefined);
+      socket.resume(); // read (and drop) what the client sends, so its hang-up closes this socket
+      socket.end('SSH-2.0-OpenSSH_9.2p1 Debian\r\n');
+    });
+    await new Promise<void>((resolve) => fake.listen(0, '127.0.0.1', resolve));
+    cleanups.push(() => new Promise((resolve) => fake.close(() => resolve())));
+    const fakePort = (fake.address() as { port: number }).port;
+    await expectCode(remote('tree', { port: fakePort }), 'EPROTO', /not a drbdts dirsync peer.*SSH-2\.0/);
+
+    const garbage = connect({ host: '127.0.0.1', port: server.port });
+    await new Promise<void>((resolve) => garbage.once('connect', resolve));
+    const closed = new Promise<void>((resolve) => garbage.once('close', () => resolve()));
+    garbage.on('error', () => undefined);
+    garbage.write('GET / HTTP/1.1\r\nHost: x\r\n\r\n');
+    garbage.resume();
+    await closed; // the server hung up on it
+    const replica = await remote();
+    expect((await replica.open()).rootId).toContain('/tree');
+  });
+
+  // Proves roots are confined to --root: "..", a symlink leading outside, and a missing root are refused.
+  it('keeps roots inside --root', async () => {
+    expect(() => parseRemoteUrl('tcp://127.0.0.1:1/../etc')).toThrow(/"\." or "\.\."/);
+    expect(() => parseRemoteUrl('tcp://127.0.0.1/x')).toThrow(/needs a port/);
+    await symlink(base, join(serverRoot, 'outside'));
+    const escaping = await remote('outside');
+    await expectCode(escaping.open(), 'ENOROOT', /outside the served directory/);
+    const missing = await remote('does/not/exist');
+    await expectCode(missing.open(), 'ENOROOT', /does not exist/);
+  });
+});
+
+describe('tcp:// failures mid-transfer', () => {
+  async function oldContentSurvives(cutter: (proxy: Proxy) => Promise<void> | void, path: string): Promise<void> {
+    const dir = join(serverRoot, 'tree');
+    const old = randomBytes(1 << 20);
+    await writeFile(join(dir, path), old);
+    const proxy = await startProxy(server.port, 6 << 20);
+    cleanups.push(() => proxy.close());
+    const replica = await remote('tree', { port: proxy.port, compress: false });
+    await replica.open();
+    const scanned = (await replica.stat(path))!;
+    const transfer = replica.writeFile({
+      path, precondition: scanned, mode: 0o644, content: { kind: 'full', source: await contentOf(randomBytes(32 << 20)) },
+    });
+    await cutter(proxy);
+    await expectCode(transfer, 'ECONN');
+    expect((await readFile(join(dir, path))).equals(old)).toBe(true);
+    // The server removes its temp file once it notices the connection is gone.
+    for (let attempt = 0; attempt < 50; attempt++) {
+      const names = await readdir(dir);
+      if (!names.some((name) => name.includes('.drbdts-tmp-'))) return;
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+    throw new Error(`temp file left in ${dir}: ${(await readdir(dir)).join(', ')}`);
+  }
+
+  // Proves a connection broken after 6 MiB of a 32 MiB upload fails the write with ECONN; the old content stays.
+  it('a cut connection leaves the old content and no temp file', async () => {
+    await oldContentSurvives(() => undefined, 'cut.bin');
+  });
+
+  // Proves a server killed with SIGKILL mid-upload leaves the old content; a new server serves the tree again.
+  it('a server killed with SIGKILL leaves the old content', async () => {
+    const dir = join(serverRoot, 'tree');
+    const old = randomBytes(1 << 20);
+    await writeFile(join(dir, 'killed.bin'), old);
+    const victim = await startServerProcess(serverRoot, ['--secret-file', secretFile]);
+    cleanups.push(() => victim.stop());
+    const replica = await remote('tree', { port: victim.port, compress: false });
+    await replica.open();
+    const scanned = (await replica.stat('killed.bin'))!;
+    let sent = 0;
+    const data = randomBytes(64 << 20);
+    const fingerprint = await fingerprintOf(data);
+    const transfer = replica.writeFile({
+      path: 'killed.bin', precondition: scanned, mode: 0o644,
+      content: {
+        kind: 'full',
+        source: {
+          sizeBytes: data.length,
+          chunks: (async function* () {
+            for (let offset = 0; offset < data.length; offset += 1 << 20) {
+              sent += 1 << 20;
+              if (sent === 8 << 20) victim.child.kill('SIGKILL');
+              yield data.subarray(offset, offset + (1 << 20));
+            }
+          })(),
+          done: Promise.resolve({ fingerprint, statAfter: scanned }),
+          cancel: () => undefined,
+        },
+      },
+    });
+    await expectCode(transfer, 'ECONN');
+    expect((await readFile(join(dir, 'killed.bin'))).equals(old)).toBe(true);
+  });
+});
