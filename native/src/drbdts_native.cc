@@ -20,6 +20,8 @@
 #include <linux/falloc.h>
 #include <linux/fs.h>
 #include <linux/nbd.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -430,6 +432,11 @@ Napi::Value NbdDoIt(const Napi::CallbackInfo& info) {
       env, "drbdts.nbdDoIt", 0, 1, deferred,
       [](Napi::Env, void*, Napi::Promise::Deferred* context) { delete context; });
   std::thread([tsfn, fd]() mutable {
+    // NBD_DO_IT sleeps interruptibly, and a signal landing on this thread (SIGCHLD from a child exiting, say)
+    // would make the kernel shut the sockets and drop the device. Block them all here; other threads take them.
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, nullptr);
     int result = ioctl(fd, NBD_DO_IT);
     int err = result == 0 ? 0 : errno;
     // DO_IT returns EPIPE style errors after a disconnect on some kernels; the caller decides what they mean.

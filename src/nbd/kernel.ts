@@ -14,6 +14,7 @@ import type { NbdServer } from './server.js';
 
 const NBD_FLAG_HAS_FLAGS = 0x1;
 const NBD_FLAG_READ_ONLY = 0x2;
+const NBD_FLAG_CAN_MULTI_CONN = 0x100;
 /** The kernel's blk-mq queues: one per socket. nbd-client caps connections far lower in practice. */
 const CONNECTIONS_MAX = 16;
 /** How long attach waits for the kernel to report the device connected before it gives up. */
@@ -51,7 +52,10 @@ function attachError(message: string, code?: string, cause?: unknown): Error {
   return Object.assign(new Error(message, cause === undefined ? undefined : { cause }), code ? { code } : {});
 }
 
-/** The kernel's view of /dev/nbdN from sysfs: the pid of the process serving it, or null when it is free. */
+/**
+ * The kernel's view of /dev/nbdN from sysfs: the id of the thread in NBD_DO_IT (a thread of the serving
+ * process), or null when the device is free.
+ */
 function connectedPid(devicePath: string): number | null {
   try {
     const text = fs.readFileSync(`/sys/block/${path.basename(devicePath)}/pid`, 'utf8').trim();
@@ -81,6 +85,13 @@ function validate(options: KernelAttachOptions): { blockSizeBytes: number; conne
   if (!Number.isInteger(connections) || connections < 1 || connections > CONNECTIONS_MAX) {
     throw attachError(`${devicePath}: connections must be 1..${CONNECTIONS_MAX}, got ${connections}`, 'EINVAL');
   }
+  if (connections > 1 && (options.flags & NBD_FLAG_CAN_MULTI_CONN) === 0) {
+    // The kernel refuses several sockets unless the server promised a flush covers them all.
+    throw attachError(
+      `${devicePath}: ${connections} connections need the CAN_MULTI_CONN flag, which this export does not offer`,
+      'EINVAL',
+    );
+  }
   const timeoutSeconds = options.timeoutSeconds ?? 30;
   if (!Number.isSafeInteger(timeoutSeconds) || timeoutSeconds < 0) {
     throw attachError(`${devicePath}: timeoutSeconds must be a non-negative integer, got ${timeoutSeconds}`, 'EINVAL');
@@ -105,7 +116,7 @@ export async function attachKernelClient(options: KernelAttachOptions): Promise<
   }
   if (!stat.isBlockDevice()) throw attachError(`${devicePath} is not a block device (expected /dev/nbdN)`, 'ENOTBLK');
   const pid = connectedPid(devicePath);
-  if (pid !== null) throw attachError(`${devicePath} is already connected (served by process ${pid})`, 'EBUSY');
+  if (pid !== null) throw attachError(`${devicePath} is already connected (thread ${pid} serves it; see /proc/${pid})`, 'EBUSY');
 
   let nbdFd: number;
   try {
