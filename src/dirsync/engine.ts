@@ -87,6 +87,8 @@ export interface SyncResult {
   bytesTransferred: number;
   fatal?: string;
   archiveFile?: string;
+  /** Paths that could not be scanned or hashed (skipped, with the reason). */
+  problems?: Array<{ side: Side; path: string; message: string }>;
 }
 
 interface PathState {
@@ -169,6 +171,7 @@ export class SyncEngine {
   private readonly states = new Map<string, PathState>();
   private sortedPaths: string[] = [];
   private bytesTransferred = 0;
+  private readonly problems: Array<{ side: Side; path: string; message: string }> = [];
 
   constructor(replica1: Replica, replica2: Replica, options: SyncOptions) {
     this.replicas = [replica1, replica2];
@@ -220,7 +223,8 @@ export class SyncEngine {
         await this.propagate(actions);
         const newArchive = this.buildArchive(actions);
         await saveArchive(file, swapped, { root1Id: id1, root2Id: id2 }, newArchive);
-      } else {
+      } else if (!this.options.dryRun) {
+        // The user declined: everything planned is skipped (exit 1). A dry run leaves items 'planned'.
         for (const action of actions) if (action.item.status === 'planned' && action.item.action !== 'equal') action.item.status = 'skipped';
       }
       for (const item of result.items) {
@@ -229,6 +233,10 @@ export class SyncEngine {
         else if (item.action === 'equal') result.counts.equal++;
         else if (item.status === 'done') result.counts.propagated++;
       }
+      // Paths that could not be read at all (unlistable directories, unreadable files) are failures too: they
+      // were not synced, and the next run retries them.
+      result.problems = this.problems;
+      result.counts.failed += this.problems.length;
       result.exitCode = result.counts.failed > 0 ? 2 : result.counts.skipped > 0 ? 1 : 0;
     } catch (error) {
       if (!(error instanceof ReplicaError) && !(error instanceof ArchiveError)) throw error;
@@ -258,6 +266,7 @@ export class SyncEngine {
         }
         for (const problem of batch.problems) {
           problems[side - 1].add(problem.path);
+          this.problems.push({ side, path: problem.path, message: problem.message });
           this.options.warn(`root ${side}: ${problem.path}: ${problem.message} (skipped)`);
         }
       }
@@ -345,6 +354,7 @@ export class SyncEngine {
             results.push((await replica.hashFiles([path]))[0] ?? null);
           } catch (inner) {
             this.options.warn(`root ${side}: ${(inner as Error).message} (skipped)`);
+            this.problems.push({ side, path, message: (inner as Error).message });
             this.states.get(path)!.unknown = true;
             results.push(null);
           }
