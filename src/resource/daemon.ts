@@ -182,8 +182,16 @@ export class NodeDaemon {
   private connectionState(): ConnectionState {
     const session = this.session;
     if (session === null) return this.link.state === 'StandAlone' ? 'StandAlone' : 'Connecting';
-    if (session.target !== null) return session.resyncPaused ? 'PausedSyncT' : 'SyncTarget';
-    if (session.source !== null) return session.resyncPaused ? 'PausedSyncS' : 'SyncSource';
+    // Until both sides have decided, the connection is not usable yet: report it as still connecting.
+    if (session.decision === null) return 'Connecting';
+    const kind = session.decision.kind;
+    const syncing = session.expectBitmap;
+    if (session.target !== null || (syncing && (kind === 'target' || kind === 'full-target'))) {
+      return session.resyncPaused ? 'PausedSyncT' : 'SyncTarget';
+    }
+    if (session.source !== null || (syncing && (kind === 'source' || kind === 'full-source'))) {
+      return session.resyncPaused ? 'PausedSyncS' : 'SyncSource';
+    }
     if (session.verify !== null) return 'VerifyS';
     if (session.verifyPeerActive) return 'VerifyT';
     return 'Connected';
@@ -273,6 +281,9 @@ export class NodeDaemon {
     };
     this.session = session;
     this.device.attach(connection);
+    // Our state goes out before queued peer frames are handled, so the peer's NODE_STATE is taken as its
+    // half of this exchange rather than as a request to answer.
+    this.sendNodeState(session);
     connection.start((channel, type, flags, id, offset, body) => {
       try {
         this.onFrame(session, channel, type, flags, id, offset, body);
@@ -281,7 +292,6 @@ export class NodeDaemon {
         connection.close(`protocol error: ${(error as Error).message}`);
       }
     });
-    this.sendNodeState(session);
   }
 
   private onDisconnected(reason: string): void {
