@@ -263,6 +263,35 @@ export class RemoteReplica implements Replica {
     return (await this.call('setProps', request)).json as EntryStat;
   }
 
+  /**
+   * Asks the server to watch this root and report changes (for --watch): `onChange` is called once per batch
+   * of changes the server saw; `onEnd` when the stream stops (connection lost). Use a dedicated connection:
+   * the stream stays open until close().
+   */
+  async watchChanges(ignore: string[], onChange: () => void, onEnd: (error: Error) => void): Promise<{ close(): void }> {
+    const reply = await this.call('watch', { ignore });
+    const stream = reply.stream;
+    if (stream === undefined) throw new ReplicaError('EPROTO', `${this.url.canonical}: watch without a stream`);
+    let closed = false;
+    void (async () => {
+      try {
+        for await (const record of decodeRecords(stream)) {
+          if (closed) return;
+          if (typeof (record as { changes?: unknown } | null)?.changes === 'number') onChange();
+        }
+        if (!closed) onEnd(new ReplicaError('ECONN', 'the server ended the change stream'));
+      } catch (error) {
+        if (!closed) onEnd(error as Error);
+      }
+    })();
+    return {
+      close: () => {
+        closed = true;
+        stream.cancel();
+      },
+    };
+  }
+
   async close(): Promise<void> {
     this.connection.close();
     await this.closeTransport();

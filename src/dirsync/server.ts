@@ -25,8 +25,10 @@ import {
   type IncomingRequest,
   type IncomingStream,
   type OutgoingReply,
+  type OutgoingStream,
   type Transport,
 } from './wire.js';
+import { watchLocalTree } from './watch.js';
 import { encodeScanEntry } from './remote.js';
 
 /** Connections served at once by a TCP server; more are refused (a limit on everything). */
@@ -122,6 +124,12 @@ class Session {
           },
         };
       }
+      case 'watch': {
+        const replica = this.need();
+        if (!(replica instanceof LocalReplica)) throw new ReplicaError('EIO', 'watch: this root cannot be watched');
+        const ignore = Array.isArray(args.ignore) ? args.ignore.filter((item): item is string => typeof item === 'string') : [];
+        return { json: {}, stream: changeStream(replica.rootPath, ignore) };
+      }
       case 'stat':
         return { json: await this.need().stat(pathArg(args.path)) };
       case 'hashFiles': {
@@ -166,6 +174,56 @@ class Session {
         throw new ReplicaError('EPROTO', `unknown call "${request.method}" (client and server versions differ?)`);
     }
   }
+}
+
+/** Bounds how often a watching client is told about changes (it coalesces further on its side). */
+const WATCH_REPORT_INTERVAL_MS = 100;
+
+/** The change notices for `watch`: a record {changes: N} per burst, until the client cancels. */
+function changeStream(rootPath: string, ignore: string[]): OutgoingStream {
+  let pending = 0;
+  let wake: (() => void) | undefined;
+  let stopped = false;
+  let failure: Error | undefined;
+  const watcher = watchLocalTree(
+    rootPath,
+    ignore,
+    () => {
+      pending++;
+      wake?.();
+    },
+    (error) => {
+      failure = error;
+      wake?.();
+    },
+  );
+  const stop = (): void => {
+    stopped = true;
+    watcher.close();
+    wake?.();
+  };
+  return {
+    chunks: (async function* () {
+      try {
+        while (!stopped) {
+          if (failure !== undefined) throw new ReplicaError('EIO', `watching ${rootPath} failed: ${failure.message}`);
+          if (pending === 0) {
+            await new Promise<void>((resolve) => (wake = resolve));
+            wake = undefined;
+            continue;
+          }
+          const changes = pending;
+          pending = 0;
+          yield encodeRecord({ changes });
+          await new Promise((resolve) => setTimeout(resolve, WATCH_REPORT_INTERVAL_MS));
+        }
+      } finally {
+        stop();
+      }
+    })(),
+    end: async () => ({}),
+    cancel: stop,
+  };
 }
 
 function contentReply(source: ContentSource): OutgoingReply {
