@@ -202,7 +202,11 @@ function formatEta(seconds: number): string {
 export function renderResyncLine(status: ResourceStatus, barWidth: number | null): string {
   const r = status.resync;
   if (r === null) {
-    return `${status.name}: no resync (${status.connection}, disk:${status.disk} peer-disk:${status.peer.disk}, out-of-sync:${formatBytes(status.outOfSyncBytes)})`;
+    const state = `${status.connection}, disk:${status.disk} peer-disk:${status.peer.disk}`;
+    if (status.connection === 'Connected' && status.outOfSyncBytes === 0 && status.disk === 'UpToDate' && status.peer.disk === 'UpToDate') {
+      return `${status.name}: in sync with ${status.peer.node}, no resync running (${state})`;
+    }
+    return `${status.name}: no resync running (${state}, out-of-sync:${formatBytes(status.outOfSyncBytes)})`;
   }
   const fraction = r.totalBytes <= 0 ? 1 : Math.min(1, r.doneBytes / r.totalBytes);
   const who = r.direction === 'source' ? `to ${status.peer.node}` : `from ${status.peer.node}`;

@@ -1,0 +1,257 @@
+// The operator CLI (src/cli/resource.ts) as an operator uses it: `node bin/drbdts.js COMMAND r0 --config F
+// --node N` in child processes, against two real node daemons (`drbdts up`, child processes) on loopback.
+// Proves: create-md creates/refuses (existing metadata, disk too small) with exit 1 and a clear message; bad
+// configs and bad usage are rejected naming the problem; commands without a daemon say the resource is not
+// up; the fresh-pair workflow (promote refused while Inconsistent, primary --force, resync --wait); forbidden
+// transitions exit 1 with the daemon's reason; resync progress, pause, resume and rate on real random data
+// written through NBD with nbdcopy; disconnect/connect, verify, new-current-uuid, events2, status layouts; a
+// second `up` on a running node fails while the first keeps serving; a SIGKILLed daemon restarts (stale socket
+// and lock recognised); `down` and SIGTERM stop daemons with exit 0.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { execFile, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdtemp, rm, stat, writeFile } from 'node:fs/promises';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { promisify } from 'node:util';
+import type { ResourceStatus } from '../src/resource/control.js';
+import { buildDist, cliPath, killChildren, runCli, spawnUntil, waitExit, writeResourceConfig, type TestResource } from './resource-helpers.js';
+
+let dir: string;
+let resource: TestResource;
+const daemons: Partial<Record<'alice' | 'bob', ChildProcess>> = {};
+
+async function freePort(): Promise<number> {
+  const server = net.createServer();
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const port = (server.address() as net.AddressInfo).port;
+  await new Promise<void>((resolve) => server.close(() => resolve()));
+  return port;
+}
+
+function cli(node: 'alice' | 'bob', ...args: string[]) {
+  const [command, ...rest] = args;
+  return runCli([command!, 'r0', '--config', resource.file, '--node', node, ...rest]);
+}
+
+async function status(node: 'alice' | 'bob'): Promise<ResourceStatus> {
+  const result = await cli(node, 'status', '--json');
+  expect(result.code, result.stderr).toBe(0);
+  return JSON.parse(result.stdout) as ResourceStatus;
+}
+
+async function until(what: string, check: () => Promise<boolean>, timeoutMs = 30_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (await check()) return;
+    await sleep(200);
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+
+async function up(node: 'alice' | 'bob'): Promise<ChildProcess> {
+  const { child } = await spawnUntil(process.execPath, [cliPath, 'up', 'r0', '--config', resource.file, '--node', node],
+    /resource up/, { env: { DRBDTS_LOG_LEVEL: 'info' } });
+  daemons[node] = child;
+  return child;
+}
+
+beforeAll(async () => {
+  dir = await mkdtemp(path.join(os.tmpdir(), 'drbdts-cli-'));
+  await buildDist();
+  resource = await writeResourceConfig(dir, { ports: [await freePort(), await freePort()], size: '64MiB' });
+});
+
+afterAll(async () => {
+  await killChildren();
+  await rm(dir, { recursive: true, force: true });
+});
+
+describe('drbdts create-md and bad input', () => {
+  it('creates metadata, refuses to overwrite it without --force, and refuses a disk too small', async () => {
+    const created = await cli('alice', 'create-md');
+    expect(created.code, created.stderr).toBe(0);
+    expect(created.stdout).toContain('r0 on alice: new metadata (internal, at the end of');
+    expect((await stat(path.join(dir, 'alice.img'))).size).toBeGreaterThan(64 * 1024 * 1024);
+    const again = await cli('alice', 'create-md');
+    expect(again.code).toBe(1);
+    expect(again.stderr).toContain('already holds drbdts metadata (resource r0, node alice');
+    expect(again.stderr).toContain('refusing to overwrite it without --force');
+    const forced = await cli('alice', 'create-md', '--force');
+    expect(forced.code, forced.stderr).toBe(0);
+    // bob's disk exists but is far too small for [disk] size = 64MiB
+    await writeFile(path.join(dir, 'bob.img'), Buffer.alloc(1024 * 1024));
+    const small = await cli('bob', 'create-md');
+    expect(small.code).toBe(1);
+    expect(small.stderr).toMatch(/disk .*bob\.img is too small: it has 1048576 bytes, size 67108864 plus \d+ bytes of internal metadata needs \d+/);
+    await rm(path.join(dir, 'bob.img'));
+    const bob = await cli('bob', 'create-md');
+    expect(bob.code, bob.stderr).toBe(0);
+  });
+
+  it('rejects bad configs and bad usage with precise messages', async () => {
+    const badFile = path.join(dir, 'bad.toml');
+    await writeFile(badFile, '[resource]\nname = "r0"\nprotocol = "Z"\nshared-secret = "x"\n');
+    const bad = await runCli(['status', 'r0', '--config', badFile, '--node', 'alice']);
+    expect(bad.code).toBe(1);
+    expect(bad.stderr).toBe(`drbdts status: ${badFile}: resource.protocol: "Z" is not one of "A", "B", "C"\n`);
+    const missing = await runCli(['status', 'r0', '--config', path.join(dir, 'nope.toml')]);
+    expect(missing.code).toBe(1);
+    expect(missing.stderr).toContain('nope.toml: no such file (pass --config FILE)');
+    const wrongNode = await cli('alice', 'status', '--node', 'carol');
+    expect(wrongNode.code).toBe(1);
+    expect(wrongNode.stderr).toContain('node "carol" (from --node) is not in this resource; its nodes are alice, bob');
+    const wrongName = await runCli(['status', 'r1', '--config', resource.file, '--node', 'alice']);
+    expect(wrongName.code).toBe(1);
+    expect(wrongName.stderr).toContain('resource.name: is "r0", but the command names resource "r1"');
+    const flag = await cli('alice', 'primary', '--forse');
+    expect(flag.code).toBe(2);
+    expect(flag.stderr).toContain('"primary" does not take --forse (it takes --force)');
+    const noRes = await runCli(['status']);
+    expect(noRes.code).toBe(2);
+    expect(noRes.stderr).toContain('"status" needs the resource name');
+    const rate = await cli('alice', 'resync', '--rate', 'fast');
+    expect(rate.code).toBe(2);
+    expect(rate.stderr).toContain('--rate: "fast" is not a rate in bytes per second');
+  });
+
+  it('says the resource is not up when no daemon runs', async () => {
+    for (const command of ['status', 'primary', 'down', 'resync', 'events2']) {
+      const result = await cli('alice', command);
+      expect(result.code).toBe(1);
+      expect(result.stderr).toBe(`drbdts ${command}: resource r0 is not up on node alice (no daemon at ${path.join(dir, 'alice.ctl')})\n`);
+    }
+  });
+});
+
+describe('drbdts against two running daemons', () => {
+  it('fresh pair: promotion refused while Inconsistent; primary --force runs the initial sync', async () => {
+    await up('alice');
+    await up('bob');
+    await until('connection', async () => (await status('alice')).connection === 'Connected');
+    const text = await cli('alice', 'status');
+    expect(text.stdout).toBe('r0 role:Secondary\n  disk:Inconsistent\n  bob role:Secondary\n    peer-disk:Inconsistent\n\n');
+    const refused = await cli('alice', 'primary');
+    expect(refused.code).toBe(1);
+    expect(refused.stderr).toContain('is Inconsistent: refusing to promote');
+    const forced = await cli('alice', 'primary', '--force');
+    expect(forced.code, forced.stderr).toBe(0);
+    const wait = await cli('alice', 'resync', '--wait', '--interval', '0.2');
+    expect(wait.code, wait.stderr).toBe(0);
+    expect(wait.stdout).toContain('r0: in sync with bob');
+    const bob = await status('bob');
+    expect(bob).toMatchObject({ role: 'Secondary', disk: 'UpToDate', connection: 'Connected', peer: { node: 'alice', role: 'Primary', disk: 'UpToDate' }, outOfSyncBytes: 0, resync: null });
+    expect(bob.counters.resyncReceivedBytes).toBeGreaterThan(0);
+  });
+
+  it('refuses forbidden transitions with exit 1 and the reason', async () => {
+    const second = await cli('bob', 'primary');
+    expect(second.code).toBe(1);
+    expect(second.stderr).toContain('the peer alice is Primary; demote it first');
+    const connected = await cli('alice', 'connect');
+    expect(connected.code).toBe(1);
+    expect(connected.stderr).toContain('is already Connected');
+    const noResync = await cli('alice', 'pause-sync');
+    expect(noResync.code).toBe(1);
+    expect(noResync.stderr).toContain('no resync is running');
+    const invalidatePrimary = await cli('alice', 'invalidate');
+    expect(invalidatePrimary.code).toBe(1);
+    expect(invalidatePrimary.stderr).toContain('Primary');
+    const remotePrimary = await cli('bob', 'invalidate-remote');
+    expect(remotePrimary.code).toBe(1);
+    expect(remotePrimary.stderr).toContain('the peer is Primary');
+    const clear = await cli('alice', 'new-current-uuid', '--clear-bitmap');
+    expect(clear.code).toBe(1);
+    expect(clear.stderr).toContain('both nodes are already UpToDate');
+    // Nothing above changed the state.
+    expect(await status('alice')).toMatchObject({ role: 'Primary', disk: 'UpToDate', connection: 'Connected' });
+  });
+
+  it('shows, pauses, resumes and speeds up a resync of real data', async () => {
+    const data = path.join(dir, 'random.bin');
+    await writeFile(data, randomBytes(32 * 1024 * 1024));
+    await promisify(execFile)('nbdcopy', [data, `nbd+unix:///?socket=${path.join(dir, 'alice.nbd')}`]);
+    expect((await cli('alice', 'resync', '--rate', '2MiB')).code).toBe(0);
+    const invalidate = await cli('bob', 'invalidate');
+    expect(invalidate.code, invalidate.stderr).toBe(0);
+    await until('resync start', async () => (await status('bob')).resync !== null, 10_000);
+    const progress = await cli('bob', 'resync');
+    expect(progress.code).toBe(0);
+    expect(progress.stdout).toMatch(/^r0: resync from alice \((SyncTarget|PausedSyncT)\) \d+\.\d\d% [\d.]+ (KiB|MiB)\/64\.0 MiB /);
+    const json = JSON.parse((await cli('bob', 'resync', '--json')).stdout) as { resync: ResourceStatus['resync'] };
+    expect(json.resync).toMatchObject({ direction: 'target', totalBytes: 64 * 1024 * 1024 });
+    expect((await cli('bob', 'pause-sync')).code).toBe(0);
+    await until('paused', async () => (await status('alice')).connection === 'PausedSyncS', 10_000);
+    const paused = await cli('bob', 'status');
+    expect(paused.stdout).toMatch(/replication:PausedSyncT peer-disk:UpToDate done:\d+\.\d\d/);
+    const pausedLine = await cli('alice', 'resync');
+    expect(pausedLine.stdout).toMatch(/resync to bob \(PausedSyncS\) .* paused\n$/);
+    const resumed = await cli('bob', 'resync', 'resume', '--rate', '1GiB');
+    expect(resumed.code, resumed.stderr).toBe(0);
+    const wait = await cli('bob', 'resync', '--wait', '--interval', '0.2');
+    expect(wait.code, wait.stderr).toBe(0);
+    const bob = await status('bob');
+    expect(bob).toMatchObject({ disk: 'UpToDate', outOfSyncBytes: 0, resync: null });
+    expect(bob.counters.resyncReceivedBytes).toBeGreaterThanOrEqual(32 * 1024 * 1024);
+  });
+
+  it('disconnects, reconnects, verifies, makes a new generation, and streams events', async () => {
+    expect((await cli('alice', 'disconnect')).code).toBe(0);
+    await until('StandAlone', async () => (await status('alice')).connection === 'StandAlone');
+    expect((await cli('alice', 'status')).stdout).toContain('  bob connection:StandAlone\n');
+    expect((await cli('alice', 'new-current-uuid')).code).toBe(0);
+    expect((await cli('alice', 'connect')).code).toBe(0);
+    await until('reconnected', async () => {
+      const s = await status('alice');
+      return s.connection === 'Connected' && s.resync === null && s.peer.disk === 'UpToDate';
+    });
+    const verify = await cli('alice', 'verify', '--wait');
+    expect(verify.code, verify.stderr).toBe(0);
+    expect(verify.stdout).toContain('r0: verify finished: 0 blocks out of sync');
+    const events = await cli('alice', 'events2', '--now', '--statistics');
+    expect(events.code).toBe(0);
+    const lines = events.stdout.trim().split('\n');
+    expect(lines[0]).toBe('exists resource name:r0 role:Primary suspended:no may_promote:no');
+    expect(lines[1]).toMatch(/^exists device name:r0 volume:0 minor:0 disk:UpToDate size:65536 read:\d+ written:\d+ al-writes:\d+ bm-writes:\d+$/);
+    expect(lines.at(-1)).toBe('exists -');
+    const stats = await cli('alice', 'status', '--statistics');
+    expect(stats.stdout).toMatch(/received:\d+ sent:\d+ out-of-sync:0 pending:\d+ unacked:\d+/);
+    const s = await status('alice');
+    for (const key of ['networkSentBytes', 'networkReceivedBytes', 'diskWrittenBytes', 'diskReadBytes', 'resyncSentBytes', 'resyncReceivedBytes'] as const) {
+      expect(typeof s.counters[key]).toBe('number');
+    }
+    expect(s.counters.diskWrittenBytes).toBeGreaterThanOrEqual(32 * 1024 * 1024);
+    expect(s.size).toBe(64 * 1024 * 1024);
+  });
+
+  it('a second up on a running node fails and the first keeps serving', async () => {
+    const second = await runCli(['up', 'r0', '--config', resource.file, '--node', 'bob']);
+    expect(second.code).toBe(1);
+    expect(second.stderr).toMatch(/in use by another drbdts process|another daemon is already running/);
+    expect((await status('bob')).connection).toBe('Connected');
+  });
+
+  it('restarts after SIGKILL (stale socket and lock), and stops with down and SIGTERM', async () => {
+    const bob = daemons.bob!;
+    bob.kill('SIGKILL');
+    await waitExit(bob);
+    expect((await stat(path.join(dir, 'bob.ctl'))).isSocket()).toBe(true); // left behind
+    await until('alice notices', async () => (await status('alice')).connection !== 'Connected');
+    await up('bob');
+    await until('reconnected after restart', async () => {
+      const s = await status('alice');
+      return s.connection === 'Connected' && s.resync === null && s.peer.disk === 'UpToDate';
+    }, 60_000);
+    expect((await cli('alice', 'secondary')).code).toBe(0);
+    const down = await cli('alice', 'down');
+    expect(down.code, down.stderr).toBe(0);
+    expect(await waitExit(daemons.alice!)).toEqual({ code: 0, signal: null });
+    const gone = await cli('alice', 'status');
+    expect(gone.stderr).toContain('resource r0 is not up on node alice');
+    daemons.bob!.kill('SIGTERM');
+    expect(await waitExit(daemons.bob!)).toEqual({ code: 0, signal: null });
+    await expect(stat(path.join(dir, 'bob.ctl'))).rejects.toMatchObject({ code: 'ENOENT' });
+  });
+});
