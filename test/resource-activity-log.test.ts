@@ -29,16 +29,16 @@ afterAll(async () => {
 const E = AL_EXTENT_BYTES;
 
 function recordingLog(maxHotExtents = 16, dataSizeBytes = 256 * E) {
-  const persisted: { hot: number[]; evicted: number[] }[] = [];
+  const persisted: { hot: number[]; evicted: number[]; wide?: { firstExtent: number; lastExtent: number }[] }[] = [];
   let gate: Promise<void> = Promise.resolve();
   let fail: Error | undefined;
   const log = new ActivityLog({
     dataSizeBytes,
     maxHotExtents,
-    persist: async (hot, evicted) => {
+    persist: async (hot, evicted, wide) => {
       await gate;
       if (fail) throw fail;
-      persisted.push({ hot: [...hot], evicted: [...evicted] });
+      persisted.push(wide.length > 0 ? { hot: [...hot], evicted: [...evicted], wide: wide.map((r) => ({ ...r })) } : { hot: [...hot], evicted: [...evicted] });
     },
   });
   return {
@@ -114,6 +114,23 @@ describe('ActivityLog', () => {
     expect(log.hotExtents()).toEqual([7]);
   });
 
+  it('records a huge trim as one wide range instead of flushing the hot set', async () => {
+    const { log, persisted } = recordingLog(16, 2048 * E);
+    for (let extent = 0; extent < 16; extent += 1) await log.beginWrite(extent * E, 4096);
+    const before = persisted.length;
+    await log.beginWrite(100 * E, 1024 * E); // 4 GiB: 1024 extents, far more than the 16 hot slots
+    expect(persisted.length).toBe(before + 1);
+    expect(persisted.at(-1)).toEqual({ hot: log.hotExtents(), evicted: [], wide: [{ firstExtent: 100, lastExtent: 1123 }] });
+    expect(log.hotExtents().length).toBe(16);
+    expect(log.wideRanges()).toEqual([{ firstExtent: 100, lastExtent: 1123 }]);
+    log.endWrite(100 * E, 1024 * E);
+    expect(log.wideRanges()).toEqual([]);
+    for (let extent = 0; extent < 16; extent += 1) log.endWrite(extent * E, 4096);
+    await log.beginWrite(500 * E, 4096); // the next transaction no longer carries the ended range
+    expect(persisted.at(-1)!.wide).toBeUndefined();
+    expect(log.inFlightWrites()).toBe(1);
+  });
+
   it('handles a write spanning two extents', async () => {
     const { log, persisted } = recordingLog();
     await log.beginWrite(3 * E - 4096, 8192);
@@ -124,6 +141,33 @@ describe('ActivityLog', () => {
 });
 
 describe('ActivityLog crash recovery', () => {
+  it('after SIGKILL during a wide trim, the whole trimmed range is out of sync on reopen', async () => {
+    await buildDist();
+    const disk = path.join(dir, 'wide.img');
+    const dataSizeBytes = 64 * E;
+    await (await Metadata.create({ diskPath: disk, metaDisk: 'internal', dataSizeBytes, alExtents: 16 })).close();
+    const child = path.join(dir, 'wide.mjs');
+    await writeFile(child, `
+import { Metadata } from ${JSON.stringify(path.join(repoRoot, 'dist/resource/metadata.js'))};
+const md = await Metadata.open(${JSON.stringify(disk)}, 'internal');
+await md.activityLog.beginWrite(${10 * E + 4096}, ${40 * E});
+process.stdout.write('trimming\\n');
+setInterval(() => {}, 1e6);
+`);
+    const proc = await spawnUntil(process.execPath, [child], /trimming/, { cwd: dir });
+    const snapshot = (await Metadata.read(disk, 'internal'))!;
+    expect(snapshot.wideRanges).toEqual([{ firstExtent: 10, lastExtent: 50 }]);
+    proc.child.kill('SIGKILL');
+    await waitExit(proc.child);
+    const md = await Metadata.open(disk, 'internal');
+    try {
+      expect(md.recoveredFromCrash).toBe(true);
+      expect([...md.bitmap.runs()]).toEqual([{ startBlock: (10 * E) / 4096, countBlocks: (41 * E) / 4096 }]);
+    } finally {
+      await md.close();
+    }
+  });
+
   it('after SIGKILL mid-write, every block the child started to write is out of sync on reopen', async () => {
     await buildDist();
     const disk = path.join(dir, 'crash.img');

@@ -16,19 +16,36 @@ export const AL_EXTENT_BYTES = 4 * 1024 * 1024;
 export const AL_EXTENTS_DEFAULT = 1237;
 /** A 32 MiB request spans at most 9 extents; fewer hot extents than this could never admit it. */
 export const AL_EXTENTS_MIN = 16;
+/**
+ * Writes spanning more extents than this (big TRIM / WRITE_ZEROES, up to 4 GiB in one NBD request) are not
+ * made hot extent by extent: that would flush the whole hot set out (and could never fit a small AL). The
+ * transaction records them as one range instead, kept on disk until a later transaction after they end.
+ */
+export const AL_WIDE_SPAN_EXTENTS = 16;
+/** Wide ranges in flight at once (each costs 8 bytes of the AL record); more wide writers wait. */
+export const AL_WIDE_MAX = 32;
+
+export interface ExtentRange {
+  firstExtent: number;
+  lastExtent: number;
+}
 
 export interface ActivityLogOptions {
   dataSizeBytes: number;
   maxHotExtents?: number;
   /** Extents found hot on disk at open (the caller has already set their bitmap bits after a crash). */
   initialHot?: readonly number[];
-  /** Durably records the new hot set. `evicted` left it: their bitmap bits must be on disk first. */
-  persist(hotExtents: readonly number[], evicted: readonly number[]): Promise<void>;
+  /**
+   * Durably records the new hot set and the wide ranges in flight. `evicted` left the hot set: their bitmap
+   * bits must be on disk first.
+   */
+  persist(hotExtents: readonly number[], evicted: readonly number[], wideRanges: readonly ExtentRange[]): Promise<void>;
 }
 
 interface Waiter {
   firstExtent: number;
   lastExtent: number;
+  wide: boolean;
   resolve: () => void;
   reject: (error: Error) => void;
 }
@@ -42,6 +59,8 @@ export class ActivityLog {
   /** Hot extent -> writes in flight. Map order is LRU order (oldest first): a touch re-inserts. */
   readonly #hot = new Map<number, number>();
   readonly #evicting = new Set<number>();
+  /** Wide writes in flight, each persisted as a range before it started. */
+  readonly #wide: ExtentRange[] = [];
   readonly #waiters: Waiter[] = [];
   readonly #persist: ActivityLogOptions['persist'];
   #persisting = false;
@@ -73,6 +92,10 @@ export class ActivityLog {
     return [...this.#hot.keys()].sort((a, b) => a - b);
   }
 
+  wideRanges(): ExtentRange[] {
+    return this.#wide.map((range) => ({ ...range }));
+  }
+
   inFlightWrites(): number {
     return this.#inFlight;
   }
@@ -82,7 +105,6 @@ export class ActivityLog {
       `activity log range ${offsetBytes}+${lengthBytes} outside ${this.dataSizeBytes}`);
     const first = Math.floor(offsetBytes / AL_EXTENT_BYTES);
     const last = Math.floor((offsetBytes + lengthBytes - 1) / AL_EXTENT_BYTES);
-    assert.ok(last - first + 1 <= this.maxHotExtents, `a write spanning ${last - first + 1} extents`);
     return [first, last];
   }
 
@@ -105,6 +127,12 @@ export class ActivityLog {
 
   beginWrite(offsetBytes: number, lengthBytes: number): Promise<void> {
     const [first, last] = this.#extents(offsetBytes, lengthBytes);
+    if (last - first + 1 > AL_WIDE_SPAN_EXTENTS) {
+      return new Promise<void>((resolve, reject) => {
+        this.#waiters.push({ firstExtent: first, lastExtent: last, wide: true, resolve, reject });
+        this.#schedule();
+      });
+    }
     // Hot writes never wait, not even behind a transaction in progress: the AL must cost nothing in the
     // common case. (A cold writer cannot starve: it needs one idle extent among maxHotExtents.)
     if (this.#allHot(first, last)) {
@@ -112,13 +140,22 @@ export class ActivityLog {
       return RESOLVED;
     }
     return new Promise<void>((resolve, reject) => {
-      this.#waiters.push({ firstExtent: first, lastExtent: last, resolve, reject });
+      this.#waiters.push({ firstExtent: first, lastExtent: last, wide: false, resolve, reject });
       this.#schedule();
     });
   }
 
   endWrite(offsetBytes: number, lengthBytes: number): void {
     const [first, last] = this.#extents(offsetBytes, lengthBytes);
+    if (last - first + 1 > AL_WIDE_SPAN_EXTENTS) {
+      const index = this.#wide.findIndex((range) => range.firstExtent === first && range.lastExtent === last);
+      assert.ok(index !== -1, `endWrite on a wide range ${first}..${last} without a beginWrite`);
+      // Dropped from memory now; from the on-disk record at the next transaction (stale is safe: more resync).
+      this.#wide.splice(index, 1);
+      this.#inFlight -= 1;
+      if (this.#waiters.length > 0) this.#schedule();
+      return;
+    }
     for (let extent = first; extent <= last; extent += 1) {
       const refs = this.#hot.get(extent);
       assert.ok(refs !== undefined && refs > 0, `endWrite on extent ${extent} without a beginWrite`);
@@ -141,7 +178,7 @@ export class ActivityLog {
         // Admit waiters whose extents are all hot now (another transaction made them hot).
         while (this.#waiters.length > 0) {
           const head = this.#waiters[0]!;
-          if (!this.#allHot(head.firstExtent, head.lastExtent)) break;
+          if (head.wide || !this.#allHot(head.firstExtent, head.lastExtent)) break;
           this.#waiters.shift();
           this.#take(head.firstExtent, head.lastExtent);
           head.resolve();
@@ -154,7 +191,14 @@ export class ActivityLog {
         let idle = 0;
         for (const refs of this.#hot.values()) if (refs === 0) idle += 1;
         let room = this.maxHotExtents - this.#hot.size + idle;
+        let wideRoom = AL_WIDE_MAX - this.#wide.length;
         for (const waiter of this.#waiters) {
+          if (waiter.wide) {
+            if (wideRoom === 0) break;
+            wideRoom -= 1;
+            admitted.push(waiter);
+            continue;
+          }
           let cost = 0;
           for (let extent = waiter.firstExtent; extent <= waiter.lastExtent; extent += 1) {
             const refs = this.#hot.get(extent);
@@ -184,8 +228,12 @@ export class ActivityLog {
         const next = new Set(this.#hot.keys());
         for (const extent of evicted) next.delete(extent);
         for (const extent of needed) next.add(extent);
+        const wide = this.#wide.map((range) => ({ ...range }));
+        for (const waiter of admitted) {
+          if (waiter.wide) wide.push({ firstExtent: waiter.firstExtent, lastExtent: waiter.lastExtent });
+        }
         try {
-          await this.#persist([...next].sort((a, b) => a - b), evicted);
+          await this.#persist([...next].sort((a, b) => a - b), evicted, wide);
         } catch (error) {
           for (const extent of evicted) this.#evicting.delete(extent);
           const failure = new Error(`activity log write failed: ${(error as Error).message}`, { cause: error });
@@ -205,7 +253,12 @@ export class ActivityLog {
         for (const extent of needed) this.#hot.set(extent, 0);
         for (const waiter of admitted) {
           this.#waiters.splice(this.#waiters.indexOf(waiter), 1);
-          this.#take(waiter.firstExtent, waiter.lastExtent);
+          if (waiter.wide) {
+            this.#wide.push({ firstExtent: waiter.firstExtent, lastExtent: waiter.lastExtent });
+            this.#inFlight += 1;
+          } else {
+            this.#take(waiter.firstExtent, waiter.lastExtent);
+          }
           waiter.resolve();
         }
       }

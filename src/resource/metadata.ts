@@ -17,7 +17,7 @@ import { createHash } from 'node:crypto';
 import { promises as fsp, constants as fsConstants } from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
-import { ActivityLog, AL_EXTENTS_DEFAULT, AL_EXTENTS_MIN } from './activity-log.js';
+import { ActivityLog, AL_EXTENT_BYTES, AL_EXTENTS_DEFAULT, AL_EXTENTS_MIN, AL_WIDE_MAX, type ExtentRange } from './activity-log.js';
 import { Bitmap, BITMAP_BLOCK_BYTES, BITMAP_PAGE_BYTES } from './bitmap.js';
 import { newUuid, type GenerationUuids } from './uuids.js';
 
@@ -65,6 +65,7 @@ export interface MetadataSnapshot {
   sequence: bigint;
   superblockSlot: number;
   hotExtents: number[];
+  wideRanges: ExtentRange[];
   dirtyBlocks: number;
 }
 
@@ -91,7 +92,7 @@ function roundUp(value: number, unit: number): number {
 }
 
 function alSlotBytes(alExtents: number): number {
-  return roundUp(AL_HEADER_BYTES + 4 * alExtents + CHECKSUM_BYTES, 4096);
+  return roundUp(AL_HEADER_BYTES + 4 * alExtents + 8 * AL_WIDE_MAX + CHECKSUM_BYTES, 4096);
 }
 
 function bitmapAreaBytes(dataSizeBytes: number): number {
@@ -241,32 +242,51 @@ function decodeSuperblock(buffer: Buffer, slot: number): Superblock | null {
   };
 }
 
-// AL record: 0 magic[8]  8 sequence u64  16 count u32  20 alExtents u32  24 reserved[8]  32 extents u32[count]
-// then sha256 over everything before it.
-function encodeAl(extents: readonly number[], sequence: bigint, alExtents: number): Buffer {
+// AL record: 0 magic[8]  8 sequence u64  16 count u32  20 alExtents u32  24 wideCount u32  28 reserved[4]
+// 32 extents u32[count]  then wide ranges (first u32, last u32)[wideCount]  then sha256 over everything before.
+interface AlRecord {
+  sequence: bigint;
+  extents: number[];
+  wide: ExtentRange[];
+}
+
+function encodeAl(extents: readonly number[], wide: readonly ExtentRange[], sequence: bigint, alExtents: number): Buffer {
+  assert.ok(extents.length <= alExtents && wide.length <= AL_WIDE_MAX, 'activity log record overflow');
   const buffer = Buffer.alloc(alSlotBytes(alExtents));
   AL_MAGIC.copy(buffer, 0);
   buffer.writeBigUInt64LE(sequence, 8);
   buffer.writeUInt32LE(extents.length, 16);
   buffer.writeUInt32LE(alExtents, 20);
+  buffer.writeUInt32LE(wide.length, 24);
   let offset = AL_HEADER_BYTES;
   for (const extent of extents) {
     buffer.writeUInt32LE(extent, offset);
     offset += 4;
   }
+  for (const range of wide) {
+    buffer.writeUInt32LE(range.firstExtent, offset);
+    buffer.writeUInt32LE(range.lastExtent, offset + 4);
+    offset += 8;
+  }
   checksum(buffer, offset).copy(buffer, offset);
   return buffer;
 }
 
-function decodeAl(buffer: Buffer, alExtents: number): { sequence: bigint; extents: number[] } | null {
+function decodeAl(buffer: Buffer, alExtents: number): AlRecord | null {
   if (!buffer.subarray(0, 8).equals(AL_MAGIC)) return null;
   const count = buffer.readUInt32LE(16);
-  if (count > alExtents || buffer.readUInt32LE(20) !== alExtents) return null;
-  const end = AL_HEADER_BYTES + 4 * count;
+  const wideCount = buffer.readUInt32LE(24);
+  if (count > alExtents || wideCount > AL_WIDE_MAX || buffer.readUInt32LE(20) !== alExtents) return null;
+  const end = AL_HEADER_BYTES + 4 * count + 8 * wideCount;
   if (!checksum(buffer, end).equals(buffer.subarray(end, end + CHECKSUM_BYTES))) return null;
   const extents: number[] = [];
   for (let i = 0; i < count; i += 1) extents.push(buffer.readUInt32LE(AL_HEADER_BYTES + 4 * i));
-  return { sequence: buffer.readBigUInt64LE(8), extents };
+  const wide: ExtentRange[] = [];
+  for (let i = 0; i < wideCount; i += 1) {
+    const at = AL_HEADER_BYTES + 4 * count + 8 * i;
+    wide.push({ firstExtent: buffer.readUInt32LE(at), lastExtent: buffer.readUInt32LE(at + 4) });
+  }
+  return { sequence: buffer.readBigUInt64LE(8), extents, wide };
 }
 
 function flagsFromBits(bits: number): MetadataFlags {
@@ -328,8 +348,8 @@ async function readSuperblock(handle: fsp.FileHandle, fileSizeBytes: number): Pr
   return best;
 }
 
-async function readAl(handle: fsp.FileHandle, layout: Layout, alExtents: number): Promise<{ sequence: bigint; extents: number[]; slot: number } | null> {
-  let best: { sequence: bigint; extents: number[]; slot: number } | null = null;
+async function readAl(handle: fsp.FileHandle, layout: Layout, alExtents: number): Promise<(AlRecord & { slot: number }) | null> {
+  let best: (AlRecord & { slot: number }) | null = null;
   const buffer = Buffer.alloc(layout.alSlotBytes);
   for (const slot of [0, 1] as const) {
     await readExactly(handle, buffer, layout.alOffsets[slot]);
@@ -404,7 +424,7 @@ export class Metadata {
       dataSizeBytes: this.dataSizeBytes,
       maxHotExtents: this.alExtents,
       initialHot: args.hot,
-      persist: (hot, evicted) => this.#persistAl(hot, evicted),
+      persist: (hot, evicted, wide) => this.#persistAl(hot, evicted, wide),
     });
   }
 
@@ -513,7 +533,7 @@ export class Metadata {
       for (let done = 0; done < layout.bitmapBytes; done += zeros.length) {
         await writeExactly(handle, zeros.subarray(0, Math.min(zeros.length, layout.bitmapBytes - done)), layout.bitmapOffset + done);
       }
-      await writeExactly(handle, encodeAl([], 1n, alExtents), layout.alOffsets[0]);
+      await writeExactly(handle, encodeAl([], [], 1n, alExtents), layout.alOffsets[0]);
       await writeExactly(handle, Buffer.alloc(layout.alSlotBytes), layout.alOffsets[1]);
       await writeExactly(handle, Buffer.alloc(SLOT_BYTES), layout.superblockOffsets[1]);
       await handle.datasync();
@@ -569,9 +589,18 @@ export class Metadata {
       if (recovered) {
         // The last run ended without close(): writes may have been in flight in every hot extent, so the
         // peer may differ there. Mark them out of sync; a resync then covers them (and only them).
+        const extentCount = Math.ceil(sb.dataSizeBytes / AL_EXTENT_BYTES);
         for (const extent of hot) {
+          if (extent >= extentCount) continue; // cannot happen with a valid record; never trust it to assert
           const range = ActivityLog.extentRange(extent, sb.dataSizeBytes);
           bitmap.setRange(range.offsetBytes, range.lengthBytes);
+        }
+        for (const { firstExtent, lastExtent } of al?.wide ?? []) {
+          const last = Math.min(lastExtent, extentCount - 1);
+          if (firstExtent > last) continue;
+          const start = ActivityLog.extentRange(firstExtent, sb.dataSizeBytes).offsetBytes;
+          const end = ActivityLog.extentRange(last, sb.dataSizeBytes);
+          bitmap.setRange(start, end.offsetBytes + end.lengthBytes - start);
         }
       }
       const metadata = new Metadata({
@@ -607,7 +636,7 @@ export class Metadata {
         dataSizeBytes: sb.dataSizeBytes, metadataSizeBytes: sb.metadataSizeBytes, nodeName: sb.nodeName,
         resourceName: sb.resourceName, uuids: sb.uuids, flags: flagsFromBits(sb.flagBits),
         cleanShutdown: (sb.flagBits & FLAG_CLEAN) !== 0, sequence: sb.sequence, superblockSlot: found.slot,
-        hotExtents: al?.extents ?? [], dirtyBlocks: bitmap.setBits(),
+        hotExtents: al?.extents ?? [], wideRanges: al?.wide ?? [], dirtyBlocks: bitmap.setBits(),
       };
     } finally {
       await handle.close();
@@ -671,14 +700,14 @@ export class Metadata {
     }
   }
 
-  #persistAl(hot: readonly number[], evicted: readonly number[]): Promise<void> {
+  #persistAl(hot: readonly number[], evicted: readonly number[], wide: readonly ExtentRange[]): Promise<void> {
     return this.#serialized(async () => {
       this.#assertOpen();
       // Evicted extents stop being covered by the AL: their bitmap bits must be durable first.
       if (evicted.length > 0) await this.#writeBitmapNow();
       const sequence = this.#alSequence + 1n;
       const slot = Number(sequence % 2n) as 0 | 1;
-      await writeExactly(this.#handle, encodeAl(hot, sequence, this.alExtents), this.#layout.alOffsets[slot]);
+      await writeExactly(this.#handle, encodeAl(hot, wide, sequence, this.alExtents), this.#layout.alOffsets[slot]);
       await this.#handle.datasync();
       this.#alSequence = sequence;
     });
