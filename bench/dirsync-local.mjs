@@ -1,0 +1,146 @@
+// Directory sync, local to local: drbdts dirsync against unison 2.52 on the same generated trees, in the same run,
+// alternating tools each round. Measures wall time of an initial sync (empty target), a no-change rescan, and a
+// small-change sync (10 files edited, 1 added, 1 deleted), and each process's peak RSS (GNU time's %M).
+//
+//   node bench/dirsync-local.mjs [--trees big,small] [--rounds N] [--quick] [--out FILE] [--keep DIR]
+//   trees: big = 10,000 files / ~260 MB, small = 100,000 small files; --quick = 1,000 / 2,000 files, 1 round.
+//
+// Prints one markdown table (medians, ratio = dirsync / unison; a ratio below 1 means dirsync is faster) and
+// writes the raw samples as JSON when --out is given.
+import { execFileSync, spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const cli = path.join(repo, 'bin', 'drbdts.js');
+
+const args = process.argv.slice(2);
+const option = (name, fallback) => {
+  const index = args.indexOf(name);
+  return index === -1 ? fallback : args[index + 1];
+};
+const quick = args.includes('--quick');
+const rounds = Number(option('--rounds', quick ? '1' : '3'));
+const treeNames = option('--trees', 'big,small').split(',');
+const outFile = option('--out', undefined);
+
+const TREES = {
+  big: { files: quick ? 1000 : 10_000, meanBytes: 26_000, perDir: 100 },
+  small: { files: quick ? 2000 : 100_000, meanBytes: 1_000, perDir: 100 },
+};
+
+function mulberry32(seed) {
+  let state = seed >>> 0;
+  return () => {
+    state = (state + 0x6d2b79f5) >>> 0;
+    let t = state;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** Generate a tree: sizes exponentially distributed around the mean (many small files, a tail of big ones). */
+function generate(root, spec, seed) {
+  const random = mulberry32(seed);
+  const pool = Buffer.alloc(8 << 20);
+  for (let index = 0; index < pool.length; index += 4) pool.writeUInt32LE((random() * 0x100000000) >>> 0, index);
+  let totalBytes = 0;
+  for (let index = 0; index < spec.files; index++) {
+    const dir = path.join(root, `d${Math.floor(index / spec.perDir / 10)}`, `e${Math.floor(index / spec.perDir)}`);
+    if (index % spec.perDir === 0) fs.mkdirSync(dir, { recursive: true });
+    const size = Math.min(pool.length - 1, Math.floor(-Math.log(1 - random()) * spec.meanBytes));
+    const offset = Math.floor(random() * (pool.length - size));
+    fs.writeFileSync(path.join(dir, `f${index}.dat`), pool.subarray(offset, offset + size));
+    totalBytes += size;
+  }
+  return totalBytes;
+}
+
+/** Run a command under GNU time: wall ms and peak RSS in KiB. */
+function measure(command, commandArgs, env) {
+  const started = process.hrtime.bigint();
+  const result = spawnSync('/usr/bin/time', ['-f', '%M', command, ...commandArgs], { env: { ...process.env, ...env }, encoding: 'utf8', maxBuffer: 256 << 20 });
+  const wallMs = Number(process.hrtime.bigint() - started) / 1e6;
+  const lines = result.stderr.trim().split('\n');
+  const rssKiB = Number(lines[lines.length - 1]);
+  if (result.status !== 0) throw new Error(`${command} ${commandArgs.join(' ')} exited ${result.status}: ${result.stderr.slice(-2000)}`);
+  return { wallMs, rssKiB };
+}
+
+function smallChange(root, spec, round) {
+  for (let index = 0; index < 10; index++) {
+    const file = path.join(root, 'd0', 'e0', `f${index}.dat`);
+    fs.appendFileSync(file, `edit ${round}\n`);
+  }
+  fs.writeFileSync(path.join(root, 'd0', 'e0', `added-${round}.dat`), `added in round ${round}\n`);
+  fs.rmSync(path.join(root, 'd0', 'e0', `f${10 + round}.dat`), { force: true });
+}
+
+const tools = {
+  dirsync: (a, b, work) => [process.execPath, [cli, 'dirsync', a, b, '--batch', '--archive-dir', path.join(work, 'archive')], {}],
+  unison: (a, b, work) => ['unison', [a, b, '-batch', '-ui', 'text', '-terse'], { UNISON: path.join(work, 'unison-home'), HOME: work }],
+};
+
+function median(values) {
+  const sorted = [...values].sort((x, y) => x - y);
+  const middle = Math.floor(sorted.length / 2);
+  return sorted.length % 2 === 1 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2;
+}
+
+const base = fs.mkdtempSync(path.join(os.tmpdir(), 'drbdts-bench-dirsync-'));
+const samples = [];
+try {
+  execFileSync('unison', ['-version'], { stdio: 'ignore' });
+  for (const treeName of treeNames) {
+    const spec = TREES[treeName];
+    if (spec === undefined) throw new Error(`unknown tree ${treeName} (big, small)`);
+    const source = path.join(base, `${treeName}-source`);
+    const totalBytes = generate(source, spec, 1234);
+    process.stderr.write(`tree ${treeName}: ${spec.files} files, ${(totalBytes / 1e6).toFixed(0)} MB\n`);
+    for (let round = 0; round < rounds; round++) {
+      const order = round % 2 === 0 ? ['unison', 'dirsync'] : ['dirsync', 'unison'];
+      for (const tool of order) {
+        const work = path.join(base, `${treeName}-${tool}-${round}`);
+        const a = path.join(work, 'a');
+        const b = path.join(work, 'b');
+        fs.mkdirSync(b, { recursive: true });
+        // Each tool gets its own copy of the source (same content, warm page cache for both).
+        execFileSync('cp', ['-a', source, a]);
+        const [command, commandArgs, env] = tools[tool](a, b, work);
+        const initial = measure(command, commandArgs, env);
+        const rescan = measure(command, commandArgs, env);
+        smallChange(a, spec, round);
+        const change = measure(command, commandArgs, env);
+        const check = spawnSync('diff', ['-r', '-q', a, b], { encoding: 'utf8' });
+        if (check.status !== 0) throw new Error(`${tool}: trees differ after sync: ${check.stdout.slice(0, 500)}`);
+        samples.push({ tree: treeName, tool, round, files: spec.files, totalBytes, initial, rescan, change });
+        process.stderr.write(
+          `  ${treeName} ${tool} round ${round}: initial ${initial.wallMs.toFixed(0)} ms, rescan ${rescan.wallMs.toFixed(0)} ms, ` +
+            `change ${change.wallMs.toFixed(0)} ms, peak RSS ${(Math.max(initial.rssKiB, rescan.rssKiB, change.rssKiB) / 1024).toFixed(0)} MiB\n`,
+        );
+        fs.rmSync(work, { recursive: true, force: true });
+      }
+    }
+  }
+} finally {
+  if (!args.includes('--keep')) fs.rmSync(base, { recursive: true, force: true });
+}
+
+const lines = ['| tree | measure | dirsync | unison 2.52 | ratio (target) |', '|---|---|---|---|---|'];
+for (const treeName of treeNames) {
+  const of = (tool) => samples.filter((s) => s.tree === treeName && s.tool === tool);
+  const row = (label, pick, unit, target) => {
+    const d = median(of('dirsync').map(pick));
+    const u = median(of('unison').map(pick));
+    lines.push(`| ${treeName} | ${label} | ${d.toFixed(unit === 'MiB' ? 0 : 0)} ${unit} | ${u.toFixed(0)} ${unit} | ${(d / u).toFixed(2)} (<= ${target}) |`);
+  };
+  row('initial sync', (s) => s.initial.wallMs, 'ms', '0.5');
+  row('no-change rescan', (s) => s.rescan.wallMs, 'ms', '1.0');
+  row('small-change sync', (s) => s.change.wallMs, 'ms', '1.0');
+  row('peak RSS', (s) => Math.max(s.initial.rssKiB, s.rescan.rssKiB, s.change.rssKiB) / 1024, 'MiB', '1.0');
+}
+process.stdout.write(lines.join('\n') + '\n');
+if (outFile !== undefined) fs.writeFileSync(outFile, JSON.stringify({ date: new Date().toISOString(), rounds, samples }, null, 2));
