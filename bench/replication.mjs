@@ -1,0 +1,399 @@
+// Replication benchmark (issue 3's performance section), every figure as a ratio measured in the same run:
+//  - protocol C (two drbdts nodes over loopback) vs standalone (`drbdts serve`) on the same fio jobs,
+//    alternating order every round: 1 MiB sequential writes QD8, 4 KiB random writes QD32;
+//  - QD1 4 KiB FUA write latency p50 (qemu-io `write -f`, one timing per write) vs standalone + one loopback
+//    round trip (measured here, Node.js both ends, as the link is);
+//  - full resync throughput of random data vs min(raw backing write (dd conv=fdatasync), loopback TCP);
+//  - bytes sent by a bitmap resync vs the dirty bytes;
+//  - the daemons' peak RSS.
+// Usage: node bench/replication.mjs [--quick] [--rounds N] [--size 1g] [--out FILE]
+import { spawn, spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const cli = path.join(repoRoot, 'bin', 'drbdts.js');
+const args = process.argv.slice(2);
+const flag = (name) => args.includes(name);
+const option = (name, fallback) => {
+  const index = args.indexOf(name);
+  return index >= 0 && index + 1 < args.length ? args[index + 1] : fallback;
+};
+const quick = flag('--quick');
+const rounds = Number(option('--rounds', quick ? '1' : '3'));
+const sizeMiB = parseInt(option('--size', quick ? '128m' : '1g'), 10) * (option('--size', quick ? '128m' : '1g').endsWith('g') ? 1024 : 1);
+const runtimeSeconds = quick ? 1 : 8;
+const fuaWrites = quick ? 200 : 2000;
+const outPath = option('--out', null);
+
+const median = (values) => {
+  const sorted = [...values].sort((a, b) => a - b);
+  const middle = Math.floor(sorted.length / 2);
+  return sorted.length % 2 === 1 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2;
+};
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+function sh(command, commandArgs, options = {}) {
+  const result = spawnSync(command, commandArgs, { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024, ...options });
+  if (result.status !== 0) throw new Error(`${command} ${commandArgs.join(' ')}: ${result.stderr}`);
+  return result.stdout;
+}
+
+async function freePort() {
+  return new Promise((resolve) => {
+    const server = net.createServer();
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address();
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+async function waitFor(what, predicate, timeoutMs = 120_000) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    if (await predicate()) return;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(50);
+  }
+}
+
+// ---- processes ----
+
+const children = new Set();
+process.on('exit', () => {
+  for (const child of children) child.kill('SIGKILL');
+});
+
+function startProcess(command, commandArgs, logFile) {
+  const log = fs.openSync(logFile, 'a');
+  const child = spawn(command, commandArgs, { stdio: ['ignore', log, log], env: { ...process.env, DRBDTS_LOG_LEVEL: 'warn' } });
+  children.add(child);
+  child.on('exit', () => children.delete(child));
+  return child;
+}
+
+function rssMiB(pid) {
+  try {
+    const match = /VmHWM:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return match ? Number(match[1]) / 1024 : 0;
+  } catch {
+    return 0;
+  }
+}
+
+class Pair {
+  constructor(dir, protocol) {
+    this.dir = dir;
+    this.protocol = protocol;
+    this.config = path.join(dir, 'r0.toml');
+    this.nodes = new Map();
+    this.peakRssMiB = 0;
+  }
+
+  async setup({ prefillRandom = false } = {}) {
+    const [pa, pb] = [await freePort(), await freePort()];
+    fs.writeFileSync(this.config, `[resource]
+name = "r0"
+protocol = "${this.protocol}"
+shared-secret = "bench"
+[disk]
+size = "${sizeMiB}MiB"
+[net]
+ping-timeout = "10s"
+[resync]
+rate = "20GiB"
+min-rate = "20GiB"
+[node.alice]
+address = "127.0.0.1:${pa}"
+disk = "${this.dir}/alice.img"
+meta-disk = "internal"
+nbd = "unix:${this.dir}/alice.nbd"
+control = "${this.dir}/alice.ctl"
+[node.bob]
+address = "127.0.0.1:${pb}"
+disk = "${this.dir}/bob.img"
+meta-disk = "internal"
+nbd = "unix:${this.dir}/bob.nbd"
+control = "${this.dir}/bob.ctl"
+`);
+    for (const node of ['alice', 'bob']) {
+      const image = path.join(this.dir, `${node}.img`);
+      // Preallocated before create-md (which puts internal metadata at the end of the file as it is).
+      if (prefillRandom && node === 'alice') {
+        sh('dd', ['if=/dev/urandom', `of=${image}`, 'bs=1M', `count=${sizeMiB + 16}`, 'status=none']);
+      } else {
+        sh('fallocate', ['-l', String((sizeMiB + 16) * 1024 * 1024), image]);
+      }
+      this.cli(node, 'create-md', '--force');
+    }
+  }
+
+  cli(node, command, ...rest) {
+    return sh('node', [cli, command, 'r0', '--config', this.config, '--node', node, ...rest]);
+  }
+
+  status(node) {
+    return JSON.parse(this.cli(node, 'status', '--json'));
+  }
+
+  async up(node) {
+    const child = startProcess('node', [cli, 'up', 'r0', '--config', this.config, '--node', node], path.join(this.dir, `${node}.log`));
+    this.nodes.set(node, child);
+    await waitFor(`${node} up`, () => {
+      if (child.exitCode !== null) throw new Error(`${node} exited: ${fs.readFileSync(path.join(this.dir, `${node}.log`), 'utf8')}`);
+      try {
+        this.status(node);
+        return true;
+      } catch {
+        return false;
+      }
+    });
+  }
+
+  sampleRss() {
+    for (const child of this.nodes.values()) this.peakRssMiB = Math.max(this.peakRssMiB, rssMiB(child.pid));
+  }
+
+  async down(node) {
+    const child = this.nodes.get(node);
+    if (child === undefined) return;
+    this.sampleRss();
+    try {
+      this.cli(node, 'down');
+    } catch {
+      child.kill('SIGKILL');
+    }
+    await waitFor(`${node} down`, () => child.exitCode !== null || child.signalCode !== null, 30_000);
+    this.nodes.delete(node);
+  }
+
+  async connected() {
+    await waitFor('connected', () => this.status('alice').connection !== 'Connecting' && this.status('bob').connection !== 'Connecting');
+  }
+
+  async inSync() {
+    await waitFor('in sync', () => {
+      this.sampleRss();
+      const a = this.status('alice');
+      const b = this.status('bob');
+      return a.connection === 'Connected' && b.connection === 'Connected' && b.disk === 'UpToDate' && a.outOfSyncBytes === 0;
+    }, 600_000);
+  }
+
+  uri(node) {
+    return `nbd+unix:///?socket=${this.dir}/${node}.nbd`;
+  }
+}
+
+// ---- measurements ----
+
+function runFio(name, lines, uri, dir) {
+  const jobFile = path.join(dir, `${name}.fio`);
+  const fioSize = Math.min(sizeMiB, quick ? 64 : 512);
+  fs.writeFileSync(jobFile, ['[global]', 'ioengine=nbd', `uri=${uri}`, `size=${fioSize}m`, `[${name}]`, ...lines, ''].join('\n'));
+  const output = sh('fio', ['--output-format=json', jobFile]);
+  const report = JSON.parse(output.slice(output.indexOf('{')));
+  const result = report.jobs[0];
+  if (result.error !== 0) throw new Error(`fio ${name} failed: error ${result.error}`);
+  return { bwMiBps: result.write.bw_bytes / (1024 * 1024), iops: result.write.iops };
+}
+
+/** p50 of QD1 4 KiB FUA writes, from qemu-io's per-command timing (ops/sec of a single op = 1/latency). */
+function fuaLatencyP50us(uri) {
+  const commandArgs = ['-f', 'raw'];
+  for (let i = 0; i < fuaWrites; i += 1) commandArgs.push('-c', `write -f -P ${(i % 250) + 1} ${(i * 7919 % 16384) * 4096} 4k`);
+  commandArgs.push(uri);
+  const output = sh('qemu-io', commandArgs);
+  const latencies = [...output.matchAll(/and ([\d.]+) ops\/sec/g)].map((match) => 1e6 / Number(match[1]));
+  if (latencies.length < fuaWrites * 0.9) throw new Error(`qemu-io reported ${latencies.length} timings`);
+  return median(latencies);
+}
+
+async function loopbackRoundTripUs() {
+  const server = net.createServer((socket) => socket.on('data', (data) => socket.write(data)));
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const socket = net.connect(server.address().port, '127.0.0.1');
+  socket.setNoDelay(true);
+  await new Promise((resolve) => socket.once('connect', resolve));
+  const samples = [];
+  const message = Buffer.alloc(24);
+  for (let i = 0; i < 2000; i += 1) {
+    const start = process.hrtime.bigint();
+    await new Promise((resolve) => {
+      socket.once('data', resolve);
+      socket.write(message);
+    });
+    samples.push(Number(process.hrtime.bigint() - start) / 1000);
+  }
+  socket.destroy();
+  server.close();
+  return median(samples);
+}
+
+async function loopbackTcpMiBps() {
+  const totalBytes = (quick ? 512 : 4096) * 1024 * 1024;
+  const server = net.createServer((socket) => socket.resume());
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const socket = net.connect(server.address().port, '127.0.0.1');
+  await new Promise((resolve) => socket.once('connect', resolve));
+  const chunk = Buffer.alloc(1024 * 1024, 1);
+  const start = process.hrtime.bigint();
+  let sent = 0;
+  while (sent < totalBytes) {
+    sent += chunk.length;
+    if (!socket.write(chunk)) await new Promise((resolve) => socket.once('drain', resolve));
+  }
+  await new Promise((resolve) => socket.end(resolve));
+  const seconds = Number(process.hrtime.bigint() - start) / 1e9;
+  server.close();
+  return totalBytes / (1024 * 1024) / seconds;
+}
+
+function rawBackingWriteMiBps(dir) {
+  const file = path.join(dir, 'dd.img');
+  const count = quick ? 256 : 1024;
+  const start = process.hrtime.bigint();
+  sh('dd', ['if=/dev/zero', `of=${file}`, 'bs=1M', `count=${count}`, 'conv=fdatasync', 'status=none']);
+  const seconds = Number(process.hrtime.bigint() - start) / 1e9;
+  fs.rmSync(file);
+  return count / seconds;
+}
+
+async function standalone(dir) {
+  const image = path.join(dir, 'standalone.img');
+  sh('fallocate', ['-l', String(sizeMiB * 1024 * 1024), image]);
+  const socket = path.join(dir, 'standalone.nbd');
+  const child = startProcess('node', [cli, 'serve', image, '--listen', `unix:${socket}`], path.join(dir, 'standalone.log'));
+  await waitFor('standalone server', () => fs.existsSync(socket));
+  await sleep(200);
+  return {
+    uri: `nbd+unix:///?socket=${socket}`,
+    async stop() {
+      child.kill('SIGTERM');
+      await waitFor('standalone exit', () => child.exitCode !== null || child.signalCode !== null, 30_000);
+      fs.rmSync(image, { force: true });
+    },
+  };
+}
+
+async function replicated(dir) {
+  const pairDir = fs.mkdtempSync(path.join(dir, 'pair-'));
+  const pair = new Pair(pairDir, 'C');
+  await pair.setup();
+  await pair.up('alice');
+  await pair.up('bob');
+  await pair.connected();
+  pair.cli('alice', 'new-current-uuid', '--clear-bitmap');
+  await pair.inSync();
+  pair.cli('alice', 'primary');
+  return {
+    uri: pair.uri('alice'),
+    pair,
+    async stop() {
+      pair.sampleRss();
+      pair.cli('alice', 'secondary');
+      await pair.down('alice');
+      await pair.down('bob');
+      fs.rmSync(pairDir, { recursive: true, force: true });
+    },
+  };
+}
+
+const fioJobs = [
+  { name: 'seqwrite-1m-qd8', lines: ['rw=write', 'bs=1m', 'iodepth=8'], metric: 'bwMiBps', unit: 'MiB/s', bound: 0.9 },
+  { name: 'randwrite-4k-qd32', lines: ['rw=randwrite', 'bs=4k', 'iodepth=32', 'time_based=1', `runtime=${runtimeSeconds}`], metric: 'iops', unit: 'IOPS', bound: 0.8 },
+];
+
+async function main() {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'drbdts-bench-repl-'));
+  const lines = [];
+  const log = (line) => {
+    console.log(line);
+    lines.push(line);
+  };
+  let peakRssMiB = 0;
+  try {
+    const results = { standalone: {}, replicated: {} };
+    for (const job of fioJobs) results.standalone[job.name] = [], results.replicated[job.name] = [];
+    results.standalone.fua = [];
+    results.replicated.fua = [];
+    for (let round = 0; round < rounds; round += 1) {
+      const order = round % 2 === 0 ? ['standalone', 'replicated'] : ['replicated', 'standalone'];
+      for (const kind of order) {
+        const target = kind === 'standalone' ? await standalone(dir) : await replicated(dir);
+        for (const job of fioJobs) {
+          const result = runFio(job.name, job.lines, target.uri, dir);
+          results[kind][job.name].push(result[job.metric]);
+          target.pair?.sampleRss();
+        }
+        results[kind].fua.push(fuaLatencyP50us(target.uri));
+        target.pair?.sampleRss();
+        peakRssMiB = Math.max(peakRssMiB, target.pair?.peakRssMiB ?? 0);
+        await target.stop();
+        console.error(`round ${round + 1}/${rounds} ${kind} done`);
+      }
+    }
+    const rttUs = await loopbackRoundTripUs();
+    log(`Replication, protocol C vs standalone (${rounds} round(s), medians; ${sizeMiB} MiB device; ${new Date().toISOString().slice(0, 10)})`);
+    log('');
+    log('| measure | standalone | protocol C | ratio | target |');
+    log('|---|---|---|---|---|');
+    for (const job of fioJobs) {
+      const s = median(results.standalone[job.name]);
+      const r = median(results.replicated[job.name]);
+      log(`| ${job.name} (${job.unit}) | ${s.toFixed(0)} | ${r.toFixed(0)} | ${(r / s).toFixed(2)}x | >= ${job.bound}x |`);
+    }
+    const fuaStandalone = median(results.standalone.fua);
+    const fuaReplicated = median(results.replicated.fua);
+    const fuaBound = (fuaStandalone + rttUs) * 1.1;
+    log(`| QD1 4k FUA write p50 (us) | ${fuaStandalone.toFixed(0)} | ${fuaReplicated.toFixed(0)} | bound ${(fuaBound).toFixed(0)} = (standalone + RTT ${rttUs.toFixed(0)}) x 1.1 | ${fuaReplicated <= fuaBound ? 'met' : 'missed'} |`);
+
+    // Resync: full sync of random data, and a bitmap resync after the Secondary missed scattered writes.
+    const rawMiBps = rawBackingWriteMiBps(dir);
+    const tcpMiBps = await loopbackTcpMiBps();
+    const limit = Math.min(rawMiBps, tcpMiBps);
+    const pairDir = fs.mkdtempSync(path.join(dir, 'resync-'));
+    const pair = new Pair(pairDir, 'C');
+    await pair.setup({ prefillRandom: true });
+    await pair.up('alice');
+    await pair.up('bob');
+    await pair.connected();
+    const start = Date.now();
+    pair.cli('alice', 'primary', '--force');
+    await pair.inSync();
+    const seconds = (Date.now() - start) / 1000;
+    const resyncMiBps = sizeMiB / seconds;
+    log(`| full resync of random data (MiB/s) | min(raw write ${rawMiBps.toFixed(0)}, loopback TCP ${tcpMiBps.toFixed(0)}) = ${limit.toFixed(0)} | ${resyncMiBps.toFixed(0)} | ${(resyncMiBps / limit).toFixed(2)}x | >= 0.9x |`);
+
+    await pair.down('bob');
+    const dirtySource = path.join(pairDir, 'dirty.fio');
+    fs.writeFileSync(dirtySource, ['[global]', 'ioengine=nbd', `uri=${pair.uri('alice')}`, `size=${sizeMiB}m`,
+      '[scatter]', 'rw=randwrite', 'bs=64k', `io_size=${Math.round(sizeMiB / 8)}m`, 'iodepth=8', 'randrepeat=0', ''].join('\n'));
+    sh('fio', ['--output-format=json', dirtySource]);
+    const dirtyBytes = pair.status('alice').outOfSyncBytes;
+    const sentBefore = pair.status('alice').counters.resyncSentBytes;
+    await pair.up('bob');
+    await pair.inSync();
+    const sentBytes = pair.status('alice').counters.resyncSentBytes - sentBefore;
+    const receivedBytes = pair.status('bob').counters.resyncReceivedBytes;
+    log(`| bitmap resync: bytes sent / dirty bytes | dirty ${(dirtyBytes / 1048576).toFixed(1)} MiB | sent ${(sentBytes / 1048576).toFixed(1)} MiB (received ${(receivedBytes / 1048576).toFixed(1)}) | ${(sentBytes / dirtyBytes).toFixed(3)}x | <= 1.05x |`);
+    pair.sampleRss();
+    peakRssMiB = Math.max(peakRssMiB, pair.peakRssMiB);
+    pair.cli('alice', 'secondary');
+    await pair.down('alice');
+    await pair.down('bob');
+    log(`| daemon peak RSS (MiB, VmHWM) | | ${peakRssMiB.toFixed(0)} | | < 256 |`);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  if (outPath !== null) fs.writeFileSync(outPath, lines.join('\n') + '\n');
+}
+
+main().catch((error) => {
+  console.error(error);
+  process.exit(1);
+});
