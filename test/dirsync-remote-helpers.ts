@@ -62,6 +62,8 @@ export interface Proxy {
   port: number;
   /** Bytes forwarded client -> server so far. */
   upstreamBytes(): number;
+  /** From now on drop every byte both ways and keep the connections open (a black-holed network path). */
+  blackHole(): void;
   close(): Promise<void>;
 }
 
@@ -72,6 +74,7 @@ export interface Proxy {
 export async function startProxy(targetPort: number, cutAfterBytes?: number): Promise<Proxy> {
   const sockets = new Set<Socket>();
   let upstream = 0;
+  let dropping = false;
   const server: Server = createServer((client) => {
     const target = connect({ host: '127.0.0.1', port: targetPort });
     sockets.add(client);
@@ -82,6 +85,7 @@ export async function startProxy(targetPort: number, cutAfterBytes?: number): Pr
       target.destroy();
     };
     client.on('data', (chunk: Buffer) => {
+      if (dropping) return;
       forwarded += chunk.length;
       upstream += chunk.length;
       if (cutAfterBytes !== undefined && forwarded >= cutAfterBytes) {
@@ -90,7 +94,9 @@ export async function startProxy(targetPort: number, cutAfterBytes?: number): Pr
       }
       target.write(chunk);
     });
-    target.on('data', (chunk: Buffer) => client.write(chunk));
+    target.on('data', (chunk: Buffer) => {
+      if (!dropping) client.write(chunk);
+    });
     client.on('close', cut);
     target.on('close', cut);
     client.on('error', () => undefined);
@@ -102,6 +108,9 @@ export async function startProxy(targetPort: number, cutAfterBytes?: number): Pr
   return {
     port: address.port,
     upstreamBytes: () => upstream,
+    blackHole: () => {
+      dropping = true;
+    },
     close: () =>
       new Promise((resolve) => {
         for (const socket of sockets) socket.destroy();

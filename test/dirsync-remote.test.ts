@@ -301,6 +301,27 @@ describe('tcp:// failures mid-transfer', () => {
     await oldContentSurvives(() => undefined, 'cut.bin');
   });
 
+  // Proves a black-holed path (proxy drops everything, connections stay open) is noticed by the ping timeout
+  // (2 s here) instead of hanging: the pending write fails with ECONN and the old content stays.
+  it('a black-holed connection times out instead of hanging', async () => {
+    const dir = join(serverRoot, 'tree');
+    const old = randomBytes(1 << 20);
+    await writeFile(join(dir, 'holed.bin'), old);
+    const proxy = await startProxy(server.port);
+    cleanups.push(() => proxy.close());
+    const replica = await openRemoteReplica(`tcp://127.0.0.1:${proxy.port}/tree`, { secretFile, compress: false, peerTimeoutMs: 2000 });
+    cleanups.push(() => replica.close());
+    await replica.open();
+    const scanned = (await replica.stat('holed.bin'))!;
+    proxy.blackHole();
+    await expectCode(
+      replica.writeFile({ path: 'holed.bin', precondition: scanned, mode: 0o644, content: { kind: 'full', source: await contentOf(randomBytes(8 << 20)) } }),
+      'ECONN',
+      /did not answer for 2000 ms/,
+    );
+    expect((await readFile(join(dir, 'holed.bin'))).equals(old)).toBe(true);
+  });
+
   // Proves a server killed with SIGKILL mid-upload leaves the old content; a new server serves the tree again.
   it('a server killed with SIGKILL leaves the old content', async () => {
     const dir = join(serverRoot, 'tree');

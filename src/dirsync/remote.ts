@@ -34,6 +34,8 @@ export interface RemoteOptions {
   sshCommand?: string;
   /** lz4 on the wire when it pays (default true). */
   compress?: boolean;
+  /** Declare the connection dead after this long without a word from the server (default 5 min). */
+  peerTimeoutMs?: number;
   log?: Logger;
 }
 
@@ -371,8 +373,9 @@ function sshTransport(url: RemoteUrl, options: RemoteOptions): SshTransport {
  */
 export async function openRemoteReplica(rootUrl: string, options: RemoteOptions = {}): Promise<RemoteReplica> {
   const url = parseRemoteUrl(rootUrl);
-  const connectionOptions: { secret?: Buffer; compress?: boolean } = {};
+  const connectionOptions: { secret?: Buffer; compress?: boolean; peerTimeoutMs?: number } = {};
   if (options.compress !== undefined) connectionOptions.compress = options.compress;
+  if (options.peerTimeoutMs !== undefined) connectionOptions.peerTimeoutMs = options.peerTimeoutMs;
   if (url.scheme === 'tcp') {
     const secret = await loadSecret(options.secretFile);
     if (secret === undefined) {

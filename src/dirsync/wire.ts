@@ -48,8 +48,20 @@ export const FrameType = {
   ABORT: 10,
   CREDIT: 11,
   CANCEL: 12,
+  PING: 13,
+  PONG: 14,
 } as const;
-const FRAME_TYPE_MAX = 12;
+const FRAME_TYPE_MAX = 14;
+
+/**
+ * The client pings; a client that hears nothing (no PONG, no data) from the server for this long declares the
+ * connection dead: TCP alone would take ~11 minutes to notice a black-holed path. Generous because the server
+ * does file I/O synchronously and cannot answer while hashing a big batch. DRBDTS_DIRSYNC_PEER_TIMEOUT_MS
+ * overrides it.
+ */
+export const PEER_TIMEOUT_MS = 300_000;
+/** The server closes a connection from which nothing (not even a PING) arrived for this long. */
+export const CLIENT_IDLE_TIMEOUT_MS = 30 * 60_000;
 const FLAG_COMPRESSED = 1;
 const FLAG_STREAM = 2;
 
@@ -272,6 +284,8 @@ export interface ConnectionOptions {
   secret?: Buffer;
   /** lz4 on the wire for payloads that shrink (default true). */
   compress?: boolean;
+  /** Client: how long the server may stay silent before the connection is declared dead (default PEER_TIMEOUT_MS). */
+  peerTimeoutMs?: number;
 }
 
 export interface IncomingRequest {
@@ -328,6 +342,8 @@ export class WireConnection {
   private incompressibleStreak = 0;
   private skipCompressionCount = 0;
   private compressBuffer: Buffer | undefined;
+  private lastReceivedAt = Date.now();
+  private livenessTimer: NodeJS.Timeout | undefined;
 
   private constructor(
     private readonly transport: Transport,
@@ -351,6 +367,26 @@ export class WireConnection {
     this.counters.bytesSent += MAGIC.length;
   }
 
+  /**
+   * Liveness: the client pings every quarter of the timeout and gives up when the server stays silent longer
+   * than the timeout; the server only watches for silence (a live client pings).
+   */
+  private startLiveness(role: 'client' | 'server', timeoutMs: number): void {
+    assert(timeoutMs > 0, 'liveness timeout');
+    const intervalMs = role === 'client' ? Math.max(250, Math.floor(timeoutMs / 4)) : Math.max(1000, Math.floor(timeoutMs / 10));
+    this.livenessTimer = setInterval(() => {
+      if (Date.now() - this.lastReceivedAt > timeoutMs) {
+        this.shutdown(
+          new ReplicaError('ECONN', `${this.description} did not answer for ${timeoutMs} ms (network down or peer stuck); connection dropped`),
+        );
+        this.transport.destroy();
+        return;
+      }
+      if (role === 'client') this.sendControl(FrameType.PING, 0);
+    }, intervalMs);
+    this.livenessTimer.unref();
+  }
+
   get description(): string {
     return this.transport.description;
   }
@@ -366,6 +402,8 @@ export class WireConnection {
       throw error;
     }
     connection.frameHandler = (type, flags, callId, payload) => connection.onFrame(type, flags, callId, payload);
+    const fromEnv = Number(process.env.DRBDTS_DIRSYNC_PEER_TIMEOUT_MS);
+    connection.startLiveness('client', options.peerTimeoutMs ?? (fromEnv > 0 ? fromEnv : PEER_TIMEOUT_MS));
     return connection;
   }
 
@@ -385,6 +423,7 @@ export class WireConnection {
     }
     connection.requestHandler = handler;
     connection.frameHandler = (type, flags, callId, payload) => connection.onFrame(type, flags, callId, payload);
+    connection.startLiveness('server', CLIENT_IDLE_TIMEOUT_MS);
     return connection;
   }
 
@@ -514,6 +553,7 @@ export class WireConnection {
 
   private onData(chunk: Buffer): void {
     this.counters.bytesReceived += chunk.length;
+    this.lastReceivedAt = Date.now();
     if (this.closedError !== undefined) return;
     this.received.push(chunk);
     this.receivedBytes += chunk.length;
@@ -666,6 +706,11 @@ export class WireConnection {
         if (state !== undefined) this.cancelOutgoing(callId, state);
         return;
       }
+      case FrameType.PING:
+        this.sendControl(FrameType.PONG, callId);
+        return;
+      case FrameType.PONG:
+        return; // arrival alone proves liveness (lastReceivedAt)
       default:
         throw new ReplicaError('EPROTO', `${this.description} sent frame type ${type} out of place`);
     }
@@ -822,6 +867,7 @@ export class WireConnection {
   private shutdown(error: Error): void {
     if (this.closedError !== undefined) return;
     this.closedError = error;
+    clearInterval(this.livenessTimer);
     for (const call of this.pending.values()) call.reject(error);
     this.pending.clear();
     for (const stream of this.incoming.values()) stream.fail(error);
