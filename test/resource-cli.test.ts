@@ -188,6 +188,9 @@ describe('drbdts against two running daemons', () => {
     expect(paused.stdout).toMatch(/replication:PausedSyncT peer-disk:UpToDate done:\d+\.\d\d/);
     const pausedLine = await cli('alice', 'resync');
     expect(pausedLine.stdout).toMatch(/resync to bob \(PausedSyncS\) .* paused\n$/);
+    // On a terminal (script(1) gives the CLI a pty) the line is a bar redrawn in place.
+    const tty = await promisify(execFile)('script', ['-qfec', `${process.execPath} ${cliPath} resync r0 --config ${resource.file} --node bob`, '/dev/null']);
+    expect(tty.stdout).toMatch(/\r\x1b\[2Kr0 from alice \[[=> ]+\] \d+\.\d\d% [\d.]+ (KiB|MiB)\/64\.0 MiB paused/);
     const resumed = await cli('bob', 'resync', 'resume', '--rate', '1GiB');
     expect(resumed.code, resumed.stderr).toBe(0);
     const wait = await cli('bob', 'resync', '--wait', '--interval', '0.2');
@@ -198,8 +201,12 @@ describe('drbdts against two running daemons', () => {
   });
 
   it('disconnects, reconnects, verifies, makes a new generation, and streams events', async () => {
+    const stream = await spawnUntil(process.execPath, [cliPath, 'events2', 'r0', '--config', resource.file, '--node', 'alice', '--interval', '0.2'], /exists -\n/);
     expect((await cli('alice', 'disconnect')).code).toBe(0);
     await until('StandAlone', async () => (await status('alice')).connection === 'StandAlone');
+    await until('events2 change line', async () => /^change connection name:r0 peer-node-id:1 conn-name:bob connection:StandAlone/m.test(stream.output()), 10_000);
+    stream.child.kill('SIGTERM');
+    await waitExit(stream.child);
     expect((await cli('alice', 'status')).stdout).toContain('  bob connection:StandAlone\n');
     expect((await cli('alice', 'new-current-uuid')).code).toBe(0);
     expect((await cli('alice', 'connect')).code).toBe(0);

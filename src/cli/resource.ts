@@ -316,6 +316,8 @@ async function resync(options: Options): Promise<number> {
     else if (tty) out(`\r\x1b[2K${renderResyncLine(s, barWidth)}${final ? '\n' : ''}`);
     else out(`${renderResyncLine(s, null)}\n`);
   };
+  // Ctrl-C while a bar is drawn: end the line so the shell prompt does not land on top of it.
+  if (tty) process.once('SIGINT', () => { out('\n'); process.exit(130); });
   let current = (await request(target, 'status')) as ResourceStatus;
   if (!options.flags.has('wait')) {
     show(current, true);
