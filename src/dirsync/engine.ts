@@ -163,6 +163,31 @@ function modeOf(entry: EntryStat): number {
   return entry.kind === 'symlink' ? 0 : entry.mode;
 }
 
+function archivesEqual(before: Map<string, ArchiveEntry>, after: Map<string, ArchiveEntry>): boolean {
+  if (before.size !== after.size) return false;
+  for (const [path, entry] of after) {
+    const old = before.get(path);
+    if (old === entry) continue;
+    if (
+      old === undefined ||
+      old.kind !== entry.kind ||
+      old.sizeBytes !== entry.sizeBytes ||
+      old.fingerprint !== entry.fingerprint ||
+      old.mode !== entry.mode ||
+      old.linkTarget !== entry.linkTarget ||
+      old.mtime1Ms !== entry.mtime1Ms ||
+      old.ctime1Ms !== entry.ctime1Ms ||
+      old.inode1 !== entry.inode1 ||
+      old.mtime2Ms !== entry.mtime2Ms ||
+      old.ctime2Ms !== entry.ctime2Ms ||
+      old.inode2 !== entry.inode2
+    ) {
+      return false;
+    }
+  }
+  return true;
+}
+
 export class SyncEngine {
   private readonly options: SyncOptions;
   private readonly replicas: [Replica, Replica];
@@ -222,7 +247,8 @@ export class SyncEngine {
       if (proceed) {
         await this.propagate(actions);
         const newArchive = this.buildArchive(actions);
-        await saveArchive(file, swapped, { root1Id: id1, root2Id: id2 }, newArchive);
+        // Nothing changed (the common cron case): skip the write and its two fsyncs.
+        if (!archivesEqual(this.archive, newArchive)) await saveArchive(file, swapped, { root1Id: id1, root2Id: id2 }, newArchive);
       } else if (!this.options.dryRun) {
         // The user declined: everything planned is skipped (exit 1). A dry run leaves items 'planned'.
         for (const action of actions) if (action.item.status === 'planned' && action.item.action !== 'equal') action.item.status = 'skipped';
