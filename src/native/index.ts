@@ -217,6 +217,9 @@ export class FileIoQueue {
   private ringCount = 0;
   private drainWaiters: (() => void)[] = [];
   private readonly dispatchBound = () => this.dispatch();
+  /** Thread-pool hops so far, and operations they carried: their ratio is the batching achieved. */
+  hops = 0;
+  operations = 0;
 
   constructor(fd: number, options: FileIoQueueOptions = {}) {
     checkFd(fd);
@@ -336,6 +339,8 @@ export class FileIoQueue {
         count++;
       }
       batch.count = count;
+      this.hops++;
+      this.operations += count;
       this.batchesInFlight++;
       try {
         addon.ioBatch(this.fd, count, batch.kinds, batch.offsets, batch.buffers, batch.results, batch.onDone);
