@@ -188,6 +188,16 @@ describe('tcp:// replica calls', () => {
     expect((await readFile(join(serverRoot, 'tree', 'copy.txt'))).equals(text)).toBe(true);
   });
 
+  // Proves a range bigger than one frame (16 MiB) is fetched whole, and a range past the end comes back short.
+  it('reads a 20 MiB range in pieces', async () => {
+    const data = randomBytes(20 << 20);
+    await writeFile(join(serverRoot, 'tree', 'range.bin'), data);
+    const replica = await remote();
+    await replica.open();
+    expect((await replica.readRange('range.bin', 0, data.length)).equals(data)).toBe(true);
+    expect((await replica.readRange('range.bin', data.length - 10, 100)).equals(data.subarray(data.length - 10))).toBe(true);
+  });
+
   // Proves many calls multiplex on one connection: 16 concurrent writes all land intact.
   it('runs 16 transfers at once on one connection', async () => {
     const replica = await remote();

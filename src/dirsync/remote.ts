@@ -119,6 +119,8 @@ export function decodeScanEntry(row: unknown): ScanEntry {
 /** hashFiles requests are cut into batches of this many paths (bounded frames), several in flight. */
 const HASH_BATCH_PATHS = 1000;
 const HASH_BATCHES_IN_FLIGHT = 4;
+/** readRange is answered in one frame, so ranges are requested in pieces of at most this size. */
+const READ_RANGE_PIECE_BYTES = 8 << 20;
 
 export class RemoteReplica implements Replica {
   constructor(
@@ -205,8 +207,18 @@ export class RemoteReplica implements Replica {
   }
 
   async readRange(path: string, offsetBytes: number, lengthBytes: number): Promise<Buffer> {
-    const reply = await this.call('readRange', { path, offsetBytes, lengthBytes });
-    return reply.binary ?? Buffer.alloc(0);
+    // Replies must fit a frame: big ranges are fetched in pieces (short at end of file, as the local replica).
+    const parts: Buffer[] = [];
+    let done = 0;
+    while (done < lengthBytes) {
+      const want = Math.min(READ_RANGE_PIECE_BYTES, lengthBytes - done);
+      const reply = await this.call('readRange', { path, offsetBytes: offsetBytes + done, lengthBytes: want });
+      const piece = reply.binary ?? Buffer.alloc(0);
+      parts.push(piece);
+      done += piece.length;
+      if (piece.length < want) break;
+    }
+    return parts.length === 1 ? parts[0]! : Buffer.concat(parts);
   }
 
   async signature(path: string, expect: EntryStat): Promise<Buffer> {

@@ -171,6 +171,8 @@ export class IncomingStream implements AsyncIterable<Buffer> {
   private failure: Error | undefined;
   private wake: (() => void) | undefined;
   private consumedSinceCredit = 0;
+  /** Bytes received and not yet credited back to the sender. */
+  private unacknowledgedBytes = 0;
   private iterated = false;
   private resolveEnd!: (value: unknown) => void;
   private rejectEnd!: (error: Error) => void;
@@ -190,6 +192,12 @@ export class IncomingStream implements AsyncIterable<Buffer> {
 
   /** @internal */ push(chunk: Buffer): void {
     if (this.finished) return;
+    // The sender may overshoot its credit by at most one chunk; more means it ignores flow control, and
+    // queueing it would let a peer exhaust our memory.
+    this.unacknowledgedBytes += chunk.length;
+    if (this.unacknowledgedBytes > STREAM_WINDOW_BYTES + STREAM_CHUNK_MAX_BYTES) {
+      throw new ReplicaError('EPROTO', 'peer sent stream data beyond its credit (flow control violated)');
+    }
     this.queue.push(chunk);
     this.wake?.();
   }
@@ -239,6 +247,7 @@ export class IncomingStream implements AsyncIterable<Buffer> {
           this.consumedSinceCredit += chunk.length;
           if (this.consumedSinceCredit >= CREDIT_STEP_BYTES && !this.finished) {
             this.connection.sendCredit(this.callId, this.consumedSinceCredit);
+            this.unacknowledgedBytes -= this.consumedSinceCredit;
             this.consumedSinceCredit = 0;
           }
           yield chunk;
@@ -722,17 +731,23 @@ export class WireConnection {
       let reply: OutgoingReply;
       try {
         reply = await handler(request);
+        this.sendPayload(
+          FrameType.RESPONSE,
+          reply.stream ? FLAG_STREAM : 0,
+          request.callId,
+          encodePayload(reply.json, reply.binary),
+        );
       } catch (error) {
-        this.sendPayload(FrameType.ERROR, 0, request.callId, encodePayload(errorToJson(error)));
+        // Also a reply that cannot be sent (over the frame limit) becomes an error for the caller, never a crash.
         this.discardUpload(request);
+        try {
+          this.sendPayload(FrameType.ERROR, 0, request.callId, encodePayload(errorToJson(error)));
+        } catch (sendError) {
+          this.shutdown(new ReplicaError('EPROTO', `cannot answer ${request.method}: ${(sendError as Error).message}`));
+          this.transport.destroy();
+        }
         return;
       }
-      this.sendPayload(
-        FrameType.RESPONSE,
-        reply.stream ? FLAG_STREAM : 0,
-        request.callId,
-        encodePayload(reply.json, reply.binary),
-      );
       this.discardUpload(request);
       if (reply.stream !== undefined) this.startOutgoing(request.callId, reply.stream);
     })();
