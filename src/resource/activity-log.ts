@@ -52,12 +52,21 @@ interface Waiter {
 
 const RESOLVED: Promise<void> = Promise.resolve();
 
+interface HotSlot {
+  refs: number;
+  lastUsedTick: number;
+}
+
 export class ActivityLog {
   readonly dataSizeBytes: number;
   readonly maxHotExtents: number;
   readonly extentCount: number;
-  /** Hot extent -> writes in flight. Map order is LRU order (oldest first): a touch re-inserts. */
-  readonly #hot = new Map<number, number>();
+  /**
+   * Hot extent -> its slot: writes in flight and the tick of its last use (LRU). Slots are mutated in place so
+   * that the hot path (a write to a hot extent) allocates nothing and never reshapes the map.
+   */
+  readonly #hot = new Map<number, HotSlot>();
+  #tick = 0;
   readonly #evicting = new Set<number>();
   /** Wide writes in flight, each persisted as a range before it started. */
   readonly #wide: ExtentRange[] = [];
@@ -74,7 +83,7 @@ export class ActivityLog {
     this.extentCount = Math.ceil(options.dataSizeBytes / AL_EXTENT_BYTES);
     this.#persist = options.persist;
     for (const extent of options.initialHot ?? []) {
-      if (extent < this.extentCount && this.#hot.size < this.maxHotExtents) this.#hot.set(extent, 0);
+      if (extent < this.extentCount && this.#hot.size < this.maxHotExtents) this.#hot.set(extent, { refs: 0, lastUsedTick: 0 });
     }
   }
 
@@ -100,12 +109,11 @@ export class ActivityLog {
     return this.#inFlight;
   }
 
-  #extents(offsetBytes: number, lengthBytes: number): [number, number] {
-    assert.ok(lengthBytes > 0 && offsetBytes >= 0 && offsetBytes + lengthBytes <= this.dataSizeBytes,
-      `activity log range ${offsetBytes}+${lengthBytes} outside ${this.dataSizeBytes}`);
-    const first = Math.floor(offsetBytes / AL_EXTENT_BYTES);
-    const last = Math.floor((offsetBytes + lengthBytes - 1) / AL_EXTENT_BYTES);
-    return [first, last];
+  #checkRange(offsetBytes: number, lengthBytes: number): void {
+    // `if` first: a template-literal message would be built on every call of the hot path.
+    if (!(lengthBytes > 0 && offsetBytes >= 0 && offsetBytes + lengthBytes <= this.dataSizeBytes)) {
+      assert.fail(`activity log range ${offsetBytes}+${lengthBytes} outside ${this.dataSizeBytes}`);
+    }
   }
 
   #allHot(first: number, last: number): boolean {
@@ -116,17 +124,19 @@ export class ActivityLog {
   }
 
   #take(first: number, last: number): void {
+    this.#tick += 1;
     for (let extent = first; extent <= last; extent += 1) {
-      const refs = this.#hot.get(extent)!;
-      // Re-insert to move it to the most recently used end.
-      this.#hot.delete(extent);
-      this.#hot.set(extent, refs + 1);
+      const slot = this.#hot.get(extent)!;
+      slot.refs += 1;
+      slot.lastUsedTick = this.#tick;
     }
     this.#inFlight += 1;
   }
 
   beginWrite(offsetBytes: number, lengthBytes: number): Promise<void> {
-    const [first, last] = this.#extents(offsetBytes, lengthBytes);
+    this.#checkRange(offsetBytes, lengthBytes);
+    const first = Math.floor(offsetBytes / AL_EXTENT_BYTES);
+    const last = Math.floor((offsetBytes + lengthBytes - 1) / AL_EXTENT_BYTES);
     if (last - first + 1 > AL_WIDE_SPAN_EXTENTS) {
       return new Promise<void>((resolve, reject) => {
         this.#waiters.push({ firstExtent: first, lastExtent: last, wide: true, resolve, reject });
@@ -146,7 +156,9 @@ export class ActivityLog {
   }
 
   endWrite(offsetBytes: number, lengthBytes: number): void {
-    const [first, last] = this.#extents(offsetBytes, lengthBytes);
+    this.#checkRange(offsetBytes, lengthBytes);
+    const first = Math.floor(offsetBytes / AL_EXTENT_BYTES);
+    const last = Math.floor((offsetBytes + lengthBytes - 1) / AL_EXTENT_BYTES);
     if (last - first + 1 > AL_WIDE_SPAN_EXTENTS) {
       const index = this.#wide.findIndex((range) => range.firstExtent === first && range.lastExtent === last);
       assert.ok(index !== -1, `endWrite on a wide range ${first}..${last} without a beginWrite`);
@@ -157,11 +169,11 @@ export class ActivityLog {
       return;
     }
     for (let extent = first; extent <= last; extent += 1) {
-      const refs = this.#hot.get(extent);
-      assert.ok(refs !== undefined && refs > 0, `endWrite on extent ${extent} without a beginWrite`);
-      this.#hot.set(extent, refs - 1);
+      const slot = this.#hot.get(extent);
+      if (slot === undefined || slot.refs <= 0) assert.fail(`endWrite on extent ${extent} without a beginWrite`);
+      slot.refs -= 1;
     }
-    assert.ok(this.#inFlight > 0);
+    if (this.#inFlight <= 0) assert.fail('endWrite with no write in flight');
     this.#inFlight -= 1;
     if (this.#waiters.length > 0) this.#schedule();
   }
@@ -189,7 +201,7 @@ export class ActivityLog {
         const reserved = new Set<number>(); // idle hot extents an admitted waiter will use: not evictable
         const admitted: Waiter[] = [];
         let idle = 0;
-        for (const refs of this.#hot.values()) if (refs === 0) idle += 1;
+        for (const slot of this.#hot.values()) if (slot.refs === 0) idle += 1;
         let room = this.maxHotExtents - this.#hot.size + idle;
         let wideRoom = AL_WIDE_MAX - this.#wide.length;
         for (const waiter of this.#waiters) {
@@ -201,20 +213,22 @@ export class ActivityLog {
           }
           let cost = 0;
           for (let extent = waiter.firstExtent; extent <= waiter.lastExtent; extent += 1) {
-            const refs = this.#hot.get(extent);
+            const refs = this.#hot.get(extent)?.refs;
             if (refs === undefined ? !needed.has(extent) : refs === 0 && !reserved.has(extent)) cost += 1;
           }
           if (cost > room) break;
           room -= cost;
           for (let extent = waiter.firstExtent; extent <= waiter.lastExtent; extent += 1) {
-            const refs = this.#hot.get(extent);
+            const refs = this.#hot.get(extent)?.refs;
             if (refs === undefined) needed.add(extent);
             else if (refs === 0) reserved.add(extent);
           }
           admitted.push(waiter);
         }
+        // Least recently used first. A scan of the hot set per transaction: transactions are the rare path.
         const evictable: number[] = [];
-        for (const [extent, refs] of this.#hot) if (refs === 0 && !reserved.has(extent)) evictable.push(extent);
+        for (const [extent, slot] of this.#hot) if (slot.refs === 0 && !reserved.has(extent)) evictable.push(extent);
+        evictable.sort((a, b) => this.#hot.get(a)!.lastUsedTick - this.#hot.get(b)!.lastUsedTick);
         if (admitted.length === 0) return; // no room: endWrite() reschedules when an extent frees up
         let overflow = this.#hot.size + needed.size - this.maxHotExtents;
         const evicted: number[] = [];
@@ -246,11 +260,11 @@ export class ActivityLog {
         this.#transactions += 1;
         for (const extent of evicted) {
           // Nothing can have taken a reference: evicting extents count as cold for beginWrite.
-          assert.equal(this.#hot.get(extent), 0, `evicted extent ${extent} gained a writer`);
+          assert.equal(this.#hot.get(extent)!.refs, 0, `evicted extent ${extent} gained a writer`);
           this.#hot.delete(extent);
           this.#evicting.delete(extent);
         }
-        for (const extent of needed) this.#hot.set(extent, 0);
+        for (const extent of needed) this.#hot.set(extent, { refs: 0, lastUsedTick: this.#tick });
         for (const waiter of admitted) {
           this.#waiters.splice(this.#waiters.indexOf(waiter), 1);
           if (waiter.wide) {

@@ -3,6 +3,8 @@
 // status request) and a per-page dirty mark so that Metadata writes back only the 4 KiB pages that changed:
 // a 1 TiB device has a 32 MiB bitmap, and rewriting all of it per AL transaction would be absurd.
 import assert from 'node:assert/strict';
+// Invariant checks are written `if (!cond) assert.fail(message)`: assert.ok(cond, `template`) would build the
+// message string on every call, and setRange/isSet sit on the write and resync paths.
 
 export const BITMAP_BLOCK_BYTES = 4096;
 export const BITMAP_PAGE_BYTES = 4096;
@@ -26,7 +28,7 @@ export class Bitmap {
   #dirtyPageCount = 0;
 
   constructor(dataSizeBytes: number) {
-    assert.ok(Number.isSafeInteger(dataSizeBytes) && dataSizeBytes >= 0, `bad data size ${dataSizeBytes}`);
+    if (!(Number.isSafeInteger(dataSizeBytes) && dataSizeBytes >= 0)) assert.fail(`bad data size ${dataSizeBytes}`);
     this.dataSizeBytes = dataSizeBytes;
     this.blockCount = Math.ceil(dataSizeBytes / BITMAP_BLOCK_BYTES);
     // Whole 8-byte words on disk so a 64-bit reader (or a future wire format) never sees a partial word.
@@ -50,8 +52,9 @@ export class Bitmap {
 
   /** Sets or clears blocks [start, start+count); returns how many bits changed. */
   #apply(startBlock: number, countBlocks: number, set: boolean): number {
-    assert.ok(startBlock >= 0 && countBlocks >= 0 && startBlock + countBlocks <= this.blockCount,
-      `bitmap range ${startBlock}+${countBlocks} outside ${this.blockCount} blocks`);
+    if (!(startBlock >= 0 && countBlocks >= 0 && startBlock + countBlocks <= this.blockCount)) {
+      assert.fail(`bitmap range ${startBlock}+${countBlocks} outside ${this.blockCount} blocks`);
+    }
     let changed = 0;
     let block = startBlock;
     const end = startBlock + countBlocks;
@@ -86,8 +89,9 @@ export class Bitmap {
   /** Marks every block the byte range touches (a partial block is out of sync as a whole). */
   setRange(offsetBytes: number, lengthBytes: number): number {
     if (lengthBytes === 0) return 0;
-    assert.ok(offsetBytes >= 0 && offsetBytes + lengthBytes <= this.dataSizeBytes,
-      `bitmap setRange ${offsetBytes}+${lengthBytes} outside ${this.dataSizeBytes}`);
+    if (!(offsetBytes >= 0 && offsetBytes + lengthBytes <= this.dataSizeBytes)) {
+      assert.fail(`bitmap setRange ${offsetBytes}+${lengthBytes} outside ${this.dataSizeBytes}`);
+    }
     const first = Math.floor(offsetBytes / BITMAP_BLOCK_BYTES);
     const last = Math.floor((offsetBytes + lengthBytes - 1) / BITMAP_BLOCK_BYTES);
     return this.#apply(first, last - first + 1, true);
@@ -99,8 +103,9 @@ export class Bitmap {
    */
   clearRange(offsetBytes: number, lengthBytes: number): number {
     if (lengthBytes === 0) return 0;
-    assert.ok(offsetBytes >= 0 && offsetBytes + lengthBytes <= this.dataSizeBytes,
-      `bitmap clearRange ${offsetBytes}+${lengthBytes} outside ${this.dataSizeBytes}`);
+    if (!(offsetBytes >= 0 && offsetBytes + lengthBytes <= this.dataSizeBytes)) {
+      assert.fail(`bitmap clearRange ${offsetBytes}+${lengthBytes} outside ${this.dataSizeBytes}`);
+    }
     const first = Math.ceil(offsetBytes / BITMAP_BLOCK_BYTES);
     const endByte = offsetBytes + lengthBytes;
     const end = endByte === this.dataSizeBytes ? this.blockCount : Math.floor(endByte / BITMAP_BLOCK_BYTES);
@@ -109,7 +114,7 @@ export class Bitmap {
   }
 
   isSet(block: number): boolean {
-    assert.ok(block >= 0 && block < this.blockCount, `block ${block} outside ${this.blockCount}`);
+    if (!(block >= 0 && block < this.blockCount)) assert.fail(`block ${block} outside ${this.blockCount}`);
     return ((this.#words[Math.floor(block / BITS_PER_WORD)]! >>> (block % BITS_PER_WORD)) & 1) === 1;
   }
 
@@ -192,7 +197,9 @@ export class Bitmap {
 
   /** Replaces the contents with `buffer` (byteLength bytes, as toBuffer() gives); marks changed pages dirty. */
   loadFrom(buffer: Buffer): void {
-    assert.ok(buffer.length >= this.byteLength, `bitmap buffer ${buffer.length} bytes, need ${this.byteLength}`);
+    if (!(buffer.length >= this.byteLength)) {
+      assert.fail(`bitmap buffer ${buffer.length} bytes, need ${this.byteLength}`);
+    }
     const theirs = new Uint32Array(this.byteLength / 4);
     Buffer.from(theirs.buffer).set(buffer.subarray(0, this.byteLength));
     // Bits past blockCount must stay clear, or setBits() would count blocks that do not exist.
@@ -243,7 +250,7 @@ export class Bitmap {
   }
 
   pageBuffer(page: number): Buffer {
-    assert.ok(page >= 0 && page < this.pageCount, `bitmap page ${page} outside ${this.pageCount}`);
+    if (!(page >= 0 && page < this.pageCount)) assert.fail(`bitmap page ${page} outside ${this.pageCount}`);
     const start = page * BITMAP_PAGE_BYTES;
     return this.#bytes.subarray(start, Math.min(start + BITMAP_PAGE_BYTES, this.byteLength));
   }
