@@ -19,6 +19,7 @@ import type { Bitmap } from '../resource/bitmap.js';
 import type { ActivityLog } from '../resource/activity-log.js';
 import { FrameFlag, FrameType } from './frame.js';
 import { IntervalGate, type GateEntry } from './gate.js';
+import { receivePool } from './pool.js';
 import { CHANNEL_DATA, CHANNEL_META, type PeerConnection } from './link.js';
 
 export type ReplicationProtocol = 'A' | 'B' | 'C';
@@ -470,6 +471,7 @@ export class ReplicatedDevice implements BlockDevice {
         this.options.logger.error({ err: error, offset, lengthBytes }, 'replicated write failed on this node');
       } finally {
         this.gate.leave(entry);
+        receivePool.release(body);
       }
       connection?.send(CHANNEL_META, ok ? FrameType.WRITE_ACK : FrameType.NEG_ACK, 0, seq, 0);
     };

@@ -96,6 +96,8 @@ export class FrameDecoder {
   constructor(
     private readonly onFrame: FrameHandler,
     private readonly allowedTypes: ReadonlySet<number> | null = null,
+    /** Where bodies spanning chunks are allocated (a pool the consumer gives them back to). */
+    private readonly allocateBody: (lengthBytes: number) => Buffer = Buffer.allocUnsafe,
   ) {}
 
   /** Throws FrameError on garbage; the caller drops the connection. */
@@ -128,7 +130,7 @@ export class FrameDecoder {
           this.onFrame(this.type, this.flags, this.id, this.offset, view);
           continue;
         }
-        this.body = Buffer.allocUnsafe(this.bodyLength);
+        this.body = this.allocateBody(this.bodyLength);
         this.bodyFilled = 0;
       }
       const body = this.body;

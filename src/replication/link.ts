@@ -10,6 +10,7 @@ import { randomBytes } from 'node:crypto';
 import net, { type Socket } from 'node:net';
 import type { Logger } from '../util/log.js';
 import { authResponse, newChallenge, responseMatches } from './auth.js';
+import { receivePool } from './pool.js';
 import { FrameDecoder, FrameError, FrameType, FrameWriter, frameTypeName } from './frame.js';
 import {
   PROTOCOL_VERSION,
@@ -77,7 +78,7 @@ class FrameSocket {
   constructor(readonly socket: Socket) {
     socket.setNoDelay(true);
     this.writer = new FrameWriter(socket);
-    this.decoder = new FrameDecoder((type, flags, id, offset, body) => {
+    const onFrame = (type: number, flags: number, id: number, offset: number, body: Buffer): void => {
       if (this.listener !== null) {
         this.listener(type, flags, id, offset, body);
         return;
@@ -90,7 +91,8 @@ class FrameSocket {
       } else {
         this.queue.push(frame);
       }
-    });
+    };
+    this.decoder = new FrameDecoder(onFrame, null, (lengthBytes) => receivePool.take(lengthBytes));
     socket.on('data', (chunk: Buffer) => {
       try {
         this.decoder.push(chunk);

@@ -13,6 +13,7 @@ import type { Logger } from '../util/log.js';
 import { BITMAP_BLOCK_BYTES } from '../resource/bitmap.js';
 import { FrameFlag, FrameType } from './frame.js';
 import type { ReplicatedDevice } from './device.js';
+import { receivePool } from './pool.js';
 import { CHANNEL_DATA, CHANNEL_META, type PeerConnection } from './link.js';
 
 /** One resync request covers at most this much (a run of dirty bits is split into such requests). */
@@ -238,6 +239,7 @@ export class ResyncTarget {
         return;
       } finally {
         device.gate.leave(entry);
+        receivePool.release(body);
       }
       finish();
     })();
