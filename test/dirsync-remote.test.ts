@@ -269,6 +269,61 @@ describe('tcp:// bad input', () => {
     expect((await replica.open()).rootId).toContain('/tree');
   });
 
+  // Proves an authenticated peer sending garbage (calls with bad paths, unknown methods, bad JSON, stray chunks,
+  // malformed credit, then a bad frame header and random bytes) cannot crash the server: it answers errors or
+  // drops that connection, and keeps serving others. 20 rounds, each cutting the list at a different point.
+  it('survives garbage after a successful handshake (20 seeds)', async () => {
+    const { createHmac } = await import('node:crypto');
+    const frame = (type: number, payload: Buffer, callId = 0): Buffer => {
+      const header = Buffer.alloc(12);
+      header.writeUInt32BE(payload.length, 0);
+      header.writeUInt32BE(callId, 4);
+      header[8] = type;
+      return Buffer.concat([header, payload]);
+    };
+    const jsonPayload = (json: unknown): Buffer => {
+      const text = Buffer.from(JSON.stringify(json));
+      const head = Buffer.alloc(4);
+      head.writeUInt32BE(text.length, 0);
+      return Buffer.concat([head, text]);
+    };
+    for (let seed = 1; seed <= 20; seed++) {
+      const socket = connect({ host: '127.0.0.1', port: server.port });
+      socket.on('error', () => undefined);
+      let received = Buffer.alloc(0);
+      socket.on('data', (chunk: Buffer) => (received = Buffer.concat([received, chunk])));
+      const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()));
+      // Wait for MAGIC (17 bytes) + the HELLO frame, then answer the challenge properly.
+      for (let i = 0; i < 100 && (received.length < 29 || received.length < 29 + received.readUInt32BE(17)); i++) {
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+      const helloJson = JSON.parse(received.subarray(33, 29 + received.readUInt32BE(17)).toString()) as { nonce: string };
+      const clientNonce = randomBytes(32).toString('hex');
+      const mac = createHmac('sha256', 'correct horse battery staple')
+        .update(`drbdts-dirsync client\n${helloJson.nonce}\n${clientNonce}`)
+        .digest('hex');
+      socket.write(Buffer.from('DRBDTS-DIRSYNC/1\n'));
+      socket.write(frame(2, jsonPayload({ nonce: clientNonce, mac })));
+      const garbage = [
+        frame(5, jsonPayload({ method: 'open', args: { path: 'tree' } }), 1), // a valid call first
+        frame(5, jsonPayload({ method: 'stat', args: { path: '../../etc/passwd' } }), 2),
+        frame(5, jsonPayload({ method: 'nonsense', args: null }), 3),
+        frame(5, Buffer.from('not json at all'), 4),
+        frame(8, randomBytes(100), 77), // a chunk for no stream
+        frame(11, Buffer.alloc(2), 5), // a malformed credit
+        // A frame header with an unknown type, then random bytes.
+        Buffer.concat([Buffer.from([0, 0, 0, 8, 0, 0, 0, 1, 200, 0, 0, 0]), randomBytes(64 + seed * 37)]),
+      ];
+      socket.write(Buffer.concat(garbage.slice(0, 2 + (seed % 6))));
+      socket.write(garbage[garbage.length - 1]!);
+      await closed; // the server hangs up on the garbage
+      socket.destroy();
+    }
+    const replica = await remote();
+    expect((await replica.open()).rootId).toContain('/tree');
+    expect(server.child.exitCode).toBeNull();
+  });
+
   // Proves roots are confined to --root: "..", a symlink leading outside, and a missing root are refused.
   it('keeps roots inside --root', async () => {
     expect(() => parseRemoteUrl('tcp://127.0.0.1:1/../etc')).toThrow(/"\." or "\.\."/);
