@@ -8,7 +8,9 @@
 // The superblock sits at a fixed distance from the end so `open` finds it without knowing the data size.
 // Superblocks and AL records are written alternately into two slots, each with a sequence number and a
 // SHA-256 over the record: a torn or half-written slot fails its checksum and the other (older, complete)
-// slot is used. Every metadata write is followed by fdatasync before it counts as done.
+// slot is used. A running Metadata writes through a second handle opened O_DSYNC: each write is durable when
+// it returns, and the kernel syncs only that range. An fdatasync on the backing file would also flush every
+// dirty page of the data area (internal meta-disk), which made each AL transaction cost a full writeback.
 //
 // One process at a time: open() takes an exclusive flock on the disk (and the meta file). The kernel drops a
 // flock when its holder dies, so a SIGKILLed daemon leaves no stale lock behind.
@@ -386,7 +388,10 @@ export class Metadata {
   readonly bitmap: Bitmap;
   readonly activityLog: ActivityLog;
   readonly recoveredFromCrash: boolean;
+  /** Holds the flock; used for reads and to close. */
   readonly #handle: fsp.FileHandle;
+  /** O_DSYNC handle for every metadata write (durable on return, only the written range synced). */
+  readonly #syncHandle: fsp.FileHandle;
   /** The data disk's handle when the metadata is external: held only for its lock. */
   readonly #dataHandle: fsp.FileHandle | undefined;
   readonly #layout: Layout;
@@ -400,12 +405,14 @@ export class Metadata {
   #closed = false;
 
   private constructor(args: {
-    diskPath: string; metaDisk: 'internal' | string; handle: fsp.FileHandle; dataHandle: fsp.FileHandle | undefined;
+    diskPath: string; metaDisk: 'internal' | string; handle: fsp.FileHandle; syncHandle: fsp.FileHandle;
+    dataHandle: fsp.FileHandle | undefined;
     layout: Layout; sb: Superblock; bitmap: Bitmap; hot: number[]; alSequence: bigint; recovered: boolean;
   }) {
     this.diskPath = args.diskPath;
     this.metaDisk = args.metaDisk;
     this.#handle = args.handle;
+    this.#syncHandle = args.syncHandle;
     this.#dataHandle = args.dataHandle;
     this.#layout = args.layout;
     this.dataSizeBytes = args.sb.dataSizeBytes;
@@ -556,10 +563,13 @@ export class Metadata {
     const metaPath = metaPathOf(diskPath, metaDisk);
     const dataHandle = internal ? undefined : await openFile(diskPath, 'disk');
     let handle: fsp.FileHandle | undefined;
+    let syncHandle: fsp.FileHandle | undefined;
     try {
       handle = await openFile(metaPath, internal ? 'disk' : 'meta-disk');
       if (dataHandle !== undefined) await lockExclusive(dataHandle, diskPath);
       await lockExclusive(handle, metaPath);
+      // Not flocked: flock is per open file description, and this one must not conflict with `handle`'s lock.
+      syncHandle = await fsp.open(metaPath, fsConstants.O_RDWR | fsConstants.O_DSYNC);
       const fileSizeBytes = await sizeOf(handle, metaPath);
       const found = await readSuperblock(handle, fileSizeBytes);
       if (found === null) {
@@ -604,7 +614,7 @@ export class Metadata {
         }
       }
       const metadata = new Metadata({
-        diskPath, metaDisk, handle, dataHandle, layout, sb, bitmap, hot, alSequence: al?.sequence ?? 0n, recovered,
+        diskPath, metaDisk, handle, syncHandle, dataHandle, layout, sb, bitmap, hot, alSequence: al?.sequence ?? 0n, recovered,
       });
       if (recovered && metadata.flags.wasPrimary) metadata.flags.crashedPrimary = true;
       // Persist "not clean" at once, so a crash from here on is detected on the next open.
@@ -612,6 +622,7 @@ export class Metadata {
       await metadata.writeSuperblock();
       return metadata;
     } catch (error) {
+      await syncHandle?.close();
       await handle?.close();
       await dataHandle?.close();
       throw error;
@@ -666,8 +677,7 @@ export class Metadata {
       flagBits: bitsFromFlags(this.flags, clean), uuids: this.uuids, lastPromotedMs: this.lastPromotedMs,
       createdMs: this.#createdMs, nodeName: this.nodeName, resourceName: this.resourceName,
     }, slot);
-    await writeExactly(this.#handle, record, this.#layout.superblockOffsets[slot as 0 | 1]);
-    await this.#handle.datasync();
+    await writeExactly(this.#syncHandle, record, this.#layout.superblockOffsets[slot as 0 | 1]);
     this.#sequence = sequence;
     this.#superblockWrites += 1;
   }
@@ -689,11 +699,10 @@ export class Metadata {
         while (end < pages.length && pages[end] === pages[end - 1]! + 1 && end - index < 256) end += 1;
         const chunk = Buffer.alloc((end - index) * BITMAP_PAGE_BYTES);
         for (let i = index; i < end; i += 1) this.bitmap.pageBuffer(pages[i]!).copy(chunk, (i - index) * BITMAP_PAGE_BYTES);
-        await writeExactly(this.#handle, chunk, this.#layout.bitmapOffset + pages[index]! * BITMAP_PAGE_BYTES);
+        await writeExactly(this.#syncHandle, chunk, this.#layout.bitmapOffset + pages[index]! * BITMAP_PAGE_BYTES);
         this.#bitmapWrites += 1;
         index = end;
       }
-      await this.#handle.datasync();
     } catch (error) {
       this.bitmap.markPagesDirty(pages);
       throw new MetadataError('EIO', `writing the bitmap of ${this.#layout.metaPath} failed: ${(error as Error).message}`, { cause: error });
@@ -707,8 +716,7 @@ export class Metadata {
       if (evicted.length > 0) await this.#writeBitmapNow();
       const sequence = this.#alSequence + 1n;
       const slot = Number(sequence % 2n) as 0 | 1;
-      await writeExactly(this.#handle, encodeAl(hot, wide, sequence, this.alExtents), this.#layout.alOffsets[slot]);
-      await this.#handle.datasync();
+      await writeExactly(this.#syncHandle, encodeAl(hot, wide, sequence, this.alExtents), this.#layout.alOffsets[slot]);
       this.#alSequence = sequence;
     });
   }
@@ -755,6 +763,7 @@ export class Metadata {
       await this.#writeSuperblockNow(true);
     });
     this.#closed = true;
+    await this.#syncHandle.close();
     await this.#handle.close();
     await this.#dataHandle?.close();
   }
