@@ -13,12 +13,14 @@
 //      and links (bounded parallelism), deferred deletions, properties;
 //   6. commit the archive with exactly the paths that synced, release the lock.
 import { ArchiveError, archivePathFor, loadArchive, PairLock, saveArchive, type ArchiveEntry } from './archive.js';
+import { executeFileOp, type FileOp, type FileOpResult } from './fileop.js';
+import { LocalReplica } from './local.js';
 import {
   ReplicaError,
   sameStat,
   type EntryStat,
-  type Precondition,
   type Replica,
+  type ReplicaErrorCode,
   type ReplicaInfo,
   type ScanEntry,
 } from './replica.js';
@@ -119,6 +121,10 @@ interface Action {
 
 const HASH_BATCH_PATHS = 256;
 const PARALLEL_TRANSFERS = 16;
+/** Below this many files the start-up of copy workers (~30 ms each) costs more than it saves. */
+const WORKER_MIN_FILES = 256;
+const WORKER_SLICE_OPS = 64;
+const DEFAULT_COPY_WORKERS = 3;
 const DEFAULT_DELTA_THRESHOLD_BYTES = 256 * 1024;
 /** Modification-time differences below this are not changes (FAT, some network file systems: 1-2 s granularity). */
 const TIME_TOLERANCE_MS = 1000;
@@ -745,23 +751,38 @@ export class SyncEngine {
       report();
     }
 
-    // Phase 2b: files and symlinks, several in flight (a remote replica multiplexes them).
+    // Phase 2b: files and symlinks: several in flight (a remote replica multiplexes them), or, between two local
+    // roots with enough work, in copy workers so that more than one core does the file-system work.
     const fileWork = creates.filter((action) => entryOf(action.state, action.from)!.kind !== 'dir');
-    let next = 0;
-    const worker = async (): Promise<void> => {
-      while (next < fileWork.length) {
-        const action = fileWork[next++]!;
-        try {
-          await this.propagateFile(action, targetIndex);
-          action.item.status = 'done';
-          progress.bytesDone += entryOf(action.state, action.from)!.sizeBytes;
-        } catch (error) {
-          fail(action, error);
-        }
-        report();
-      }
+    const ops = fileWork.map((action) => this.planFileOp(action, targetIndex));
+    const fileDone = (action: Action, result: FileOpResult): void => {
+      this.recordFileResult(action, result);
+      action.item.status = 'done';
+      progress.bytesDone += entryOf(action.state, action.from)!.sizeBytes;
+      report();
     };
-    await Promise.all(Array.from({ length: Math.min(PARALLEL_TRANSFERS, fileWork.length) }, worker));
+    const fileFailed = (action: Action, error: unknown): void => {
+      fail(action, error);
+      report();
+    };
+    const roots = this.localRoots();
+    if (roots !== undefined && fileWork.length >= WORKER_MIN_FILES && process.env.DRBDTS_DIRSYNC_WORKERS !== '0') {
+      await this.runInWorkers(roots, fileWork, ops, fileDone, fileFailed);
+    } else {
+      let next = 0;
+      const worker = async (): Promise<void> => {
+        while (next < fileWork.length) {
+          const index = next++;
+          const action = fileWork[index]!;
+          try {
+            fileDone(action, await executeFileOp(ops[index]!, this.replica(action.from), this.replica(other(action.from))));
+          } catch (error) {
+            fileFailed(action, error);
+          }
+        }
+      };
+      await Promise.all(Array.from({ length: Math.min(PARALLEL_TRANSFERS, fileWork.length) }, worker));
+    }
 
     // Phase 3: deletions deferred because their content was being copied locally.
     for (const action of [...deferredDeletes]) {
@@ -813,68 +834,99 @@ export class SyncEngine {
     this.setResultStat(action, stat);
   }
 
-  private async propagateFile(action: Action, targetIndex: [Map<string, PathState>, Map<string, PathState>]): Promise<void> {
+  /** Decide how a file or link travels: a local copy on the target, a delta, or the full content. */
+  private planFileOp(action: Action, targetIndex: [Map<string, PathState>, Map<string, PathState>]): FileOp {
     const sourceSide = action.from;
     const targetSide = other(sourceSide);
     const source = entryOf(action.state, sourceSide)!;
-    const target = this.replica(targetSide);
-    const precondition: Precondition = action.target ?? 'absent';
-    if (source.kind === 'symlink') {
-      const stat = await target.symlink(action.item.path, source.linkTarget!, precondition);
-      this.setResultStat(action, stat);
-      return;
-    }
     // Keep the target's own permission bits on update when permissions are not synced.
     const mode = !this.options.perms && action.target?.kind === 'file' ? action.target.mode : source.mode;
-    const mtimeMs = this.options.times ? source.mtimeMs : undefined;
+    const op: FileOp = { path: action.item.path, source, precondition: action.target ?? 'absent', mode };
+    if (this.options.times && source.kind === 'file') op.mtimeMs = source.mtimeMs;
+    if (source.kind !== 'file') return op;
     const knownFingerprint = fingerprintOf(action.state, sourceSide);
     if (knownFingerprint !== undefined) {
       const local = targetIndex[targetSide - 1].get(knownFingerprint);
       const localEntry = local === undefined ? undefined : entryOf(local, targetSide);
       if (local !== undefined && localEntry !== undefined && local.path !== action.item.path) {
-        try {
-          const result = await target.writeFile({
-            path: action.item.path,
-            precondition,
-            mode,
-            mtimeMs,
-            content: { kind: 'local', fromPath: local.path, fromStat: localEntry, fingerprint: knownFingerprint, sizeBytes: source.sizeBytes },
-          });
-          action.item.transfer = 'local';
-          this.resultStats.set(action, result.stat);
-          this.resultFingerprints.set(action, result.fingerprint);
-          return;
-        } catch (error) {
-          if (!(error instanceof ReplicaError) || (error.code !== 'ECHANGED' && error.code !== 'EGONE' && error.code !== 'EHASH')) throw error;
-          // The local copy's source changed meanwhile: fall back to a transfer.
-        }
+        op.local = { fromPath: local.path, fromStat: localEntry, fingerprint: knownFingerprint };
       }
     }
     const remote = !this.options.local[0] || !this.options.local[1];
     const threshold = this.options.deltaThresholdBytes ?? DEFAULT_DELTA_THRESHOLD_BYTES;
-    const sourceReplica = this.replica(sourceSide);
-    if (remote && action.target?.kind === 'file' && action.target.sizeBytes >= threshold && source.sizeBytes >= threshold) {
-      const signature = await target.signature(action.item.path, action.target);
-      const delta = await sourceReplica.delta(action.item.path, source, signature);
-      const result = await target.writeFile({
-        path: action.item.path,
-        precondition,
-        mode,
-        mtimeMs,
-        sourceStat: source,
-        content: { kind: 'delta', basisPath: action.item.path, basisStat: action.target, source: delta },
-      });
-      action.item.transfer = 'delta';
-      this.resultStats.set(action, result.stat);
-      this.resultFingerprints.set(action, result.fingerprint);
-      return;
-    }
-    const content = await sourceReplica.readFile(action.item.path, source);
-    const result = await target.writeFile({ path: action.item.path, precondition, mode, mtimeMs, sourceStat: source, content: { kind: 'full', source: content } });
-    action.item.transfer = 'full';
-    this.bytesTransferred += source.sizeBytes;
+    if (remote && action.target?.kind === 'file' && action.target.sizeBytes >= threshold && source.sizeBytes >= threshold) op.delta = true;
+    return op;
+  }
+
+  private recordFileResult(action: Action, result: FileOpResult): void {
+    if (result.transfer !== 'link') action.item.transfer = result.transfer;
+    this.bytesTransferred += result.bytesSent;
     this.resultStats.set(action, result.stat);
-    this.resultFingerprints.set(action, result.fingerprint);
+    if (result.fingerprint !== undefined) this.resultFingerprints.set(action, result.fingerprint);
+  }
+
+  /** Both roots are plain local directories: file work can run in copy workers (copy-worker.ts). */
+  private localRoots(): [string, string] | undefined {
+    const [r1, r2] = this.replicas;
+    if (r1.constructor !== LocalReplica || r2.constructor !== LocalReplica) return undefined;
+    return [(r1 as LocalReplica).rootPath, (r2 as LocalReplica).rootPath];
+  }
+
+  /**
+   * Run file operations in worker threads between two local roots: slices of WORKER_SLICE_OPS, two slices
+   * outstanding per worker so none idles while the main thread records results.
+   */
+  private async runInWorkers(
+    roots: [string, string],
+    fileWork: Action[],
+    ops: FileOp[],
+    done: (action: Action, result: FileOpResult) => void,
+    failed: (action: Action, error: ReplicaError) => void,
+  ): Promise<void> {
+    const { Worker } = await import('node:worker_threads');
+    const fsync = (this.replicas[0] as LocalReplica).fsyncFiles;
+    const workerCount = Math.max(1, Math.min(Number(process.env.DRBDTS_DIRSYNC_WORKERS ?? DEFAULT_COPY_WORKERS), Math.ceil(ops.length / WORKER_SLICE_OPS)));
+    let next = 0;
+    const workers: Array<InstanceType<typeof Worker>> = [];
+    try {
+      await Promise.all(
+        Array.from({ length: workerCount }, async () => {
+          const worker = new Worker(new URL('./copy-worker.js', import.meta.url), { workerData: { roots, fsync } });
+          workers.push(worker);
+          let outstanding = 0;
+          await new Promise<void>((resolve, reject) => {
+            const send = (): boolean => {
+              if (next >= ops.length) return false;
+              const slice: Array<{ id: number; from: Side; op: FileOp }> = [];
+              for (const end = Math.min(ops.length, next + WORKER_SLICE_OPS); next < end; next++) {
+                slice.push({ id: next, from: fileWork[next]!.from, op: ops[next]! });
+              }
+              outstanding++;
+              worker.postMessage({ ops: slice });
+              return true;
+            };
+            worker.on('message', (reply: { results: Array<{ id: number; ok: boolean; result?: FileOpResult; code?: string; message?: string }> }) => {
+              outstanding--;
+              for (const entry of reply.results) {
+                const action = fileWork[entry.id]!;
+                if (entry.ok) done(action, entry.result!);
+                else failed(action, new ReplicaError((entry.code ?? 'EIO') as ReplicaErrorCode, entry.message ?? 'failed', action.item.path));
+              }
+              send();
+              if (outstanding === 0) resolve();
+            });
+            worker.once('error', reject);
+            worker.once('exit', (code) => {
+              if (outstanding > 0) reject(new ReplicaError('EIO', `copy worker exited (${code}) with work outstanding`));
+            });
+            if (!send()) resolve();
+            else send();
+          });
+        }),
+      );
+    } finally {
+      await Promise.all(workers.map((worker) => worker.terminate()));
+    }
   }
 
   // ---- archive -----------------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ function processAlive(pid: number): boolean {
 export class LocalReplica implements Replica {
   readonly rootPath: string;
   /** fsync each installed file before its rename (durability against power loss, not just process death). */
-  private readonly fsyncFiles: boolean;
+  readonly fsyncFiles: boolean;
 
   constructor(rootPath: string, options: { fsync?: boolean } = {}) {
     this.rootPath = pathModule.resolve(rootPath);
