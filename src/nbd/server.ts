@@ -107,7 +107,8 @@ export class NbdServer {
   async listen(address: ListenAddress): Promise<void> {
     if (this.closed) throw new Error('NbdServer.listen: the server is closed');
     if (address.kind === 'unix') removeStaleSocket(address.path);
-    const server = net.createServer({ noDelay: true, allowHalfOpen: true }, (socket) => this.accept(socket));
+    // pauseOnConnect: no byte is read before the connection decides how it reads (see NbdConnection).
+    const server = net.createServer({ noDelay: true, allowHalfOpen: true, pauseOnConnect: true }, (socket) => this.accept(socket));
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
       const done = (): void => {
@@ -169,9 +170,11 @@ export class NbdServer {
       socket.destroy();
       return;
     }
-    const connection = new NbdConnection(this.host, socket, this.logger);
+    const remote = socket.remoteAddress ?? 'unix';
+    // Direct reads into our own buffers, except under TLS, where TLSSocket must own the handle's reads.
+    const connection = new NbdConnection(this.host, socket, this.logger, { direct: this.secureContext === undefined });
     this.connections.add(connection);
-    this.logger.debug({ connection: connection.id, remote: socket.remoteAddress ?? 'unix' }, 'accepted');
+    this.logger.debug({ connection: connection.id, remote }, 'accepted');
     void connection.startHandshake();
   }
 

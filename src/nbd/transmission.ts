@@ -36,6 +36,18 @@ const enum ReceiveState {
   Discard,
 }
 
+/** Reads outside payloads land in slabs of this size, offered slabReadMinBytes to slabReadMaxBytes of room. */
+const slabBytes = 1024 * 1024;
+const slabReadMinBytes = 16 * 1024;
+const slabReadMaxBytes = 64 * 1024;
+const emptyBuffer = Buffer.alloc(0);
+
+/** Whether this Node's net.Socket has the internals takeOverSocket relies on (a handle not yet reading). */
+function takeOverPossible(socket: net.Socket): boolean {
+  const handle = (socket as unknown as { _handle?: { reading?: boolean; useUserBuffer?: unknown } | null })._handle;
+  return handle !== null && handle !== undefined && handle.reading !== true && typeof handle.useUserBuffer === 'function';
+}
+
 /** Extents in one BLOCK_STATUS reply at most; the client asks again for the rest. */
 const blockStatusExtentsMax = 65536;
 const twoTo32 = 4294967296;
@@ -95,12 +107,78 @@ export class NbdConnection {
   private readonly onCloseBound = (): void => this.onClose();
   private readonly uncorkBound = (): void => this.uncork();
 
-  constructor(host: ConnectionHost, socket: Duplex, logger: Logger) {
+  // Direct reads (plain sockets only): the kernel reads into our memory, chosen per read by nextReadBuffer().
+  private slab: Buffer = emptyBuffer;
+  private slabUsedBytes = 0;
+  private readIntoPayload = false;
+
+  /**
+   * `socket` is the connection; or, for a plain socket accepted with pauseOnConnect, pass `direct: true` and
+   * the connection re-wraps its handle to read directly into its own buffers (see takeOverSocket).
+   */
+  constructor(host: ConnectionHost, socket: Duplex, logger: Logger, options: { direct?: boolean } = {}) {
     this.host = host;
-    this.socket = socket;
     this.logger = logger.child({ connection: this.id });
+    if (options.direct === true && socket instanceof net.Socket && takeOverPossible(socket)) {
+      socket = this.takeOverSocket(socket);
+    }
+    this.socket = socket;
     this.attach(socket);
+    // Accepted sockets start paused (pauseOnConnect); a 'data' listener alone does not resume them.
+    socket.resume();
     if (socket instanceof net.Socket) socket.setNoDelay(true);
+  }
+
+  /**
+   * Re-creates the accepted socket with Node's `onread` option, which lets us choose the memory each read
+   * lands in. A WRITE payload then arrives straight in its pooled buffer (no copy out of 64 KiB socket
+   * chunks), and everything else lands in a slab we advance through, so small payloads stay zero-copy views.
+   * net.Server cannot pass `onread` itself; the handle moves to the new Socket before any byte was read.
+   */
+  private takeOverSocket(accepted: net.Socket): net.Socket {
+    const internals = accepted as unknown as { _handle: unknown };
+    const handle = internals._handle;
+    internals._handle = null;
+    accepted.destroy(); // no handle any more: only the server's connection count is released
+    const options = {
+      handle,
+      allowHalfOpen: true,
+      readable: true,
+      writable: true,
+      onread: { buffer: () => this.nextReadBuffer(), callback: (bytes: number, buffer: Uint8Array) => this.onDirectRead(bytes, buffer) },
+    };
+    return new net.Socket(options as net.SocketConstructorOpts);
+  }
+
+  private nextReadBuffer(): Buffer {
+    if (this.phase === 'transmission' && this.receiveState === ReceiveState.Payload && this.queuedBytes === 0) {
+      this.readIntoPayload = true;
+      return this.payloadTarget!.subarray(this.payloadFilledBytes);
+    }
+    this.readIntoPayload = false;
+    if (this.slab.length - this.slabUsedBytes < slabReadMinBytes) {
+      // The old slab lives on while queued chunks or zero-copy payloads still view it.
+      this.slab = Buffer.allocUnsafeSlow(slabBytes);
+      this.slabUsedBytes = 0;
+    }
+    // Bounded, so that a large WRITE payload behind a header mostly arrives by direct reads, not copies.
+    return this.slab.subarray(this.slabUsedBytes, this.slabUsedBytes + slabReadMaxBytes);
+  }
+
+  private onDirectRead(bytes: number, buffer: Uint8Array): void {
+    if (this.readIntoPayload) {
+      // The bytes are already in place in the payload buffer.
+      this.payloadFilledBytes += bytes;
+      if (this.payloadFilledBytes === this.payloadTarget!.length) this.finishPayload();
+      this.pump();
+      return;
+    }
+    const chunk = this.slab.subarray(this.slabUsedBytes, this.slabUsedBytes + bytes);
+    if (chunk.buffer !== buffer.buffer || chunk.byteOffset !== buffer.byteOffset) {
+      throw new Error('NBD direct read landed outside the buffer it was given');
+    }
+    this.slabUsedBytes += bytes;
+    this.onData(chunk);
   }
 
   /** Runs the handshake, then serves requests. Never rejects: failures close the connection. */
@@ -410,12 +488,7 @@ export class NbdConnection {
         this.copyOut(target, this.payloadFilledBytes, taken);
         this.payloadFilledBytes += taken;
         if (this.payloadFilledBytes < target.length) return;
-        const pooled = this.payloadPooled;
-        this.payloadPooled = null;
-        this.payloadTarget = null;
-        this.receiveState = ReceiveState.Header;
-        if (this.readingStopped) this.socket.pause();
-        void this.runWrite(this.requestCookieHigh, this.requestCookieLow, this.requestOffset, this.requestFlags, target, pooled);
+        this.finishPayload();
       } else {
         const taken = this.discardRemainingBytes < this.queuedBytes ? this.discardRemainingBytes : this.queuedBytes;
         if (taken === 0) return;
@@ -427,6 +500,16 @@ export class NbdConnection {
         this.replyError(P.NBD_CMD_WRITE, this.requestCookieHigh, this.requestCookieLow, this.discardError, 0);
       }
     }
+  }
+
+  private finishPayload(): void {
+    const target = this.payloadTarget!;
+    const pooled = this.payloadPooled;
+    this.payloadPooled = null;
+    this.payloadTarget = null;
+    this.receiveState = ReceiveState.Header;
+    if (this.readingStopped) this.socket.pause();
+    void this.runWrite(this.requestCookieHigh, this.requestCookieLow, this.requestOffset, this.requestFlags, target, pooled);
   }
 
   private pauseForBudget(server: boolean): void {
