@@ -36,6 +36,11 @@ function cli(node: 'alice' | 'bob', ...args: string[]) {
   return runCli([command!, 'r0', '--config', resource.file, '--node', node, ...rest]);
 }
 
+async function qemuWrite(node: 'alice' | 'bob', pattern: number, offsetBytes: number, lengthBytes: number): Promise<void> {
+  const socket = path.join(resource.dir, `${node}.nbd`);
+  await promisify(execFile)('qemu-io', ['-f', 'raw', '-c', `write -P ${pattern} ${offsetBytes} ${lengthBytes}`, `nbd+unix:///?socket=${socket}`]);
+}
+
 async function status(node: 'alice' | 'bob'): Promise<ResourceStatus> {
   const result = await cli(node, 'status', '--json');
   expect(result.code, result.stderr).toBe(0);
@@ -260,5 +265,59 @@ describe('drbdts against two running daemons', () => {
     daemons.bob!.kill('SIGTERM');
     expect(await waitExit(daemons.bob!)).toEqual({ code: 0, signal: null });
     await expect(stat(path.join(dir, 'bob.ctl'))).rejects.toMatchObject({ code: 'ENOENT' });
+  });
+});
+
+describe('split brain and its manual recovery through the CLI', () => {
+  // Both nodes write while disconnected; reconnecting is refused as a split brain; the operator demotes the
+  // victim and connects it with --discard-my-data; after the resync both data areas are byte-identical and
+  // hold the survivor's writes, not the victim's.
+  it('connect --discard-my-data on the victim resolves it', async () => {
+    const sbDir = path.join(dir, 'sb');
+    await import('node:fs/promises').then((fs) => fs.mkdir(sbDir));
+    resource = await writeResourceConfig(sbDir, { ports: [await freePort(), await freePort()], size: '16MiB' });
+    expect((await cli('alice', 'create-md')).code).toBe(0);
+    expect((await cli('bob', 'create-md')).code).toBe(0);
+    await up('alice');
+    await up('bob');
+    await until('connection', async () => (await status('alice')).connection === 'Connected');
+    expect((await cli('alice', 'primary', '--force')).code).toBe(0);
+    expect((await cli('alice', 'resync', '--wait', '--interval', '0.2')).code).toBe(0);
+    expect((await cli('alice', 'disconnect')).code).toBe(0);
+    await until('alice StandAlone', async () => (await status('alice')).connection === 'StandAlone');
+    await qemuWrite('alice', 0xaa, 0, 1024 * 1024);
+    // bob loses sight of alice and is promoted (a failover decision made without knowing alice still runs).
+    const promoted = await cli('bob', 'primary');
+    expect(promoted.code, promoted.stderr).toBe(0);
+    await qemuWrite('bob', 0xbb, 4 * 1024 * 1024, 1024 * 1024);
+    expect((await cli('bob', 'secondary')).code).toBe(0);
+    expect((await cli('alice', 'connect')).code).toBe(0);
+    // The UUIDs show both sides changed the data: no automatic resolution (after-sb-1pri = disconnect).
+    await until('split brain detected', async () => {
+      const a = await status('alice');
+      return a.connection === 'StandAlone' && (await status('bob')).connection !== 'Connected';
+    });
+    await sleep(1000);
+    expect((await status('alice')).connection).toBe('StandAlone');
+    if ((await status('bob')).connection !== 'StandAlone') expect((await cli('bob', 'disconnect')).code).toBe(0);
+    const victim = await cli('bob', 'connect', '--discard-my-data');
+    expect(victim.code, victim.stderr).toBe(0);
+    expect((await cli('alice', 'connect')).code).toBe(0);
+    await until('resynced', async () => {
+      const a = await status('alice');
+      return a.connection === 'Connected' && a.resync === null && a.peer.disk === 'UpToDate' && a.outOfSyncBytes === 0;
+    });
+    const bobStatus = await status('bob');
+    expect(bobStatus).toMatchObject({ role: 'Secondary', disk: 'UpToDate' });
+    // Only the blocks changed on either side were sent (2 MiB), not the whole 16 MiB device.
+    expect(bobStatus.counters.resyncReceivedBytes).toBeLessThanOrEqual(4 * 1024 * 1024);
+    expect((await cli('alice', 'down')).code).toBe(0);
+    expect((await cli('bob', 'down')).code).toBe(0);
+    const { readFile } = await import('node:fs/promises');
+    const a = (await readFile(path.join(sbDir, 'alice.img'))).subarray(0, 16 * 1024 * 1024);
+    const b = (await readFile(path.join(sbDir, 'bob.img'))).subarray(0, 16 * 1024 * 1024);
+    expect(a.equals(b)).toBe(true);
+    expect(a[0]).toBe(0xaa);
+    expect(b[4 * 1024 * 1024]).toBe(0); // bob's split-brain write was discarded
   });
 });
