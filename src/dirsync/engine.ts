@@ -104,6 +104,8 @@ interface PathState {
   change2: ChangeKind;
   /** Inside a directory that could not be listed on that side: its state is unknown, nothing is decided. */
   unknown: boolean;
+  /** Unchanged on both sides: the archive entry is kept, with refreshed stamps if they moved. */
+  refresh?: boolean;
 }
 
 interface Action {
@@ -167,6 +169,29 @@ function fingerprintOf(state: PathState, side: Side): string | undefined {
 /** Mode as compared for props (symlink bits are meaningless on Linux). */
 function modeOf(entry: EntryStat): number {
   return entry.kind === 'symlink' ? 0 : entry.mode;
+}
+
+/** The archive entry of a path unchanged on both sides: the same object when no stamp moved (no allocation). */
+function refreshed(a: ArchiveEntry, e1: EntryStat, e2: EntryStat): ArchiveEntry {
+  if (
+    a.mtime1Ms === e1.mtimeMs &&
+    a.ctime1Ms === e1.ctimeMs &&
+    a.inode1 === e1.inode &&
+    a.mtime2Ms === e2.mtimeMs &&
+    a.ctime2Ms === e2.ctimeMs &&
+    a.inode2 === e2.inode
+  ) {
+    return a;
+  }
+  return {
+    ...a,
+    mtime1Ms: e1.mtimeMs,
+    ctime1Ms: e1.ctimeMs,
+    inode1: e1.inode,
+    mtime2Ms: e2.mtimeMs,
+    ctime2Ms: e2.ctimeMs,
+    inode2: e2.inode,
+  };
 }
 
 function archivesEqual(before: Map<string, ArchiveEntry>, after: Map<string, ArchiveEntry>): boolean {
@@ -237,10 +262,7 @@ export class SyncEngine {
       const problems = await this.scanBoth();
       await this.detectUpdates(problems);
       const actions = this.reconcile();
-      // Paths unchanged on both sides only refresh the archive; the plan lists what changed.
-      result.items = actions
-        .filter((action) => action.item.action !== 'equal' || action.state.change1 !== 'unchanged' || action.state.change2 !== 'unchanged')
-        .map((action) => action.item);
+      result.items = actions.map((action) => action.item);
       const warnings = this.deletionSafety(actions);
       if (warnings.length > 0 && this.options.batch && !this.options.dryRun) {
         throw new ReplicaError('ENOROOT', warnings.join('; ') + '; refusing to propagate in batch mode (run without --batch to confirm)');
@@ -472,6 +494,14 @@ export class SyncEngine {
         governing.set(path, 'skip');
         continue;
       }
+      const { change1, change2 } = state;
+      const changed1 = change1 !== 'unchanged' && change1 !== 'absent';
+      const changed2 = change2 !== 'unchanged' && change2 !== 'absent';
+      if (governed === undefined && !changed1 && !changed2) {
+        // Unchanged on both sides (the bulk of a run): no plan item, only an archive refresh of the stamps.
+        state.refresh = true;
+        continue;
+      }
       const item: PlanItem = {
         path,
         action: 'equal',
@@ -487,14 +517,6 @@ export class SyncEngine {
         if (!this.decideFrom(action, governed)) continue;
         item.resolvedBy = 'parent';
         actions.push(action);
-        continue;
-      }
-      const { change1, change2 } = state;
-      const changed1 = change1 !== 'unchanged' && change1 !== 'absent';
-      const changed2 = change2 !== 'unchanged' && change2 !== 'absent';
-      if (!changed1 && !changed2) {
-        if (state.e1 === undefined && state.e2 === undefined) continue;
-        actions.push(action); // archive refresh only
         continue;
       }
       let conflict: string | undefined;
@@ -942,6 +964,10 @@ export class SyncEngine {
         if (state.a !== undefined) next.set(path, state.a);
       };
       if (action === undefined) {
+        if (state.refresh === true && state.a !== undefined && state.e1 !== undefined && state.e2 !== undefined) {
+          next.set(path, refreshed(state.a, state.e1, state.e2));
+          continue;
+        }
         // Skipped (under a conflict or unknown) or nothing on either side: the archive keeps what it knew.
         keepOld();
         continue;
