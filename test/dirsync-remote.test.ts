@@ -387,6 +387,51 @@ describe('tcp:// failures mid-transfer', () => {
     expect((await readFile(join(dir, 'holed.bin'))).equals(old)).toBe(true);
   });
 
+  // Proves the whole CLI run survives losing its server: SIGKILL of dirsync-server while `drbdts dirsync` copies
+  // 1500 files gives exit 2 (paths failed, nothing torn), and a rerun against a new server converges to
+  // identical trees with no temp files left.
+  it('a sync run whose server is SIGKILLed fails safely and the rerun converges', async () => {
+    const local = join(base, 'kill-local');
+    const served = join(base, 'kill-served');
+    await mkdir(local);
+    await mkdir(join(served, 'root'), { recursive: true });
+    for (let d = 0; d < 15; d++) {
+      await mkdir(join(local, `d${d}`));
+      for (let f = 0; f < 100; f++) await writeFile(join(local, `d${d}`, `f${f}`), randomBytes(20_000));
+    }
+    const victim = await startServerProcess(served, ['--secret-file', secretFile]);
+    cleanups.push(() => victim.stop());
+    const argv = (port: number) => [
+      drbdtsBin, 'dirsync', local, `tcp://127.0.0.1:${port}/root`, '--batch', '--archive-dir', join(base, 'kill-archive'), '--secret-file', secretFile,
+    ];
+    const { spawn } = await import('node:child_process');
+    const run = spawn(process.execPath, argv(victim.port), { stdio: ['ignore', 'ignore', 'pipe'] });
+    let runStderr = '';
+    run.stderr!.setEncoding('utf8').on('data', (text: string) => (runStderr = (runStderr + text).slice(-2000)));
+    const exitCode = new Promise<number | null>((resolve) => run.once('exit', (code) => resolve(code)));
+    // Kill the server once some files have arrived (count them, not the clock).
+    for (let i = 0; i < 600; i++) {
+      const dirs = await readdir(join(served, 'root')).catch(() => []);
+      if (dirs.length >= 3) break;
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    victim.child.kill('SIGKILL');
+    expect(await exitCode, runStderr).toBe(2);
+
+    const again = await startServerProcess(served, ['--secret-file', secretFile]);
+    cleanups.push(() => again.stop());
+    const rerun = spawnSync(process.execPath, argv(again.port), { encoding: 'utf8', timeout: 120_000 });
+    expect(rerun.status, rerun.stderr).toBe(0);
+    for (let d = 0; d < 15; d++) {
+      const names = await readdir(join(served, 'root', `d${d}`));
+      expect(names.filter((name) => name.includes('.drbdts-tmp-'))).toEqual([]);
+      expect(names.length).toBe(100);
+      for (const name of names.slice(0, 5)) {
+        expect((await readFile(join(served, 'root', `d${d}`, name))).equals(await readFile(join(local, `d${d}`, name)))).toBe(true);
+      }
+    }
+  });
+
   // Proves a server killed with SIGKILL mid-upload leaves the old content; a new server serves the tree again.
   it('a server killed with SIGKILL leaves the old content', async () => {
     const dir = join(serverRoot, 'tree');
