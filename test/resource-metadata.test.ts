@@ -5,6 +5,7 @@
 // write-back rewrites only the pages that changed (a marker planted on disk in an untouched page survives);
 // external meta-disk layout; UUID rotation; crash detection with AL extents merged into the bitmap.
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { execFileSync } from 'node:child_process';
 import { mkdtemp, open, rm, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -118,6 +119,32 @@ describe('Metadata.create', () => {
     const again = await Metadata.open(disk, meta);
     expect(again.bitmap.isSet(again.bitmap.blockCount - 1)).toBe(true);
     await again.close();
+  });
+});
+
+describe('Metadata on a block device', () => {
+  it('sizes internal metadata from the device size (a loop device) and survives reopen', async () => {
+    const backing = diskPath();
+    await writeFile(backing, Buffer.alloc(0));
+    const handle = await open(backing, 'r+');
+    await handle.truncate(48 * MiB);
+    await handle.close();
+    const device = execFileSync('losetup', ['-f', '--show', backing], { encoding: 'utf8' }).trim();
+    try {
+      const md = await Metadata.create({ diskPath: device, metaDisk: 'internal', nodeName: 'alice' });
+      expect(md.dataSizeBytes).toBe(maxDataSizeBytes(48 * MiB));
+      md.bitmap.setRange(md.dataSizeBytes - 4096, 4096);
+      await md.close();
+      await expectMetadataError(Metadata.create({ diskPath: device, metaDisk: 'internal' }), 'EEXIST', /already holds drbdts metadata/);
+      const again = await Metadata.open(device, 'internal');
+      expect(again.nodeName).toBe('alice');
+      expect(again.bitmap.setBits()).toBe(1);
+      await again.close();
+      // The metadata went through the device to the end of the backing file.
+      expect((await Metadata.read(backing, 'internal'))!.dataSizeBytes).toBe(maxDataSizeBytes(48 * MiB));
+    } finally {
+      execFileSync('losetup', ['-d', device]);
+    }
   });
 });
 

@@ -360,7 +360,12 @@ async function verify(options: Options): Promise<number> {
     if (s.connection !== 'VerifyS' && s.connection !== 'VerifyT') {
       const found = s.verify?.outOfSyncBlocks;
       if (options.flags.has('json')) out(`${JSON.stringify({ verify: s.verify ?? null, outOfSyncBytes: s.outOfSyncBytes })}\n`);
-      else out(`${s.name}: verify finished${found === undefined ? '' : `: ${found} blocks out of sync`} (out-of-sync now ${formatBytes(s.outOfSyncBytes)}; "drbdts disconnect/connect ${s.name}" resyncs them)\n`);
+      else {
+        const advice = s.outOfSyncBytes > 0
+          ? ` (${formatBytes(s.outOfSyncBytes)} now out of sync: "drbdts disconnect ${s.name}" then "drbdts connect ${s.name}" resyncs it)`
+          : '';
+        out(`${s.name}: verify finished${found === undefined ? '' : `: ${found} blocks out of sync`}${advice}\n`);
+      }
       return 0;
     }
   }
