@@ -22,6 +22,8 @@ export interface ClusterOptions {
   extraNet?: string;
   extraResync?: string;
   secrets?: Partial<Record<NodeName, string>>;
+  /** [resync] rate, default 1GiB. */
+  resyncRate?: string;
 }
 
 export interface RunResult {
@@ -99,7 +101,7 @@ ping-timeout = "1500ms"
 connect-int = "200ms"
 ${this.options.extraNet ?? ''}
 [resync]
-rate = "1GiB"
+rate = "${this.options.resyncRate ?? '1GiB'}"
 ${this.options.extraResync ?? ''}
 [node.alice]
 address = "127.0.0.1:${this.ports.alice}"
@@ -186,6 +188,18 @@ control = "${this.dir}/bob.ctl"
     const promoted = await this.cli('alice', 'primary', '--force');
     if (promoted.code !== 0) throw new Error(`primary --force: ${promoted.stderr}`);
     await this.waitInSync();
+  }
+
+  /** Both up on fresh metadata, the initial sync skipped (new-current-uuid --clear-bitmap), alice Primary. */
+  async startSkippingSync(): Promise<void> {
+    await this.start('alice');
+    await this.start('bob');
+    await this.waitState('alice', 'connected', (s) => s.connection === 'Connected');
+    const skipped = await this.cli('alice', 'new-current-uuid', '--clear-bitmap');
+    if (skipped.code !== 0) throw new Error(`new-current-uuid --clear-bitmap: ${skipped.stderr}`);
+    await this.waitInSync();
+    const promoted = await this.cli('alice', 'primary');
+    if (promoted.code !== 0) throw new Error(`primary: ${promoted.stderr}`);
   }
 
   kill(node: NodeName): void {
