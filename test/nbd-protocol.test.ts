@@ -4,12 +4,14 @@
 // in flight, that the in-flight budget pauses reading (backpressure), and that DISC and close() finish
 // in-flight work first. How: a real NbdServer on a unix socket in front of an in-memory device, driven by a
 // raw client that writes exact bytes (test/helpers/nbd.ts) -- the real-client tests are nbd-clients.test.ts.
+import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { MemoryDevice } from './helpers/memory-device.js';
-import { makeTempDir, NBD, RawNbdClient, startServer, type InProcessServer } from './helpers/nbd.js';
+import * as tls from 'node:tls';
+import { makeCertificates, makeTempDir, NBD, RawNbdClient, startServer, type InProcessServer } from './helpers/nbd.js';
 import type { NbdServerOptions } from '../src/nbd/server.js';
 
 const sizeBytes = 8 * 1024 * 1024;
@@ -158,6 +160,27 @@ describe('handshake', () => {
     await expectClosed(unknown);
   });
 
+  it('takes over a stale unix socket but refuses a live one or a regular file', async () => {
+    const { socketPath } = await serve();
+    const second = new MemoryDevice(4096);
+    const { NbdServer } = await import('../src/nbd/server.js');
+    const other = new NbdServer({ device: second });
+    await expect(other.listen({ kind: 'unix', path: socketPath })).rejects.toThrow(/another server is listening/);
+    const file = path.join(dir, 'plain-file');
+    fs.writeFileSync(file, 'keep me');
+    await expect(other.listen({ kind: 'unix', path: file })).rejects.toThrow(/not a socket/);
+    expect(fs.readFileSync(file, 'utf8')).toBe('keep me');
+    // A socket file nobody listens on (a crashed server's) is replaced.
+    const stale = path.join(dir, 'stale.sock');
+    const crashed = spawn(process.execPath, ['-e', `require('net').createServer().listen(${JSON.stringify(stale)}, () => console.log('up'))`]);
+    await new Promise((resolve) => crashed.stdout.once('data', resolve));
+    crashed.kill('SIGKILL'); // a killed process leaves its socket file behind
+    await new Promise((resolve) => crashed.once('exit', resolve));
+    expect(fs.existsSync(stale)).toBe(true);
+    await other.listen({ kind: 'unix', path: stale });
+    await other.close();
+  });
+
   it('acknowledges ABORT and closes; refuses GO with the device\'s reason', async () => {
     await serve();
     const client = await connect();
@@ -173,6 +196,63 @@ describe('handshake', () => {
     const [reply] = await refused.readOptionReplies();
     expect(reply!.type).toBe(NBD.REP_ERR_POLICY);
     expect(reply!.data.toString()).toBe('this node is Secondary');
+  });
+});
+
+describe('TLS', () => {
+  it('answers nothing but STARTTLS in the clear, then negotiates inside TLS', async () => {
+    const { certPath, keyPath } = await makeCertificates(dir);
+    await serve({ exportName: 'secret', tls: { certPath, keyPath } });
+    const client = await connect();
+    await client.greet();
+    for (const option of [NBD.OPT_LIST, NBD.OPT_INFO, NBD.OPT_GO, NBD.OPT_STRUCTURED_REPLY, 4242]) {
+      client.sendOption(option, option === NBD.OPT_LIST || option === NBD.OPT_STRUCTURED_REPLY ? Buffer.alloc(0) : RawNbdClient.goData('secret'));
+      const [reply] = await client.readOptionReplies();
+      expect(reply!.type, `option ${option}`).toBe(NBD.REP_ERR_TLS_REQD);
+      expect(reply!.data.toString()).not.toContain('secret');
+    }
+    client.sendOption(NBD.OPT_STARTTLS);
+    expect((await client.readOptionReply()).type).toBe(NBD.REP_ACK);
+    // Continue the same TCP stream inside TLS, as libnbd does, and finish the handshake there.
+    client.socket.removeAllListeners('data');
+    const secure = tls.connect({ socket: client.socket, ca: fs.readFileSync(path.join(dir, 'ca-cert.pem')), servername: 'localhost' });
+    await new Promise<void>((resolve, reject) => secure.once('secureConnect', resolve).once('error', reject));
+    const received: Buffer[] = [];
+    secure.on('data', (chunk: Buffer) => received.push(chunk));
+    const readSecure = async (lengthBytes: number): Promise<Buffer> => {
+      for (let wait = 0; wait < 200 && Buffer.concat(received).length < lengthBytes; wait += 1) {
+        await new Promise((resolve) => setTimeout(resolve, 10));
+      }
+      const all = Buffer.concat(received);
+      received.length = 0;
+      received.push(all.subarray(lengthBytes));
+      return all.subarray(0, lengthBytes);
+    };
+    const header = Buffer.alloc(16);
+    header.writeBigUInt64BE(NBD.IHAVEOPT, 0);
+    header.writeUInt32BE(NBD.OPT_LIST, 8);
+    secure.write(header);
+    const server = await readSecure(20);
+    expect(server.readUInt32BE(12)).toBe(NBD.REP_SERVER);
+    const name = await readSecure(server.readUInt32BE(16));
+    expect(name.subarray(4).toString()).toBe('secret');
+    expect((await readSecure(20)).readUInt32BE(12)).toBe(NBD.REP_ACK);
+    // A second STARTTLS inside TLS is invalid.
+    header.writeUInt32BE(NBD.OPT_STARTTLS, 8);
+    secure.write(header);
+    const again = await readSecure(20);
+    expect(again.readUInt32BE(12)).toBe(NBD.REP_ERR_INVALID);
+    await readSecure(again.readUInt32BE(16));
+    secure.destroy();
+  });
+
+  it('drops EXPORT_NAME sent before STARTTLS', async () => {
+    const { certPath, keyPath } = await makeCertificates(dir);
+    await serve({ tls: { certPath, keyPath } });
+    const client = await connect();
+    await client.greet();
+    client.sendOption(NBD.OPT_EXPORT_NAME, Buffer.alloc(0));
+    await expectClosed(client);
   });
 });
 

@@ -106,7 +106,7 @@ export class NbdServer {
 
   async listen(address: ListenAddress): Promise<void> {
     if (this.closed) throw new Error('NbdServer.listen: the server is closed');
-    if (address.kind === 'unix') removeStaleSocket(address.path);
+    if (address.kind === 'unix') await removeStaleSocket(address.path);
     // pauseOnConnect: no byte is read before the connection decides how it reads (see NbdConnection).
     const server = net.createServer({ noDelay: true, allowHalfOpen: true, pauseOnConnect: true }, (socket) => this.accept(socket));
     await new Promise<void>((resolve, reject) => {
@@ -208,8 +208,11 @@ function loadSecureContext(certPath: string, keyPath: string): tls.SecureContext
   }
 }
 
-/** A unix socket left by a server that died is removed; any other file at the path is an error. */
-function removeStaleSocket(path: string): void {
+/**
+ * A unix socket left by a server that died (nobody accepts on it) is removed. A live one, or any other kind
+ * of file at the path, is an error: we never take over another server's socket or delete a user's file.
+ */
+async function removeStaleSocket(path: string): Promise<void> {
   let stat: fs.Stats;
   try {
     stat = fs.lstatSync(path);
@@ -217,5 +220,14 @@ function removeStaleSocket(path: string): void {
     return;
   }
   if (!stat.isSocket()) throw new Error(`cannot listen on unix:${path}: the path exists and is not a socket`);
+  const live = await new Promise<boolean>((resolve) => {
+    const probe = net.createConnection(path);
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once('error', () => resolve(false));
+  });
+  if (live) throw new Error(`cannot listen on unix:${path}: another server is listening there`);
   fs.rmSync(path, { force: true });
 }
