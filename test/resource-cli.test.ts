@@ -122,6 +122,15 @@ describe('drbdts create-md and bad input', () => {
     expect(rate.stderr).toContain('--rate: "fast" is not a rate in bytes per second');
   });
 
+  it('up without metadata fails with exit 1 and says what to run', async () => {
+    const bare = path.join(dir, 'nometa');
+    await import('node:fs/promises').then((fs) => fs.mkdir(bare));
+    const config = await writeResourceConfig(bare, { ports: [await freePort(), await freePort()] });
+    const result = await runCli(['up', 'r0', '--config', config.file, '--node', 'bob']);
+    expect(result.code).toBe(1);
+    expect(result.stderr).toContain(`disk ${path.join(bare, 'bob.img')} does not exist (run "drbdts create-md r0")`);
+  });
+
   it('says the resource is not up when no daemon runs', async () => {
     for (const command of ['status', 'primary', 'down', 'resync', 'events2']) {
       const result = await cli('alice', command);

@@ -439,7 +439,10 @@ export async function run(command: string, argv: string[]): Promise<number> {
       process.stderr.write(`drbdts ${command}: ${error.message}\n`);
       return 2;
     }
-    const message = error instanceof Error ? error.message : String(error);
+    let message = error instanceof Error ? error.message : String(error);
+    // Library messages suggest commands generically ("drbdts create-md RES"); name the actual resource.
+    const resource = argv.find((arg) => !arg.startsWith('-'));
+    if (resource !== undefined) message = message.replace(/"drbdts ([a-z-]+) RES\b/g, `"drbdts $1 ${resource}`);
     process.stderr.write(`drbdts ${command}: ${message}\n`);
     return 1;
   }
