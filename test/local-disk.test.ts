@@ -132,6 +132,27 @@ describe('LocalDisk on a file', () => {
     expect((await rejection(disk.flush())).code).toBe('ESHUTDOWN');
   });
 
+  // close() while trims, zeroes (some FUA) and writes are running: every admitted operation completes on the
+  // still-open descriptor (none fails with EBADF, none lands on a reused descriptor), then close resolves.
+  it('close waits for admitted operations, including trims and zeroes', async () => {
+    const file = path.join(tempDir, 'close.img');
+    fs.writeFileSync(file, Buffer.alloc(8 * MiB, 0x21));
+    const disk = await openDisk(file);
+    const operations: Promise<void>[] = [];
+    for (let i = 0; i < 8; i++) {
+      const offset = i * MiB;
+      if (i % 3 === 0) operations.push(disk.trim(offset, MiB, true));
+      else if (i % 3 === 1) operations.push(disk.zero(offset, MiB, { fua: true, noHole: true, fastZero: false }));
+      else operations.push(disk.write(offset, Buffer.alloc(MiB, 0), true));
+    }
+    const closed = disk.close();
+    expect((await rejection(disk.zero(0, 4096, { fua: false, noHole: false, fastZero: false }))).code).toBe('ESHUTDOWN');
+    const outcomes = await Promise.allSettled(operations);
+    expect(outcomes.filter((outcome) => outcome.status === 'rejected')).toEqual([]);
+    await closed;
+    expect(allZero(fs.readFileSync(file))).toBe(true);
+  });
+
   // Operator errors name the path and what is wrong with it.
   it('refuses bad paths and sizes with clear messages', async () => {
     const missing = path.join(tempDir, 'missing.img');

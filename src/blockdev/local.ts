@@ -118,6 +118,8 @@ export class LocalDisk implements BlockDevice {
   private readonly deviceWritesZeroes: boolean;
   private closed = false;
   private closing: Promise<void> | null = null;
+  /** Trims and zeroes running outside the I/O queue (fallocate, ioctls): close() waits for them too. */
+  private readonly rangeOperations = new Set<Promise<void>>();
 
   private constructor(init: {
     path: string;
@@ -287,14 +289,33 @@ export class LocalDisk implements BlockDevice {
 
   flush(): Promise<void> {
     if (this.closed) return Promise.reject(this.shutdownError('flush'));
+    return this.flushQueued();
+  }
+
+  /** fdatasync through the queue; also for trims and zeroes already admitted when close() began. */
+  private flushQueued(): Promise<void> {
     return new Promise((resolve, reject) =>
       this.io.flush((error) => (error === null ? resolve() : reject(deviceError(error, `fdatasync ${this.path}`)))),
     );
   }
 
-  async trim(offset: number, lengthBytes: number, fua: boolean): Promise<void> {
+  trim(offset: number, lengthBytes: number, fua: boolean): Promise<void> {
     const refusal = this.checkRange('trim', offset, lengthBytes, 'EINVAL', true);
-    if (refusal !== null) throw refusal;
+    if (refusal !== null) return Promise.reject(refusal);
+    return this.tracked(this.trimRange(offset, lengthBytes, fua));
+  }
+
+  /** Registers an operation close() must wait for, so the descriptor is never closed (and reused) under it. */
+  private tracked(operation: Promise<void>): Promise<void> {
+    this.rangeOperations.add(operation);
+    const forget = (): void => {
+      this.rangeOperations.delete(operation);
+    };
+    operation.then(forget, forget);
+    return operation;
+  }
+
+  private async trimRange(offset: number, lengthBytes: number, fua: boolean): Promise<void> {
     if (lengthBytes > 0) {
       try {
         if (this.isBlockDevice) {
@@ -310,12 +331,16 @@ export class LocalDisk implements BlockDevice {
         if (!isSystemError(error, 'ENOTSUP', 'EOPNOTSUPP')) throw deviceError(error, `trim ${this.path}`);
       }
     }
-    if (fua) await this.flush();
+    if (fua) await this.flushQueued();
   }
 
-  async zero(offset: number, lengthBytes: number, options: ZeroOptions): Promise<void> {
+  zero(offset: number, lengthBytes: number, options: ZeroOptions): Promise<void> {
     const refusal = this.checkRange('zero', offset, lengthBytes, 'ENOSPC', true);
-    if (refusal !== null) throw refusal;
+    if (refusal !== null) return Promise.reject(refusal);
+    return this.tracked(this.zeroRange(offset, lengthBytes, options));
+  }
+
+  private async zeroRange(offset: number, lengthBytes: number, options: ZeroOptions): Promise<void> {
     if (lengthBytes > 0) {
       try {
         if (this.isBlockDevice) await this.zeroBlockDevice(offset, lengthBytes, options);
@@ -325,7 +350,7 @@ export class LocalDisk implements BlockDevice {
         throw deviceError(error, `zero ${this.path}`);
       }
     }
-    if (options.fua) await this.flush();
+    if (options.fua) await this.flushQueued();
   }
 
   private async zeroFile(offset: number, lengthBytes: number, options: ZeroOptions): Promise<void> {
@@ -445,6 +470,7 @@ export class LocalDisk implements BlockDevice {
   close(): Promise<void> {
     this.closing ??= (async () => {
       this.closed = true;
+      await Promise.allSettled([...this.rangeOperations]);
       await this.io.drain();
       await closeFd(this.fd);
     })();

@@ -171,6 +171,12 @@ export interface FileIoQueueOptions {
   batchBytesMax?: number;
   /** Hops in flight at once: more overlap copies on several cores, fewer make bigger batches. */
   batchesInFlightMax?: number;
+  /**
+   * When several hops are free, the waiting operations are spread over them, but no hop gets fewer than this
+   * many (while enough wait): one pwrite stuck behind writeback then holds up a part, not all, and small
+   * requests still share hops.
+   */
+  batchOperationsSpreadMin?: number;
 }
 
 type Settle = (error: Error | null) => void;
@@ -205,6 +211,7 @@ export class FileIoQueue {
   readonly fd: number;
   private readonly batchOperationsMax: number;
   private readonly batchBytesMax: number;
+  private readonly batchOperationsSpreadMin: number;
   private readonly idleBatches: Batch[] = [];
   private batchesInFlight = 0;
   private dispatchScheduled = false;
@@ -224,9 +231,13 @@ export class FileIoQueue {
   constructor(fd: number, options: FileIoQueueOptions = {}) {
     checkFd(fd);
     this.fd = fd;
+    // Defaults chosen by bench/local-disk.bench.ts (bench/README.md, "LocalDisk micro benchmarks"): as many
+    // hops as libuv's default pool has threads, 1 MiB per hop so large requests copy on several cores at once,
+    // and small requests spread at least 8 to a hop.
     this.batchOperationsMax = options.batchOperationsMax ?? 64;
-    this.batchBytesMax = options.batchBytesMax ?? 8 * 1024 * 1024;
-    const batchesInFlightMax = options.batchesInFlightMax ?? 2;
+    this.batchBytesMax = options.batchBytesMax ?? 1024 * 1024;
+    this.batchOperationsSpreadMin = options.batchOperationsSpreadMin ?? 8;
+    const batchesInFlightMax = options.batchesInFlightMax ?? 4;
     if (!(this.batchOperationsMax >= 1 && this.batchBytesMax >= 1 && batchesInFlightMax >= 1)) {
       throw new RangeError('FileIoQueue: batch limits must be at least 1');
     }
@@ -320,9 +331,11 @@ export class FileIoQueue {
     while (this.ringCount > 0 && this.idleBatches.length > 0) {
       const batch = this.idleBatches.pop()!;
       const capacity = this.ringKinds.length;
+      const share = Math.ceil(this.ringCount / (this.idleBatches.length + 1));
+      const operationsMax = Math.min(this.batchOperationsMax, Math.max(this.batchOperationsSpreadMin, share));
       let count = 0;
       let bytes = 0;
-      while (this.ringCount > 0 && count < this.batchOperationsMax) {
+      while (this.ringCount > 0 && count < operationsMax) {
         const index = this.ringHead;
         const buffer = this.ringBuffers[index]!;
         const length = buffer === null ? 0 : buffer.byteLength;
