@@ -17,6 +17,8 @@ import type { Logger } from '../util/log.js';
 import { LocalDisk } from '../blockdev/local.js';
 import { NbdServer } from '../nbd/server.js';
 import { parseListenAddress } from '../nbd/address.js';
+import { attachKernelClient, type KernelAttachment } from '../nbd/kernel.js';
+import { transmissionFlagsFor } from '../nbd/handshake.js';
 import { Bitmap } from './bitmap.js';
 import { peerOf, type ResourceConfig } from './config.js';
 import { ControlServer, type ConnectionState, type DiskState, type ResourceStatus, type RoleState } from './control.js';
@@ -76,6 +78,8 @@ export class NodeDaemon {
   private networkSentBase = 0;
   private networkReceivedBase = 0;
   private lastVerify: { doneBytes: number; totalBytes: number; outOfSyncBlocks: number } | null = null;
+  /** The kernel NBD client on the node's `device`, attached while Primary. */
+  private kernel: KernelAttachment | null = null;
   private downPromise: Promise<void> | null = null;
   private resolveStopped!: () => void;
   readonly stopped: Promise<void>;
@@ -672,6 +676,18 @@ export class NodeDaemon {
         await this.metadata.writeSuperblock();
         this.role = 'Primary';
         this.device.role = 'Primary';
+        if (this.node.device !== undefined) {
+          try {
+            this.kernel = await attachKernelClient({
+              devicePath: this.node.device, server: this.nbd, sizeBytes: this.metadata.dataSizeBytes,
+              flags: transmissionFlagsFor(this.device, false, false), logger: this.logger,
+            });
+          } catch (error) {
+            this.role = 'Secondary';
+            this.device.role = 'Secondary';
+            throw new Error(`${name}: promoted, but attaching ${this.node.device} failed, so demoted again: ${(error as Error).message}`);
+          }
+        }
         this.sendStateChange();
         if (force && disk !== 'UpToDate') this.renegotiate('primary --force');
         this.logger.info('promoted to Primary');
@@ -679,6 +695,10 @@ export class NodeDaemon {
       }
       case 'secondary': {
         if (this.role === 'Secondary') return this.status();
+        if (this.kernel !== null) {
+          await this.kernel.detach();
+          this.kernel = null;
+        }
         const clients = this.nbd.activeConnections;
         if (clients > 0) throw new Error(`${name}: the device is held open by ${clients} NBD client(s); disconnect them first`);
         this.device.role = 'Secondary';
@@ -791,6 +811,10 @@ export class NodeDaemon {
   down(why: string): Promise<void> {
     this.downPromise ??= (async () => {
       this.logger.info({ why }, 'going down');
+      if (this.kernel !== null) {
+        await this.kernel.detach().catch((error: Error) => this.logger.error({ err: error }, 'kernel NBD detach failed'));
+        this.kernel = null;
+      }
       await this.nbd.close().catch((error: Error) => this.logger.error({ err: error }, 'NBD server close failed'));
       this.device.role = 'Secondary';
       await this.device.flush().catch(() => {});
