@@ -318,6 +318,8 @@ async function runDirsync(argv: string[]): Promise<number> {
     roots: args.roots,
     ignore: args.ignore,
     syncOnce: runSafely,
+    // A remote root is watched by its server over a second connection with the same credentials.
+    remote: { secretFile: args.secretFile, serverCommand: args.serverCommand, sshCommand: args.sshCommand },
     log: (message: string) => process.stderr.write(`dirsync: ${message}\n`),
   });
 }

@@ -133,7 +133,12 @@ export class LocalReplica implements Replica {
         try {
           st = fs.lstatSync(absolute);
         } catch (error) {
-          if (errorCode(error) === 'ENOENT') continue; // vanished between readdir and lstat: as if never there
+          if (errorCode(error) === 'ENOENT') {
+            // A name that is not valid UTF-8 comes back from readdir with U+FFFD and cannot be opened again:
+            // report it rather than skip it silently. Otherwise it vanished since readdir: as if never there.
+            if (name.includes('\uFFFD')) batch.problems.push({ path, message: 'file name is not valid UTF-8; not synced' });
+            continue;
+          }
           batch.problems.push({ path, message: `cannot stat: ${(error as Error).message}` });
           continue;
         }
