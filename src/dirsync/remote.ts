@@ -315,6 +315,8 @@ export class RemoteReplica implements Replica {
 // --- transports
 
 const CONNECT_TIMEOUT_MS = 15_000;
+/** ssh plus a remote process start, possibly after a password prompt. */
+const SSH_HANDSHAKE_TIMEOUT_MS = 300_000;
 
 async function tcpTransport(url: RemoteUrl): Promise<Transport> {
   const socket: Socket = await new Promise((resolve, reject) => {
@@ -404,7 +406,8 @@ export async function openRemoteReplica(rootUrl: string, options: RemoteOptions 
   const transport = sshTransport(url, options);
   let connection: WireConnection;
   try {
-    connection = await WireConnection.client(transport, connectionOptions);
+    // ssh may ask for a password or a key passphrase on the terminal: give the user time.
+    connection = await WireConnection.client(transport, { ...connectionOptions, handshakeTimeoutMs: SSH_HANDSHAKE_TIMEOUT_MS });
   } catch (error) {
     transport.destroy();
     // Give ssh a moment to exit so its own explanation (host key, permission denied, command not found) is shown.

@@ -295,6 +295,8 @@ export interface ConnectionOptions {
   compress?: boolean;
   /** Client: how long the server may stay silent before the connection is declared dead (default PEER_TIMEOUT_MS). */
   peerTimeoutMs?: number;
+  /** How long the handshake may take (default HANDSHAKE_TIMEOUT_MS); ssh needs longer (a password prompt). */
+  handshakeTimeoutMs?: number;
 }
 
 export interface IncomingRequest {
@@ -404,7 +406,7 @@ export class WireConnection {
   static async client(transport: Transport, options: ConnectionOptions): Promise<WireConnection> {
     const connection = new WireConnection(transport, options);
     try {
-      await connection.withTimeout(connection.clientHandshake(options.secret));
+      await connection.withTimeout(connection.clientHandshake(options.secret), options.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS);
     } catch (error) {
       connection.shutdown(error instanceof Error ? error : new Error(String(error)));
       transport.destroy();
@@ -424,7 +426,7 @@ export class WireConnection {
   ): Promise<WireConnection> {
     const connection = new WireConnection(transport, options);
     try {
-      await connection.withTimeout(connection.serverHandshake(options.secret));
+      await connection.withTimeout(connection.serverHandshake(options.secret), options.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS);
     } catch (error) {
       connection.shutdown(error instanceof Error ? error : new Error(String(error)));
       transport.destroy();
@@ -454,12 +456,12 @@ export class WireConnection {
 
   // --- handshake
 
-  private async withTimeout<T>(work: Promise<T>): Promise<T> {
+  private async withTimeout<T>(work: Promise<T>, timeoutMs: number): Promise<T> {
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
       timer = setTimeout(
-        () => reject(new ReplicaError('EPROTO', `no dirsync handshake from ${this.transport.description} within ${HANDSHAKE_TIMEOUT_MS} ms`)),
-        HANDSHAKE_TIMEOUT_MS,
+        () => reject(new ReplicaError('EPROTO', `no dirsync handshake from ${this.transport.description} within ${timeoutMs} ms`)),
+        timeoutMs,
       );
     });
     try {
