@@ -8,65 +8,25 @@
 // second `up` on a running node fails while the first keeps serving; a SIGKILLed daemon restarts (stale socket
 // and lock recognised); `down` and SIGTERM stop daemons with exit 0.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { execFile, type ChildProcess } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm, stat, writeFile } from 'node:fs/promises';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import type { ResourceStatus } from '../src/resource/control.js';
-import { buildDist, cliPath, killChildren, runCli, spawnUntil, waitExit, writeResourceConfig, type TestResource } from './resource-helpers.js';
+import { buildDist, cliPath, freePort, killChildren, ResourcePair, runCli, spawnUntil, until, waitExit, writeResourceConfig } from './resource-helpers.js';
 
 let dir: string;
-let resource: TestResource;
-const daemons: Partial<Record<'alice' | 'bob', ChildProcess>> = {};
-
-async function freePort(): Promise<number> {
-  const server = net.createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const port = (server.address() as net.AddressInfo).port;
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
-}
-
-function cli(node: 'alice' | 'bob', ...args: string[]) {
-  const [command, ...rest] = args;
-  return runCli([command!, 'r0', '--config', resource.file, '--node', node, ...rest]);
-}
-
-async function qemuWrite(node: 'alice' | 'bob', pattern: number, offsetBytes: number, lengthBytes: number): Promise<void> {
-  const socket = path.join(resource.dir, `${node}.nbd`);
-  await promisify(execFile)('qemu-io', ['-f', 'raw', '-c', `write -P ${pattern} ${offsetBytes} ${lengthBytes}`, `nbd+unix:///?socket=${socket}`]);
-}
-
-async function status(node: 'alice' | 'bob'): Promise<ResourceStatus> {
-  const result = await cli(node, 'status', '--json');
-  expect(result.code, result.stderr).toBe(0);
-  return JSON.parse(result.stdout) as ResourceStatus;
-}
-
-async function until(what: string, check: () => Promise<boolean>, timeoutMs = 30_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (Date.now() < deadline) {
-    if (await check()) return;
-    await sleep(200);
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
-
-async function up(node: 'alice' | 'bob'): Promise<ChildProcess> {
-  const { child } = await spawnUntil(process.execPath, [cliPath, 'up', 'r0', '--config', resource.file, '--node', node],
-    /resource up/, { env: { DRBDTS_LOG_LEVEL: 'info' } });
-  daemons[node] = child;
-  return child;
-}
+const pair = new ResourcePair();
+const cli = pair.cli.bind(pair);
+const status = pair.status.bind(pair);
+const up = pair.up.bind(pair);
 
 beforeAll(async () => {
   dir = await mkdtemp(path.join(os.tmpdir(), 'drbdts-cli-'));
   await buildDist();
-  resource = await writeResourceConfig(dir, { ports: [await freePort(), await freePort()], size: '64MiB' });
+  pair.resource = await writeResourceConfig(dir, { ports: [await freePort(), await freePort()], size: '64MiB' });
 });
 
 afterAll(async () => {
@@ -108,15 +68,15 @@ describe('drbdts create-md and bad input', () => {
     const wrongNode = await cli('alice', 'status', '--node', 'carol');
     expect(wrongNode.code).toBe(1);
     expect(wrongNode.stderr).toContain('node "carol" (from --node) is not in this resource; its nodes are alice, bob');
-    const wrongName = await runCli(['status', 'r1', '--config', resource.file, '--node', 'alice']);
+    const wrongName = await runCli(['status', 'r1', '--config', pair.resource.file, '--node', 'alice']);
     expect(wrongName.code).toBe(1);
     expect(wrongName.stderr).toContain('resource.name: is "r0", but the command names resource "r1"');
     const flag = await cli('alice', 'primary', '--forse');
     expect(flag.code).toBe(2);
     expect(flag.stderr).toContain('"primary" does not take --forse (it takes --force)');
-    const noRes = await runCli(['status']);
+    const noRes = await runCli(['primary']);
     expect(noRes.code).toBe(2);
-    expect(noRes.stderr).toContain('"status" needs the resource name');
+    expect(noRes.stderr).toContain('"primary" needs the resource name');
     const rate = await cli('alice', 'resync', '--rate', 'fast');
     expect(rate.code).toBe(2);
     expect(rate.stderr).toContain('--rate: "fast" is not a rate in bytes per second');
@@ -203,7 +163,7 @@ describe('drbdts against two running daemons', () => {
     const pausedLine = await cli('alice', 'resync');
     expect(pausedLine.stdout).toMatch(/resync to bob \(PausedSyncS\) .* paused\n$/);
     // On a terminal (script(1) gives the CLI a pty) the line is a bar redrawn in place.
-    const tty = await promisify(execFile)('script', ['-qfec', `${process.execPath} ${cliPath} resync r0 --config ${resource.file} --node bob`, '/dev/null']);
+    const tty = await promisify(execFile)('script', ['-qfec', `${process.execPath} ${cliPath} resync r0 --config ${pair.resource.file} --node bob`, '/dev/null']);
     expect(tty.stdout).toMatch(/\r\x1b\[2Kr0 from alice \[[=> ]+\] \d+\.\d\d% [\d.]+ (KiB|MiB)\/64\.0 MiB paused/);
     const resumed = await cli('bob', 'resync', 'resume', '--rate', '1GiB');
     expect(resumed.code, resumed.stderr).toBe(0);
@@ -215,7 +175,7 @@ describe('drbdts against two running daemons', () => {
   });
 
   it('disconnects, reconnects, verifies, makes a new generation, and streams events', async () => {
-    const stream = await spawnUntil(process.execPath, [cliPath, 'events2', 'r0', '--config', resource.file, '--node', 'alice', '--interval', '0.2'], /exists -\n/);
+    const stream = await spawnUntil(process.execPath, [cliPath, 'events2', 'r0', '--config', pair.resource.file, '--node', 'alice', '--interval', '0.2'], /exists -\n/);
     expect((await cli('alice', 'disconnect')).code).toBe(0);
     await until('StandAlone', async () => (await status('alice')).connection === 'StandAlone');
     await until('events2 change line', async () => /^change connection name:r0 peer-node-id:1 conn-name:bob connection:StandAlone/m.test(stream.output()), 10_000);
@@ -237,6 +197,9 @@ describe('drbdts against two running daemons', () => {
     expect(lines[0]).toBe('exists resource name:r0 role:Primary suspended:no may_promote:no');
     expect(lines[1]).toMatch(/^exists device name:r0 volume:0 minor:0 disk:UpToDate size:65536 read:\d+ written:\d+ al-writes:\d+ bm-writes:\d+$/);
     expect(lines.at(-1)).toBe('exists -');
+    const byFile = await runCli(['status', '--config', pair.resource.file, '--node', 'alice']); // the file names the resource
+    expect(byFile.code, byFile.stderr).toBe(0);
+    expect(byFile.stdout).toMatch(/^r0 role:Primary\n/);
     const stats = await cli('alice', 'status', '--statistics');
     expect(stats.stdout).toMatch(/received:\d+ sent:\d+ out-of-sync:0 pending:\d+ unacked:\d+/);
     const s = await status('alice');
@@ -248,14 +211,14 @@ describe('drbdts against two running daemons', () => {
   });
 
   it('a second up on a running node fails and the first keeps serving', async () => {
-    const second = await runCli(['up', 'r0', '--config', resource.file, '--node', 'bob']);
+    const second = await runCli(['up', 'r0', '--config', pair.resource.file, '--node', 'bob']);
     expect(second.code).toBe(1);
     expect(second.stderr).toMatch(/in use by another drbdts process|another daemon is already running/);
     expect((await status('bob')).connection).toBe('Connected');
   });
 
   it('restarts after SIGKILL (stale socket and lock), and stops with down and SIGTERM', async () => {
-    const bob = daemons.bob!;
+    const bob = pair.daemons.bob!;
     bob.kill('SIGKILL');
     await waitExit(bob);
     expect((await stat(path.join(dir, 'bob.ctl'))).isSocket()).toBe(true); // left behind
@@ -268,65 +231,11 @@ describe('drbdts against two running daemons', () => {
     expect((await cli('alice', 'secondary')).code).toBe(0);
     const down = await cli('alice', 'down');
     expect(down.code, down.stderr).toBe(0);
-    expect(await waitExit(daemons.alice!)).toEqual({ code: 0, signal: null });
+    expect(await waitExit(pair.daemons.alice!)).toEqual({ code: 0, signal: null });
     const gone = await cli('alice', 'status');
     expect(gone.stderr).toContain('resource r0 is not up on node alice');
-    daemons.bob!.kill('SIGTERM');
-    expect(await waitExit(daemons.bob!)).toEqual({ code: 0, signal: null });
+    pair.daemons.bob!.kill('SIGTERM');
+    expect(await waitExit(pair.daemons.bob!)).toEqual({ code: 0, signal: null });
     await expect(stat(path.join(dir, 'bob.ctl'))).rejects.toMatchObject({ code: 'ENOENT' });
-  });
-});
-
-describe('split brain and its manual recovery through the CLI', () => {
-  // Both nodes write while disconnected; reconnecting is refused as a split brain; the operator demotes the
-  // victim and connects it with --discard-my-data; after the resync both data areas are byte-identical and
-  // hold the survivor's writes, not the victim's.
-  it('connect --discard-my-data on the victim resolves it', async () => {
-    const sbDir = path.join(dir, 'sb');
-    await import('node:fs/promises').then((fs) => fs.mkdir(sbDir));
-    resource = await writeResourceConfig(sbDir, { ports: [await freePort(), await freePort()], size: '16MiB' });
-    expect((await cli('alice', 'create-md')).code).toBe(0);
-    expect((await cli('bob', 'create-md')).code).toBe(0);
-    await up('alice');
-    await up('bob');
-    await until('connection', async () => (await status('alice')).connection === 'Connected');
-    expect((await cli('alice', 'primary', '--force')).code).toBe(0);
-    expect((await cli('alice', 'resync', '--wait', '--interval', '0.2')).code).toBe(0);
-    expect((await cli('alice', 'disconnect')).code).toBe(0);
-    await until('alice StandAlone', async () => (await status('alice')).connection === 'StandAlone');
-    await qemuWrite('alice', 0xaa, 0, 1024 * 1024);
-    // bob loses sight of alice and is promoted (a failover decision made without knowing alice still runs).
-    const promoted = await cli('bob', 'primary');
-    expect(promoted.code, promoted.stderr).toBe(0);
-    await qemuWrite('bob', 0xbb, 4 * 1024 * 1024, 1024 * 1024);
-    expect((await cli('bob', 'secondary')).code).toBe(0);
-    expect((await cli('alice', 'connect')).code).toBe(0);
-    // The UUIDs show both sides changed the data: no automatic resolution (after-sb-1pri = disconnect).
-    await until('split brain detected', async () => {
-      const a = await status('alice');
-      return a.connection === 'StandAlone' && (await status('bob')).connection !== 'Connected';
-    });
-    await sleep(1000);
-    expect((await status('alice')).connection).toBe('StandAlone');
-    if ((await status('bob')).connection !== 'StandAlone') expect((await cli('bob', 'disconnect')).code).toBe(0);
-    const victim = await cli('bob', 'connect', '--discard-my-data');
-    expect(victim.code, victim.stderr).toBe(0);
-    expect((await cli('alice', 'connect')).code).toBe(0);
-    await until('resynced', async () => {
-      const a = await status('alice');
-      return a.connection === 'Connected' && a.resync === null && a.peer.disk === 'UpToDate' && a.outOfSyncBytes === 0;
-    });
-    const bobStatus = await status('bob');
-    expect(bobStatus).toMatchObject({ role: 'Secondary', disk: 'UpToDate' });
-    // Only the blocks changed on either side were sent (2 MiB), not the whole 16 MiB device.
-    expect(bobStatus.counters.resyncReceivedBytes).toBeLessThanOrEqual(4 * 1024 * 1024);
-    expect((await cli('alice', 'down')).code).toBe(0);
-    expect((await cli('bob', 'down')).code).toBe(0);
-    const { readFile } = await import('node:fs/promises');
-    const a = (await readFile(path.join(sbDir, 'alice.img'))).subarray(0, 16 * 1024 * 1024);
-    const b = (await readFile(path.join(sbDir, 'bob.img'))).subarray(0, 16 * 1024 * 1024);
-    expect(a.equals(b)).toBe(true);
-    expect(a[0]).toBe(0xaa);
-    expect(b[4 * 1024 * 1024]).toBe(0); // bob's split-brain write was discarded
   });
 });

@@ -142,3 +142,52 @@ ${options.extra ?? ''}`;
   await writeFile(file, text);
   return { file, dir };
 }
+
+export async function freePort(): Promise<number> {
+  const net = await import('node:net');
+  const server = net.createServer();
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const port = (server.address() as import('node:net').AddressInfo).port;
+  await new Promise<void>((resolve) => server.close(() => resolve()));
+  return port;
+}
+
+export async function until(what: string, check: () => Promise<boolean>, timeoutMs = 30_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (await check()) return;
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+
+export type NodeName = 'alice' | 'bob';
+
+/** Two nodes of one resource driven through the real CLI, daemons as child processes. */
+export class ResourcePair {
+  resource!: TestResource;
+  readonly daemons: Partial<Record<NodeName, ChildProcess>> = {};
+
+  cli(node: NodeName, ...args: string[]): Promise<CliResult> {
+    const [command, ...rest] = args;
+    return runCli([command!, 'r0', '--config', this.resource.file, '--node', node, ...rest]);
+  }
+
+  async status(node: NodeName): Promise<import('../src/resource/control.js').ResourceStatus> {
+    const result = await this.cli(node, 'status', '--json');
+    if (result.code !== 0) throw new Error(`status on ${node} failed (${result.code}): ${result.stderr}`);
+    return JSON.parse(result.stdout) as import('../src/resource/control.js').ResourceStatus;
+  }
+
+  async up(node: NodeName): Promise<ChildProcess> {
+    const { child } = await spawnUntil(process.execPath, [cliPath, 'up', 'r0', '--config', this.resource.file, '--node', node],
+      /resource up/, { env: { DRBDTS_LOG_LEVEL: 'info' } });
+    this.daemons[node] = child;
+    return child;
+  }
+
+  async qemuWrite(node: NodeName, pattern: number, offsetBytes: number, lengthBytes: number): Promise<void> {
+    const socket = path.join(this.resource.dir, `${node}.nbd`);
+    await promisify(execFile)('qemu-io', ['-f', 'raw', '-c', `write -P ${pattern} ${offsetBytes} ${lengthBytes}`, `nbd+unix:///?socket=${socket}`]);
+  }
+}

@@ -4,8 +4,9 @@
 // daemon's state machine alone decides what is allowed and says why not.
 //
 // Exit codes: 0 done, 1 refused or failed (the message says why), 2 bad usage.
+import { readdir } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { ConfigError, defaultConfigPath, loadResourceConfig, resolveNodeName, type NodeConfig, type ResourceConfig } from '../resource/config.js';
+import { ConfigError, DEFAULT_CONFIG_DIR, defaultConfigPath, loadResourceConfig, resolveNodeName, type NodeConfig, type ResourceConfig } from '../resource/config.js';
 import { ControlError, sendControlRequest, type ResourceStatus } from '../resource/control.js';
 import { formatBytes, parseSize } from '../util/size.js';
 
@@ -105,9 +106,14 @@ function parseArgs(command: string, argv: string[]): Options {
       options.flags.add(name === 's' ? 'statistics' : name === 'v' ? 'verbose' : name);
     }
   }
-  const resource = options.positional.shift();
-  if (resource === undefined) throw new UsageError(`"${command}" needs the resource name: drbdts ${commandHelp[command]?.split('\n')[0] ?? command}`);
-  options.resource = resource;
+  // Positional resource name; with --config it may be left out (the file names it), and a bare
+  // `drbdts status` shows every resource in /etc/drbdts, as `drbdadm status` does.
+  const looksLikeAction = command === 'resync' && ['status', 'pause', 'resume'].includes(options.positional[0] ?? '');
+  const resource = looksLikeAction && options.config !== undefined ? undefined : options.positional.shift();
+  if (resource !== undefined) options.resource = resource;
+  else if (options.config !== undefined) options.resource = '';
+  else if (command === 'status') options.resource = '*';
+  else throw new UsageError(`"${command}" needs the resource name: drbdts ${commandHelp[command]?.split('\n')[0] ?? command}`);
   const extraAllowed = command === 'resync' ? 1 : 0;
   if (options.positional.length > extraAllowed) {
     throw new UsageError(`unexpected argument "${options.positional[extraAllowed]}"`);
@@ -124,6 +130,7 @@ interface Target {
 function loadTarget(options: Options): Target {
   const file = options.config ?? defaultConfigPath(options.resource);
   const config = loadResourceConfig(file);
+  if (options.resource === '') options.resource = config.name;
   if (config.name !== options.resource) {
     throw new ConfigError(file, 'resource.name', `is "${config.name}", but the command names resource "${options.resource}"`);
   }
@@ -289,7 +296,36 @@ async function simple(command: string, options: Options): Promise<number> {
   return 0;
 }
 
+async function statusAll(options: Options): Promise<number> {
+  let files: string[];
+  try {
+    files = (await readdir(DEFAULT_CONFIG_DIR)).filter((name) => name.endsWith('.toml')).sort();
+  } catch {
+    files = [];
+  }
+  if (files.length === 0) {
+    process.stderr.write(`drbdts status: no resources configured (no ${DEFAULT_CONFIG_DIR}/*.toml); name one: drbdts status RES --config FILE\n`);
+    return 1;
+  }
+  let failures = 0;
+  const all: ResourceStatus[] = [];
+  for (const file of files) {
+    try {
+      const target = loadTarget({ ...options, resource: file.slice(0, -'.toml'.length), config: undefined });
+      const result = (await request(target, 'status')) as ResourceStatus;
+      if (options.flags.has('json')) all.push(result);
+      else out(renderStatus(result, { statistics: options.flags.has('statistics') || options.flags.has('verbose') }));
+    } catch (error) {
+      failures += 1;
+      process.stderr.write(`drbdts status: ${error instanceof Error ? error.message : String(error)}\n`);
+    }
+  }
+  if (options.flags.has('json')) out(`${JSON.stringify(all, null, 2)}\n`);
+  return failures === 0 ? 0 : 1;
+}
+
 async function status(options: Options): Promise<number> {
+  if (options.resource === '*') return statusAll(options);
   const target = loadTarget(options);
   const result = (await request(target, 'status')) as ResourceStatus;
   if (options.flags.has('json')) out(`${JSON.stringify(result, null, 2)}\n`);
