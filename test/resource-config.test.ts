@@ -138,6 +138,12 @@ verify-alg = "sha256"
     expect(errorOf(oneNode).message).toBe('/etc/drbdts/r0.toml: [node.NAME]: a resource needs exactly two nodes, found 1 (alice)');
   });
 
+  it('rejects a unix socket path too long to bind', () => {
+    const long = `/run/${'x'.repeat(120)}.ctl`;
+    expect(errorOf(good.replace('meta-disk = "internal"', `meta-disk = "internal"\ncontrol = "${long}"`)).message)
+      .toBe(`/etc/drbdts/r0.toml: node.alice.control: socket path "${long}" is longer than 107 bytes (a unix socket limit)`);
+  });
+
   it('rejects combinations DRBD forbids', () => {
     expect(errorOf(`${good}\n[net]\non-congestion = "pull-ahead"\n`).message).toContain('needs protocol A');
     expect(errorOf(`${good.replace('protocol = "C"', 'protocol = "B"')}\n[net]\nallow-two-primaries = true\n`).message)

@@ -80,6 +80,7 @@ export function defaultConfigPath(resource: string): string {
   return `${DEFAULT_CONFIG_DIR}/${resource}.toml`;
 }
 
+const UNIX_PATH_MAX_BYTES = 107;
 const AL_EXTENTS_MIN = 16; // activity-log.ts AL_EXTENTS_MIN: a 32 MiB request spans 9 extents
 const AL_EXTENTS_MAX = 65534;
 
@@ -331,6 +332,13 @@ export function parseResourceConfig(text: string, fileName: string): ResourceCon
       v.fail(`${section}.device`, `"${device}" is not a device path like /dev/nbd0`);
     }
     const control = v.string(table, section, 'control', false) ?? `${DEFAULT_RUN_DIR}/${name}-${nodeName}.ctl`;
+    // sockaddr_un holds 108 bytes including the terminating NUL; a longer path fails only at bind time.
+    if (Buffer.byteLength(control) > UNIX_PATH_MAX_BYTES) {
+      v.fail(`${section}.control`, `socket path "${control}" is longer than ${UNIX_PATH_MAX_BYTES} bytes (a unix socket limit)`);
+    }
+    if (nbd.startsWith('unix:') && Buffer.byteLength(nbd.slice(5)) > UNIX_PATH_MAX_BYTES) {
+      v.fail(`${section}.nbd`, `socket path "${nbd.slice(5)}" is longer than ${UNIX_PATH_MAX_BYTES} bytes (a unix socket limit)`);
+    }
     nodes[nodeName] = { name: nodeName, address, disk: diskPath, metaDisk, nbd, device, control };
   }
   const nodeNames = Object.keys(nodes);
