@@ -22,6 +22,8 @@ export interface ClusterOptions {
   extraNet?: string;
   extraResync?: string;
   secrets?: Partial<Record<NodeName, string>>;
+  /** [net] ping-timeout, default 1500ms. */
+  pingTimeout?: string;
   /** [resync] rate, default 1GiB. */
   resyncRate?: string;
 }
@@ -97,7 +99,7 @@ shared-secret = "${secret}"
 size = "${this.sizeBytes / 1024 / 1024}MiB"
 [net]
 ping-interval = "200ms"
-ping-timeout = "1500ms"
+ping-timeout = "${this.options.pingTimeout ?? '1500ms'}"
 connect-int = "200ms"
 ${this.options.extraNet ?? ''}
 [resync]

@@ -99,3 +99,31 @@ describe('faults', () => {
     expect(await cluster.hashData('alice')).toBe(await cluster.hashData('bob'));
   });
 });
+
+describe('congestion', () => {
+  it('protocol A with on-congestion pull-ahead keeps writing through a stalled link, then resyncs', async () => {
+    // The proxy stops reading (the peer is "slow"): alice's send queue passes max-buffers (1 MiB) and she must
+    // pull ahead instead of blocking the application: nbdcopy of 48 MiB completes while the link is stalled,
+    // the blocks are marked out of sync while still Connected. Once the proxy reads again the queue drains,
+    // the nodes renegotiate, resync the bitmap and end identical.
+    cluster = new Cluster({
+      sizeMiB: 64, protocol: 'A', proxy: true, pingTimeout: '30s',
+      extraNet: 'on-congestion = "pull-ahead"\nmax-buffers = "1MiB"',
+    });
+    await cluster.setup();
+    await cluster.startSkippingSync();
+    const source = path.join(cluster.dir, 'random.bin');
+    await writeFile(source, randomBytes(48 * 1024 * 1024));
+    cluster.proxy!.stall();
+    const copied = await run('nbdcopy', [source, cluster.nbdUri('alice')], { timeoutMs: 60_000 });
+    expect(copied.code).toBe(0);
+    const ahead = await cluster.status('alice');
+    // Still the same connection: the writes did not wait for the stalled peer (ping timeout is 30 s).
+    expect(ahead.connection).toBe('Connected');
+    expect(ahead.outOfSyncBytes).toBeGreaterThan(0);
+    expect(await cluster.log('alice')).toMatch(/pulling ahead/);
+    cluster.proxy!.resume();
+    await cluster.waitInSync();
+    expect(await cluster.hashData('alice')).toBe(await cluster.hashData('bob'));
+  });
+});

@@ -43,6 +43,25 @@ export class TcpProxy {
     return (this.server.address() as net.AddressInfo).port;
   }
 
+  /** Stops reading from both sides (the bytes stay in the kernel's buffers, so senders feel backpressure). */
+  stall(): void {
+    this.stalled = true;
+    for (const [a, b] of this.pairs) {
+      a.pause();
+      b.pause();
+    }
+  }
+
+  resume(): void {
+    this.stalled = false;
+    for (const [a, b] of this.pairs) {
+      a.resume();
+      b.resume();
+    }
+  }
+
+  private stalled = false;
+
   breakAll(): void {
     for (const [a, b] of this.pairs) {
       a.resetAndDestroy();

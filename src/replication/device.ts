@@ -306,16 +306,24 @@ export class ReplicatedDevice implements BlockDevice {
           seq, offset, lengthBytes,
           needWritten: protocol === 'C' || fua,
           needReceived: protocol === 'B',
-          needSent: protocol === 'A',
+          // Protocol A completes once the local write is done and the frame is queued for the peer: the
+          // payload is copied (once, into a pooled buffer) so the caller may reuse its buffer at once.
+          needSent: false,
           localDone: false, sent: false, received: false, written: false, completed: false,
           alBegun, failure: null, resolve, reject,
         };
         alBegun = false; // the pending entry ends the AL write when the peer confirms
         this.pending.set(seq, pending);
         const flags = (fua ? FrameFlag.FUA : 0) | extraFlags;
-        const body = payload ?? lengthBody(lengthBytes);
+        let body = payload ?? lengthBody(lengthBytes);
+        const copied = protocol === 'A' && payload !== null;
+        if (copied) {
+          body = receivePool.take(payload.length);
+          payload.copy(body);
+        }
         connection.sendWithCallback(CHANNEL_DATA, type, flags, seq, offset, body, () => {
           pending.sent = true;
+          if (copied) receivePool.release(body);
           this.settle(pending);
         });
         this.counters.networkSentBytes += body.length + 24;
