@@ -96,7 +96,7 @@ describe('drbdts serve with real NBD clients', () => {
   it('passes a fio crc32c verify job over ioengine=nbd', async () => {
     const job = path.join(dir, 'verify.fio');
     fs.writeFileSync(job, [
-      '[global]', 'ioengine=nbd', `uri=${uri}`, 'size=32m', 'verify=crc32c', 'do_verify=1', 'verify_fatal=1',
+      '[global]', 'ioengine=nbd', `uri=${uri}`, 'size=32m', 'verify=crc32c', 'do_verify=1', 'verify_fatal=1', 'verify_state_save=0',
       '[randwrite-verify]', 'rw=randwrite', 'bsrange=4k-64k', 'iodepth=16', 'norandommap=0', '',
     ].join('\n'));
     const output = await runOk('fio', ['--output-format=json', job], { timeoutMs: 90_000 });
