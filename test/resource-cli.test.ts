@@ -92,11 +92,16 @@ describe('drbdts create-md and bad input', () => {
   });
 
   it('says the resource is not up when no daemon runs', async () => {
-    for (const command of ['status', 'primary', 'down', 'resync', 'events2']) {
+    for (const command of ['primary', 'down', 'resync', 'events2']) {
       const result = await cli('alice', command);
       expect(result.code).toBe(1);
       expect(result.stderr).toBe(`drbdts ${command}: resource r0 is not up on node alice (no daemon at ${path.join(dir, 'alice.ctl')})\n`);
     }
+    // status also says what the stopped node's metadata holds.
+    const result = await cli('alice', 'status');
+    expect(result.code).toBe(1);
+    expect(result.stderr).toBe(`drbdts status: resource r0 is not up on node alice (no daemon at ${path.join(dir, 'alice.ctl')})\n` +
+      '  on disk: Inconsistent, was Secondary, generation 0000000000000000, out-of-sync 0 B, last stop clean\n');
   });
 });
 

@@ -324,10 +324,36 @@ async function statusAll(options: Options): Promise<number> {
   return failures === 0 ? 0 : 1;
 }
 
+/** For a node whose daemon is down: what its metadata says, read without locking. */
+async function describeOnDisk(target: Target): Promise<string> {
+  try {
+    const { Metadata } = await import('../resource/metadata.js');
+    const md = await Metadata.read(target.node.disk, target.node.metaDisk);
+    if (md === null) return `no drbdts metadata on ${target.node.disk} (run "drbdts create-md ${target.config.name}")`;
+    const disk = !md.flags.consistent ? 'Inconsistent' : md.flags.peerOutdated || md.flags.wasUpToDate ? 'UpToDate' : 'Consistent';
+    const { formatUuid } = await import('../resource/uuids.js');
+    return `on disk: ${disk}, ${md.flags.wasPrimary ? 'was Primary' : 'was Secondary'}, generation ${formatUuid(md.uuids.current)}, ` +
+      `out-of-sync ${formatBytes(md.dirtyBlocks * 4096)}, last stop ${md.cleanShutdown ? 'clean' : 'unclean (crash recovery at the next up)'}`;
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') {
+      return `its disk ${target.node.metaDisk === 'internal' ? target.node.disk : target.node.metaDisk} does not exist (run "drbdts create-md ${target.config.name}")`;
+    }
+    return `cannot read its metadata: ${(error as Error).message}`;
+  }
+}
+
 async function status(options: Options): Promise<number> {
   if (options.resource === '*') return statusAll(options);
   const target = loadTarget(options);
-  const result = (await request(target, 'status')) as ResourceStatus;
+  let result: ResourceStatus;
+  try {
+    result = (await request(target, 'status')) as ResourceStatus;
+  } catch (error) {
+    if (error instanceof ControlError && error.code === 'ENODAEMON') {
+      throw new ControlError('ENODAEMON', `${error.message}\n  ${await describeOnDisk(target)}`);
+    }
+    throw error;
+  }
   if (options.flags.has('json')) out(`${JSON.stringify(result, null, 2)}\n`);
   else out(renderStatus(result, { statistics: options.flags.has('statistics') || options.flags.has('verbose') }));
   return 0;
