@@ -270,7 +270,9 @@ export class ReplicatedDevice implements BlockDevice {
     writeLocal: () => Promise<void>,
     localFirst = false,
   ): Promise<void> {
-    await this.acquireSlot();
+    // Fast paths stay synchronous: an await costs a microtask and a promise per write.
+    if (this.inFlight < this.options.maxInFlightWrites) this.inFlight += 1;
+    else await this.acquireSlot();
     let entry: GateEntry | null = null;
     let alBegun = false;
     const activityLog = this.options.activityLog;
@@ -281,7 +283,9 @@ export class ReplicatedDevice implements BlockDevice {
         await activityLog.beginWrite(offset, lengthBytes);
         alBegun = true;
       }
-      await this.waitForSendQueue();
+      if (this.connection !== null && this.connection.dataQueuedBytes >= this.options.sendQueueMaxBytes) {
+        await this.waitForSendQueue();
+      }
       const connection = this.isShipping ? this.connection : null;
       if (connection === null) {
         // The peer will not see this write: remember its blocks for the next resync.
