@@ -193,6 +193,34 @@ describe('FileIoQueue (batched pread/pwrite)', () => {
     await small.drain();
   });
 
+  // The batching policy, observed through the hop counter: requests issued together share hops, spread over
+  // the free hops no thinner than batchOperationsSpreadMin, and a hop never carries more than batchBytesMax
+  // (unless one request alone is bigger).
+  it('batches requests issued together, spreads them, and bounds bytes per hop', async () => {
+    const fd = openFile('queue-policy.img', 16 * MiB);
+    const block = Buffer.alloc(4096, 9);
+    const issue = async (queue: FileIoQueue, count: number, sizeBytes = 4096): Promise<void> => {
+      const data = sizeBytes === 4096 ? block : Buffer.alloc(sizeBytes, 7);
+      await Promise.all(Array.from({ length: count }, (_, i) => queue.writeAsync(i * sizeBytes, data, false)));
+    };
+    const single = new FileIoQueue(fd, { batchesInFlightMax: 4, batchOperationsSpreadMin: 64 });
+    await issue(single, 32);
+    expect([single.hops, single.operations]).toEqual([1, 32]);
+    const spread = new FileIoQueue(fd, { batchesInFlightMax: 4, batchOperationsSpreadMin: 8 });
+    await issue(spread, 32);
+    expect([spread.hops, spread.operations]).toEqual([4, 32]);
+    const few = new FileIoQueue(fd, { batchesInFlightMax: 4, batchOperationsSpreadMin: 8 });
+    await issue(few, 6);
+    expect(few.hops).toBe(1);
+    const large = new FileIoQueue(fd, { batchesInFlightMax: 4, batchBytesMax: MiB });
+    await issue(large, 4, MiB);
+    expect(large.hops).toBe(4);
+    const oversized = new FileIoQueue(fd, { batchesInFlightMax: 1, batchBytesMax: MiB });
+    await issue(oversized, 2, 3 * MiB);
+    expect([oversized.hops, oversized.operations]).toEqual([2, 2]);
+    expect(readAt(fd, 0, MiB).every((byte) => byte === 7)).toBe(true);
+  });
+
   // A read that runs off the end of the file and a write on a read-only descriptor fail alone: the other
   // operations in the same batch still succeed.
   it('one failing operation does not fail its batch', async () => {

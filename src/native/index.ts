@@ -224,9 +224,8 @@ export class FileIoQueue {
   private ringCount = 0;
   private drainWaiters: (() => void)[] = [];
   private readonly dispatchBound = () => this.dispatch();
-  /** Thread-pool hops so far, and operations they carried: their ratio is the batching achieved. */
-  hops = 0;
-  operations = 0;
+  private hopCount = 0;
+  private operationCount = 0;
 
   constructor(fd: number, options: FileIoQueueOptions = {}) {
     checkFd(fd);
@@ -249,6 +248,16 @@ export class FileIoQueue {
     this.ringOffsets = new Float64Array(ringCapacity);
     this.ringBuffers = new Array<Uint8Array | null>(ringCapacity).fill(null);
     this.ringSettles = new Array<Settle | null>(ringCapacity).fill(null);
+  }
+
+  /** Thread-pool hops so far. With `operations`, the batching achieved. */
+  get hops(): number {
+    return this.hopCount;
+  }
+
+  /** Operations handed to the thread pool so far. */
+  get operations(): number {
+    return this.operationCount;
   }
 
   /** Fills `target` with the bytes at `offset`; fails with EIO if the file ends first. */
@@ -352,8 +361,8 @@ export class FileIoQueue {
         count++;
       }
       batch.count = count;
-      this.hops++;
-      this.operations += count;
+      this.hopCount++;
+      this.operationCount += count;
       this.batchesInFlight++;
       try {
         addon.ioBatch(this.fd, count, batch.kinds, batch.offsets, batch.buffers, batch.results, batch.onDone);
