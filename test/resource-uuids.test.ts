@@ -42,6 +42,8 @@ describe('decideSync: the UUID table', () => {
     expect(both(view('alice', X), view('bob', X))).toBe('none');
     expect(both(view('alice', X, 0n, [0n, 0n], { consistent: false }), view('bob', X))).toBe('target');
     expect(both(view('alice', X, 0n, [0n, 0n], { crashedPrimary: true, dirtyBlocks: 9 }), view('bob', X))).toBe('source');
+    // ...but not over a peer promoted meanwhile (no write yet, so no new generation): its data is in use.
+    expect(both(view('alice', X, 0n, [0n, 0n], { crashedPrimary: true, dirtyBlocks: 9 }), view('bob', X, 0n, [0n, 0n], { role: 'Primary' }))).toBe('target');
     expect(both(view('alice', X, 0n, [0n, 0n], { consistent: false }), view('bob', X, 0n, [0n, 0n], { consistent: false }))).toBe('wait-for-operator');
     expect(both(view('alice', X, 0n, [0n, 0n], { dirtyBlocks: 3 }), view('bob', X, 0n, [0n, 0n], { role: 'Primary' }))).toBe('target');
   });

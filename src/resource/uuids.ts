@@ -177,7 +177,13 @@ export function decideSync(local: SyncView, peer: SyncView, policies: AfterSbPol
       return { kind: 'wait-for-operator', reason: 'both nodes are Inconsistent: run "primary --force" on the node with the good data' };
     }
     // A primary that crashed may have written blocks its peer never got: its activity-log extents are in its
-    // bitmap and are resynced from it.
+    // bitmap and are resynced from it. Unless the peer has been promoted meanwhile (without writing yet, so
+    // no new generation): its data is in use, and the crashed node's extents are overwritten from it instead.
+    if ((local.crashedPrimary || peer.crashedPrimary) && local.role !== peer.role) {
+      return local.role === 'Primary'
+        ? { kind: 'source', reason: `${them} crashed as Primary, ${me} is Primary now: resync ${them}'s activity-log extents from ${me}` }
+        : { kind: 'target', reason: `${me} crashed as Primary, ${them} is Primary now: resync ${me}'s activity-log extents from ${them}` };
+    }
     if (local.crashedPrimary && !peer.crashedPrimary) return { kind: 'source', reason: `${me} was a crashed Primary: resync its activity-log extents to ${them}` };
     if (peer.crashedPrimary && !local.crashedPrimary) return { kind: 'target', reason: `${them} was a crashed Primary: resync its activity-log extents from it` };
     if (local.crashedPrimary && peer.crashedPrimary) {
