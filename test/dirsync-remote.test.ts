@@ -333,6 +333,19 @@ describe('tcp:// bad input', () => {
     await expectCode(escaping.open(), 'ENOROOT', /outside the served directory/);
     const missing = await remote('does/not/exist');
     await expectCode(missing.open(), 'ENOROOT', /does not exist/);
+
+    // A client cannot use a symlink it made inside the tree to reach outside: paths through it are refused.
+    const replica = await remote();
+    await replica.open();
+    await replica.symlink('via-link', base, 'absent');
+    await expectCode(
+      replica.writeFile({ path: 'via-link/pwned.txt', precondition: 'absent', mode: 0o644, content: { kind: 'full', source: await contentOf(Buffer.from('x')) } }),
+      'EPATH',
+      /goes through the symlink via-link/,
+    );
+    await expectCode(replica.hashFiles(['via-link/secret']), 'EPATH');
+    await expectCode(replica.mkdir('via-link/dir', 0o755), 'EPATH');
+    expect((await readdir(base)).includes('pwned.txt')).toBe(false);
   });
 });
 

@@ -5,6 +5,7 @@
 //   dirsync-server --listen HOST:PORT --root DIR [--secret-file F]   TCP; a shared secret is required
 //   dirsync-server --stdio [--root DIR]                               one connection on stdin/stdout (ssh)
 import { createServer, type Server, type Socket } from 'node:net';
+import { lstatSync } from 'node:fs';
 import { realpath, stat as statPath } from 'node:fs/promises';
 import * as pathModule from 'node:path';
 import { createLogger, type Logger } from '../util/log.js';
@@ -96,6 +97,35 @@ class Session {
     return this.replica;
   }
 
+  /**
+   * A path argument, validated; on a confined server (--root) also refused when one of its parent components is
+   * a symlink: LocalReplica would follow it, and a client could then reach files outside --root (for example by
+   * creating `link -> /` and writing `link/etc/...`). The last component is never followed by LocalReplica.
+   * A client racing its own symlink swaps against this check is out of scope: the secret grants write access to
+   * the served tree, and nothing beyond it is reachable without such a race.
+   */
+  private checkedPath(value: unknown): string {
+    const path = pathArg(value);
+    const replica = this.replica;
+    if (!this.options.confine || !(replica instanceof LocalReplica)) return path;
+    const parts = path.split('/');
+    let current = replica.rootPath;
+    for (let i = 0; i < parts.length - 1; i++) {
+      current += '/' + parts[i]!;
+      let st;
+      try {
+        st = lstatSync(current);
+      } catch {
+        return path; // a missing parent: the operation itself fails with a precise error
+      }
+      if (st.isSymbolicLink()) {
+        throw new ReplicaError('EPATH', `${path} goes through the symlink ${parts.slice(0, i + 1).join('/')}; refused by the server`, path);
+      }
+      if (!st.isDirectory()) return path;
+    }
+    return path;
+  }
+
   private need(): Replica {
     if (this.replica === undefined) throw new ReplicaError('EPROTO', 'a call arrived before open');
     return this.replica;
@@ -131,39 +161,39 @@ class Session {
         return { json: {}, stream: changeStream(replica.rootPath, ignore) };
       }
       case 'stat':
-        return { json: await this.need().stat(pathArg(args.path)) };
+        return { json: await this.need().stat(this.checkedPath(args.path)) };
       case 'hashFiles': {
         if (!Array.isArray(args.paths)) throw new ReplicaError('EPROTO', 'hashFiles: paths must be a list');
-        return { json: await this.need().hashFiles(args.paths.map(pathArg)) };
+        return { json: await this.need().hashFiles(args.paths.map((path: unknown) => this.checkedPath(path))) };
       }
       case 'readFile':
-        return contentReply(await this.need().readFile(pathArg(args.path), statArg(args.expect)));
+        return contentReply(await this.need().readFile(this.checkedPath(args.path), statArg(args.expect)));
       case 'readRange': {
-        const data = await this.need().readRange(pathArg(args.path), numberArg(args.offsetBytes), numberArg(args.lengthBytes));
+        const data = await this.need().readRange(this.checkedPath(args.path), numberArg(args.offsetBytes), numberArg(args.lengthBytes));
         return { json: {}, binary: data };
       }
       case 'signature':
-        return { json: {}, binary: await this.need().signature(pathArg(args.path), statArg(args.expect)) };
+        return { json: {}, binary: await this.need().signature(this.checkedPath(args.path), statArg(args.expect)) };
       case 'delta': {
         if (request.binary === undefined) throw new ReplicaError('EPROTO', 'delta: the signature is missing');
-        return contentReply(await this.need().delta(pathArg(args.path), statArg(args.expect), request.binary));
+        return contentReply(await this.need().delta(this.checkedPath(args.path), statArg(args.expect), request.binary));
       }
       case 'writeFile':
-        return { json: await this.need().writeFile(writeRequestArg(args, request.upload)) };
+        return { json: await this.need().writeFile(writeRequestArg(args, request.upload, (value) => this.checkedPath(value))) };
       case 'mkdir':
-        return { json: await this.need().mkdir(pathArg(args.path), numberArg(args.mode)) };
+        return { json: await this.need().mkdir(this.checkedPath(args.path), numberArg(args.mode)) };
       case 'symlink': {
         if (typeof args.linkTarget !== 'string') throw new ReplicaError('EPROTO', 'symlink: missing target');
-        return { json: await this.need().symlink(pathArg(args.path), args.linkTarget, preconditionArg(args.precondition)) };
+        return { json: await this.need().symlink(this.checkedPath(args.path), args.linkTarget, preconditionArg(args.precondition)) };
       }
       case 'remove':
-        await this.need().remove(pathArg(args.path), statArg(args.precondition));
+        await this.need().remove(this.checkedPath(args.path), statArg(args.precondition));
         return { json: {} };
       case 'rename':
-        return { json: await this.need().rename(pathArg(args.fromPath), pathArg(args.toPath), statArg(args.precondition)) };
+        return { json: await this.need().rename(this.checkedPath(args.fromPath), this.checkedPath(args.toPath), statArg(args.precondition)) };
       case 'setProps': {
         const props: { path: string; precondition: EntryStat; mode?: number; mtimeMs?: number } = {
-          path: pathArg(args.path),
+          path: this.checkedPath(args.path),
           precondition: statArg(args.precondition),
         };
         if (args.mode !== undefined) props.mode = numberArg(args.mode);
@@ -264,7 +294,11 @@ function preconditionArg(value: unknown): 'absent' | EntryStat {
   return value === 'absent' ? 'absent' : statArg(value);
 }
 
-function writeRequestArg(args: Record<string, unknown>, upload: IncomingStream | undefined): WriteFileRequest {
+function writeRequestArg(
+  args: Record<string, unknown>,
+  upload: IncomingStream | undefined,
+  pathArg: (value: unknown) => string,
+): WriteFileRequest {
   const content = (args.content ?? {}) as Record<string, unknown>;
   let fileContent: FileContent;
   if (content.kind === 'local') {
