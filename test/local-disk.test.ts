@@ -254,6 +254,14 @@ describe('LocalDisk on ext2 (no ZERO_RANGE, no preallocation)', () => {
     expect(allZero(readFileAt(file, 0, 3 * MiB))).toBe(true);
     expect(allocatedBytes(file)).toBe(allocatedBefore);
     expect(readFileAt(file, 3 * MiB, MiB).every((byte) => byte === 0x33)).toBe(true);
+    // The loop device under the mounted filesystem: a writable LocalDisk must refuse it (exclusive open),
+    // a read-only one may look.
+    const mountedDevice = execFileSync('findmnt', ['-n', '-o', 'SOURCE', mountPoint], { encoding: 'utf8' }).trim();
+    expect(mountedDevice).toMatch(/^\/dev\/loop/);
+    await expect(LocalDisk.open(mountedDevice)).rejects.toThrow(`cannot open ${mountedDevice}: is busy: mounted`);
+    const peek = await openDisk(mountedDevice, { readOnly: true });
+    expect(peek.isBlockDevice).toBe(true);
+    expect(peek.sizeBytes).toBe(64 * MiB);
     // Punching holes works on ext2, so zeroing without NO_HOLE stays fast.
     await disk.zero(3 * MiB, MiB, { fua: false, noHole: false, fastZero: true });
     expect(allocatedBytes(file)).toBeLessThan(allocatedBefore);

@@ -156,9 +156,16 @@ export class LocalDisk implements BlockDevice {
         throw new RangeError(`${path}: ${key} must be a non-negative integer number of bytes, got ${value}`);
       }
     }
+    // A writable block device is opened exclusively, as the kernel's DRBD claims its backing device: the open
+    // fails (EBUSY) while the device is mounted or claimed, instead of serving, and corrupting, a live filesystem.
+    const isBlockDevicePath = await fs.promises.stat(path).then(
+      (stat) => stat.isBlockDevice(),
+      () => false,
+    );
+    const flags = readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR | (isBlockDevicePath ? fs.constants.O_EXCL : 0);
     let fd: number;
     try {
-      fd = await openFd(path, readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR);
+      fd = await openFd(path, flags);
     } catch (error) {
       if (!isSystemError(error, 'ENOENT') || options.createSizeBytes === undefined) {
         throw LocalDisk.openError(path, error, options.createSizeBytes === undefined);
@@ -180,7 +187,7 @@ export class LocalDisk implements BlockDevice {
     else if (code === 'EACCES' || code === 'EPERM') reason = 'permission denied';
     else if (code === 'EISDIR') reason = 'is a directory, not a file or block device';
     else if (code === 'EROFS') reason = 'is on a read-only filesystem (open it read-only)';
-    else if (code === 'EBUSY') reason = 'is busy (in use by another program or mounted)';
+    else if (code === 'EBUSY') reason = 'is busy: mounted, or claimed by another program (drbdts opens writable devices exclusively)';
     else reason = error instanceof Error ? error.message : String(error);
     return Object.assign(new Error(`cannot open ${path}: ${reason}`, { cause: error }), { code });
   }
