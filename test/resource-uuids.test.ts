@@ -6,6 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
+import { Bitmap } from '../src/resource/bitmap.js';
 import { Metadata } from '../src/resource/metadata.js';
 import { decideSync, formatUuid, newUuid, type AfterSbPolicies, type SyncKind, type SyncView } from '../src/resource/uuids.js';
 
@@ -141,6 +142,30 @@ describe('UUID story on real metadata', () => {
     await bob.newCurrentUuid();
     expect(both(asView('alice', alice, { role: 'Primary' }), asView('bob', bob))).toBe('split-brain');
     expect(newUuid()).not.toBe(newUuid());
+    await alice.close();
+    await bob.close();
+  });
+
+  it('an interrupted full initial sync resumes from the bitmaps (sync UUID handed to the target at start)', async () => {
+    const alice = await Metadata.create({ diskPath: path.join(dir, 'c.img'), metaDisk: 'internal', dataSizeBytes: 8 << 20 });
+    const bob = await Metadata.create({ diskPath: path.join(dir, 'd.img'), metaDisk: 'internal', dataSizeBytes: 8 << 20 });
+    await alice.newCurrentUuid(); // primary --force
+    alice.flags.consistent = true;
+    alice.bitmap.setAll();
+    expect(decideSync(asView('alice', alice), asView('bob', bob)).kind).toBe('full-source');
+    bob.bitmap.setAll();
+    const syncUuid = await alice.beginSyncSource();
+    await bob.beginSyncTarget(syncUuid);
+    // Half of the blocks arrive (both sides clear them), then the link breaks; alice keeps writing.
+    alice.bitmap.clearRange(0, 4 << 20);
+    bob.bitmap.clearRange(0, 4 << 20);
+    await alice.newCurrentUuid();
+    alice.bitmap.setRange(0, 4096);
+    // Reconnect: a bitmap-based resync of what is left plus alice's new write, not a restart.
+    expect(both(asView('alice', alice, { role: 'Primary' }), asView('bob', bob))).toBe('source');
+    const merged = Bitmap.fromBuffer(alice.dataSizeBytes, alice.bitmap.toBuffer());
+    merged.mergeFrom(bob.bitmap);
+    expect(merged.dirtyBytes()).toBe((4 << 20) + 4096);
     await alice.close();
     await bob.close();
   });

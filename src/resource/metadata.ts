@@ -746,6 +746,31 @@ export class Metadata {
     await this.writeSuperblock();
   }
 
+  /**
+   * Resync starts as source (DRBD's sync UUID): make sure a bitmap UUID names the generation the target is
+   * being brought to, and return it for the target. A fresh source (full initial sync) gets a new one. With
+   * the target holding it as its current UUID, an interrupted resync is recognised at the next connect as
+   * "source is ahead by its bitmap" and resumes from the persisted bitmaps instead of starting over.
+   */
+  async beginSyncSource(): Promise<bigint> {
+    if (this.uuids.bitmap === 0n) {
+      this.uuids = { current: this.uuids.current, bitmap: newUuid(), history: [...this.uuids.history] };
+      await this.writeSuperblock();
+    }
+    return this.uuids.bitmap;
+  }
+
+  /** Resync starts as target with the source's sync UUID: Inconsistent until adoptUuids() at the end. */
+  async beginSyncTarget(syncUuid: bigint): Promise<void> {
+    const u = this.uuids;
+    if (u.current !== syncUuid) {
+      const history: [bigint, bigint] = u.current !== 0n ? [u.current, u.history[0]] : [...u.history];
+      this.uuids = { current: syncUuid, bitmap: 0n, history };
+    }
+    this.flags = { ...this.flags, consistent: false, resyncInProgress: true };
+    await this.writeSuperblock();
+  }
+
   /** Resync finished as target: take the source's generation (its bitmap UUID is cleared as above). */
   async adoptUuids(source: GenerationUuids): Promise<void> {
     const history: [bigint, bigint] = source.bitmap !== 0n ? [source.bitmap, source.history[0]] : [...source.history];
