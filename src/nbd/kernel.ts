@@ -150,7 +150,13 @@ export async function attachKernelClient(options: KernelAttachOptions): Promise<
       }
       await doIt.catch(() => undefined);
     }
-    for (const fd of kernelFds) closeFd(fd);
+    for (const fd of kernelFds) {
+      try {
+        closeFd(fd);
+      } catch {
+        // Already gone with a failed setup; the error below is the one that matters.
+      }
+    }
     await closeDescriptor(nbdFd);
     throw attachError(`cannot attach ${devicePath}: ${(error as Error).message}`, (error as NodeJS.ErrnoException).code, error);
   }
