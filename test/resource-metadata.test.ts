@@ -84,9 +84,19 @@ describe('Metadata.create', () => {
     const kept = await Metadata.open(disk, 'internal');
     expect(kept.uuids.current).toBe(uuid); // nothing was lost
     await kept.close();
+    // Data written into the data area (as through NBD) survives create-md --force: only metadata is rewritten.
+    const pattern = Buffer.alloc(16 * MiB, 0x5a);
+    const data = await open(disk, 'r+');
+    await data.write(pattern, 0, pattern.length, 0);
+    await data.close();
     const fresh = await Metadata.create({ diskPath: disk, metaDisk: 'internal', dataSizeBytes: 16 * MiB, force: true });
     expect(fresh.uuids.current).toBe(0n);
     await fresh.close();
+    const after = await open(disk, 'r');
+    const back = Buffer.alloc(16 * MiB);
+    await after.read(back, 0, back.length, 0);
+    await after.close();
+    expect(back.equals(pattern)).toBe(true);
   });
 
   it('refuses a disk too small, naming sizes, and leaves the file alone', async () => {
