@@ -2,7 +2,9 @@
 // write while disconnected (alice as Primary, bob promoted by a failover that did not know alice still ran);
 // reconnecting is refused as a split brain (after-sb-1pri = disconnect); the operator demotes the victim and
 // connects it with --discard-my-data; after the resync both data areas are byte-identical, hold the survivor's
-// writes and not the victim's, and only the blocks changed on either side were resynced.
+// writes and not the victim's, and only the blocks changed on either side were resynced. Second: with
+// after-sb-0pri = discard-zero-changes, a split brain where one side made a new generation but wrote nothing is
+// resolved automatically in favour of the side with changes.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import os from 'node:os';
@@ -73,5 +75,38 @@ describe('split brain and its manual recovery through the CLI', () => {
     expect(a.equals(b)).toBe(true);
     expect(a[0]).toBe(0xaa);
     expect(b[4 * 1024 * 1024]).toBe(0); // bob's split-brain write was discarded
+  });
+
+  it('after-sb-0pri = discard-zero-changes resolves a split brain where one side changed nothing', async () => {
+    const sbDir = path.join(dir, 'auto');
+    await mkdir(sbDir);
+    pair.resource = await writeResourceConfig(sbDir, {
+      ports: [await freePort(), await freePort()], size: '16MiB', extra: '\n[net]\nafter-sb-0pri = "discard-zero-changes"\n',
+    });
+    expect((await cli('alice', 'create-md')).code).toBe(0);
+    expect((await cli('bob', 'create-md')).code).toBe(0);
+    await up('alice');
+    await up('bob');
+    await until('connection', async () => (await status('alice')).connection === 'Connected');
+    expect((await cli('alice', 'primary', '--force')).code).toBe(0);
+    expect((await cli('alice', 'resync', '--wait', '--interval', '0.2')).code).toBe(0);
+    expect((await cli('alice', 'disconnect')).code).toBe(0);
+    await until('alice StandAlone', async () => (await status('alice')).connection === 'StandAlone');
+    await pair.qemuWrite('alice', 0xcc, 8 * 1024 * 1024, 64 * 1024);
+    expect((await cli('alice', 'secondary')).code).toBe(0);
+    // bob starts a generation of its own without writing anything: a split brain with zero changes on bob.
+    expect((await cli('bob', 'new-current-uuid')).code).toBe(0);
+    expect((await cli('alice', 'connect')).code).toBe(0);
+    await until('automatic recovery', async () => {
+      const a = await status('alice');
+      return a.connection === 'Connected' && a.resync === null && a.peer.disk === 'UpToDate' && a.outOfSyncBytes === 0;
+    });
+    expect(await status('bob')).toMatchObject({ disk: 'UpToDate', connection: 'Connected' });
+    expect((await cli('alice', 'down')).code).toBe(0);
+    expect((await cli('bob', 'down')).code).toBe(0);
+    const a = (await readFile(path.join(sbDir, 'alice.img'))).subarray(0, 16 * 1024 * 1024);
+    const b = (await readFile(path.join(sbDir, 'bob.img'))).subarray(0, 16 * 1024 * 1024);
+    expect(b[8 * 1024 * 1024]).toBe(0xcc);
+    expect(a.equals(b)).toBe(true);
   });
 });
