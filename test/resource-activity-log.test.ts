@@ -204,7 +204,7 @@ await Promise.all([writer(), writer(), writer(), writer()]);
     await waitExit(proc.child);
     const started = new Set<number>();
     for (const match of proc.output().matchAll(/begin (\d+)\n/g)) started.add(Number(match[1]));
-    expect(started.size).toBeGreaterThan(500);
+    expect(started.size).toBeGreaterThan(100); // enough to have evicted many times over (16 hot of 64 extents)
     const md = await Metadata.open(disk, 'internal');
     try {
       expect(md.recoveredFromCrash).toBe(true);
