@@ -122,6 +122,37 @@ describe('drbdts dirsync --watch', () => {
     expect(await exited).toBe(0);
   });
 
+  // Proves `drbdts dirsync LOCAL tcp://... --watch` as a user runs it: the CLI hands its --secret-file to the
+  // watcher, which follows the server's change stream (no "polling" fallback), so a file made on the server
+  // arrives without any local change, and a local edit goes the other way.
+  it('the CLI watches a tcp:// root through the server', async () => {
+    const local = join(base, 'cli-tcp-local');
+    const served = join(base, 'cli-tcp-served');
+    await mkdir(local);
+    await mkdir(join(served, 'root'), { recursive: true });
+    const secretFile = await writeSecret(base, 'cli-watch-secret', 'cli watch secret');
+    const server = await startServerProcess(served, ['--secret-file', secretFile]);
+    servers.push(server);
+    const child = spawn(
+      process.execPath,
+      [drbdtsBin, 'dirsync', local, `tcp://127.0.0.1:${server.port}/root`, '--batch', '--watch', '--archive-dir', join(base, 'cli-tcp-archive'), '--secret-file', secretFile],
+      { stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    children.push(child);
+    let stderr = '';
+    child.stderr!.setEncoding('utf8').on('data', (text: string) => (stderr += text));
+    child.stdout!.resume();
+    await eventually(async () => /watching/.test(stderr), 'the watch to start');
+    expect(stderr).not.toMatch(/polling/);
+    await writeFile(join(served, 'root', 'from-server.txt'), 'server side');
+    await eventually(() => contentIs(join(local, 'from-server.txt'), 'server side'), 'server -> local');
+    await writeFile(join(local, 'from-local.txt'), 'local side');
+    await eventually(() => contentIs(join(served, 'root', 'from-local.txt'), 'local side'), 'local -> server');
+    const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+    child.kill('SIGTERM');
+    expect(await exited).toBe(0);
+  });
+
   // Proves a tcp:// root is watched through its server: a file created in the served tree (no local change at
   // all) triggers a sync that brings it here, well before the 60 s poll interval configured here.
   it('watches a tcp:// root through the server change stream', async () => {
