@@ -59,15 +59,16 @@ function generate(root, spec, seed) {
   return totalBytes;
 }
 
-/** Run a command under GNU time: wall ms and peak RSS in KiB. */
+/** Run a command under GNU time: wall ms, CPU ms (user + system, robust when the machine is shared) and peak
+ * RSS in KiB. */
 function measure(command, commandArgs, env) {
   const started = process.hrtime.bigint();
-  const result = spawnSync('/usr/bin/time', ['-f', '%M', command, ...commandArgs], { env: { ...process.env, ...env }, encoding: 'utf8', maxBuffer: 256 << 20 });
+  const result = spawnSync('/usr/bin/time', ['-f', '%M %U %S', command, ...commandArgs], { env: { ...process.env, ...env }, encoding: 'utf8', maxBuffer: 256 << 20 });
   const wallMs = Number(process.hrtime.bigint() - started) / 1e6;
   const lines = result.stderr.trim().split('\n');
-  const rssKiB = Number(lines[lines.length - 1]);
+  const [rss, user, system] = lines[lines.length - 1].split(' ').map(Number);
   if (result.status !== 0) throw new Error(`${command} ${commandArgs.join(' ')} exited ${result.status}: ${result.stderr.slice(-2000)}`);
-  return { wallMs, rssKiB };
+  return { wallMs, cpuMs: (user + system) * 1000, rssKiB: rss };
 }
 
 function smallChange(root, spec, round) {
@@ -118,8 +119,8 @@ try {
         if (check.status !== 0) throw new Error(`${tool}: trees differ after sync: ${check.stdout.slice(0, 500)}`);
         samples.push({ tree: treeName, tool, round, files: spec.files, totalBytes, initial, rescan, change });
         process.stderr.write(
-          `  ${treeName} ${tool} round ${round}: initial ${initial.wallMs.toFixed(0)} ms, rescan ${rescan.wallMs.toFixed(0)} ms, ` +
-            `change ${change.wallMs.toFixed(0)} ms, peak RSS ${(Math.max(initial.rssKiB, rescan.rssKiB, change.rssKiB) / 1024).toFixed(0)} MiB\n`,
+          `  ${treeName} ${tool} round ${round}: initial ${initial.wallMs.toFixed(0)} ms (cpu ${initial.cpuMs.toFixed(0)}), ` +
+            `rescan ${rescan.wallMs.toFixed(0)} ms (cpu ${rescan.cpuMs.toFixed(0)}), change ${change.wallMs.toFixed(0)} ms (cpu ${change.cpuMs.toFixed(0)}), peak RSS ${(Math.max(initial.rssKiB, rescan.rssKiB, change.rssKiB) / 1024).toFixed(0)} MiB\n`,
         );
         fs.rmSync(work, { recursive: true, force: true });
       }
@@ -140,6 +141,9 @@ for (const treeName of treeNames) {
   row('initial sync', (s) => s.initial.wallMs, 'ms', '0.5');
   row('no-change rescan', (s) => s.rescan.wallMs, 'ms', '1.0');
   row('small-change sync', (s) => s.change.wallMs, 'ms', '1.0');
+  row('initial sync, CPU', (s) => s.initial.cpuMs, 'ms', '-');
+  row('no-change rescan, CPU', (s) => s.rescan.cpuMs, 'ms', '-');
+  row('small-change sync, CPU', (s) => s.change.cpuMs, 'ms', '-');
   row('peak RSS', (s) => Math.max(s.initial.rssKiB, s.rescan.rssKiB, s.change.rssKiB) / 1024, 'MiB', '1.0');
 }
 process.stdout.write(lines.join('\n') + '\n');

@@ -832,10 +832,33 @@ export class SyncEngine {
       report();
     }
     for (const action of work) if (action.item.status === 'planned') action.item.status = 'done';
+
+    // Directories whose contents changed have new mtimes on the changed side: record their final stamps now, or
+    // the next run would see every such directory as touched and rewrite the archive for nothing.
+    const touched: [Set<string>, Set<string>] = [new Set(), new Set()];
+    for (const action of work) {
+      if (action.item.status !== 'done') continue;
+      const side = other(action.from);
+      const parent = parentOf(action.item.path);
+      if (parent !== '') touched[side - 1].add(parent);
+      if (entryOf(action.state, action.from)?.kind === 'dir') touched[side - 1].add(action.item.path);
+    }
+    for (const side of [1, 2] as const) {
+      for (const dir of touched[side - 1]) {
+        try {
+          const stat = await this.replica(side).stat(dir);
+          if (stat?.kind === 'dir') this.finalDirStats[side - 1].set(dir, stat);
+        } catch {
+          // Only a stamp refresh: without it the next run re-records the directory.
+        }
+      }
+    }
   }
 
   /** Final target-side stats of successful actions, for the archive. */
   private readonly resultStats = new Map<Action, EntryStat>();
+  /** Final stamps of directories whose contents this run changed, per side. */
+  private readonly finalDirStats: [Map<string, EntryStat>, Map<string, EntryStat>] = [new Map(), new Map()];
   private readonly resultFingerprints = new Map<Action, string>();
 
   private setResultStat(action: Action, stat: EntryStat): void {
@@ -965,7 +988,9 @@ export class SyncEngine {
       };
       if (action === undefined) {
         if (state.refresh === true && state.a !== undefined && state.e1 !== undefined && state.e2 !== undefined) {
-          next.set(path, refreshed(state.a, state.e1, state.e2));
+          const e1 = state.e1.kind === 'dir' ? this.finalDirStats[0].get(path) ?? state.e1 : state.e1;
+          const e2 = state.e2.kind === 'dir' ? this.finalDirStats[1].get(path) ?? state.e2 : state.e2;
+          next.set(path, refreshed(state.a, e1, e2));
           continue;
         }
         // Skipped (under a conflict or unknown) or nothing on either side: the archive keeps what it knew.
@@ -1005,6 +1030,8 @@ export class SyncEngine {
         }
         [s1, s2] = action.from === 1 ? [winner, targetStat] : [targetStat, winner];
       }
+      if (s1.kind === 'dir') s1 = this.finalDirStats[0].get(path) ?? s1;
+      if (s2.kind === 'dir') s2 = this.finalDirStats[1].get(path) ?? s2;
       const source = item.from === 2 ? s2 : s1;
       next.set(path, {
         kind: source.kind,
