@@ -5,6 +5,7 @@
 // figures that chose it. TRIM punches holes (block device: BLKDISCARD), WRITE_ZEROES uses the cheapest way that
 // honours NO_HOLE and FAST_ZERO, block status comes from SEEK_DATA/SEEK_HOLE. Every operation checks its range
 // against the exposed size again (the NBD server checked first) and fails with the errno NBD expects.
+import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { promisify } from 'node:util';
 import {
@@ -100,6 +101,42 @@ function readQueueAttribute(device: bigint, name: string): string | null {
     }
   }
   return null;
+}
+
+/**
+ * One read or write waiting on the I/O queue: its promise's resolve/reject and the callbacks handed to the
+ * queue, bound once and pooled, so a request allocates nothing but its Promise.
+ */
+class PendingIo {
+  private static readonly pool: PendingIo[] = [];
+  private static readonly poolSizeMax = 1024;
+  private resolve: (() => void) | null = null;
+  private reject: ((reason: unknown) => void) | null = null;
+  private path = '';
+  private what = '';
+
+  static take(path: string, what: string): PendingIo {
+    const pending = PendingIo.pool.pop() ?? new PendingIo();
+    pending.path = path;
+    pending.what = what;
+    return pending;
+  }
+
+  /** The Promise executor. */
+  readonly capture = (resolve: () => void, reject: (reason: unknown) => void): void => {
+    this.resolve = resolve;
+    this.reject = reject;
+  };
+
+  readonly settle = (error: Error | null): void => {
+    const { resolve, reject, path, what } = this;
+    assert(resolve !== null && reject !== null, 'PendingIo settled twice or before capture');
+    this.resolve = null;
+    this.reject = null;
+    if (PendingIo.pool.length < PendingIo.poolSizeMax) PendingIo.pool.push(this);
+    if (error === null) resolve();
+    else reject(deviceError(error, `${what} ${path}`));
+  };
 }
 
 export class LocalDisk implements BlockDevice {
@@ -278,20 +315,20 @@ export class LocalDisk implements BlockDevice {
     const refusal = this.checkRange('read', offset, target.length, 'EINVAL', false);
     if (refusal !== null) return Promise.reject(refusal);
     if (target.length === 0) return Promise.resolve();
-    return new Promise((resolve, reject) =>
-      this.io.read(offset, target, (error) => (error === null ? resolve() : reject(deviceError(error, `read ${this.path}`)))),
-    );
+    const pending = PendingIo.take(this.path, 'read');
+    const promise = new Promise<void>(pending.capture);
+    this.io.read(offset, target, pending.settle);
+    return promise;
   }
 
   write(offset: number, data: Buffer, fua: boolean): Promise<void> {
     const refusal = this.checkRange('write', offset, data.length, 'ENOSPC', true);
     if (refusal !== null) return Promise.reject(refusal);
     if (data.length === 0) return fua ? this.flush() : Promise.resolve();
-    return new Promise((resolve, reject) =>
-      this.io.write(offset, data, fua, (error) =>
-        error === null ? resolve() : reject(deviceError(error, `write ${this.path}`)),
-      ),
-    );
+    const pending = PendingIo.take(this.path, 'write');
+    const promise = new Promise<void>(pending.capture);
+    this.io.write(offset, data, fua, pending.settle);
+    return promise;
   }
 
   flush(): Promise<void> {
