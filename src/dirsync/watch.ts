@@ -19,10 +19,12 @@ export interface WatchOptions {
   ignore: string[];
   /** One full sync run; returns its exit code (0, 1, 2, 3). */
   syncOnce(): Promise<number>;
-  log(message: string): void;
+  log?: (message: string) => void;
   /** How to reach remote roots for their change stream (same as the sync's own connections). */
   remote?: RemoteOptions;
   quietMs?: number;
+  /** Same as quietMs (the name docs/dirsync-interfaces.md uses). */
+  debounceMs?: number;
   maxDelayMs?: number;
   pollIntervalMs?: number;
   /** Stops watching (tests); SIGINT and SIGTERM stop it too. */
@@ -99,8 +101,9 @@ export function watchLocalTree(root: string, ignorePatterns: string[], onChange:
   return { close: () => watcher.close() };
 }
 
-export async function runWatch(options: WatchOptions): Promise<number> {
-  const quietMs = options.quietMs ?? WATCH_QUIET_MS;
+export async function runWatch(watchOptions: WatchOptions): Promise<number> {
+  const options = { ...watchOptions, log: watchOptions.log ?? ((message: string) => process.stderr.write(`dirsync: ${message}\n`)) };
+  const quietMs = options.quietMs ?? options.debounceMs ?? WATCH_QUIET_MS;
   const maxDelayMs = options.maxDelayMs ?? WATCH_MAX_DELAY_MS;
   const pollIntervalMs = options.pollIntervalMs ?? WATCH_POLL_INTERVAL_MS;
 
