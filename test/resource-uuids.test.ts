@@ -72,9 +72,14 @@ describe('decideSync: split-brain recovery', () => {
   const a = (extra: Partial<SyncView> = {}): SyncView => view('alice', Y, X, [0n, 0n], extra);
   const b = (extra: Partial<SyncView> = {}): SyncView => view('bob', Z, X, [0n, 0n], extra);
 
-  it('--discard-my-data on one side makes it the target', () => {
+  it('--discard-my-data on one side makes it the target, and only in a split brain', () => {
     expect(both(a({ discardMyData: true }), b())).toBe('target');
     expect(both(a({ discardMyData: true }), b({ discardMyData: true }))).toBe('split-brain');
+    // Not a split brain: alice is simply ahead, and stays the source despite the option.
+    expect(both(view('alice', Y, X, [0n, 0n], { discardMyData: true }), view('bob', X))).toBe('source');
+    // Split brain with an ancestor only in history: a full sync toward the node that discards.
+    expect(both(view('alice', Y, 0n, [X, 0n], { discardMyData: true }), view('bob', Z, 0n, [X, 0n]))).toBe('full-target');
+    expect(both(view('alice', Y, 0n, [X, 0n]), view('bob', Z, 0n, [X, 0n]))).toBe('split-brain');
   });
   it('after-sb-0pri policies', () => {
     expect(both(a({ dirtyBlocks: 0 }), b({ dirtyBlocks: 5 }), policies({ afterSb0pri: 'discard-zero-changes' }))).toBe('target');

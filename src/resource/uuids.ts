@@ -136,33 +136,14 @@ function splitBrain(local: SyncView, peer: SyncView, policies: AfterSbPolicies):
   return { kind: 'split-brain', reason: `split brain with two Primaries (after-sb-2pri ${policies.afterSb2pri}; ${changes}): ${manual}` };
 }
 
-function mirror(kind: SyncKind): SyncKind {
-  switch (kind) {
-    case 'source': return 'target';
-    case 'target': return 'source';
-    case 'full-source': return 'full-target';
-    case 'full-target': return 'full-source';
-    default: return kind;
-  }
-}
-
 export function decideSync(local: SyncView, peer: SyncView, policies: AfterSbPolicies = defaultPolicies): SyncDecision {
   const l = local.uuids;
   const p = peer.uuids;
   const me = local.nodeName;
   const them = peer.nodeName;
 
-  // --discard-my-data makes this node the target of any related peer, even without a split brain.
-  if (local.discardMyData && !peer.discardMyData && p.current !== 0n && l.current !== 0n && l.current !== p.current) {
-    // A bitmap covers the difference only when the generations meet at a bitmap UUID; else copy everything.
-    const bitmapRelated = (l.bitmap !== 0n && (l.bitmap === p.bitmap || l.bitmap === p.current)) || p.bitmap === l.current;
-    if (bitmapRelated) return { kind: 'target', reason: `--discard-my-data on ${me}: ${them}'s data wins (bitmap-based resync)` };
-    return { kind: 'full-target', reason: `--discard-my-data on ${me}: unrelated data, full sync from ${them}` };
-  }
-  if (peer.discardMyData && !local.discardMyData && p.current !== 0n && l.current !== 0n && l.current !== p.current) {
-    return mirrorDecision(decideSync(peer, local, policies));
-  }
-
+  // --discard-my-data is consulted only for a split brain, as in DRBD: a node that is simply ahead stays the
+  // source even if an operator typed the option on it.
   if (l.current === 0n && p.current === 0n) {
     return { kind: 'wait-for-operator', reason: 'both nodes have fresh metadata: run "primary --force" on the node with the good data (full initial sync) or "new-current-uuid --clear-bitmap" to skip the sync' };
   }
@@ -217,11 +198,13 @@ export function decideSync(local: SyncView, peer: SyncView, policies: AfterSbPol
   if (peerIsOld && !iAmOld) return { kind: 'full-source', reason: `${them}'s data is an older generation of ${me}'s, too old for a bitmap: full sync to ${them}` };
   const shared = [l.bitmap, ...l.history].some((uuid) => uuid !== 0n && (uuid === p.bitmap || p.history.includes(uuid)));
   if (shared) {
+    if (local.discardMyData !== peer.discardMyData) {
+      return local.discardMyData
+        ? { kind: 'full-target', reason: `split brain (common ancestor too old for a bitmap) resolved by --discard-my-data on ${me}: full sync from ${them}` }
+        : { kind: 'full-source', reason: `split brain (common ancestor too old for a bitmap) resolved by --discard-my-data on ${them}: full sync to ${them}` };
+    }
     return { kind: 'split-brain', reason: `split brain: both changed the data since a common ancestor too old for a bitmap; run "drbdts connect RES --discard-my-data" on the node to be overwritten (full sync)` };
   }
   return { kind: 'unrelated', reason: `unrelated data: ${me} (${formatUuid(l.current)}) and ${them} (${formatUuid(p.current)}) share no generation; refusing to connect` };
 }
 
-function mirrorDecision(decision: SyncDecision): SyncDecision {
-  return { kind: mirror(decision.kind), reason: decision.reason };
-}
