@@ -15,7 +15,23 @@ import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
-const cli = path.join(repoRoot, 'bin', 'drbdts.js');
+
+/**
+ * The tree is shared with engineers rebuilding dist/ while this runs for minutes: run a private snapshot of the
+ * built program (dist, bin, proto, the addon; node_modules linked) so a rebuild cannot break a round half-way.
+ */
+function snapshotProgram() {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'drbdts-bench-program-'));
+  for (const dir of ['dist', 'bin', 'proto']) fs.cpSync(path.join(repoRoot, dir), path.join(root, dir), { recursive: true });
+  fs.mkdirSync(path.join(root, 'native/build/Release'), { recursive: true });
+  fs.copyFileSync(path.join(repoRoot, 'native/build/Release/drbdts_native.node'), path.join(root, 'native/build/Release/drbdts_native.node'));
+  fs.copyFileSync(path.join(repoRoot, 'package.json'), path.join(root, 'package.json'));
+  fs.symlinkSync(path.join(repoRoot, 'node_modules'), path.join(root, 'node_modules'));
+  process.on('exit', () => fs.rmSync(root, { recursive: true, force: true }));
+  return root;
+}
+const programRoot = snapshotProgram();
+const cli = path.join(programRoot, 'bin', 'drbdts.js');
 const args = process.argv.slice(2);
 const flag = (name) => args.includes(name);
 const option = (name, fallback) => {

@@ -128,3 +128,33 @@ describe('resync', () => {
     expect(await cluster.hashData('alice')).toBe(await cluster.hashData('bob'));
   });
 });
+
+describe('interrupted resync', () => {
+  it('resumes from the persisted bitmap after the SyncTarget is SIGKILLed', async () => {
+    // A full sync of 96 MiB of random data at 8 MiB/s; bob (the target) is SIGKILLed once more than 48 MiB are
+    // done (the bitmap is written back every 5 s). Restarted, bob must finish by receiving only what was left
+    // (well under the device size), stay Inconsistent until then, and end identical to alice.
+    cluster = new Cluster({ sizeMiB: 96, resyncRate: '8MiB' });
+    await cluster.setup();
+    const handle = await open(cluster.imagePath('alice'), 'r+');
+    await handle.write(randomBytes(96 * MiB), 0, 96 * MiB, 0);
+    await handle.close();
+    await cluster.start('alice');
+    await cluster.start('bob');
+    await cluster.waitState('alice', 'connected', (s) => s.connection === 'Connected');
+    expect((await cluster.cli('alice', 'primary', '--force')).code).toBe(0);
+    await cluster.waitState('bob', 'half the resync done', (s) => s.resync !== null && s.resync.doneBytes > 48 * MiB,
+      60_000);
+    cluster.kill('bob');
+    await cluster.start('bob');
+    const restarted = await cluster.status('bob');
+    expect(restarted.disk).toBe('Inconsistent');
+    expect(restarted.outOfSyncBytes).toBeLessThan(80 * MiB);
+    expect((await cluster.cli('bob', 'primary')).code).toBe(1);
+    expect((await cluster.cli('alice', 'resync', '--rate', '1GiB')).code).toBe(0);
+    await cluster.waitInSync();
+    const received = (await cluster.status('bob')).counters.resyncReceivedBytes;
+    expect(received).toBeLessThan(80 * MiB);
+    expect(await cluster.hashData('alice')).toBe(await cluster.hashData('bob'));
+  });
+});

@@ -25,9 +25,10 @@ const APPLICATION_IO_WINDOW_MS = 500;
 /**
  * How often the target writes its shrinking bitmap back during a resync. Only cleared bits are at stake (an
  * unpersisted clear means a block is resynced again after a crash, never skipped), and each write-back costs an
- * fdatasync of the backing file (flushing every dirty data page), which halved resync throughput at 1 s.
+ * fdatasync of the backing file (flushing every dirty data page), which halved resync throughput at 1 s;
+ * 5 s keeps that cost small while an interrupted resync still resumes close to where it stopped.
  */
-const BITMAP_PERSIST_INTERVAL_MS = 10_000;
+const BITMAP_PERSIST_INTERVAL_MS = 5_000;
 
 const hasher = await xxhash();
 

@@ -403,6 +403,14 @@ export class NodeDaemon {
       case FrameType.RS_ACK:
         session.source?.handleAck(id, offset);
         return;
+      case FrameType.RESYNC_START: {
+        const start = decodeMessage<{ syncUuid: bigint }>(Messages.ResyncStart, body);
+        void this.metadata.beginSyncTarget(start.syncUuid).catch((error: Error) => {
+          this.logger.error({ err: error }, 'recording the sync UUID failed');
+          connection.close(`metadata write failed: ${error.message}`);
+        });
+        return;
+      }
       case FrameType.RESYNC_DONE:
         void this.finishAsSource(session);
         return;
@@ -508,6 +516,16 @@ export class NodeDaemon {
         this.device.startShipping();
         session.expectBitmap = true;
         this.sendBitmap(connection);
+        if (!target) {
+          // The sync UUID makes an interrupted resync resume from the bitmaps: the target carries it as its
+          // current UUID until done, and at the next connect it equals our bitmap UUID (bitmap-based resync).
+          const syncUuid = await this.metadata.beginSyncSource();
+          connection.sendMessage(CHANNEL_META, FrameType.RESYNC_START, 'ResyncStart', {
+            totalBytes: BigInt(this.metadata.bitmap.dirtyBytes()), full: decision.kind === 'full-source',
+            checksumBased: this.config.csumsAlg !== undefined, syncUuid,
+          });
+          this.sendStateChange();
+        }
         this.maybeStartResync(session);
         return;
       }
