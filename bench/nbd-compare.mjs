@@ -50,12 +50,23 @@ async function freePort() {
   });
 }
 
+/** Waits until the server greets, then leaves politely (ABORT) so neither server logs a broken handshake. */
 async function waitReady(transport, address) {
+  const abort = Buffer.alloc(4 + 16);
+  abort.writeUInt32BE(3, 0); // client flags: fixed newstyle, no zeroes
+  abort.writeBigUInt64BE(0x49484156454f5054n, 4);
+  abort.writeUInt32BE(2, 12); // NBD_OPT_ABORT, no data
   for (let attempt = 0; attempt < 200; attempt += 1) {
     const ok = await new Promise((resolve) => {
       const socket = transport === 'unix' ? net.createConnection(address) : net.createConnection(address, '127.0.0.1');
-      socket.once('connect', () => { socket.destroy(); resolve(true); });
+      let received = 0;
+      socket.on('data', (chunk) => {
+        received += chunk.length;
+        if (received >= 18 && received - chunk.length < 18) socket.write(abort);
+      });
+      socket.once('close', () => resolve(received >= 18));
       socket.once('error', () => resolve(false));
+      socket.setTimeout(2000, () => socket.destroy());
     });
     if (ok) return;
     await new Promise((resolve) => setTimeout(resolve, 50));
@@ -77,7 +88,12 @@ async function startServer(kind, transport, disk, dir) {
     child = spawn(process.execPath, [...extra, path.join(repoRoot, 'bin/drbdts.js'), 'serve', disk, '--listen', listen],
       { stdio: ['ignore', 'ignore', 'inherit'], env: { ...process.env, DRBDTS_LOG_LEVEL: 'warn' } });
   }
-  await waitReady(transport, transport === 'unix' ? socketPath : port);
+  try {
+    await waitReady(transport, transport === 'unix' ? socketPath : port);
+  } catch (error) {
+    child.kill('SIGKILL');
+    throw error;
+  }
   const uri = transport === 'unix' ? `nbd+unix:///?socket=${socketPath}` : `nbd://127.0.0.1:${port}/`;
   return {
     uri,
@@ -108,6 +124,15 @@ function runFio(job, uri, dir) {
   };
 }
 
+async function sample(kind, transport, job, disk, dir) {
+  const server = await startServer(kind, transport, disk, dir);
+  try {
+    return runFio(job, server.uri, dir);
+  } finally {
+    await server.stop();
+  }
+}
+
 const median = (values) => {
   const sorted = [...values].sort((a, b) => a - b);
   const middle = Math.floor(sorted.length / 2);
@@ -128,15 +153,21 @@ async function main() {
           // Alternate which server goes first so warm caches and drift do not favour one.
           const order = (round + jobs.indexOf(job)) % 2 === 0 ? ['drbdts', 'nbdkit'] : ['nbdkit', 'drbdts'];
           for (const kind of order) {
-            const server = await startServer(kind, transport, disk, dir);
-            try {
-              const result = runFio(job, server.uri, dir);
-              const key = `${transport}/${job.name}/${kind}`;
-              if (!samples.has(key)) samples.set(key, []);
-              samples.get(key).push(result);
-              process.stderr.write(`round ${round + 1}/${rounds} ${key}: ${result.bwMiBps.toFixed(0)} MiB/s, ${result.iops.toFixed(0)} IOPS, p50 ${result.p50us.toFixed(0)} us\n`);
-            } finally {
-              await server.stop();
+            const key = `${transport}/${job.name}/${kind}`;
+            // A shared machine may rebuild the addon or run out of something mid-run: retry a failed sample
+            // a few times rather than lose the whole run.
+            for (let attempt = 1; ; attempt += 1) {
+              try {
+                const result = await sample(kind, transport, job, disk, dir);
+                if (!samples.has(key)) samples.set(key, []);
+                samples.get(key).push(result);
+                process.stderr.write(`round ${round + 1}/${rounds} ${key}: ${result.bwMiBps.toFixed(0)} MiB/s, ${result.iops.toFixed(0)} IOPS, p50 ${result.p50us.toFixed(0)} us\n`);
+                break;
+              } catch (error) {
+                if (attempt >= 3) throw error;
+                process.stderr.write(`round ${round + 1}/${rounds} ${key}: attempt ${attempt} failed (${error.message.split('\n')[0]}); retrying\n`);
+                await new Promise((resolve) => setTimeout(resolve, 5000));
+              }
             }
           }
         }
