@@ -18,6 +18,7 @@ import {
   closeFd,
   fadviseWillNeed,
   nbdConfigure,
+  preadNowait,
   punchHole,
   seekData,
   seekHole,
@@ -203,22 +204,59 @@ describe('FileIoQueue (batched pread/pwrite)', () => {
       const data = sizeBytes === 4096 ? block : Buffer.alloc(sizeBytes, 7);
       await Promise.all(Array.from({ length: count }, (_, i) => queue.writeAsync(i * sizeBytes, data, false)));
     };
-    const single = new FileIoQueue(fd, { batchesInFlightMax: 4, batchOperationsSpreadMin: 64 });
+    // nowait off: on a filesystem taking RWF_NOWAIT writes (XFS), hits would skip hops.
+    const single = new FileIoQueue(fd, { batchesInFlightMax: 4, batchOperationsSpreadMin: 64, nowait: false });
     await issue(single, 32);
     expect([single.hops, single.operations]).toEqual([1, 32]);
-    const spread = new FileIoQueue(fd, { batchesInFlightMax: 4, batchOperationsSpreadMin: 8 });
+    const spread = new FileIoQueue(fd, { batchesInFlightMax: 4, batchOperationsSpreadMin: 8, nowait: false });
     await issue(spread, 32);
     expect([spread.hops, spread.operations]).toEqual([4, 32]);
-    const few = new FileIoQueue(fd, { batchesInFlightMax: 4, batchOperationsSpreadMin: 8 });
+    const few = new FileIoQueue(fd, { batchesInFlightMax: 4, batchOperationsSpreadMin: 8, nowait: false });
     await issue(few, 6);
     expect(few.hops).toBe(1);
-    const large = new FileIoQueue(fd, { batchesInFlightMax: 4, batchBytesMax: MiB });
+    const large = new FileIoQueue(fd, { batchesInFlightMax: 4, batchBytesMax: MiB, nowait: false });
     await issue(large, 4, MiB);
     expect(large.hops).toBe(4);
-    const oversized = new FileIoQueue(fd, { batchesInFlightMax: 1, batchBytesMax: MiB });
+    const oversized = new FileIoQueue(fd, { batchesInFlightMax: 1, batchBytesMax: MiB, nowait: false });
     await issue(oversized, 2, 3 * MiB);
     expect([oversized.hops, oversized.operations]).toEqual([2, 2]);
     expect(readAt(fd, 0, MiB).every((byte) => byte === 7)).toBe(true);
+  });
+
+  // Page-cache hits are served on the event loop with RWF_NOWAIT (no hop), a cold page goes to the pool, and a
+  // burst of hits copies at most 1 MiB on the loop per turn; every read returns the right bytes either way.
+  it('serves cached reads without a hop, cold ones through the pool, within a per-turn budget', async () => {
+    const file = path.join(tempDir, 'nowait.img');
+    const pattern = Buffer.alloc(16 * MiB);
+    for (let i = 0; i < pattern.length; i += 4) pattern.writeUInt32LE(i, i);
+    fs.writeFileSync(file, pattern);
+    const fd = fs.openSync(file, 'r');
+    openFds.push(fd);
+    const queue = new FileIoQueue(fd);
+    const warm = Buffer.alloc(4096);
+    await queue.readAsync(8192, warm);
+    expect(warm.equals(pattern.subarray(8192, 8192 + 4096))).toBe(true);
+    // ext4 and XFS take RWF_NOWAIT reads; this file was just written, so it is in the page cache.
+    const nowaitSupported = preadNowait(fd, Buffer.alloc(16), 0) !== -2;
+    const filesystem = execFileSync('stat', ['-f', '-c', '%T', tempDir], { encoding: 'utf8' }).trim();
+    if (['ext2/ext3', 'xfs', 'btrfs'].includes(filesystem)) expect(nowaitSupported).toBe(true);
+    if (nowaitSupported) expect(queue.nowaitHits).toBe(1);
+    // Written back and dropped from the cache (dd's nocache flag asks the kernel with fadvise DONTNEED): the
+    // read cannot be served without the disk, so it takes the pool, and still returns the right bytes.
+    execFileSync('dd', [`of=${file}`, 'oflag=nocache', 'conv=notrunc,fdatasync', 'count=0'], { stdio: 'ignore' });
+    const hopsBefore = queue.hops;
+    const cold = Buffer.alloc(4096);
+    await queue.readAsync(12 * MiB, cold);
+    expect(cold.equals(pattern.subarray(12 * MiB, 12 * MiB + 4096))).toBe(true);
+    if (nowaitSupported) expect(queue.hops).toBe(hopsBefore + 1);
+    // 64 reads of 128 KiB issued in one turn, all cached again: at most 1 MiB of them on the loop.
+    fs.readFileSync(file);
+    const hitsBefore = queue.nowaitHits;
+    const targets = Array.from({ length: 64 }, () => Buffer.alloc(128 * 1024));
+    await Promise.all(targets.map((target, i) => queue.readAsync(i * 128 * 1024, target)));
+    targets.forEach((target, i) => expect(target.equals(pattern.subarray(i * 128 * 1024, (i + 1) * 128 * 1024))).toBe(true));
+    if (nowaitSupported) expect(queue.nowaitHits - hitsBefore).toBe(8);
+    await queue.drain();
   });
 
   // A read that runs off the end of the file and a write on a read-only descriptor fail alone: the other

@@ -16,6 +16,8 @@ interface NativeAddon {
   blockDeviceSizeBytes(fd: number): number;
   blockDeviceLogicalBlockSizeBytes(fd: number): number;
   fadviseWillNeed(fd: number, offset: number, length: number): void;
+  preadNowait(fd: number, buffer: Uint8Array, offset: number): number;
+  pwriteNowait(fd: number, buffer: Uint8Array, offset: number): number;
   ioBatch(
     fd: number,
     count: number,
@@ -164,6 +166,32 @@ const KIND_WRITE_FUA = 2;
 const KIND_FLUSH = 3;
 const syscallOfKind = ['pread', 'pwrite', 'pwrite', 'fdatasync'] as const;
 
+/**
+ * preadv2(RWF_NOWAIT): copies from the page cache without waiting for the device. Returns the bytes read
+ * (possibly short), -1 when the data is not cached (the read would block), -2 when the filesystem or kernel
+ * does not support RWF_NOWAIT (tmpfs, for one).
+ */
+export function preadNowait(fd: number, buffer: Uint8Array, offset: number): number {
+  checkFd(fd);
+  checkRange(offset, buffer.byteLength, true);
+  return addon.preadNowait(fd, buffer, offset);
+}
+
+/** pwritev2(RWF_NOWAIT): as preadNowait, for writes (buffered ext4 does not support it: -2). */
+export function pwriteNowait(fd: number, buffer: Uint8Array, offset: number): number {
+  checkFd(fd);
+  checkRange(offset, buffer.byteLength, true);
+  return addon.pwriteNowait(fd, buffer, offset);
+}
+
+/** Requests up to this size may be served on the event loop by RWF_NOWAIT. */
+const NOWAIT_REQUEST_BYTES_MAX = 128 * 1024;
+/** Bytes copied on the event loop per turn, at most: bounds how long a burst of cache hits holds the loop. */
+const NOWAIT_BYTES_PER_TURN_MAX = 1024 * 1024;
+/** After this many cache misses in a row, stop trying RWF_NOWAIT for NOWAIT_SKIP_OPERATIONS requests. */
+const NOWAIT_MISSES_IN_ROW_MAX = 16;
+const NOWAIT_SKIP_OPERATIONS = 256;
+
 export interface FileIoQueueOptions {
   /** Operations per thread-pool hop. */
   batchOperationsMax?: number;
@@ -177,6 +205,11 @@ export interface FileIoQueueOptions {
    * requests still share hops.
    */
   batchOperationsSpreadMin?: number;
+  /**
+   * Serve reads (and non-FUA writes, where the kernel allows) from the page cache on the event loop with
+   * RWF_NOWAIT, falling back to the thread pool for anything that would wait on the device. Default true.
+   */
+  nowait?: boolean;
 }
 
 type Settle = (error: Error | null) => void;
@@ -226,6 +259,17 @@ export class FileIoQueue {
   private readonly dispatchBound = () => this.dispatch();
   private hopCount = 0;
   private operationCount = 0;
+  private nowaitHitCount = 0;
+  private nowaitReads: boolean;
+  private nowaitWrites: boolean;
+  private nowaitBudgetBytes = NOWAIT_BYTES_PER_TURN_MAX;
+  private nowaitBudgetResetScheduled = false;
+  private nowaitMissesInRow = 0;
+  private nowaitSkipOperations = 0;
+  private readonly resetNowaitBudgetBound = () => {
+    this.nowaitBudgetResetScheduled = false;
+    this.nowaitBudgetBytes = NOWAIT_BYTES_PER_TURN_MAX;
+  };
 
   constructor(fd: number, options: FileIoQueueOptions = {}) {
     checkFd(fd);
@@ -237,6 +281,8 @@ export class FileIoQueue {
     this.batchBytesMax = options.batchBytesMax ?? 1024 * 1024;
     this.batchOperationsSpreadMin = options.batchOperationsSpreadMin ?? 8;
     const batchesInFlightMax = options.batchesInFlightMax ?? 4;
+    this.nowaitReads = options.nowait ?? true;
+    this.nowaitWrites = options.nowait ?? true;
     if (!(this.batchOperationsMax >= 1 && this.batchBytesMax >= 1 && batchesInFlightMax >= 1)) {
       throw new RangeError('FileIoQueue: batch limits must be at least 1');
     }
@@ -260,14 +306,73 @@ export class FileIoQueue {
     return this.operationCount;
   }
 
-  /** Fills `target` with the bytes at `offset`; fails with EIO if the file ends first. */
+  /** Requests served from the page cache on the event loop (RWF_NOWAIT), without a hop. */
+  get nowaitHits(): number {
+    return this.nowaitHitCount;
+  }
+
+  /**
+   * Fills `target` with the bytes at `offset`; fails with EIO if the file ends first. `settle` may run before
+   * this returns (a page-cache hit).
+   */
   read(offset: number, target: Uint8Array, settle: Settle): void {
+    if (this.nowaitReads && this.tryNowait(false, offset, target)) {
+      settle(null);
+      return;
+    }
     this.enqueue(KIND_READ, offset, target, settle);
   }
 
   /** Writes all of `data` at `offset`; with `fua` it is on stable storage (fdatasync) before `settle`. */
   write(offset: number, data: Uint8Array, fua: boolean, settle: Settle): void {
+    if (!fua && this.nowaitWrites && this.tryNowait(true, offset, data)) {
+      settle(null);
+      return;
+    }
     this.enqueue(fua ? KIND_WRITE_FUA : KIND_WRITE, offset, data, settle);
+  }
+
+  /**
+   * One RWF_NOWAIT attempt; true when it transferred everything. Anything else (not cached, short, an error,
+   * over the per-turn budget) leaves the whole request to the thread pool, which reports errors properly;
+   * repeating a partial transfer there is harmless, it moves the same bytes.
+   */
+  private tryNowait(write: boolean, offset: number, buffer: Uint8Array): boolean {
+    const length = buffer.byteLength;
+    if (this.nowaitSkipOperations > 0) {
+      this.nowaitSkipOperations--;
+      return false;
+    }
+    if (length === 0 || length > NOWAIT_REQUEST_BYTES_MAX || length > this.nowaitBudgetBytes) return false;
+    checkRange(offset, length, true);
+    let transferred: number;
+    try {
+      transferred = write ? addon.pwriteNowait(this.fd, buffer, offset) : addon.preadNowait(this.fd, buffer, offset);
+    } catch {
+      return false;
+    }
+    if (transferred === -2) {
+      if (write) this.nowaitWrites = false;
+      else this.nowaitReads = false;
+      return false;
+    }
+    if (transferred === -1) {
+      // A cold working set: stop paying a failed system call per request for a while.
+      if (++this.nowaitMissesInRow >= NOWAIT_MISSES_IN_ROW_MAX) {
+        this.nowaitMissesInRow = 0;
+        this.nowaitSkipOperations = NOWAIT_SKIP_OPERATIONS;
+      }
+      return false;
+    }
+    this.nowaitMissesInRow = 0;
+    this.nowaitBudgetBytes -= transferred;
+    if (!this.nowaitBudgetResetScheduled) {
+      this.nowaitBudgetResetScheduled = true;
+      setImmediate(this.resetNowaitBudgetBound);
+    }
+    if (transferred !== length) return false;
+    this.nowaitHitCount++;
+    return true;
   }
 
   /** fdatasync: every write settled before this call is durable before `settle`. */
