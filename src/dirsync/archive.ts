@@ -102,31 +102,31 @@ export async function loadArchive(file: string, swapped: boolean): Promise<Map<s
     throw corrupt('bad header line');
   }
   const entries = new Map<string, ArchiveEntry>();
+  // Hot on every run (100,000 lines for a big tree): fields are split once, numbers checked with one pass,
+  // no closures or temporary arrays per line.
+  const [m1, c1, i1, m2, c2, i2] = swapped ? [9, 10, 11, 6, 7, 8] : [6, 7, 8, 9, 10, 11];
   for (let index = 2; index < lines.length - 1; index++) {
     const fields = lines[index]!.split('\t');
     const kind = KINDS[fields[1] ?? ''];
     if (fields.length !== 12 || kind === undefined) throw corrupt(`bad entry on line ${index + 1}`);
-    const n = (i: number): number => {
-      const value = Number(fields[i]);
-      if (!Number.isFinite(value)) throw corrupt(`bad number on line ${index + 1}`);
-      return value;
-    };
-    const side1 = [n(6), n(7), n(8)] as const;
-    const side2 = [n(9), n(10), n(11)] as const;
-    const [s1, s2] = swapped ? [side2, side1] : [side1, side2];
-    entries.set(unescapeField(fields[0]!), {
+    const entry: ArchiveEntry = {
       kind,
-      sizeBytes: n(2),
+      sizeBytes: Number(fields[2]),
       fingerprint: fields[3]!,
-      mode: n(4),
+      mode: Number(fields[4]),
       linkTarget: unescapeField(fields[5]!),
-      mtime1Ms: s1[0],
-      ctime1Ms: s1[1],
-      inode1: s1[2],
-      mtime2Ms: s2[0],
-      ctime2Ms: s2[1],
-      inode2: s2[2],
-    });
+      mtime1Ms: Number(fields[m1]),
+      ctime1Ms: Number(fields[c1]),
+      inode1: Number(fields[i1]),
+      mtime2Ms: Number(fields[m2]),
+      ctime2Ms: Number(fields[c2]),
+      inode2: Number(fields[i2]),
+    };
+    // NaN propagates through the sum: one check covers every numeric field.
+    if (!Number.isFinite(entry.sizeBytes + entry.mode + entry.mtime1Ms + entry.ctime1Ms + entry.inode1 + entry.mtime2Ms + entry.ctime2Ms + entry.inode2)) {
+      throw corrupt(`bad number on line ${index + 1}`);
+    }
+    entries.set(unescapeField(fields[0]!), entry);
   }
   if (header.entries !== entries.size) throw corrupt(`header says ${String(header.entries)} entries, found ${entries.size}`);
   return entries;
