@@ -230,6 +230,74 @@ describe('bad input: clear errors, nothing lost', () => {
   });
 });
 
+describe('ignore patterns and conflict resolution beyond the table', () => {
+  it('Path, BelowPath, Regex and Name globs with {a,b} and [..]: matching paths are untouched on both sides', async () => {
+    const pair = makePair();
+    write(pair.a, 'build/out.o', 'A object\n');
+    write(pair.a, 'src/main.c', 'int main;\n');
+    write(pair.a, 'src/main.o', 'object\n');
+    write(pair.a, 'logs/2026/x.log', 'log\n');
+    write(pair.a, 'notes.bak', 'bak\n');
+    write(pair.a, 'notes.swp', 'swp\n');
+    write(pair.a, 'keep/build/out.o', 'kept: Path matches only at the top\n');
+    write(pair.a, 'data7.csv', 'digit\n');
+    write(pair.b, 'build/out.o', 'B object\n');
+    const result = await dirsync(pair, [
+      '--ignore', 'Path build/out.o',
+      '--ignore', 'BelowPath logs',
+      '--ignore', 'Regex .*\\.o',
+      '--ignore', 'Name notes.{bak,swp}',
+      '--ignore', 'Name data[0-9].csv',
+    ]);
+    expect(result.code, result.stderr).toBe(0);
+    expect(read(pair.b, 'src/main.c')).toBe('int main;\n');
+    expect(exists(pair.b, 'src/main.o')).toBe(false);
+    expect(exists(pair.b, 'logs')).toBe(false);
+    expect(exists(pair.b, 'notes.bak')).toBe(false);
+    expect(exists(pair.b, 'notes.swp')).toBe(false);
+    expect(exists(pair.b, 'data7.csv')).toBe(false);
+    expect(read(pair.b, 'build/out.o')).toBe('B object\n');
+    expect(read(pair.a, 'build/out.o')).toBe('A object\n');
+    // keep/build/out.o is not matched by "Path build/out.o" but by the Regex on *.o: still ignored.
+    expect(exists(pair.b, 'keep/build/out.o')).toBe(false);
+  });
+
+  it('prefer the deleting root with copy-on-conflict: the deletion wins, the edit is kept as a conflict copy', async () => {
+    const pair = makePair();
+    write(pair.a, 'f.txt', 'old\n');
+    write(pair.a, 'other.txt', 'keeps the root non-empty\n');
+    expect((await dirsync(pair)).code).toBe(0);
+    fs.unlinkSync(path.join(pair.a, 'f.txt'));
+    write(pair.b, 'f.txt', 'edited on B\n');
+    const result = await dirsync(pair, ['--prefer', pair.a, '--copy-on-conflict']);
+    expect(result.code, result.stderr).toBe(0);
+    expect(exists(pair.a, 'f.txt')).toBe(false);
+    expect(exists(pair.b, 'f.txt')).toBe(false);
+    const copies = fs.readdirSync(pair.b).filter((name) => name.startsWith('f (conflict '));
+    expect(copies.length).toBe(1);
+    expect(read(pair.b, copies[0]!)).toBe('edited on B\n');
+    // The next run brings the conflict copy to A as an ordinary new file.
+    expect((await dirsync(pair)).code).toBe(0);
+    expect(read(pair.a, copies[0]!)).toBe('edited on B\n');
+  });
+
+  it('directory conflict resolved by prefer: the winner is imposed on the whole subtree, the loser kept aside', async () => {
+    const pair = makePair();
+    write(pair.a, 'd/one.txt', '1\n');
+    write(pair.a, 'd/two.txt', '2\n');
+    write(pair.a, 'top.txt', 'top\n');
+    expect((await dirsync(pair)).code).toBe(0);
+    fs.rmSync(path.join(pair.a, 'd'), { recursive: true });
+    write(pair.b, 'd/one.txt', 'edited on B\n');
+    const result = await dirsync(pair, ['--prefer', pair.b, '--copy-on-conflict']);
+    expect(result.code, result.stderr).toBe(0);
+    // B wins: its directory, with the edit, is restored on A.
+    expect(read(pair.a, 'd/one.txt')).toBe('edited on B\n');
+    expect(read(pair.a, 'd/two.txt')).toBe('2\n');
+    expect(read(pair.b, 'd/one.txt')).toBe('edited on B\n');
+  });
+});
+
 describe('interactive mode and dry run', () => {
   async function withStdin(pair: Pair, input: string) {
     return new Promise<{ code: number; stdout: string }>((resolve) => {
