@@ -16,9 +16,9 @@ export interface ServerProcess {
   stop(): Promise<void>;
 }
 
-/** Starts `drbdts dirsync-server --listen 127.0.0.1:0` and waits for its "listening on" line. */
-export async function startServerProcess(rootDir: string, args: string[], env: NodeJS.ProcessEnv = {}): Promise<ServerProcess> {
-  const child = spawn(process.execPath, [drbdtsBin, 'dirsync-server', '--listen', '127.0.0.1:0', '--root', rootDir, ...args], {
+/** Starts `drbdts dirsync-server --listen 127.0.0.1:PORT` (port 0 unless given) and waits for "listening on". */
+export async function startServerProcess(rootDir: string, args: string[], env: NodeJS.ProcessEnv = {}, listenPort = 0): Promise<ServerProcess> {
+  const child = spawn(process.execPath, [drbdtsBin, 'dirsync-server', '--listen', `127.0.0.1:${listenPort}`, '--root', rootDir, ...args], {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, DRBDTS_LOG_LEVEL: 'warn', ...env },
   });
