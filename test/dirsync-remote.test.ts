@@ -188,6 +188,27 @@ describe('tcp:// replica calls', () => {
     expect((await readFile(join(serverRoot, 'tree', 'copy.txt'))).equals(text)).toBe(true);
   });
 
+  // Proves scenario 23 across the wire: a source file modified while it streams to the server (its stat after
+  // the read differs from the scanned one) is not installed: ECHANGED, and the target keeps its old content.
+  it('refuses content whose source changed during the transfer', async () => {
+    const dir = join(serverRoot, 'tree');
+    await writeFile(join(dir, 'moving.txt'), 'old target');
+    const local = new LocalReplica(localRoot);
+    await writeFile(join(localRoot, 'moving.txt'), 'x'.repeat(300_000));
+    const scanned = (await local.stat('moving.txt'))!;
+    const replica = await remote();
+    await replica.open();
+    const target = (await replica.stat('moving.txt'))!;
+    const source = await local.readFile('moving.txt', scanned);
+    // The user edits the source while the engine transfers it.
+    await writeFile(join(localRoot, 'moving.txt'), 'y'.repeat(300_001));
+    await expectCode(
+      replica.writeFile({ path: 'moving.txt', precondition: target, mode: 0o644, sourceStat: scanned, content: { kind: 'full', source } }),
+      'ECHANGED',
+    );
+    expect(await readFile(join(dir, 'moving.txt'), 'utf8')).toBe('old target');
+  });
+
   // Proves a range bigger than one frame (16 MiB) is fetched whole, and a range past the end comes back short.
   it('reads a 20 MiB range in pieces', async () => {
     const data = randomBytes(20 << 20);
