@@ -6,7 +6,8 @@
 // transitions exit 1 with the daemon's reason; resync progress, pause, resume and rate on real random data
 // written through NBD with nbdcopy; disconnect/connect, verify, new-current-uuid, events2, status layouts; a
 // second `up` on a running node fails while the first keeps serving; a SIGKILLed daemon restarts (stale socket
-// and lock recognised); `down` and SIGTERM stop daemons with exit 0.
+// and lock recognised); `down` and SIGTERM stop daemons with exit 0; a fresh pair skips the initial sync with
+// new-current-uuid --clear-bitmap.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -242,5 +243,36 @@ describe('drbdts against two running daemons', () => {
     pair.daemons.bob!.kill('SIGTERM');
     expect(await waitExit(pair.daemons.bob!)).toEqual({ code: 0, signal: null });
     await expect(stat(path.join(dir, 'bob.ctl'))).rejects.toMatchObject({ code: 'ENOENT' });
+  });
+});
+
+describe('fresh pair without an initial sync', () => {
+  it('new-current-uuid --clear-bitmap makes both nodes UpToDate without sending data', async () => {
+    const freshDir = path.join(dir, 'fresh');
+    await import('node:fs/promises').then((fs) => fs.mkdir(freshDir));
+    pair.resource = await writeResourceConfig(freshDir, { ports: [await freePort(), await freePort()], size: '16MiB' });
+    expect((await cli('alice', 'create-md')).code).toBe(0);
+    expect((await cli('bob', 'create-md')).code).toBe(0);
+    // Before connecting, the operation needs the peer: refused with the reason.
+    await up('alice');
+    const alone = await cli('alice', 'new-current-uuid', '--clear-bitmap');
+    expect(alone.code).toBe(1);
+    expect(alone.stderr).toContain('is not connected to bob');
+    await up('bob');
+    await until('connection', async () => (await status('alice')).connection === 'Connected');
+    const cleared = await cli('alice', 'new-current-uuid', '--clear-bitmap');
+    expect(cleared.code, cleared.stderr).toBe(0);
+    await until('both UpToDate', async () => {
+      const a = await status('alice');
+      return a.disk === 'UpToDate' && a.peer.disk === 'UpToDate';
+    });
+    const a = await status('alice');
+    const b = await status('bob');
+    expect(b).toMatchObject({ disk: 'UpToDate', connection: 'Connected', outOfSyncBytes: 0, resync: null });
+    expect(a.uuids!.current).toBe(b.uuids!.current);
+    expect(a.counters.resyncSentBytes + b.counters.resyncReceivedBytes).toBe(0);
+    expect((await cli('alice', 'primary')).code).toBe(0); // UpToDate now: no --force needed
+    expect((await cli('alice', 'down')).code).toBe(0);
+    expect((await cli('bob', 'down')).code).toBe(0);
   });
 });
