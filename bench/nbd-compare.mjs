@@ -97,6 +97,7 @@ async function startServer(kind, transport, disk, dir) {
   const uri = transport === 'unix' ? `nbd+unix:///?socket=${socketPath}` : `nbd://127.0.0.1:${port}/`;
   return {
     uri,
+    pid: child.pid,
     stop: () => new Promise((resolve) => {
       child.once('exit', () => resolve());
       child.kill('SIGTERM');
@@ -115,6 +116,7 @@ function runFio(job, uri, dir) {
   const side = job.lines.includes('rw=read') ? result.read : result.write;
   const percentiles = side.clat_ns?.percentile ?? {};
   return {
+    ioBytes: side.io_bytes,
     bwMiBps: side.bw_bytes / (1024 * 1024),
     iops: side.iops,
     p50us: (percentiles['50.000000'] ?? 0) / 1000,
@@ -124,10 +126,20 @@ function runFio(job, uri, dir) {
   };
 }
 
+/** CPU seconds (user + system, all threads) a process has used so far, from /proc. */
+function cpuSeconds(pid) {
+  const fields = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in clock ticks (USER_HZ = 100)
+}
+
 async function sample(kind, transport, job, disk, dir) {
   const server = await startServer(kind, transport, disk, dir);
   try {
-    return runFio(job, server.uri, dir);
+    const cpuBefore = cpuSeconds(server.pid);
+    const result = runFio(job, server.uri, dir);
+    // Server CPU per GiB moved is steadier than throughput on a shared machine: it measures work, not waiting.
+    result.cpuSecondsPerGiB = (cpuSeconds(server.pid) - cpuBefore) / (result.ioBytes / 2 ** 30);
+    return result;
   } finally {
     await server.stop();
   }
@@ -176,27 +188,28 @@ async function main() {
     const lines = [
       `NBD serving, drbdts serve / nbdkit file, same backing file (${sizeText}), ${rounds} round(s), medians; ${new Date().toISOString().slice(0, 16)}Z, ${os.cpus().length} cores, node ${process.version}${quick ? ' (--quick: smoke sizes, not a measurement)' : ''}`,
       '',
-      '| transport | job | drbdts | nbdkit | ratio |',
-      '|---|---|---|---|---|',
+      '| transport | job | drbdts | nbdkit | ratio | server CPU s/GiB drbdts / nbdkit |',
+      '|---|---|---|---|---|---|',
     ];
     for (const transport of transports) {
       for (const job of jobs) {
         const ours = samples.get(`${transport}/${job.name}/drbdts`);
         const theirs = samples.get(`${transport}/${job.name}/nbdkit`);
+        const cpu = ` ${median(ours.map((s) => s.cpuSecondsPerGiB)).toFixed(2)} / ${median(theirs.map((s) => s.cpuSecondsPerGiB)).toFixed(2)} |`;
         if (job.metric === 'bw') {
           const a = median(ours.map((s) => s.bwMiBps));
           const b = median(theirs.map((s) => s.bwMiBps));
-          lines.push(`| ${transport} | ${job.name} | ${a.toFixed(0)} MiB/s | ${b.toFixed(0)} MiB/s | ${(a / b).toFixed(2)} |`);
+          lines.push(`| ${transport} | ${job.name} | ${a.toFixed(0)} MiB/s | ${b.toFixed(0)} MiB/s | ${(a / b).toFixed(2)} |${cpu}`);
         } else if (job.metric === 'iops') {
           const a = median(ours.map((s) => s.iops));
           const b = median(theirs.map((s) => s.iops));
-          lines.push(`| ${transport} | ${job.name} | ${(a / 1000).toFixed(1)}k IOPS | ${(b / 1000).toFixed(1)}k IOPS | ${(a / b).toFixed(2)} |`);
+          lines.push(`| ${transport} | ${job.name} | ${(a / 1000).toFixed(1)}k IOPS | ${(b / 1000).toFixed(1)}k IOPS | ${(a / b).toFixed(2)} |${cpu}`);
         } else {
           const a = median(ours.map((s) => s.p50us + s.syncP50us));
           const b = median(theirs.map((s) => s.p50us + s.syncP50us));
           const a99 = median(ours.map((s) => s.p99us));
           const b99 = median(theirs.map((s) => s.p99us));
-          lines.push(`| ${transport} | ${job.name} (p50 write+flush; p99 write) | ${a.toFixed(0)} us; ${a99.toFixed(0)} us | ${b.toFixed(0)} us; ${b99.toFixed(0)} us | ${(b / a).toFixed(2)} (nbdkit/drbdts latency) |`);
+          lines.push(`| ${transport} | ${job.name} (p50 write+flush; p99 write) | ${a.toFixed(0)} us; ${a99.toFixed(0)} us | ${b.toFixed(0)} us; ${b99.toFixed(0)} us | ${(b / a).toFixed(2)} (nbdkit/drbdts latency) |${cpu}`);
         }
       }
     }
