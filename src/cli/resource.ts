@@ -39,7 +39,7 @@ const commandFlags: Record<string, string[]> = {
   resync: ['json', 'wait', 'rate', 'interval'],
   'pause-sync': [],
   'resume-sync': [],
-  events2: ['now', 'statistics', 's', 'interval'],
+  events2: ['now', 'statistics', 's', 'interval', 'full'],
 };
 
 const commandHelp: Record<string, string> = {
@@ -63,8 +63,9 @@ const commandHelp: Record<string, string> = {
     '  (R is bytes per second: 50MiB, 200M); --wait polls until the resync is done',
   'pause-sync': 'pause-sync RES   pause the resync',
   'resume-sync': 'resume-sync RES   resume the resync',
-  events2: 'events2 RES [--now] [--statistics] [--interval SECONDS]   drbdsetup-style event lines\n' +
-    '  (exists ... then change ... lines); --now prints the current state and exits',
+  events2: 'events2 RES [--now] [--full] [--statistics] [--interval SECONDS]   drbdsetup-style event lines\n' +
+    '  (exists ... then change ... lines); --now prints the current state and exits; --full repeats every object\n' +
+    '  on each change',
 };
 
 function parseArgs(command: string, argv: string[]): Options {
@@ -467,10 +468,10 @@ async function events2(options: Options): Promise<number> {
       throw error;
     }
     const next = eventLines('change', s, statistics);
-    for (let i = 0; i < next.length; i += 1) {
-      // "exists" and "change" are both 6 letters: compare what follows the verb.
-      if (next[i]!.slice(6) !== previous[i]!.slice(6)) out(`${next[i]}\n`);
-    }
+    // "exists" and "change" are both 6 letters: compare what follows the verb.
+    const changed = next.map((line, i) => line.slice(6) !== previous[i]!.slice(6));
+    if (options.flags.has('full') && changed.includes(true)) out(`${next.join('\n')}\n`);
+    else for (let i = 0; i < next.length; i += 1) if (changed[i]) out(`${next[i]}\n`);
     previous = next;
   }
 }
