@@ -414,6 +414,27 @@ describe('transmission', () => {
     expect(device.data.subarray(0, 100 * 16384).every((byte) => byte === 0xaa)).toBe(true);
   });
 
+  it('stops reading a client that does not read its replies, then serves it all once it does', async () => {
+    await serve({ limits: { connectionInFlightBytesMax: 1024 * 1024 } });
+    const client = await connect();
+    await client.handshake();
+    client.socket.pause(); // the client reads nothing: replies pile up in the socket, then in the server
+    const count = 2000;
+    for (let index = 0; index < count; index += 1) client.request(NBD.CMD_READ, 0, BigInt(index), (index % 100) * 65536, 65536);
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    // READ replies count against the budget until they have left: 1 MiB / 64 KiB plus what the kernel's
+    // socket buffers absorbed -- far below the 2000 requests (125 MiB of replies) the client asked for.
+    expect(device.calls.read).toBeLessThan(100);
+    client.socket.resume();
+    const seen = new Set<bigint>();
+    for (let index = 0; index < count; index += 1) {
+      const reply = await client.readReply(65536);
+      expect(reply.error).toBe(0);
+      seen.add(reply.cookie);
+    }
+    expect(seen.size).toBe(count);
+  });
+
   it('shares the server-wide budget between connections', async () => {
     await serve({ limits: { serverInFlightBytesMax: 32 * 1024 } });
     device.delayMs = 20;

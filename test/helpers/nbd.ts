@@ -201,10 +201,30 @@ export class RawNbdClient {
         };
       });
     }
-    const all = Buffer.concat(this.buffered);
-    this.buffered = [all.subarray(lengthBytes)];
     this.bufferedBytes -= lengthBytes;
-    return all.subarray(0, lengthBytes);
+    const first = this.buffered[0]!;
+    if (first.length >= lengthBytes) {
+      // The common case: no concatenation of everything buffered (replies can pile up to many MiB).
+      if (first.length === lengthBytes) this.buffered.shift();
+      else this.buffered[0] = first.subarray(lengthBytes);
+      return first.subarray(0, lengthBytes);
+    }
+    const parts: Buffer[] = [];
+    let gathered = 0;
+    while (gathered < lengthBytes) {
+      const chunk = this.buffered[0]!;
+      const wanted = lengthBytes - gathered;
+      if (chunk.length <= wanted) {
+        parts.push(chunk);
+        gathered += chunk.length;
+        this.buffered.shift();
+      } else {
+        parts.push(chunk.subarray(0, wanted));
+        this.buffered[0] = chunk.subarray(wanted);
+        gathered += wanted;
+      }
+    }
+    return Buffer.concat(parts, lengthBytes);
   }
 
   write(data: Buffer): void {
