@@ -45,6 +45,8 @@ const sizeMiB = parseInt(sizeText, 10) * (sizeText.endsWith('g') ? 1024 : 1);
 const runtimeSeconds = quick ? 1 : 8;
 const fuaWrites = quick ? 200 : 2000;
 const outPath = option('--out', null);
+/** --only standalone|replicated: one side of the comparison (for investigating, not for the table). */
+const only = option('--only', null);
 
 const median = (values) => {
   const sorted = [...values].sort((a, b) => a - b);
@@ -338,7 +340,8 @@ async function main() {
     results.standalone.fua = [];
     results.replicated.fua = [];
     for (let round = 0; round < rounds; round += 1) {
-      const order = round % 2 === 0 ? ['standalone', 'replicated'] : ['replicated', 'standalone'];
+      const order = (round % 2 === 0 ? ['standalone', 'replicated'] : ['replicated', 'standalone'])
+        .filter((kind) => only === null || kind === only);
       for (const kind of order) {
         const target = kind === 'standalone' ? await standalone(dir) : await replicated(dir);
         for (const job of fioJobs) {

@@ -328,8 +328,10 @@ export class ResyncSource {
     const admitted = device.gate.enter(offset, lengthBytes, 'resync-read');
     void (async () => {
       const entry = admitted instanceof Promise ? await admitted : admitted;
+      // A pooled read buffer, given back once the socket has taken the reply (or at once when not sent).
+      const data = receivePool.take(lengthBytes);
+      let handedToSocket = false;
       try {
-        const data = Buffer.allocUnsafe(lengthBytes);
         await device.local.read(offset, data);
         device.counters.diskReadBytes += lengthBytes;
         if (peerDigest !== null && this.options.checksumAlgorithm !== undefined
@@ -342,7 +344,13 @@ export class ResyncSource {
         }
         const [replyFlags, payload] = this.compress(data);
         // Sent while still inside the gate: a later application write to these blocks queues behind it.
-        connection.send(CHANNEL_DATA, FrameType.RS_REPLY, replyFlags, lengthBytes, offset, payload);
+        if (payload === data && connection.closedReason === null) {
+          handedToSocket = true;
+          connection.sendWithCallback(CHANNEL_DATA, FrameType.RS_REPLY, replyFlags, lengthBytes, offset, payload,
+            () => receivePool.release(data));
+        } else {
+          connection.send(CHANNEL_DATA, FrameType.RS_REPLY, replyFlags, lengthBytes, offset, payload);
+        }
         device.counters.resyncSentBytes += payload.length + 24;
         device.counters.networkSentBytes += payload.length + 24;
       } catch (error) {
@@ -350,6 +358,7 @@ export class ResyncSource {
         connection.close('resync read failed on the source');
       } finally {
         device.gate.leave(entry);
+        if (!handedToSocket) receivePool.release(data);
       }
     })();
   }
