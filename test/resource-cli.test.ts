@@ -182,11 +182,17 @@ describe('drbdts against two running daemons', () => {
 
   it('disconnects, reconnects, verifies, makes a new generation, and streams events', async () => {
     const stream = await spawnUntil(process.execPath, [cliPath, 'events2', 'r0', '--config', pair.resource.file, '--node', 'alice', '--interval', '0.2'], /exists -\n/);
+    const full = await spawnUntil(process.execPath, [cliPath, 'events2', 'r0', '--config', pair.resource.file, '--node', 'alice', '--interval', '0.2', '--full'], /exists -\n/);
     expect((await cli('alice', 'disconnect')).code).toBe(0);
     await until('StandAlone', async () => (await status('alice')).connection === 'StandAlone');
     await until('events2 change line', async () => /^change connection name:r0 peer-node-id:1 conn-name:bob connection:StandAlone/m.test(stream.output()), 10_000);
+    // Only the connection and peer-device changed: the plain stream says so, --full repeats the resource too.
+    expect(stream.output()).not.toMatch(/^change resource /m);
+    await until('events2 --full', async () => /^change resource name:r0 role:Primary/m.test(full.output()) && /^change connection .*StandAlone/m.test(full.output()), 10_000);
     stream.child.kill('SIGTERM');
+    full.child.kill('SIGTERM');
     await waitExit(stream.child);
+    await waitExit(full.child);
     expect((await cli('alice', 'status')).stdout).toContain('  bob connection:StandAlone\n');
     expect((await cli('alice', 'new-current-uuid')).code).toBe(0);
     expect((await cli('alice', 'connect')).code).toBe(0);
