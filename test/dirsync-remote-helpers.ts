@@ -62,6 +62,8 @@ export interface Proxy {
   port: number;
   /** Bytes forwarded client -> server so far. */
   upstreamBytes(): number;
+  /** The first 8 MiB that went client -> server (to check what an eavesdropper sees). */
+  captured(): Buffer;
   /** From now on drop every byte both ways and keep the connections open (a black-holed network path). */
   blackHole(): void;
   close(): Promise<void>;
@@ -75,6 +77,8 @@ export async function startProxy(targetPort: number, cutAfterBytes?: number): Pr
   const sockets = new Set<Socket>();
   let upstream = 0;
   let dropping = false;
+  const capture: Buffer[] = [];
+  let capturedBytes = 0;
   const server: Server = createServer((client) => {
     const target = connect({ host: '127.0.0.1', port: targetPort });
     sockets.add(client);
@@ -88,6 +92,10 @@ export async function startProxy(targetPort: number, cutAfterBytes?: number): Pr
       if (dropping) return;
       forwarded += chunk.length;
       upstream += chunk.length;
+      if (capturedBytes < 8 << 20) {
+        capture.push(Buffer.from(chunk));
+        capturedBytes += chunk.length;
+      }
       if (cutAfterBytes !== undefined && forwarded >= cutAfterBytes) {
         cut();
         return;
@@ -108,6 +116,7 @@ export async function startProxy(targetPort: number, cutAfterBytes?: number): Pr
   return {
     port: address.port,
     upstreamBytes: () => upstream,
+    captured: () => Buffer.concat(capture),
     blackHole: () => {
       dropping = true;
     },

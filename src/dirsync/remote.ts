@@ -23,7 +23,7 @@ import {
   type WriteFileRequest,
   type WriteFileResult,
 } from './replica.js';
-import { decodeRecords, loadSecret, WireConnection, type OutgoingStream, type Reply, type Transport, type WireCounters } from './wire.js';
+import { decodeRecords, loadSecret, secureTcp, WireConnection, type OutgoingStream, type Reply, type Transport, type WireCounters } from './wire.js';
 
 export interface RemoteOptions {
   /** File holding the shared secret (tcp://); else env DRBDTS_DIRSYNC_SECRET. */
@@ -322,7 +322,7 @@ const CONNECT_TIMEOUT_MS = 15_000;
 /** ssh plus a remote process start, possibly after a password prompt. */
 const SSH_HANDSHAKE_TIMEOUT_MS = 300_000;
 
-async function tcpTransport(url: RemoteUrl): Promise<Transport> {
+async function tcpTransport(url: RemoteUrl, secret: Buffer): Promise<Transport> {
   const socket: Socket = await new Promise((resolve, reject) => {
     const attempt = connect({ host: url.host, port: url.port! });
     const timer = setTimeout(() => {
@@ -340,7 +340,7 @@ async function tcpTransport(url: RemoteUrl): Promise<Transport> {
   });
   socket.setNoDelay(true);
   socket.setKeepAlive(true, 30_000);
-  return { input: socket, output: socket, destroy: () => socket.destroy(), description: url.canonical };
+  return secureTcp(socket, 'client', secret, url.canonical);
 }
 
 interface SshTransport extends Transport {
@@ -400,7 +400,7 @@ export async function openRemoteReplica(rootUrl: string, options: RemoteOptions 
       throw new ReplicaError('EAUTH', `${url.canonical} needs a shared secret: give --secret-file FILE or set DRBDTS_DIRSYNC_SECRET`);
     }
     connectionOptions.secret = secret;
-    const transport = await tcpTransport(url);
+    const transport = await tcpTransport(url, secret);
     const connection = await WireConnection.client(transport, connectionOptions);
     return new RemoteReplica(connection, url, async () => transport.destroy());
   }

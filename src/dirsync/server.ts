@@ -22,6 +22,7 @@ import {
 import {
   encodeRecord,
   loadSecret,
+  secureTcp,
   WireConnection,
   type IncomingRequest,
   type IncomingStream,
@@ -374,13 +375,16 @@ export async function startDirsyncServer(options: {
     socket.setNoDelay(true);
     socket.setKeepAlive(true, 30_000);
     const description = `${socket.remoteAddress}:${socket.remotePort}`;
-    void serveConnection(
-      { input: socket, output: socket, destroy: () => socket.destroy(), description },
-      { baseDir: options.rootDir, confine: true, secret: options.secret, log: options.log },
-    ).finally(() => {
-      sockets.delete(socket);
-      socket.destroy();
-    });
+    socket.on('error', () => undefined); // reported through the handshake or the connection
+    void secureTcp(socket, 'server', options.secret, description)
+      .then(
+        (transport) => serveConnection(transport, { baseDir: options.rootDir, confine: true, secret: options.secret, log: options.log }),
+        (error: Error) => options.log.warn({ peer: description, err: error.message }, 'dirsync connection refused'),
+      )
+      .finally(() => {
+        sockets.delete(socket);
+        socket.destroy();
+      });
   });
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);

@@ -17,6 +17,8 @@ import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import { createRequire } from 'node:module';
 import { readFile } from 'node:fs/promises';
 import type { Readable, Writable } from 'node:stream';
+import type { Socket } from 'node:net';
+import { connect as tlsConnect, TLSSocket, type TLSSocketOptions } from 'node:tls';
 import { ReplicaError, type ReplicaErrorCode } from './replica.js';
 
 export const PROTOCOL_VERSION = 1;
@@ -101,6 +103,128 @@ export async function loadSecret(secretFile: string | undefined): Promise<Buffer
 
 function mac(secret: Buffer, role: string, first: string, second: string): Buffer {
   return createHmac('sha256', secret).update(`drbdts-dirsync ${role}\n${first}\n${second}`).digest();
+}
+
+// --- TCP: encryption with TLS keyed by the shared secret (TLS-PSK: no certificates to manage)
+
+/** TLS 1.2 PSK suites (Node's TLS-PSK is 1.2 only): AEAD ciphers, no certificates; the key is derived below. */
+const TLS_PSK_OPTIONS = {
+  ciphers: 'PSK-AES256-GCM-SHA384:PSK-CHACHA20-POLY1305',
+  minVersion: 'TLSv1.2',
+  maxVersion: 'TLSv1.2',
+} as const;
+const TLS_PSK_IDENTITY = 'drbdts-dirsync/1';
+
+function derivePsk(secret: Buffer): Buffer {
+  // A key for TLS, separate from the one the HMAC challenge uses, so neither use can leak the other.
+  return createHmac('sha256', secret).update('drbdts-dirsync tls-psk v1').digest();
+}
+
+/** Reads exactly the peer's MAGIC line from a raw socket, leaving any following bytes in the socket. */
+function readPeerMagic(socket: Socket, description: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    let got: Buffer = EMPTY;
+    const cleanup = (): void => {
+      socket.off('data', onData);
+      socket.off('end', onEnd);
+      socket.off('error', onError);
+    };
+    const onData = (chunk: Buffer): void => {
+      got = got.length === 0 ? chunk : Buffer.concat([got, chunk]);
+      const compared = Math.min(got.length, MAGIC.length);
+      if (!got.subarray(0, compared).equals(MAGIC.subarray(0, compared))) {
+        cleanup();
+        const seen = got.toString('latin1').replace(/[^\x20-\x7e]/g, '.').slice(0, 40);
+        reject(new ReplicaError('EPROTO', `${description} is not a drbdts dirsync peer (it sent "${seen}")`));
+        return;
+      }
+      if (got.length < MAGIC.length) return;
+      cleanup();
+      socket.pause();
+      if (got.length > MAGIC.length) socket.unshift(got.subarray(MAGIC.length));
+      resolve();
+    };
+    const onEnd = (): void => {
+      cleanup();
+      reject(new ReplicaError('ECONN', `connection to ${description} closed`));
+    };
+    const onError = (error: Error): void => {
+      cleanup();
+      reject(new ReplicaError('ECONN', `connection to ${description} failed: ${error.message}`));
+    };
+    socket.on('data', onData);
+    socket.once('end', onEnd);
+    socket.once('error', onError);
+  });
+}
+
+/**
+ * Turns a fresh TCP connection into an encrypted, mutually authenticated transport: both sides send MAGIC in
+ * clear (so a wrong program on the other end is named at once), then TLS with a pre-shared key derived from the
+ * secret. A peer with another secret fails the TLS handshake (EAUTH). The dirsync handshake then runs inside.
+ */
+export async function secureTcp(socket: Socket, role: 'client' | 'server', secret: Buffer, description: string): Promise<Transport> {
+  const psk = derivePsk(secret);
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(
+      () => reject(new ReplicaError('EPROTO', `no dirsync handshake from ${description} within ${HANDSHAKE_TIMEOUT_MS} ms`)),
+      HANDSHAKE_TIMEOUT_MS,
+    );
+  });
+  try {
+    socket.write(MAGIC);
+    await Promise.race([readPeerMagic(socket, description), timeout]);
+    const secured: TLSSocket =
+      role === 'client'
+        ? tlsConnect({
+            socket,
+            ...TLS_PSK_OPTIONS,
+            checkServerIdentity: () => undefined,
+            pskCallback: () => ({ psk, identity: TLS_PSK_IDENTITY }),
+          })
+        : new TLSSocket(socket, {
+            isServer: true,
+            ...TLS_PSK_OPTIONS,
+            // Supported at runtime for server-side TLSSockets; @types/node only declares it on tls.createServer.
+            pskCallback: (_tlsSocket: TLSSocket, identity: string) => (identity === TLS_PSK_IDENTITY ? psk : null),
+          } as unknown as TLSSocketOptions);
+    await Promise.race([
+      new Promise<void>((resolve, reject) => {
+        secured.once(role === 'client' ? 'secureConnect' : 'secure', () => resolve());
+        secured.once('error', (error: Error & { code?: string }) => reject(tlsFailure(error, role, description)));
+        secured.once('close', () => reject(new ReplicaError('EAUTH', `${description} closed the connection during the TLS handshake (wrong shared secret?)`)));
+      }),
+      timeout,
+    ]);
+    return {
+      input: secured,
+      output: secured,
+      destroy: () => {
+        secured.destroy();
+        socket.destroy();
+      },
+      description,
+    };
+  } catch (error) {
+    socket.destroy();
+    throw error;
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+function tlsFailure(error: Error & { code?: string }, role: 'client' | 'server', description: string): ReplicaError {
+  // A different key shows up as a record that does not decrypt (bad record mac / decrypt error) on either side.
+  if (/BAD_RECORD_MAC|DECRYPT|cipher operation failed|decrypt/i.test(`${error.code ?? ''} ${error.message}`)) {
+    return new ReplicaError(
+      'EAUTH',
+      role === 'client'
+        ? `${description} refused authentication: wrong shared secret`
+        : `client at ${description} failed authentication (wrong shared secret)`,
+    );
+  }
+  return new ReplicaError('EPROTO', `TLS handshake with ${description} failed: ${error.message}`);
 }
 
 // --- JSON + binary payloads
