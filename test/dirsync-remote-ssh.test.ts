@@ -105,7 +105,13 @@ describe('ssh:// replicas', () => {
     await mkdir(join(remoteRoot, 'sub'), { recursive: true });
     await writeFile(join(remoteRoot, 'sub', 'hello.txt'), 'hello over ssh');
     const url = `ssh://${user}@127.0.0.1:${port}/${remoteRoot}`;
-    const replica = await openRemoteReplica(url, { sshCommand, serverCommand });
+    // A secret set for tcp:// use must not get in the way of ssh (the stdio server asks for none).
+    const saved = process.env.DRBDTS_DIRSYNC_SECRET;
+    process.env.DRBDTS_DIRSYNC_SECRET = 'set for tcp use';
+    const replica = await openRemoteReplica(url, { sshCommand, serverCommand }).finally(() => {
+      if (saved === undefined) delete process.env.DRBDTS_DIRSYNC_SECRET;
+      else process.env.DRBDTS_DIRSYNC_SECRET = saved;
+    });
     try {
       const info = await replica.open();
       expect(info.rootId).toBe(`ssh://${user}@127.0.0.1:${port}/${remoteRoot}`);

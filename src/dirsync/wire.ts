@@ -635,8 +635,9 @@ export class WireConnection {
       throw new ReplicaError('EAUTH', `${this.description} refused authentication: ${String(message)}`);
     }
     if (verdict.type !== FrameType.AUTH_OK) throw new ReplicaError('EPROTO', `${this.description}: expected AUTH_OK, got frame type ${verdict.type}`);
-    if (secret !== undefined) {
-      // The server proves it knows the secret too, so a client never syncs with an impostor.
+    if (secret !== undefined && auth === true) {
+      // The server proves it knows the secret too, so a client never syncs with an impostor. (A server that
+      // asks for no secret — ssh's stdio mode, where ssh authenticated the host — has nothing to prove.)
       const proof = (decodePayload(verdict.payload).json as { mac?: unknown } | null)?.mac;
       const expected = mac(secret, 'server', clientNonce, nonce);
       if (typeof proof !== 'string' || !safeEqualHex(proof, expected)) {
