@@ -1,7 +1,8 @@
 // Proves write ordering and refusal paths with real processes: fio drives many overlapping writes in flight
-// over two NBD connections and the replicas hash identical; a peer with the wrong secret and a client speaking
+// over two NBD connections and the replicas hash identical (protocols C, B, A); a peer with the wrong secret and a client speaking
 // garbage on the peer port are refused with logged reasons while both nodes keep serving; a bad config and
-// forbidden state changes fail with exit 1 and a message naming the problem, and nothing written is lost.
+// forbidden state changes fail with exit 1 and a message naming the problem, and nothing written is lost;
+// SIGTERM is a clean down (exit 0, no crash recovery on restart, nothing to resync).
 import { afterEach, describe, expect, it } from 'vitest';
 import net from 'node:net';
 import { randomBytes } from 'node:crypto';
@@ -17,7 +18,7 @@ afterEach(async () => {
 });
 
 describe('ordering', () => {
-  for (const protocol of ['C', 'A'] as const) {
+  for (const protocol of ['C', 'B', 'A'] as const) {
     it(`keeps replicas identical under many overlapping writes in flight (protocol ${protocol})`, async () => {
       // Two fio jobs (two NBD connections), QD32 each, random 4-64 KiB writes confined to 1 MiB: nearly every
       // write overlaps others in flight. Overlapping writes must land in the same order on both nodes.
@@ -109,5 +110,25 @@ describe('refusals', () => {
     expect(await cluster.hashData('alice')).toBe(await cluster.hashData('bob'));
     const read = await run('qemu-io', ['-f', 'raw', '-c', 'read -P 0x22 1M 1M', cluster.nbdUri('alice')]);
     expect(read.stdout).toMatch(/read 1048576\/1048576/);
+  });
+
+  it('treats SIGTERM as a clean down: exit 0, metadata closed clean, peer told', async () => {
+    // alice (Primary, with data written) gets SIGTERM: she must exit 0, bob must see the peer go down, and
+    // alice's next start must not find an unclean shutdown (no activity-log recovery) and resync nothing.
+    cluster = new Cluster({ sizeMiB: 16 });
+    await cluster.setup();
+    await cluster.startSkippingSync();
+    expect((await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x33 0 2M', cluster.nbdUri('alice')])).code).toBe(0);
+    const alice = cluster.processes.get('alice')!;
+    alice.kill('SIGTERM');
+    await cluster.exited(alice);
+    expect(alice.exitCode).toBe(0);
+    cluster.processes.delete('alice');
+    await cluster.waitState('bob', 'to see alice gone', (s) => s.connection !== 'Connected');
+    await cluster.start('alice');
+    await cluster.waitInSync();
+    expect(await cluster.log('alice')).not.toMatch(/did not shut down cleanly/);
+    expect((await cluster.status('bob')).counters.resyncReceivedBytes).toBe(0);
+    expect(await cluster.hashData('alice')).toBe(await cluster.hashData('bob'));
   });
 });
