@@ -48,7 +48,7 @@ size = "${SIZE_MIB}MiB"
 ping-timeout = "2s"
 
 [resync]
-rate = "400MiB"
+rate = "32MiB"   # slow enough that the progress of the resync is visible
 
 [node.alice]
 address = "127.0.0.1:$PORT_A"
@@ -115,7 +115,7 @@ echo "replicas identical after writes while connected"
 step "SIGKILL bob (the Secondary); alice keeps serving and marks what bob misses"
 kill -KILL "$BOB"
 wait "$BOB" 2>/dev/null || true
-head -c $((16 * 1024 * 1024)) /dev/urandom > "$WORK/more.bin"
+head -c $((64 * 1024 * 1024)) /dev/urandom > "$WORK/more.bin"
 nbdcopy "$WORK/more.bin" "nbd+unix:///?socket=$WORK/alice.nbd"
 qemu-io -f raw -c "write -P 0x33 150M 2M" -c "write -P 0x44 250M 64K" "nbd+unix:///?socket=$WORK/alice.nbd" >/dev/null
 drbdts status r0 "${A[@]}"
