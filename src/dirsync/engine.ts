@@ -122,6 +122,8 @@ interface Action {
 }
 
 const HASH_BATCH_PATHS = 256;
+/** Errors meaning the link to a remote root is gone or unusable: the run stops instead of failing path by path. */
+const CONNECTION_FATAL = new Set(['ECONN', 'EPROTO', 'EAUTH']);
 const PARALLEL_TRANSFERS = 16;
 /** Below this many files the start-up of copy workers (~30 ms each) costs more than it saves. */
 const WORKER_MIN_FILES = 256;
@@ -228,6 +230,7 @@ export class SyncEngine {
   private sortedPaths: string[] = [];
   private bytesTransferred = 0;
   private readonly problems: Array<{ side: Side; path: string; message: string }> = [];
+  private connectionLost: ReplicaError | undefined;
 
   constructor(replica1: Replica, replica2: Replica, options: SyncOptions) {
     this.replicas = [replica1, replica2];
@@ -277,6 +280,7 @@ export class SyncEngine {
         const newArchive = this.buildArchive(actions);
         // Nothing changed (the common cron case): skip the write and its two fsyncs.
         if (!archivesEqual(this.archive, newArchive)) await saveArchive(file, swapped, { root1Id: id1, root2Id: id2 }, newArchive);
+        if (this.connectionLost !== undefined) throw this.connectionLost;
       } else if (!this.options.dryRun) {
         // The user declined: everything planned is skipped (exit 1). A dry run leaves items 'planned'.
         for (const action of actions) if (action.item.status === 'planned' && action.item.action !== 'equal') action.item.status = 'skipped';
@@ -676,6 +680,17 @@ export class SyncEngine {
       this.options.progress?.(progress);
     };
     const fail = (action: Action, error: unknown): void => {
+      if (this.connectionLost === undefined && error instanceof ReplicaError && CONNECTION_FATAL.has(error.code)) {
+        // The link to a remote root is gone: every further path would fail the same way. One message, the
+        // rest of the plan is skipped, the archive keeps what synced, and the run exits 3.
+        this.connectionLost = error;
+        this.options.warn(`connection to a remote root lost: ${error.message}; stopping`);
+      }
+      if (this.connectionLost !== undefined) {
+        action.item.status = 'skipped';
+        action.item.error = this.connectionLost.message;
+        return;
+      }
       action.item.status = 'failed';
       action.item.error = error instanceof Error ? error.message : String(error);
       this.options.warn(`failed: ${action.item.path}: ${action.item.error}`);
@@ -793,7 +808,7 @@ export class SyncEngine {
     } else {
       let next = 0;
       const worker = async (): Promise<void> => {
-        while (next < fileWork.length) {
+        while (next < fileWork.length && this.connectionLost === undefined) {
           const index = next++;
           const action = fileWork[index]!;
           try {

@@ -35,6 +35,7 @@ import {
 /** Chunk size for reading and hashing large files: big enough to amortise syscalls, small enough to bound memory. */
 const CHUNK_BYTES = 1 << 20;
 const SCAN_BATCH_ENTRIES = 2048;
+const HASH_YIELD_BYTES = 64 << 20;
 
 let tempCounter = 0;
 
@@ -194,7 +195,14 @@ export class LocalReplica implements Replica {
     const hasher = await getHasher();
     const results: Array<HashResult | null> = [];
     let buffer: Buffer | undefined;
+    let bytesSinceYield = 0;
     for (const path of paths) {
+      // Inside dirsync-server this runs on the event loop that also serves other calls and keepalives:
+      // give it a turn every 64 MiB hashed.
+      if (bytesSinceYield >= HASH_YIELD_BYTES) {
+        bytesSinceYield = 0;
+        await new Promise((resolve) => setImmediate(resolve));
+      }
       const absolute = this.abs(path);
       let fd: number;
       try {
@@ -230,6 +238,7 @@ export class LocalReplica implements Replica {
           }
           digest = state.digest();
         }
+        bytesSinceYield += before.size;
         const stat = statToEntry(before, absolute);
         results.push({ fingerprint: fingerprintHex(digest), stat });
       } catch (error) {
