@@ -79,7 +79,9 @@ describe('ActivityLog', () => {
     release();
     await Promise.all([first, ...rest]);
     expect(persisted.length).toBe(2);
-    expect(persisted[1]!.hot.length).toBe(41);
+    // 0..40 for the writers, plus up to AL_PREFETCH_EXTENTS read-ahead (the writers form a sequential run).
+    expect(persisted[1]!.hot.slice(0, 41)).toEqual(Array.from({ length: 41 }, (_, i) => i));
+    expect(persisted[1]!.hot.length).toBeLessThanOrEqual(44);
     expect(log.transactions).toBe(2);
   });
 
@@ -129,6 +131,25 @@ describe('ActivityLog', () => {
     await log.beginWrite(500 * E, 4096); // the next transaction no longer carries the ended range
     expect(persisted.at(-1)!.wide).toBeUndefined();
     expect(log.inFlightWrites()).toBe(1);
+  });
+
+  it('reads ahead for sequential streams, not for random writes', async () => {
+    const { log, persisted } = recordingLog(64);
+    // A 4 MiB-per-extent sequential stream of 1 MiB writes over 16 extents.
+    for (let offset = 0; offset < 16 * E; offset += 1024 * 1024) {
+      await log.beginWrite(offset, 1024 * 1024);
+      log.endWrite(offset, 1024 * 1024);
+    }
+    // Extent 0 alone, then 1 with 2..4 ahead, 5 with 6..8, 9 with 10..12, 13 with 14..16: five transactions, not 16.
+    expect(persisted.length).toBe(5);
+    expect(persisted[1]!.hot).toEqual([0, 1, 2, 3, 4]);
+    const random = recordingLog(64);
+    for (const extent of [40, 7, 22, 90, 3]) {
+      await random.log.beginWrite(extent * E, 4096);
+      random.log.endWrite(extent * E, 4096);
+    }
+    expect(random.persisted.length).toBe(5);
+    expect(random.log.hotExtents()).toEqual([3, 7, 22, 40, 90]);
   });
 
   it('handles a write spanning two extents', async () => {
