@@ -97,6 +97,9 @@ export class ReplicatedDevice implements BlockDevice {
   private slotWaiters: Array<() => void> = [];
   /** Peer-side state: writes received and not yet written, for barriers. */
   private readonly applying = new Set<Promise<void>>();
+  /** Payload bytes of peer writes received and not yet written: past the limit the data socket is paused. */
+  private applyingBytes = 0;
+  private dataPaused = false;
   /** Last time the peer sent us application data (the resync rate controller backs off while it flows). */
   lastApplicationIoMs = 0;
   private closed = false;
@@ -141,6 +144,7 @@ export class ReplicatedDevice implements BlockDevice {
   /** Uses `connection` for peer writes and acks; application writes are shipped once startShipping() ran. */
   attach(connection: PeerConnection): void {
     this.connection = connection;
+    this.dataPaused = false;
     this.shipping = false;
     this.ahead = false;
   }
@@ -462,6 +466,12 @@ export class ReplicatedDevice implements BlockDevice {
       connection.send(CHANNEL_META, FrameType.RECV_ACK, 0, seq, 0);
     }
     const admitted = this.gate.enter(offset, lengthBytes, 'peer');
+    // Bounded memory on the Secondary: a slow local disk pauses the data socket instead of queueing without end.
+    this.applyingBytes += body.length;
+    if (!this.dataPaused && connection !== null && this.applyingBytes > this.options.sendQueueMaxBytes) {
+      this.dataPaused = true;
+      connection.pauseData();
+    }
     const run = async (): Promise<void> => {
       const entry = admitted instanceof Promise ? await admitted : admitted;
       let ok = true;
@@ -483,7 +493,12 @@ export class ReplicatedDevice implements BlockDevice {
         this.options.logger.error({ err: error, offset, lengthBytes }, 'replicated write failed on this node');
       } finally {
         this.gate.leave(entry);
+        this.applyingBytes -= body.length;
         receivePool.release(body);
+        if (this.dataPaused && this.applyingBytes <= this.options.sendQueueMaxBytes / 2) {
+          this.dataPaused = false;
+          connection?.resumeData();
+        }
       }
       connection?.send(CHANNEL_META, ok ? FrameType.WRITE_ACK : FrameType.NEG_ACK, 0, seq, 0);
     };

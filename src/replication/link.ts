@@ -228,6 +228,18 @@ export class PeerConnection {
     this.send(channel, type, 0, 0, 0, encodeMessage(Messages[messageType], value));
   }
 
+  /**
+   * Stops reading the data socket (the peer then feels TCP backpressure) while this node has too many of the
+   * peer's writes still to apply; the meta socket keeps flowing, so acks and pings are unaffected.
+   */
+  pauseData(): void {
+    this.data.socket.pause();
+  }
+
+  resumeData(): void {
+    if (this.closedReason === null) this.data.socket.resume();
+  }
+
   /** Bytes written to the data socket that the kernel has not taken yet (the send queue toward the peer). */
   get dataQueuedBytes(): number {
     return this.data.writer.queuedBytes;

@@ -244,7 +244,7 @@ export class NodeDaemon {
       connection: this.connectionState(),
       peer: {
         node: this.peerName,
-        role: session?.peerState != null || session?.peerRole !== 'Unknown' ? session?.peerRole ?? 'Unknown' : 'Unknown',
+        role: session?.peerRole ?? 'Unknown',
         disk: session?.peerDisk ?? 'DUnknown',
       },
       outOfSyncBytes: this.metadata.bitmap.dirtyBytes(),
@@ -463,8 +463,8 @@ export class NodeDaemon {
       this.refuse(session, `peer ${peer.node} uses protocol ${peer.protocol}, this node ${this.config.protocol}: the config must be identical`);
       return;
     }
-    if (this.role === 'Primary' && peer.role === 'Primary' && !this.config.allowTwoPrimaries) {
-      this.refuse(session, 'both nodes are Primary and allow-two-primaries is off: demote one');
+    if (this.role === 'Primary' && peer.role === 'Primary') {
+      this.refuse(session, 'both nodes are Primary (dual-primary is not supported yet): demote one');
       return;
     }
     const peerView: SyncView = {
@@ -672,8 +672,12 @@ export class NodeDaemon {
         const force = args.force === true;
         if (this.role === 'Primary') return this.status();
         const session = this.session;
-        if (session !== null && session.peerRole === 'Primary' && !this.config.allowTwoPrimaries) {
-          throw new Error(`${name}: the peer ${this.peerName} is Primary; demote it first (allow-two-primaries is off)`);
+        if (session !== null && session.peerRole === 'Primary') {
+          // Dual-primary needs conflict resolution for overlapping writes from both sides (a later issue): until
+          // then a second Primary is refused even with allow-two-primaries, rather than risk diverging replicas.
+          throw new Error(this.config.allowTwoPrimaries
+            ? `${name}: the peer ${this.peerName} is Primary; allow-two-primaries is set, but dual-primary conflict resolution is not implemented yet: demote the peer first`
+            : `${name}: the peer ${this.peerName} is Primary; demote it first (allow-two-primaries is off)`);
         }
         if (session?.target != null) {
           throw new Error(`${name} is SyncTarget (resync ${this.status().resync?.doneBytes ?? 0} bytes done): wait for the resync to finish`);
