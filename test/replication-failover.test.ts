@@ -1,13 +1,15 @@
 // Proves failover with real processes and real NBD clients: data written through NBD to the Primary (nbdcopy,
 // qemu-io) reads back identical from the other node after a switch-over; a Secondary refuses NBD clients with a
 // message saying so; and after the Primary is SIGKILLed in the middle of protocol C writes, every write qemu-io
-// reported as acknowledged is on the survivor once it is promoted.
+// reported as acknowledged is on the survivor once it is promoted; a split brain is detected at reconnect and
+// resolved by connect --discard-my-data on the victim.
 import { afterEach, describe, expect, it } from 'vitest';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { Cluster, run } from './replication-cluster.js';
+import { waitFor } from './replication-helpers.js';
 
 let cluster: Cluster | null = null;
 afterEach(async () => {
@@ -88,5 +90,33 @@ describe('failover', () => {
       if (!survivor.subarray(offset, offset + chunk).every((byte) => byte === pattern)) missing.push(offset);
     }
     expect(missing).toEqual([]);
+  });
+
+  it('detects split brain at reconnect and recovers with connect --discard-my-data on the victim', async () => {
+    // alice (Primary) is disconnected and writes; bob is promoted meanwhile and writes too. Reconnecting must
+    // not sync either way: both go StandAlone and log the split brain. bob's operator discards bob's changes
+    // (connect --discard-my-data), alice connects: bob becomes SyncTarget, and both end identical with
+    // alice's data (bob's write gone).
+    cluster = new Cluster({ sizeMiB: 32 });
+    await cluster.setup();
+    await cluster.startSkippingSync();
+    expect((await cluster.cli('alice', 'disconnect')).code).toBe(0);
+    await cluster.waitState('bob', 'to lose alice', (s) => s.connection !== 'Connected');
+    expect((await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0xaa 0 1M', cluster.nbdUri('alice')])).code).toBe(0);
+    expect((await cluster.cli('bob', 'primary')).code).toBe(0);
+    expect((await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0xbb 2M 1M', cluster.nbdUri('bob')])).code).toBe(0);
+    expect((await cluster.cli('bob', 'secondary')).code).toBe(0);
+    expect((await cluster.cli('alice', 'connect')).code).toBe(0);
+    await waitFor('both logs to report the split brain', async () =>
+      /split brain/.test(await cluster!.log('alice')) && /split brain/.test(await cluster!.log('bob')));
+    await cluster.waitState('alice', 'StandAlone after split brain', (s) => s.connection === 'StandAlone');
+    await cluster.waitState('bob', 'StandAlone after split brain', (s) => s.connection === 'StandAlone');
+
+    expect((await cluster.cli('bob', 'connect', '--discard-my-data')).code).toBe(0);
+    expect((await cluster.cli('alice', 'connect')).code).toBe(0);
+    await cluster.waitInSync();
+    expect(await cluster.hashData('alice')).toBe(await cluster.hashData('bob'));
+    const read = await run('qemu-io', ['-f', 'raw', '-c', 'read -P 0xaa 0 1M', '-c', 'read -P 0 2M 1M', cluster.nbdUri('alice')]);
+    expect(read.stdout.match(/read 1048576\/1048576/g)?.length).toBe(2);
   });
 });
