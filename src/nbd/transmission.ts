@@ -105,7 +105,8 @@ export class NbdConnection {
   private readonly onEndBound = (): void => this.onEnd();
   private readonly onErrorBound = (error: Error): void => this.onError(error);
   private readonly onCloseBound = (): void => this.onClose();
-  private readonly uncorkBound = (): void => this.uncork();
+  private readonly uncorkBound = (): void => this.onUncorkTimer();
+  private uncorkScheduled = false;
 
   // Direct reads (plain sockets only): the kernel reads into our memory, chosen per read by nextReadBuffer().
   private slab: Buffer = emptyBuffer;
@@ -761,9 +762,10 @@ export class NbdConnection {
       header.writeUInt32BE(cookieHigh, 8);
       header.writeUInt32BE(cookieLow, 12);
     }
-    this.cork();
+    const alone = this.cork();
     this.socket.write(header);
     this.output(data, pooled, data.length);
+    if (alone) this.uncork();
   }
 
   private replyDeviceError(type: number, cookieHigh: number, cookieLow: number, error: unknown, chargedBytes: number): void {
@@ -793,24 +795,43 @@ export class NbdConnection {
       this.endRequest(chargedBytes);
       return;
     }
-    this.cork();
+    const alone = this.cork();
     this.socket.write(data, () => {
       if (pooled !== null) this.host.pool.release(pooled);
       this.endRequest(chargedBytes);
     });
+    if (alone) this.uncork();
   }
 
-  private cork(): void {
-    if (this.corked) return;
+  /**
+   * Corks the socket for this loop turn so that every reply completed in the turn leaves in one writev
+   * (setImmediate runs after the turn's I/O callbacks). A reply with nothing else in flight has nobody to
+   * wait for: true means the caller uncorks at once (queue depth 1 latency), without the setImmediate.
+   */
+  private cork(): boolean {
+    if (this.corked) return false;
     this.corked = true;
     this.socket.cork();
-    // setImmediate runs after this loop turn's I/O callbacks: every reply completed in the turn leaves in one writev.
-    setImmediate(this.uncorkBound);
+    if (this.inFlightRequests <= 1) {
+      this.uncorkScheduled = false;
+      return true;
+    }
+    if (!this.uncorkScheduled) {
+      this.uncorkScheduled = true;
+      setImmediate(this.uncorkBound);
+    }
+    return false;
   }
 
   private uncork(): void {
+    if (!this.corked) return;
     this.corked = false;
     this.socket.uncork();
+  }
+
+  private onUncorkTimer(): void {
+    this.uncorkScheduled = false;
+    this.uncork();
   }
 
   // ---------------------------------------------------------------- accounting and closing
