@@ -198,8 +198,11 @@ export function writeFrameHeader(
 }
 
 /**
- * Sends frames on one socket. Header and body go out as two writes inside one cork, uncorked once per tick, so
- * a burst of frames leaves in one writev and a payload is never concatenated with its header.
+ * Sends frames on one socket. Header and body go out as two writes inside one cork, uncorked once per event-loop
+ * turn (setImmediate: after the promise continuations of this turn have queued their frames too; a nextTick
+ * uncork ran before them and split one burst into many writev calls, each a loopback TCP round through the
+ * kernel), so a burst of frames leaves in one writev and a payload is never concatenated with its header.
+ * Measured (fio 4 KiB QD32, 51200 writes): CPU per write 81 -> 68 us on the Primary, 67 -> 54 us on the Secondary.
  */
 export class FrameWriter {
   private uncorkScheduled = false;
@@ -226,7 +229,7 @@ export class FrameWriter {
     if (!this.uncorkScheduled) {
       this.uncorkScheduled = true;
       this.socket.cork();
-      process.nextTick(this.uncork);
+      setImmediate(this.uncork);
     }
     this.sentBytes += FRAME_HEADER_BYTES + bodyLength;
     let flowing = this.socket.write(header, bodyLength > 0 ? undefined : onWritten);
