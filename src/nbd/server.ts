@@ -80,6 +80,7 @@ export class NbdServer {
       connectionClosed: (connection: NbdConnection): void => {
         server.connections.delete(connection);
         server.waitingForBudget.delete(connection);
+        server.logger.info({ connection: connection.id, connections: server.connections.size }, 'client disconnected');
       },
     };
   }
@@ -174,7 +175,7 @@ export class NbdServer {
     // Direct reads into our own buffers, except under TLS, where TLSSocket must own the handle's reads.
     const connection = new NbdConnection(this.host, socket, this.logger, { direct: this.secureContext === undefined });
     this.connections.add(connection);
-    this.logger.debug({ connection: connection.id, remote }, 'accepted');
+    this.logger.info({ connection: connection.id, remote, connections: this.connections.size }, 'client connected');
     void connection.startHandshake();
   }
 
