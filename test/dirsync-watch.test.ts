@@ -153,6 +153,30 @@ describe('drbdts dirsync --watch', () => {
     expect(await exited).toBe(0);
   });
 
+  // Proves a server with a client watching (an open change stream and inotify watches) still stops on SIGTERM,
+  // exit 0, and the client is told its change stream ended.
+  it('dirsync-server stops on SIGTERM while a client watches', async () => {
+    const served = join(base, 'term-served');
+    await mkdir(join(served, 'root'), { recursive: true });
+    const secretFile = await writeSecret(base, 'term-secret', 'term secret');
+    const server = await startServerProcess(served, ['--secret-file', secretFile]);
+    servers.push(server);
+    const { openRemoteReplica } = await import('../src/dirsync/remote.js');
+    const replica = await openRemoteReplica(`tcp://127.0.0.1:${server.port}/root`, { secretFile });
+    await replica.open();
+    let ended: Error | undefined;
+    const watcher = await replica.watchChanges([], () => undefined, (error) => (ended = error));
+    try {
+      const exited = new Promise<number | null>((resolve) => server.child.once('exit', (code) => resolve(code)));
+      server.child.kill('SIGTERM');
+      expect(await exited).toBe(0);
+      await eventually(async () => ended !== undefined, 'the client to notice');
+    } finally {
+      watcher.close();
+      await replica.close();
+    }
+  });
+
   // Proves a tcp:// root is watched through its server: a file created in the served tree (no local change at
   // all) triggers a sync that brings it here, well before the 60 s poll interval configured here.
   it('watches a tcp:// root through the server change stream', async () => {

@@ -487,6 +487,8 @@ export class WireConnection {
     this.compress = options.compress ?? true;
     transport.input.on('data', (chunk: Buffer) => this.onData(chunk));
     transport.input.on('end', () => this.shutdown(new ReplicaError('ECONN', `connection to ${transport.description} closed`)));
+    // A destroyed socket emits 'close' without 'end': without this, streams (a watch) would outlive it.
+    transport.input.on('close', () => this.shutdown(new ReplicaError('ECONN', `connection to ${transport.description} closed`)));
     transport.input.on('error', (error) =>
       this.shutdown(new ReplicaError('ECONN', `connection to ${transport.description} failed: ${error.message}`)),
     );
