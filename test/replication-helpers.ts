@@ -28,13 +28,16 @@ export class TcpProxy {
         });
       forward(client, upstream);
       forward(upstream, client);
-      const end = () => {
+      // A close is passed on to the other side, except in a black hole: there nothing gets through, not even
+      // a FIN, and the other side must find out by itself (its keepalive).
+      const end = (closed: net.Socket, other: net.Socket) => () => {
+        closed.destroy();
+        if (this.mode === 'blackhole') return;
         this.pairs.delete(pair);
-        client.destroy();
-        upstream.destroy();
+        other.destroy();
       };
-      client.on('error', end).on('close', end);
-      upstream.on('error', end).on('close', end);
+      client.on('error', end(client, upstream)).on('close', end(client, upstream));
+      upstream.on('error', end(upstream, client)).on('close', end(upstream, client));
     });
   }
 

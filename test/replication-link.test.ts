@@ -1,13 +1,15 @@
 // Proves the peer link's framing, authentication and keepalive on real loopback sockets: frames survive any
 // split into chunks; two links authenticate and carry data and acks on separate sockets; a wrong secret and a
 // garbage-speaking client are dropped with a logged reason while the listener keeps serving; a black-holed link
-// is noticed by both sides within the ping timeout and comes back once traffic flows again.
+// is noticed by both sides within the ping timeout and comes back once traffic flows again. The ordering gate
+// admits disjoint ranges at once and overlapping ones strictly in arrival order.
 import { afterEach, describe, expect, it } from 'vitest';
 import net from 'node:net';
 import { randomBytes } from 'node:crypto';
 import { pino } from 'pino';
 import { FrameDecoder, FrameType, FrameWriter, FRAME_HEADER_BYTES, writeFrameHeader } from '../src/replication/frame.js';
 import { CHANNEL_DATA, CHANNEL_META, PeerLink, type PeerConnection } from '../src/replication/link.js';
+import { IntervalGate, type GateEntry } from '../src/replication/gate.js';
 import { TcpProxy, waitFor } from './replication-helpers.js';
 
 const logger = pino({ level: 'silent' });
@@ -185,5 +187,34 @@ describe('peer link', () => {
     proxy.breakAll();
     proxy.mode = 'pass';
     await waitFor('reconnection', () => aliceConnects >= 2 && alice.state === 'Connected' && bob.state === 'Connected');
+  });
+});
+
+describe('ordering gate', () => {
+  it('admits disjoint ranges at once and overlapping ones in arrival order', async () => {
+    // A holds [0, 8K); B overlaps A, C overlaps B only, D is disjoint. D enters at once; B waits for A;
+    // C waits for B (admitted after it, overlapping), even though C does not overlap A.
+    const gate = new IntervalGate();
+    const order: string[] = [];
+    const a = gate.enter(0, 8192) as GateEntry;
+    const b = gate.enter(4096, 8192);
+    const c = gate.enter(10000, 100);
+    const d = gate.enter(1 << 20, 4096);
+    expect(b).toBeInstanceOf(Promise);
+    expect(c).toBeInstanceOf(Promise);
+    expect(d).not.toBeInstanceOf(Promise);
+    const bDone = (b as Promise<GateEntry>).then((entry) => { order.push('B'); return entry; });
+    const cDone = (c as Promise<GateEntry>).then((entry) => { order.push('C'); gate.leave(entry); });
+    await new Promise((resolve) => setTimeout(resolve, 10));
+    expect(order).toEqual([]);
+    gate.leave(a);
+    const bEntry = await bDone;
+    expect(order).toEqual(['B']);
+    gate.leave(bEntry);
+    await cDone;
+    expect(order).toEqual(['B', 'C']);
+    gate.leave(d as GateEntry);
+    expect(gate.size).toBe(0);
+    expect(gate.waits).toBe(2);
   });
 });
