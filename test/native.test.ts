@@ -22,6 +22,7 @@ import {
   punchHole,
   seekData,
   seekHole,
+  setSocketBufferBytes,
   socketPair,
   zeroRange,
 } from '../src/native/index.js';
@@ -297,6 +298,51 @@ describe('socketpair', () => {
     closeFd(c);
     closeFd(d);
     expect(() => closeFd(d)).toThrow(expect.objectContaining({ code: 'EBADF', syscall: 'close' }));
+  });
+});
+
+describe('socket buffers', () => {
+  // A unix socket's send buffer bounds how much of a reply the kernel takes in one write (unix sockets have no
+  // autotuning): with nobody reading, a non-blocking write of 1 MiB is accepted only up to that buffer. Prove
+  // that setSocketBufferBytes raises it for real (the kernel takes more of the same write), reports what the
+  // kernel applied, and fails like a system call on a descriptor that is not a socket.
+  it('SO_SNDBUF raises what one non-blocking write hands to the kernel', () => {
+    const payload = Buffer.alloc(MiB, 0x5a);
+    const acceptedBytes = (sendBytes: number | undefined): { accepted: number; reported: number } => {
+      const [a, b] = socketPair();
+      // net.Socket puts the descriptor in non-blocking mode, so a full buffer gives a short write, not a hang.
+      const left = new net.Socket({ fd: a, readable: false, writable: true });
+      try {
+        const reported = sendBytes === undefined ? setSocketBufferBytes(a, {}).sendBytes : setSocketBufferBytes(a, { sendBytes }).sendBytes;
+        let accepted = 0;
+        try {
+          accepted = fs.writeSync(a, payload);
+        } catch (error) {
+          if ((error as NodeJS.ErrnoException).code !== 'EAGAIN') throw error;
+        }
+        return { accepted, reported };
+      } finally {
+        left.destroy();
+        closeFd(b);
+      }
+    };
+    const wmemMaxBytes = Number(fs.readFileSync('/proc/sys/net/core/wmem_max', 'utf8'));
+    const before = acceptedBytes(undefined);
+    const after = acceptedBytes(2 * MiB);
+    // The kernel doubles the request for its bookkeeping and caps it at wmem_max (doubled too).
+    expect(after.reported).toBe(Math.min(4 * MiB, 2 * wmemMaxBytes));
+    expect(before.accepted).toBeLessThan(MiB);
+    if (after.reported > before.reported) expect(after.accepted).toBeGreaterThan(before.accepted);
+    if (after.reported >= 2 * MiB) expect(after.accepted).toBe(MiB);
+  });
+
+  it('refuses bad sizes and non-sockets clearly', () => {
+    const fd = openFile('not-a-socket', 4096);
+    expect(() => setSocketBufferBytes(fd, { sendBytes: MiB })).toThrow(
+      expect.objectContaining({ code: 'ENOTSOCK', syscall: 'setsockopt SO_SNDBUF' }),
+    );
+    expect(() => setSocketBufferBytes(fd, { receiveBytes: -1 })).toThrow(/receiveBytes must be an integer/);
+    expect(() => setSocketBufferBytes(fd, { sendBytes: 2 ** 31 })).toThrow(/sendBytes must be an integer/);
   });
 });
 

@@ -27,6 +27,7 @@ interface NativeAddon {
     results: Int32Array,
     callback: (error: null) => void,
   ): void;
+  setSocketBufferBytes(fd: number, sendBytes: number, receiveBytes: number): [number, number];
   socketPair(): [number, number];
   closeFd(fd: number): void;
   nbdConfigure(
@@ -502,6 +503,33 @@ export class FileIoQueue {
       for (const waiter of waiters) waiter();
     }
   }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Socket buffers.
+
+export interface SocketBufferBytes {
+  sendBytes: number;
+  receiveBytes: number;
+}
+
+/**
+ * SO_SNDBUF / SO_RCVBUF on a stream socket's descriptor (Node.js sets them only for UDP); an omitted or 0 side is
+ * left alone. Returns both sizes as the kernel reports them afterwards: it doubles a request (half is its own
+ * bookkeeping) and silently caps it at net.core.wmem_max / rmem_max. Setting either turns off the kernel's TCP
+ * buffer autotuning for that side, so ask for a size at least as large as the autotuned one would grow to.
+ */
+export function setSocketBufferBytes(fd: number, sizes: Partial<SocketBufferBytes>): SocketBufferBytes {
+  checkFd(fd);
+  const sendBytes = sizes.sendBytes ?? 0;
+  const receiveBytes = sizes.receiveBytes ?? 0;
+  for (const [name, value] of [['sendBytes', sendBytes], ['receiveBytes', receiveBytes]] as const) {
+    if (!Number.isSafeInteger(value) || value < 0 || value > 0x3fffffff) {
+      throw new RangeError(`setSocketBufferBytes: ${name} must be an integer from 0 to 2^30 - 1, got ${value}`);
+    }
+  }
+  const [send, receive] = addon.setSocketBufferBytes(fd, sendBytes, receiveBytes);
+  return { sendBytes: send, receiveBytes: receive };
 }
 
 // ------------------------------------------------------------------------------------------------------------
