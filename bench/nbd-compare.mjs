@@ -8,6 +8,7 @@ import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { freePort, sh } from './lib/process.mjs';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const args = process.argv.slice(2);
@@ -34,21 +35,6 @@ const jobs = [
   { name: 'write-4k-qd1-flush', lines: ['rw=randwrite', 'bs=4k', 'iodepth=1', 'fsync=1', 'time_based=1', `runtime=${Math.max(1, Math.round(runtimeSeconds / 2))}`], metric: 'lat' },
 ].filter((job) => onlyJobs === null || onlyJobs.includes(job.name));
 
-function sh(command, commandArgs) {
-  const result = spawnSync(command, commandArgs, { encoding: 'utf8' });
-  if (result.status !== 0) throw new Error(`${command} ${commandArgs.join(' ')}: ${result.stderr}`);
-  return result.stdout;
-}
-
-async function freePort() {
-  return new Promise((resolve) => {
-    const server = net.createServer();
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address();
-      server.close(() => resolve(port));
-    });
-  });
-}
 
 /** Waits until the server greets, then leaves politely (ABORT) so neither server logs a broken handshake. */
 async function waitReady(transport, address) {
