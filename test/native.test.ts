@@ -246,10 +246,15 @@ describe('FileIoQueue (batched pread/pwrite)', () => {
     // read cannot be served without the disk, so it takes the pool, and still returns the right bytes.
     execFileSync('dd', [`of=${file}`, 'oflag=nocache', 'conv=notrunc,fdatasync', 'count=0'], { stdio: 'ignore' });
     const hopsBefore = queue.hops;
+    const hitsBeforeCold = queue.nowaitHits;
     const cold = Buffer.alloc(4096);
     await queue.readAsync(12 * MiB, cold);
     expect(cold.equals(pattern.subarray(12 * MiB, 12 * MiB + 4096))).toBe(true);
-    if (nowaitSupported) expect(queue.hops).toBe(hopsBefore + 1);
+    // DONTNEED is advice the kernel may decline (seen once in a CI run): the read went exactly one way, the pool
+    // when the page was dropped, the non-blocking path when it stayed cached.
+    if (nowaitSupported) {
+      expect((queue.hops - hopsBefore) + (queue.nowaitHits - hitsBeforeCold)).toBe(1);
+    }
     // 64 reads of 128 KiB issued in one turn, all cached again: at most 1 MiB of them on the loop.
     fs.readFileSync(file);
     const hitsBefore = queue.nowaitHits;
