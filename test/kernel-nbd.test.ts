@@ -27,6 +27,8 @@ let tempDir: string;
 const disks: LocalDisk[] = [];
 const servers: NbdServer[] = [];
 const attachments: KernelAttachment[] = [];
+/** Backing files are numbered across tests (afterEach empties `disks`, so its length would repeat a name). */
+let diskFileCount = 0;
 
 beforeAll(() => {
   tempDir = fs.mkdtempSync(path.join(os.tmpdir(), 'drbdts-kernel-nbd-'));
@@ -44,7 +46,7 @@ afterAll(() => {
 });
 
 async function serveFile(sizeBytes: number): Promise<{ file: string; disk: LocalDisk; server: NbdServer }> {
-  const file = path.join(tempDir, `disk-${disks.length}.img`);
+  const file = path.join(tempDir, `disk-${diskFileCount++}.img`);
   const disk = await LocalDisk.open(file, { createSizeBytes: sizeBytes });
   disks.push(disk);
   const server = new NbdServer({ device: disk });

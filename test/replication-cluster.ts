@@ -26,6 +26,8 @@ export interface ClusterOptions {
   pingTimeout?: string;
   /** [resync] rate, default 1GiB. */
   resyncRate?: string;
+  /** A node's `device` key: the kernel NBD client it attaches while Primary. */
+  devices?: Partial<Record<NodeName, string>>;
 }
 
 export interface RunResult {
@@ -111,12 +113,14 @@ disk = "${this.dir}/alice.img"
 meta-disk = "internal"
 nbd = "unix:${this.dir}/alice.nbd"
 control = "${this.dir}/alice.ctl"
+${this.options.devices?.alice === undefined ? '' : `device = "${this.options.devices.alice}"`}
 [node.bob]
 address = "127.0.0.1:${bobPort}"
 disk = "${this.dir}/bob.img"
 meta-disk = "internal"
 nbd = "unix:${this.dir}/bob.nbd"
 control = "${this.dir}/bob.ctl"
+${this.options.devices?.bob === undefined ? '' : `device = "${this.options.devices.bob}"`}
 `;
   }
 

@@ -65,6 +65,38 @@ function connectedPid(devicePath: string): number | null {
   }
 }
 
+/**
+ * Why the block device is in use, or null when nothing holds it: a mount (its major:minor in this process's
+ * mountinfo) or a holder such as device-mapper (sysfs holders/). Demoting or taking down a device in use would
+ * pull it from under a filesystem, which DRBD refuses too ("Device is held open by someone"). Reads only
+ * /proc and sysfs: opening the device itself from the serving process could block on its own I/O.
+ */
+export function deviceInUse(devicePath: string): string | null {
+  let rdev: number;
+  try {
+    rdev = fs.statSync(devicePath).rdev;
+  } catch {
+    return null;
+  }
+  // Linux dev_t: major in bits 8-19 (and 32+), minor in bits 0-7 and 20-31; device numbers here stay small.
+  const majorMinor = `${Math.floor(rdev / 256) & 0xfff}:${(rdev & 0xff) | ((Math.floor(rdev / 0x100000) & 0xfff) << 8)}`;
+  try {
+    for (const line of fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n')) {
+      const fields = line.split(' ');
+      if (fields[2] === majorMinor) return `${devicePath} is mounted at ${fields[4]!.replace(/\\040/g, ' ')}`;
+    }
+  } catch {
+    // No /proc: nothing more to learn here.
+  }
+  try {
+    const holders = fs.readdirSync(`/sys/block/${path.basename(devicePath)}/holders`);
+    if (holders.length > 0) return `${devicePath} is held by ${holders.join(', ')}`;
+  } catch {
+    // No sysfs entry: not a whole disk we know.
+  }
+  return null;
+}
+
 function validate(options: KernelAttachOptions): { blockSizeBytes: number; connections: number; timeoutSeconds: number } {
   const { sizeBytes, devicePath } = options;
   if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0) {

@@ -17,7 +17,7 @@ import type { Logger } from '../util/log.js';
 import { LocalDisk } from '../blockdev/local.js';
 import { NbdServer } from '../nbd/server.js';
 import { parseListenAddress } from '../nbd/address.js';
-import { attachKernelClient, type KernelAttachment } from '../nbd/kernel.js';
+import { attachKernelClient, deviceInUse, type KernelAttachment } from '../nbd/kernel.js';
 import { transmissionFlagsFor } from '../nbd/handshake.js';
 import { Bitmap } from './bitmap.js';
 import { peerOf, type ResourceConfig } from './config.js';
@@ -665,9 +665,12 @@ export class NodeDaemon {
     switch (command) {
       case 'status':
         return this.status();
-      case 'down':
+      case 'down': {
+        const inUse = this.kernel === null ? null : deviceInUse(this.kernel.devicePath);
+        if (inUse !== null) throw new Error(`${name}: ${inUse}: unmount it first (the device would vanish under it)`);
         void this.down('operator');
         return { ok: true };
+      }
       case 'primary': {
         const force = args.force === true;
         if (this.role === 'Primary') return this.status();
@@ -717,6 +720,8 @@ export class NodeDaemon {
       }
       case 'secondary': {
         if (this.role === 'Secondary') return this.status();
+        const inUse = this.kernel === null ? null : deviceInUse(this.kernel.devicePath);
+        if (inUse !== null) throw new Error(`${name}: ${inUse}: unmount it first, then demote`);
         if (this.kernel !== null) {
           await this.kernel.detach();
           this.kernel = null;
