@@ -28,6 +28,8 @@ export interface ClusterOptions {
   resyncRate?: string;
   /** A node's `device` key: the kernel NBD client it attaches while Primary. */
   devices?: Partial<Record<NodeName, string>>;
+  /** Where a node's backing file lives (default: the cluster's temp dir), e.g. a small tmpfs to fill up. */
+  diskDirs?: Partial<Record<NodeName, string>>;
 }
 
 export interface RunResult {
@@ -109,14 +111,14 @@ rate = "${this.options.resyncRate ?? '1GiB'}"
 ${this.options.extraResync ?? ''}
 [node.alice]
 address = "127.0.0.1:${this.ports.alice}"
-disk = "${this.dir}/alice.img"
+disk = "${this.imagePath('alice')}"
 meta-disk = "internal"
 nbd = "unix:${this.dir}/alice.nbd"
 control = "${this.dir}/alice.ctl"
 ${this.options.devices?.alice === undefined ? '' : `device = "${this.options.devices.alice}"`}
 [node.bob]
 address = "127.0.0.1:${bobPort}"
-disk = "${this.dir}/bob.img"
+disk = "${this.imagePath('bob')}"
 meta-disk = "internal"
 nbd = "unix:${this.dir}/bob.nbd"
 control = "${this.dir}/bob.ctl"
@@ -129,7 +131,7 @@ ${this.options.devices?.bob === undefined ? '' : `device = "${this.options.devic
   }
 
   imagePath(node: NodeName): string {
-    return path.join(this.dir, `${node}.img`);
+    return path.join(this.options.diskDirs?.[node] ?? this.dir, `${node}.img`);
   }
 
   cli(node: NodeName, command: string, ...args: string[]): Promise<RunResult> {

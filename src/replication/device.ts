@@ -352,6 +352,10 @@ export class ReplicatedDevice implements BlockDevice {
             this.settle(pending);
           },
           (error: Error) => {
+            // The peer is sent (and may well write) what this disk failed to hold: the replicas now differ
+            // in these blocks, so they go into the bitmap for the next resync, whatever the caller is told.
+            this.options.bitmap.setRange(offset, lengthBytes);
+            this.options.logger.error({ err: error, offset, lengthBytes }, 'local write failed; blocks marked out of sync');
             pending.failure = error;
             pending.localDone = true;
             if (entry !== null) {
