@@ -20,6 +20,7 @@ const groups: CommandGroup[] = [
     commands: [
       'create-md', 'up', 'down', 'primary', 'secondary', 'connect', 'disconnect', 'invalidate',
       'invalidate-remote', 'new-current-uuid', 'status', 'resync', 'verify', 'pause-sync', 'resume-sync', 'events2',
+      'role', 'cstate', 'dstate', 'dump-md',
     ],
     load: () => import('./resource.js'),
     summary: 'COMMAND RES [--config FILE] [--node NAME]  replicated resource commands (DRBD vocabulary)',
@@ -54,6 +55,8 @@ Replicated resources (config: /etc/drbdts/RES.toml, node: $DRBDTS_NODE or the ho
   verify RES                        online verify against the peer
   status RES [--json]               state, peer state, out-of-sync bytes, counters
   resync RES [status|pause|resume|--rate R|--wait] [--json]
+  role RES, cstate RES, dstate RES  one-word state queries for scripts
+  dump-md RES [--json]              the on-disk metadata of a stopped node
   Common options: --config FILE, --node NAME
 
 Directory sync:

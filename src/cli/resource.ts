@@ -40,6 +40,10 @@ const commandFlags: Record<string, string[]> = {
   'pause-sync': [],
   'resume-sync': [],
   events2: ['now', 'statistics', 's', 'interval', 'full'],
+  role: [],
+  cstate: [],
+  dstate: [],
+  'dump-md': ['json'],
 };
 
 const commandHelp: Record<string, string> = {
@@ -63,6 +67,11 @@ const commandHelp: Record<string, string> = {
     '  (R is bytes per second: 50MiB, 200M); --wait polls until the resync is done',
   'pause-sync': 'pause-sync RES   pause the resync',
   'resume-sync': 'resume-sync RES   resume the resync',
+  role: 'role RES   print this node\'s role (Primary or Secondary), for scripts',
+  cstate: 'cstate RES   print the connection state (Connected, StandAlone, SyncSource, ...), for scripts',
+  dstate: 'dstate RES   print the disk states, this node\'s then the peer\'s (UpToDate/Inconsistent), for scripts',
+  'dump-md': 'dump-md RES [--json]   print the on-disk metadata of a stopped node: size, generation UUIDs, flags,\n' +
+    '  clean shutdown, activity-log extents, out-of-sync blocks (refused while the node is up)',
   events2: 'events2 RES [--now] [--full] [--statistics] [--interval SECONDS]   drbdsetup-style event lines\n' +
     '  (exists ... then change ... lines); --now prints the current state and exits; --full repeats every object\n' +
     '  on each change',
@@ -297,6 +306,62 @@ async function simple(command: string, options: Options): Promise<number> {
   return 0;
 }
 
+/** drbdadm's one-word queries, for scripts: `role`, `cstate`, `dstate` print one line each. */
+async function query(command: 'role' | 'cstate' | 'dstate', options: Options): Promise<number> {
+  const status = (await request(loadTarget(options), 'status')) as ResourceStatus;
+  if (command === 'role') out(`${status.role}\n`);
+  else if (command === 'cstate') out(`${status.connection}\n`);
+  else out(`${status.disk}/${status.peer.disk}\n`);
+  return 0;
+}
+
+/** The metadata on disk, read without taking the lock; refused while a daemon runs (its state is in memory). */
+async function dumpMd(options: Options): Promise<number> {
+  const target = loadTarget(options);
+  const running = await sendControlRequest(target.node.control, 'status', {}, { timeoutMs: 2000 }).then(() => true, () => false);
+  if (running) {
+    throw new Error(`${target.config.name} is up on node ${target.nodeName}: dump-md reads the metadata of a stopped ` +
+      `node (the daemon's state is newer than the disk's); use "drbdts status ${target.config.name} --json"`);
+  }
+  const { Metadata } = await import('../resource/metadata.js');
+  const where = target.node.metaDisk === 'internal' ? target.node.disk : target.node.metaDisk;
+  const snapshot = await Metadata.read(target.node.disk, target.node.metaDisk).catch((error: Error) => {
+    throw new Error(`cannot read the metadata of ${where}: ${error.message}`);
+  });
+  if (snapshot === null) {
+    throw new Error(`${where} holds no drbdts metadata (no valid superblock): "drbdts create-md ${target.config.name}" writes it`);
+  }
+  const hex = (uuid: bigint): string => uuid.toString(16).toUpperCase().padStart(16, '0');
+  const outOfSyncBytes = snapshot.dirtyBlocks * 4096;
+  const dump = {
+    resource: snapshot.resourceName, node: snapshot.nodeName, metaDisk: target.node.metaDisk, where,
+    dataSizeBytes: snapshot.dataSizeBytes, metadataSizeBytes: snapshot.metadataSizeBytes,
+    uuids: { current: hex(snapshot.uuids.current), bitmap: hex(snapshot.uuids.bitmap), history: snapshot.uuids.history.map(hex) },
+    flags: snapshot.flags, cleanShutdown: snapshot.cleanShutdown,
+    superblock: { slot: snapshot.superblockSlot, sequence: Number(snapshot.sequence) },
+    activityLog: { hotExtents: snapshot.hotExtents, wideRanges: snapshot.wideRanges },
+    outOfSyncBlocks: snapshot.dirtyBlocks, outOfSyncBytes,
+  };
+  if (options.flags.has('json')) {
+    out(`${JSON.stringify(dump, null, 2)}\n`);
+    return 0;
+  }
+  const flagNames = Object.entries(snapshot.flags).filter(([, value]) => value).map(([name]) => name);
+  const extents = snapshot.hotExtents;
+  out([
+    `# ${dump.resource} on ${dump.node}: metadata ${target.node.metaDisk === 'internal' ? `internal, at the end of ${where}` : `in ${where}`}`,
+    `size ${formatBytes(dump.dataSizeBytes)} (${dump.dataSizeBytes} bytes), metadata ${formatBytes(dump.metadataSizeBytes)}`,
+    `uuids current:${dump.uuids.current} bitmap:${dump.uuids.bitmap} history:${dump.uuids.history.join(',')}`,
+    `flags ${flagNames.length === 0 ? '(none)' : flagNames.join(' ')}`,
+    `shutdown ${dump.cleanShutdown ? 'clean' : 'not clean (the last run crashed or is running: its activity-log extents resync at the next up)'}`,
+    `superblock slot ${dump.superblock.slot}, sequence ${dump.superblock.sequence}`,
+    `activity-log ${extents.length} hot extent(s)${extents.length === 0 ? '' : `: ${extents.slice(0, 32).join(' ')}${extents.length > 32 ? ' ...' : ''}`}` +
+      (snapshot.wideRanges.length > 0 ? `, ${snapshot.wideRanges.length} wide range(s)` : ''),
+    `out-of-sync ${dump.outOfSyncBlocks} block(s) of 4 KiB (${formatBytes(outOfSyncBytes)})`,
+  ].join('\n') + '\n');
+  return 0;
+}
+
 async function statusAll(options: Options): Promise<number> {
   let files: string[];
   try {
@@ -491,6 +556,8 @@ export async function run(command: string, argv: string[]): Promise<number> {
       case 'resync': return await resync(options);
       case 'verify': return await verify(options);
       case 'events2': return await events2(options);
+      case 'role': case 'cstate': case 'dstate': return await query(command, options);
+      case 'dump-md': return await dumpMd(options);
       case 'primary': case 'secondary': case 'connect': case 'disconnect': case 'invalidate': case 'invalidate-remote':
       case 'new-current-uuid': case 'pause-sync': case 'resume-sync':
         return await simple(command, options);
