@@ -120,8 +120,9 @@ describe('congestion', () => {
     const copied = await run('nbdcopy', [source, cluster.nbdUri('alice')], { timeoutMs: 60_000 });
     expect(copied.code).toBe(0);
     const ahead = await cluster.status('alice');
-    // Still the same connection: the writes did not wait for the stalled peer (ping timeout is 30 s).
-    expect(ahead.connection).toBe('Connected');
+    // Still the same connection, pulled ahead: the writes did not wait for the stalled peer (ping timeout 30 s).
+    expect(ahead.connection).toBe('Ahead');
+    expect((await cluster.cli('alice', 'cstate')).stdout).toBe('Ahead\n');
     expect(ahead.outOfSyncBytes).toBeGreaterThan(0);
     expect(await cluster.log('alice')).toMatch(/pulling ahead/);
     cluster.proxy!.resume();

@@ -186,9 +186,9 @@ export function renderStatus(status: ResourceStatus, options: { statistics?: boo
   const syncing = status.connection === 'SyncSource' || status.connection === 'SyncTarget'
     || status.connection === 'PausedSyncS' || status.connection === 'PausedSyncT'
     || status.connection === 'VerifyS' || status.connection === 'VerifyT';
-  if (status.connection === 'Connected' || syncing) {
+  if (status.connection === 'Connected' || status.connection === 'Ahead' || syncing) {
     lines.push(`  ${status.peer.node} role:${status.peer.role}`);
-    let replication = syncing ? `    replication:${status.connection} peer-disk:${status.peer.disk}` : `    peer-disk:${status.peer.disk}`;
+    let replication = syncing || status.connection === 'Ahead' ? `    replication:${status.connection} peer-disk:${status.peer.disk}` : `    peer-disk:${status.peer.disk}`;
     if (status.resync !== null && syncing) {
       replication += ` done:${percent(status.resync.doneBytes, status.resync.totalBytes)}`;
     }

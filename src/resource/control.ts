@@ -21,6 +21,7 @@ export type ConnectionState =
   | 'PausedSyncT'
   | 'VerifyS'
   | 'VerifyT'
+  | 'Ahead'
   | 'Disconnecting';
 export type DiskState = 'Diskless' | 'Attaching' | 'Inconsistent' | 'Outdated' | 'DUnknown' | 'Consistent' | 'UpToDate';
 export type RoleState = 'Primary' | 'Secondary' | 'Unknown';

@@ -198,6 +198,8 @@ export class NodeDaemon {
     }
     if (session.verify !== null) return 'VerifyS';
     if (session.verifyPeerActive) return 'VerifyT';
+    // Protocol A pulled ahead of a congested peer: still connected, but writes only mark the bitmap (DRBD's Ahead).
+    if (this.device.ahead) return 'Ahead';
     return 'Connected';
   }
 
