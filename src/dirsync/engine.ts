@@ -262,8 +262,18 @@ export class SyncEngine {
       const { file, swapped } = await archivePathFor(this.options.archiveDir, id1, id2);
       result.archiveFile = file;
       if (!this.options.dryRun) lock = PairLock.acquire(file, this.options.warn);
-      this.archive = await loadArchive(file, swapped);
-      const problems = await this.scanBoth();
+      // The scans start first: a local replica's scan runs on thread-pool threads (native/src/dirsync_scan.cc)
+      // while this thread parses the archive; the archive is merged into the states only after both scans.
+      const scanning = this.scanBoth();
+      scanning.catch(() => undefined); // a scan failure is observed below, never an unhandled rejection meanwhile
+      try {
+        this.archive = await loadArchive(file, swapped);
+      } catch (error) {
+        await scanning.catch(() => undefined);
+        throw error;
+      }
+      const problems = await scanning;
+      this.mergeArchive();
       await this.detectUpdates(problems);
       const actions = this.reconcile();
       result.items = actions.map((action) => action.item);
@@ -278,9 +288,11 @@ export class SyncEngine {
       }
       if (proceed) {
         await this.propagate(actions);
-        const newArchive = this.buildArchive(actions);
-        // Nothing changed (the common cron case): skip the write and its two fsyncs.
-        if (!archivesEqual(this.archive, newArchive)) await saveArchive(file, swapped, { root1Id: id1, root2Id: id2 }, newArchive);
+        // Nothing changed (the common cron case): skip building the new archive, the write and its two fsyncs.
+        if (!this.archiveUnchanged(actions)) {
+          const newArchive = this.buildArchive(actions);
+          if (!archivesEqual(this.archive, newArchive)) await saveArchive(file, swapped, { root1Id: id1, root2Id: id2 }, newArchive);
+        }
         if (this.connectionLost !== undefined) throw this.connectionLost;
       } else if (!this.options.dryRun) {
         // The user declined: everything planned is skipped (exit 1). A dry run leaves items 'planned'.
@@ -331,6 +343,10 @@ export class SyncEngine {
       }
     };
     await Promise.all([scanSide(1), scanSide(2)]);
+    return problems;
+  }
+
+  private mergeArchive(): void {
     for (const [path, entry] of this.archive) {
       let state = this.states.get(path);
       if (state === undefined) {
@@ -338,7 +354,6 @@ export class SyncEngine {
         this.states.set(path, state);
       } else state.a = entry;
     }
-    return problems;
   }
 
   /** Is `path` at or under one of the problem paths (unlistable directories)? */
@@ -674,6 +689,7 @@ export class SyncEngine {
 
   private async propagate(actions: Action[]): Promise<void> {
     const work = actions.filter((action) => action.item.action !== 'equal' && (action.item.action !== 'conflict' || action.item.resolvedBy !== undefined));
+    if (work.length === 0) return; // nothing to propagate (a no-change run): no index of every file to build
     const progress: ProgressState = { itemsDone: 0, itemsTotal: work.length, bytesDone: 0, bytesTotal: 0 };
     for (const action of work) {
       const entry = entryOf(action.state, action.from);
@@ -731,13 +747,23 @@ export class SyncEngine {
     }
 
     // Copy-local sources: target-side files whose content will be reused; their deletion waits until after copies.
+    // Only the fingerprints some copy needs are indexed (the first path holding each, in path order).
+    const wanted: [Set<string>, Set<string>] = [new Set(), new Set()];
+    for (const action of work) {
+      if (action.item.action !== 'copy' && action.item.action !== 'conflict') continue;
+      const fp = fingerprintOf(action.state, action.from);
+      if (fp !== undefined) wanted[other(action.from) - 1].add(fp);
+    }
     const targetIndex: [Map<string, PathState>, Map<string, PathState>] = [new Map(), new Map()];
-    for (const state of this.states.values()) {
-      if (state.unknown) continue;
-      for (const side of [1, 2] as const) {
-        const entry = entryOf(state, side);
-        const fp = fingerprintOf(state, side);
-        if (entry?.kind === 'file' && fp !== undefined && entry.sizeBytes > 0 && !targetIndex[side - 1].has(fp)) targetIndex[side - 1].set(fp, state);
+    if (wanted[0].size > 0 || wanted[1].size > 0) {
+      for (const state of this.states.values()) {
+        if (state.unknown) continue;
+        for (const side of [1, 2] as const) {
+          const fp = fingerprintOf(state, side);
+          if (fp === undefined || !wanted[side - 1].has(fp)) continue;
+          const entry = entryOf(state, side);
+          if (entry?.kind === 'file' && entry.sizeBytes > 0 && !targetIndex[side - 1].has(fp)) targetIndex[side - 1].set(fp, state);
+        }
       }
     }
     const deferredDeletes = new Set<Action>();
@@ -994,6 +1020,27 @@ export class SyncEngine {
   }
 
   // ---- archive -----------------------------------------------------------------------------------------------
+
+  /** With no action at all, the new archive would be the old one unless some unchanged path's stamps moved
+   * (buildArchive then keeps every other entry as it was): checked without building it. */
+  private archiveUnchanged(actions: Action[]): boolean {
+    if (actions.length > 0) return false;
+    for (const state of this.states.values()) {
+      const { a, e1, e2 } = state;
+      if (state.refresh !== true || a === undefined || e1 === undefined || e2 === undefined) continue;
+      if (
+        a.mtime1Ms !== e1.mtimeMs ||
+        a.ctime1Ms !== e1.ctimeMs ||
+        a.inode1 !== e1.inode ||
+        a.mtime2Ms !== e2.mtimeMs ||
+        a.ctime2Ms !== e2.ctimeMs ||
+        a.inode2 !== e2.inode
+      ) {
+        return false;
+      }
+    }
+    return true;
+  }
 
   private buildArchive(actions: Action[]): Map<string, ArchiveEntry> {
     const decided = new Map<string, Action>();
