@@ -11,7 +11,9 @@
 //   0 kind   (0 file, 1 dir, 2 symlink; problems: 3 directory not listable, 4 lstat failed, 5 name not valid UTF-8,
 //             6 readlink failed; 7 a temp name, handed to JavaScript for stale-temp removal)
 //   1 parent (record index of the parent directory, -1 for the root; for kind 3 the directory itself, -1 = root)
-//   2 end of the name in strings (it starts where the previous record's text ended)
+//   2 end of the path in strings (it starts where the previous record's text ended): the path relative to the
+//     root, '/'-separated, so JavaScript decodes one flat string per entry (no concatenation, no flattening when
+//     it becomes a Map key); for kind 3 the directory's own path ("" = the root)
 //   3 end of the text in strings (symlink target, or the problem's message; empty otherwise)
 //   4 mode & 0777   5 size (files)   6 mtimeMs   7 ctimeMs   8 inode
 // Times are computed as Node computes fs.Stats' mtimeMs (sec * 1e3 + nsec / 1e6 in doubles), so a scanned stat
@@ -110,20 +112,22 @@ class ScanWorker : public Napi::AsyncWorker {
   Napi::Promise Promise() { return deferred_.Promise(); }
 
   void Execute() override {
-    // Stack of (record index of the directory, its absolute path); the root is record -1.
+    // Stack of directories to list: record index (the root is -1) and path relative to the root ("" for it).
     std::vector<std::pair<double, std::string>> stack;
-    stack.emplace_back(-1, root_);
+    stack.emplace_back(-1, std::string());
     std::vector<std::string> names;
+    std::string path;
     while (!stack.empty()) {
       double dirIndex = stack.back().first;
-      std::string absDir = std::move(stack.back().second);
+      std::string relDir = std::move(stack.back().second);
       stack.pop_back();
+      std::string absDir = relDir.empty() ? root_ : root_ + "/" + relDir;
       int dirFd = open(absDir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
       DIR* dir = dirFd == -1 ? nullptr : fdopendir(dirFd);
       if (dir == nullptr) {
         int err = errno;
         if (dirFd != -1) close(dirFd);
-        Add(kUnlistable, dirIndex, "", ErrnoMessage(err, "scandir", absDir), nullptr);
+        Add(kUnlistable, dirIndex, relDir, ErrnoMessage(err, "scandir", absDir), nullptr);
         continue;
       }
       names.clear();
@@ -142,25 +146,28 @@ class ScanWorker : public Napi::AsyncWorker {
       if (failed) {
         int err = errno;
         closedir(dir);
-        Add(kUnlistable, dirIndex, "", ErrnoMessage(err, "scandir", absDir), nullptr);
+        Add(kUnlistable, dirIndex, relDir, ErrnoMessage(err, "scandir", absDir), nullptr);
         continue;
       }
       std::sort(names.begin(), names.end(), Utf16Less);
       size_t firstChild = stack.size();
       for (const std::string& name : names) {
+        path.assign(relDir);
+        if (!relDir.empty()) path.push_back('/');
+        path.append(name);
         if (name.find(kTempMarker) != std::string::npos) {
-          Add(kTemp, dirIndex, name, "", nullptr);
+          Add(kTemp, dirIndex, path, "", nullptr);
           continue;
         }
         if (!ValidUtf8(name)) {
-          Add(kBadName, dirIndex, name, "file name is not valid UTF-8; not synced", nullptr);
+          Add(kBadName, dirIndex, path, "file name is not valid UTF-8; not synced", nullptr);
           continue;
         }
         struct stat st;
         if (fstatat(dirFd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
           int err = errno;
           if (err == ENOENT) continue;  // vanished since readdir: as if never there
-          Add(kStatFailed, dirIndex, name, ErrnoMessage(err, "lstat", absDir + "/" + name), nullptr);
+          Add(kStatFailed, dirIndex, path, ErrnoMessage(err, "lstat", absDir + "/" + name), nullptr);
           continue;
         }
         Kind kind;
@@ -189,8 +196,8 @@ class ScanWorker : public Napi::AsyncWorker {
         } else {
           continue;  // sockets, fifos, devices are not synced (as unison)
         }
-        double index = Add(kind, dirIndex, name, text, kind == kLinkFailed ? nullptr : &st);
-        if (kind == kDir) stack.emplace_back(index, absDir + "/" + name);
+        double index = Add(kind, dirIndex, path, text, kind == kLinkFailed ? nullptr : &st);
+        if (kind == kDir) stack.emplace_back(index, path);
       }
       closedir(dir);
       std::reverse(stack.begin() + firstChild, stack.end());

@@ -183,20 +183,16 @@ export class LocalReplica implements Replica {
   private async *scanNative(): AsyncIterable<ScanBatch> {
     const { strings, records } = await nativeScan.scanTree(this.rootPath);
     const F = nativeScan.SCAN_RECORD_FIELDS;
-    // Path of each directory record, by record index (the records of its children name it as their parent).
-    const dirPaths: string[] = [];
     let batch: ScanBatch = { entries: [], problems: [] };
     let textStart = 0;
-    for (let index = 0, o = 0; o < records.length; index++, o += F) {
+    for (let o = 0; o < records.length; o += F) {
       const kind = records[o]!;
-      const parent = records[o + 1]!;
-      const nameEnd = records[o + 2]!;
+      const pathEnd = records[o + 2]!;
       const textEnd = records[o + 3]!;
-      const name = nameEnd > textStart ? utf8Slice.call(strings, textStart, nameEnd) : '';
-      const text = textEnd > nameEnd ? utf8Slice.call(strings, nameEnd, textEnd) : '';
+      // The addon gives each entry's whole relative path: one flat string, no concatenation.
+      const path = pathEnd > textStart ? utf8Slice.call(strings, textStart, pathEnd) : '';
+      const text = textEnd > pathEnd ? utf8Slice.call(strings, pathEnd, textEnd) : '';
       textStart = textEnd;
-      const dir = parent === -1 ? '' : dirPaths[parent]!;
-      const path = dir === '' ? name : dir + '/' + name;
       if (kind <= nativeScan.SCAN_SYMLINK) {
         const entry: ScanEntry = {
           kind: kind === nativeScan.SCAN_FILE ? 'file' : kind === nativeScan.SCAN_DIR ? 'dir' : 'symlink',
@@ -208,7 +204,6 @@ export class LocalReplica implements Replica {
           path,
         };
         if (kind === nativeScan.SCAN_SYMLINK) entry.linkTarget = text;
-        else if (kind === nativeScan.SCAN_DIR) dirPaths[index] = path;
         batch.entries.push(entry);
         if (batch.entries.length >= SCAN_BATCH_ENTRIES) {
           yield batch;
@@ -218,7 +213,7 @@ export class LocalReplica implements Replica {
       }
       switch (kind) {
         case nativeScan.SCAN_UNLISTABLE:
-          batch.problems.push({ path: dir === '' ? '.' : dir, message: `cannot list directory: ${text}` });
+          batch.problems.push({ path: path === '' ? '.' : path, message: `cannot list directory: ${text}` });
           break;
         case nativeScan.SCAN_STAT_FAILED:
           batch.problems.push({ path, message: `cannot stat: ${text}` });
@@ -230,7 +225,7 @@ export class LocalReplica implements Replica {
           batch.problems.push({ path, message: `cannot read link: ${text}` });
           break;
         case nativeScan.SCAN_TEMP:
-          this.removeStaleTemp((dir === '' ? this.rootPath : this.rootPath + '/' + dir) + '/' + name, name);
+          this.removeStaleTemp(this.rootPath + '/' + path, path.slice(path.lastIndexOf('/') + 1));
           break;
         default:
           throw new ReplicaError('EIO', `native scan of ${this.rootPath} returned record kind ${kind}`);

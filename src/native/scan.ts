@@ -15,9 +15,9 @@ export const SCAN_TEMP = 7;
 export const SCAN_RECORD_FIELDS = 9;
 
 export interface PackedScan {
-  /** UTF-8 names and texts (link targets, messages), back to back in record order. */
+  /** UTF-8 relative paths and texts (link targets, messages), back to back in record order. */
   strings: Buffer;
-  /** SCAN_RECORD_FIELDS doubles per record: kind, parent, nameEnd, textEnd, mode, size, mtimeMs, ctimeMs, inode. */
+  /** SCAN_RECORD_FIELDS doubles per record: kind, parent, pathEnd, textEnd, mode, size, mtimeMs, ctimeMs, inode. */
   records: Float64Array;
 }
 
