@@ -36,6 +36,8 @@ import {
 /** Chunk size for reading and hashing large files: big enough to amortise syscalls, small enough to bound memory. */
 const CHUNK_BYTES = 1 << 20;
 const SCAN_BATCH_ENTRIES = 2048;
+/** At most this many pooled read buffers per replica (one per transfer in flight is enough). */
+const CHUNK_POOL_BUFFERS = 32;
 const HASH_YIELD_BYTES = 64 << 20;
 
 let tempCounter = 0;
@@ -88,6 +90,8 @@ export class LocalReplica implements Replica {
   readonly rootPath: string;
   /** fsync each installed file before its rename (durability against power loss, not just process death). */
   readonly fsyncFiles: boolean;
+  /** Read buffers of CHUNK_BYTES handed back by same-process consumers (readFile's `recycle`). */
+  private readonly chunkPool: Buffer[] = [];
 
   constructor(rootPath: string, options: { fsync?: boolean } = {}) {
     this.rootPath = pathModule.resolve(rootPath);
@@ -339,8 +343,28 @@ export class LocalReplica implements Replica {
     return { fd, stat };
   }
 
-  async readFile(path: string, expect: EntryStat): Promise<ContentSource> {
+  /**
+   * `recycle`: the consumer (a LocalReplica.writeFile in this process, see fileop.ts) hands each chunk back through
+   * `ContentSource.recycle` once it has written and hashed it, and the chunk buffers come from a pool of this
+   * replica instead of a new allocation per file. Without it (a remote consumer keeps chunks queued) every chunk
+   * is a fresh buffer, as the ContentSource contract says. Measured: an initial sync of 10,000 files / 257 MB
+   * otherwise leaves ~100 MiB of read buffers for the garbage collector at its peak.
+   */
+  async readFile(path: string, expect: EntryStat, options: { recycle?: boolean } = {}): Promise<ContentSource> {
     const { fd, stat } = this.openExpected(path, expect);
+    const pool = options.recycle === true ? this.chunkPool : undefined;
+    const lent: Buffer[] = [];
+    const lend = (): Buffer => {
+      const buffer = pool!.pop() ?? Buffer.allocUnsafe(CHUNK_BYTES);
+      lent.push(buffer);
+      return buffer;
+    };
+    const giveBack = (chunk: Buffer): void => {
+      const index = lent.findIndex((buffer) => buffer.buffer === chunk.buffer);
+      if (index === -1) return;
+      const [buffer] = lent.splice(index, 1);
+      if (pool!.length < CHUNK_POOL_BUFFERS) pool!.push(buffer!);
+    };
     const hasher = await getHasher();
     const absolute = this.abs(path);
     let cancelled = false;
@@ -363,20 +387,21 @@ export class LocalReplica implements Replica {
       try {
         if (sizeBytes < CHUNK_BYTES) {
           // Small file: one read of the expected size plus one probe byte to notice growth.
-          const buffer = Buffer.allocUnsafe(sizeBytes + 1);
+          const buffer = pool !== undefined ? lend() : Buffer.allocUnsafe(sizeBytes + 1);
           const length = readFully(fd, buffer, 0, sizeBytes + 1);
           const chunk = buffer.subarray(0, length);
           const digest = hasher.h64Raw(chunk);
           const statAfter = statToEntry(fs.fstatSync(fd), absolute);
           close();
           if (length > 0) yield chunk;
+          else if (pool !== undefined) giveBack(chunk); // empty file: nothing yielded, nothing to hand back
           resolveDone({ fingerprint: fingerprintHex(digest), statAfter });
           return;
         }
         const state = hasher.create64();
         let position = 0;
         while (!cancelled) {
-          const buffer = Buffer.allocUnsafe(CHUNK_BYTES);
+          const buffer = pool !== undefined ? lend() : Buffer.allocUnsafe(CHUNK_BYTES);
           const length = fs.readSync(fd, buffer, 0, CHUNK_BYTES, position);
           if (length === 0) break;
           const chunk = buffer.subarray(0, length);
@@ -397,7 +422,7 @@ export class LocalReplica implements Replica {
         if (cancelled) rejectDone(new ReplicaError('EIO', `read of ${path} cancelled`, path));
       }
     }
-    return {
+    const source: ContentSource = {
       sizeBytes,
       chunks: chunks(),
       done,
@@ -405,6 +430,8 @@ export class LocalReplica implements Replica {
         cancelled = true;
       },
     };
+    if (pool !== undefined) source.recycle = giveBack;
+    return source;
   }
 
   async readRange(path: string, offsetBytes: number, lengthBytes: number): Promise<Buffer> {
@@ -544,6 +571,8 @@ export class LocalReplica implements Replica {
             }
             writtenBytes += chunk.length;
             state.update(chunk);
+            // Written and hashed: the buffer may be reused (only a same-process LocalReplica source offers it).
+            if (content.kind === 'full') content.source.recycle?.(chunk);
           }
         } catch (error) {
           content.source.cancel();
