@@ -226,9 +226,8 @@ export class SyncEngine {
   private readonly replicas: [Replica, Replica];
   private infos!: [ReplicaInfo, ReplicaInfo];
   private archive = new Map<string, ArchiveEntry>();
+  /** Every path, in insertion order = path order: parents before children (not necessarily string-sorted). */
   private readonly states = new Map<string, PathState>();
-  /** Every path, parents before children (not necessarily string-sorted). */
-  private sortedPaths: string[] = [];
   private bytesTransferred = 0;
   private readonly problems: Array<{ side: Side; path: string; message: string }> = [];
   private connectionLost: ReplicaError | undefined;
@@ -410,10 +409,10 @@ export class SyncEngine {
       state.change1 = this.classify(state, 1);
       state.change2 = this.classify(state, 2);
     }
-    // Insertion order already puts every parent before its children: each source (scan 1, scan 2, archive) lists
-    // parents first, and a path first inserted by one source has its parent in that same source, earlier. No
-    // sort of every path is needed (150 ms on 100,000 paths).
-    this.sortedPaths = [...this.states.keys()];
+    // Insertion order of `states` already puts every parent before its children: each source (scan 1, scan 2,
+    // archive) lists parents first, and a path first inserted by one source has its parent in that same source,
+    // earlier. No sort of every path is needed (150 ms on 100,000 paths), nor a copy of the keys: the passes
+    // below iterate the map itself.
   }
 
   private async hashSide(side: Side, paths: string[]): Promise<void> {
@@ -500,8 +499,7 @@ export class SyncEngine {
     const governing = new Map<string, 'skip' | Side>();
     const actions: Action[] = [];
     const now = new Date();
-    for (const path of this.sortedPaths) {
-      const state = this.states.get(path)!;
+    for (const [path, state] of this.states) {
       let governed: 'skip' | Side | undefined;
       if (governing.size > 0) {
         for (let current = parentOf(path); current !== ''; current = parentOf(current)) {
@@ -1046,12 +1044,8 @@ export class SyncEngine {
     const decided = new Map<string, Action>();
     for (const action of actions) decided.set(action.item.path, action);
     const next = new Map<string, ArchiveEntry>();
-    for (const path of this.sortedPaths) {
-      const state = this.states.get(path)!;
+    for (const [path, state] of this.states) {
       const action = decided.get(path);
-      const keepOld = (): void => {
-        if (state.a !== undefined) next.set(path, state.a);
-      };
       if (action === undefined) {
         if (state.refresh === true && state.a !== undefined && state.e1 !== undefined && state.e2 !== undefined) {
           const e1 = state.e1.kind === 'dir' ? this.finalDirStats[0].get(path) ?? state.e1 : state.e1;
@@ -1060,13 +1054,13 @@ export class SyncEngine {
           continue;
         }
         // Skipped (under a conflict or unknown) or nothing on either side: the archive keeps what it knew.
-        keepOld();
+        if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
         continue;
       }
       const { item } = action;
       const resolved = item.action === 'conflict' && item.resolvedBy !== undefined;
       if (item.status === 'failed' || (item.action === 'conflict' && !resolved) || item.status === 'skipped') {
-        keepOld();
+        if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
         continue;
       }
       let s1: EntryStat | undefined;
@@ -1078,7 +1072,7 @@ export class SyncEngine {
         fingerprint = state.fp1 ?? state.fp2;
         if (s1 === undefined || s2 === undefined) continue; // deleted on both, or refresh of a one-sided path
         if (s1.kind === 'file' && (state.fp1 === undefined || state.fp2 === undefined || state.fp1 !== state.fp2)) {
-          keepOld();
+          if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
           continue;
         }
       } else {
@@ -1086,12 +1080,12 @@ export class SyncEngine {
         if (winner === undefined) continue; // deletion propagated: gone from both sides
         const targetStat = this.resultStats.get(action) ?? entryOf(state, other(action.from));
         if (targetStat === undefined) {
-          keepOld();
+          if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
           continue;
         }
         fingerprint = this.resultFingerprints.get(action) ?? fingerprintOf(state, action.from);
         if (winner.kind === 'file' && fingerprint === undefined) {
-          keepOld();
+          if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
           continue;
         }
         [s1, s2] = action.from === 1 ? [winner, targetStat] : [targetStat, winner];
