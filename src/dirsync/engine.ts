@@ -134,6 +134,12 @@ const DEFAULT_DELTA_THRESHOLD_BYTES = 256 * 1024;
 /** Modification-time differences below this are not changes (FAT, some network file systems: 1-2 s granularity). */
 const TIME_TOLERANCE_MS = 1000;
 
+/** Every field present from the start: one object shape for all paths, no property store added per path later
+ * (fp1, fp2 and refresh are set on most paths after the scan). */
+function newState(path: string, a: ArchiveEntry | undefined): PathState {
+  return { path, e1: undefined, e2: undefined, a, fp1: undefined, fp2: undefined, change1: 'absent', change2: 'absent', unknown: false, refresh: false };
+}
+
 function other(side: Side): Side {
   return side === 1 ? 2 : 1;
 }
@@ -329,7 +335,7 @@ export class SyncEngine {
         for (const entry of batch.entries) {
           let state = this.states.get(entry.path);
           if (state === undefined) {
-            state = { path: entry.path, e1: undefined, e2: undefined, a: undefined, change1: 'absent', change2: 'absent', unknown: false };
+            state = newState(entry.path, undefined);
             this.states.set(entry.path, state);
           }
           if (side === 1) state.e1 = entry;
@@ -350,7 +356,7 @@ export class SyncEngine {
     for (const [path, entry] of this.archive) {
       let state = this.states.get(path);
       if (state === undefined) {
-        state = { path, e1: undefined, e2: undefined, a: entry, change1: 'absent', change2: 'absent', unknown: false };
+        state = newState(path, entry);
         this.states.set(path, state);
       } else state.a = entry;
     }
