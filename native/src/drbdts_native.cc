@@ -37,6 +37,8 @@
 #include <thread>
 #include <vector>
 
+void InitDirsyncScan(Napi::Env env, Napi::Object exports);  // dirsync_scan.cc
+
 namespace {
 
 Napi::Error MakeErrnoError(Napi::Env env, int err, const char* syscall) {
@@ -547,6 +549,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("nbdConfigure", Napi::Function::New(env, NbdConfigure, "nbdConfigure"));
   exports.Set("nbdDoIt", Napi::Function::New(env, NbdDoIt, "nbdDoIt"));
   exports.Set("nbdDisconnect", Napi::Function::New(env, NbdDisconnect, "nbdDisconnect"));
+  InitDirsyncScan(env, exports);
   return exports;
 }
 

@@ -4,7 +4,18 @@
 // that really synced, and atomically (temp file, fsync, rename, fsync of the directory), so a crash at any point
 // leaves the previous archive or the new one.
 //
-// Format (text, one entry per line, so 100,000 entries parse in tens of milliseconds and stay inspectable):
+// Format 2 (written since the binary form was introduced; format 1 is still read):
+//   drbdts-dirsync-archive 2\n
+//   {"root1": "...", "root2": "...", "entries": N}   (padded with spaces so the binary part starts 8-aligned)\n
+//   N x 8 float64 LE   size, mode, mtime1, ctime1, inode1, mtime2, ctime2, inode2
+//   N x 3 uint32 LE    byte lengths of path, fingerprint, link target
+//   N bytes            kind: 'f' file, 'd' dir, 'l' symlink
+//   UTF-8              path, fingerprint, link target of each entry, back to back
+//   \nend XXH64-OF-EVERYTHING-ABOVE\n
+// A run loads the whole archive before it can decide anything, so the load is on every run's critical path:
+// the numbers are one typed-array view (no text to parse: 100,000 entries took 0.3 s as text lines), strings are
+// decoded once each. `drbdts`-independent inspection: the header line is text, the rest is plain arrays.
+// Format 1 (text, one entry per line):
 //   drbdts-dirsync-archive 1
 //   {"root1": "...", "root2": "...", "entries": N}
 //   path \t kind \t size \t fingerprint \t mode \t linkTarget \t mtime1 \t ctime1 \t inode1 \t mtime2 \t ctime2 \t inode2
@@ -18,6 +29,16 @@ import { getHasher } from './hash.js';
 import { fingerprintHex, type EntryKind } from './replica.js';
 
 const MAGIC = 'drbdts-dirsync-archive 1';
+const MAGIC_2 = 'drbdts-dirsync-archive 2';
+const NUMBER_FIELDS = 8;
+const LENGTH_FIELDS = 3;
+/** "\nend " + 16 hex digits + "\n" */
+const TRAILER_BYTES = 22;
+const LITTLE_ENDIAN = os.endianness() === 'LE';
+/** Buffer's own decoders without toString's argument handling (measured 4x faster on short strings). */
+const utf8Slice = (Buffer.prototype as unknown as { utf8Slice(start: number, end: number): string }).utf8Slice;
+const latin1Slice = (Buffer.prototype as unknown as { latin1Slice(start: number, end: number): string }).latin1Slice;
+const utf8Write = (Buffer.prototype as unknown as { utf8Write(text: string, offset: number, length: number): number }).utf8Write;
 
 /** What the archive knows about one path: the synced content and props, and each side's stamps for the fast check. */
 export interface ArchiveEntry {
@@ -59,25 +80,23 @@ export async function archivePathFor(archiveDir: string, root1Id: string, root2I
   return { file: pathModule.join(archiveDir, `ar-${digest}`), swapped };
 }
 
-function escapeField(value: string): string {
-  return /[\t\n\r\\]/.test(value) ? value.replace(/[\\\t\n\r]/g, (c) => (c === '\\' ? '\\\\' : c === '\t' ? '\\t' : c === '\n' ? '\\n' : '\\r')) : value;
-}
-
 function unescapeField(value: string): string {
   return value.includes('\\') ? value.replace(/\\(.)/g, (_m, c: string) => (c === 't' ? '\t' : c === 'n' ? '\n' : c === 'r' ? '\r' : c)) : value;
 }
 
 const KINDS: Record<string, EntryKind> = { f: 'file', d: 'dir', l: 'symlink' };
 const KIND_LETTER: Record<EntryKind, string> = { file: 'f', dir: 'd', symlink: 'l' };
+const KINDS_BY_CODE: Record<number, EntryKind> = { 0x66: 'file', 0x64: 'dir', 0x6c: 'symlink' };
+const KIND_CODE: Record<EntryKind, number> = { file: 0x66, dir: 0x64, symlink: 0x6c };
 
 /**
  * Load an archive. Returns an empty map when the file does not exist (first sync). `swapped` says that the archive's
  * side 1 is this run's root 2; entries are returned in this run's orientation.
  */
 export async function loadArchive(file: string, swapped: boolean): Promise<Map<string, ArchiveEntry>> {
-  let text: string;
+  let bytes: Buffer;
   try {
-    text = fs.readFileSync(file, 'utf8');
+    bytes = fs.readFileSync(file);
   } catch (error) {
     if ((error as NodeJS.ErrnoException).code === 'ENOENT') return new Map();
     throw new ArchiveError(file, `cannot read archive ${file}: ${(error as Error).message}`);
@@ -88,6 +107,76 @@ export async function loadArchive(file: string, swapped: boolean): Promise<Map<s
       `archive ${file} is corrupt (${why}); nothing was changed. Remove it to start over: the next run then treats ` +
         `the pair as never synced (identical files are recognised, differing ones become conflicts, nothing is deleted)`,
     );
+  if (startsWith(bytes, MAGIC_2 + '\n')) return parseBinary(bytes, swapped, corrupt);
+  return parseText(bytes.toString('utf8'), swapped, corrupt);
+}
+
+function startsWith(bytes: Buffer, prefix: string): boolean {
+  return bytes.length >= prefix.length && latin1Slice.call(bytes, 0, prefix.length) === prefix;
+}
+
+async function parseBinary(bytes: Buffer, swapped: boolean, corrupt: (why: string) => ArchiveError): Promise<Map<string, ArchiveEntry>> {
+  const bodyEnd = bytes.length - TRAILER_BYTES;
+  const trailer = bodyEnd > 0 ? latin1Slice.call(bytes, bodyEnd, bytes.length) : '';
+  if (!/^\nend [0-9a-f]{16}\n$/.test(trailer)) throw corrupt('missing end marker');
+  const hasher = await getHasher();
+  if (fingerprintHex(hasher.h64Raw(bytes.subarray(0, bodyEnd))) !== trailer.slice(5, 21)) throw corrupt('checksum mismatch');
+  const headerEnd = bytes.indexOf(10, MAGIC_2.length + 1);
+  let header: { entries?: unknown };
+  try {
+    header = JSON.parse(bytes.toString('utf8', MAGIC_2.length + 1, headerEnd)) as { entries?: unknown };
+  } catch {
+    throw corrupt('bad header line');
+  }
+  const count = header.entries;
+  const numbersStart = headerEnd + 1;
+  if (typeof count !== 'number' || !Number.isSafeInteger(count) || count < 0 || numbersStart % 8 !== 0) throw corrupt('bad header line');
+  const lengthsStart = numbersStart + count * NUMBER_FIELDS * 8;
+  const kindsStart = lengthsStart + count * LENGTH_FIELDS * 4;
+  let position = kindsStart + count;
+  if (position > bodyEnd) throw corrupt(`header says ${count} entries, the file is too short for them`);
+  // Typed views need aligned offsets: a small file may sit at any offset of Node's buffer pool, then it is copied.
+  const aligned = bytes.byteOffset % 8 === 0 ? bytes : Buffer.from(bytes);
+  const numbers = new Float64Array(aligned.buffer, aligned.byteOffset + numbersStart, count * NUMBER_FIELDS);
+  const lengths = new Uint32Array(aligned.buffer, aligned.byteOffset + lengthsStart, count * LENGTH_FIELDS);
+  if (!LITTLE_ENDIAN) {
+    Buffer.from(numbers.buffer, numbers.byteOffset, numbers.byteLength).swap64();
+    Buffer.from(lengths.buffer, lengths.byteOffset, lengths.byteLength).swap32();
+  }
+  const [m1, c1, i1, m2, c2, i2] = swapped ? [5, 6, 7, 2, 3, 4] : [2, 3, 4, 5, 6, 7];
+  const entries = new Map<string, ArchiveEntry>();
+  for (let index = 0, n = 0, l = 0; index < count; index++, n += NUMBER_FIELDS, l += LENGTH_FIELDS) {
+    const kind = KINDS_BY_CODE[bytes[kindsStart + index]!];
+    const pathEnd = position + lengths[l]!;
+    const fingerprintEnd = pathEnd + lengths[l + 1]!;
+    const linkEnd = fingerprintEnd + lengths[l + 2]!;
+    if (kind === undefined || linkEnd > bodyEnd || pathEnd === position) throw corrupt(`bad entry ${index + 1}`);
+    const entry: ArchiveEntry = {
+      kind,
+      sizeBytes: numbers[n]!,
+      fingerprint: fingerprintEnd > pathEnd ? latin1Slice.call(bytes, pathEnd, fingerprintEnd) : '',
+      mode: numbers[n + 1]!,
+      linkTarget: linkEnd > fingerprintEnd ? utf8Slice.call(bytes, fingerprintEnd, linkEnd) : '',
+      mtime1Ms: numbers[n + m1]!,
+      ctime1Ms: numbers[n + c1]!,
+      inode1: numbers[n + i1]!,
+      mtime2Ms: numbers[n + m2]!,
+      ctime2Ms: numbers[n + c2]!,
+      inode2: numbers[n + i2]!,
+    };
+    if (!Number.isFinite(entry.sizeBytes + entry.mode + entry.mtime1Ms + entry.ctime1Ms + entry.inode1 + entry.mtime2Ms + entry.ctime2Ms + entry.inode2)) {
+      throw corrupt(`bad number in entry ${index + 1}`);
+    }
+    entries.set(utf8Slice.call(bytes, position, pathEnd), entry);
+    position = linkEnd;
+  }
+  if (position !== bodyEnd) throw corrupt(`${bodyEnd - position} bytes after the last entry`);
+  if (entries.size !== count) throw corrupt(`header says ${count} entries, found ${entries.size} distinct paths`);
+  return entries;
+}
+
+/** Format 1 (text lines), as written before format 2. */
+async function parseText(text: string, swapped: boolean, corrupt: (why: string) => ArchiveError): Promise<Map<string, ArchiveEntry>> {
   const endIndex = text.lastIndexOf('\nend ');
   if (!text.startsWith(MAGIC + '\n') || endIndex === -1) throw corrupt('missing header or end marker');
   const body = text.slice(0, endIndex + 1);
@@ -140,28 +229,69 @@ export async function saveArchive(
   entries: Map<string, ArchiveEntry>,
 ): Promise<void> {
   const [first, second] = swapped ? [roots.root2Id, roots.root1Id] : [roots.root1Id, roots.root2Id];
-  const parts: string[] = [MAGIC, JSON.stringify({ root1: first, root2: second, entries: entries.size })];
+  const count = entries.size;
+  let headerText = MAGIC_2 + '\n' + JSON.stringify({ root1: first, root2: second, entries: count });
+  const headerBytes = Buffer.byteLength(headerText) + 1;
+  headerText += ' '.repeat((8 - (headerBytes % 8)) % 8) + '\n';
+  const header = Buffer.from(headerText);
+  const numbers = new Float64Array(count * NUMBER_FIELDS);
+  const lengths = new Uint32Array(count * LENGTH_FIELDS);
+  const kinds = Buffer.allocUnsafe(count);
+  let strings = Buffer.allocUnsafe(Math.max(4096, count * 64));
+  let used = 0;
+  const put = (text: string): number => {
+    if (text.length === 0) return 0;
+    // utf8Write stops short (never splits a character) when the space is too small: make room first.
+    if (strings.length - used < text.length * 3) {
+      const bigger = Buffer.allocUnsafe(Math.max(strings.length * 2, used + text.length * 3));
+      strings.copy(bigger, 0, 0, used);
+      strings = bigger;
+    }
+    const written = utf8Write.call(strings, text, used, strings.length - used);
+    used += written;
+    return written;
+  };
   // Written in the map's order: the engine builds it parents-first (its scan order), which loading relies on;
   // no sort of 100,000 keys here.
+  let index = 0;
   for (const [path, e] of entries) {
-    const s1 = `${e.mtime1Ms}\t${e.ctime1Ms}\t${e.inode1}`;
-    const s2 = `${e.mtime2Ms}\t${e.ctime2Ms}\t${e.inode2}`;
-    parts.push(
-      `${escapeField(path)}\t${KIND_LETTER[e.kind]}\t${e.sizeBytes}\t${e.fingerprint}\t${e.mode}\t${escapeField(e.linkTarget)}\t` +
-        (swapped ? `${s2}\t${s1}` : `${s1}\t${s2}`),
-    );
+    const n = index * NUMBER_FIELDS;
+    numbers[n] = e.sizeBytes;
+    numbers[n + 1] = e.mode;
+    const [s1, s2] = swapped ? [n + 5, n + 2] : [n + 2, n + 5];
+    numbers[s1] = e.mtime1Ms;
+    numbers[s1 + 1] = e.ctime1Ms;
+    numbers[s1 + 2] = e.inode1;
+    numbers[s2] = e.mtime2Ms;
+    numbers[s2 + 1] = e.ctime2Ms;
+    numbers[s2 + 2] = e.inode2;
+    const l = index * LENGTH_FIELDS;
+    lengths[l] = put(path);
+    lengths[l + 1] = put(e.fingerprint);
+    lengths[l + 2] = put(e.linkTarget);
+    kinds[index] = KIND_CODE[e.kind];
+    index++;
   }
-  // Encoded once: the checksum is taken over the same bytes that are written.
-  const body = Buffer.from(parts.join('\n') + '\n');
+  const numberBytes = Buffer.from(numbers.buffer, numbers.byteOffset, numbers.byteLength);
+  const lengthBytes = Buffer.from(lengths.buffer, lengths.byteOffset, lengths.byteLength);
+  if (!LITTLE_ENDIAN) {
+    numberBytes.swap64();
+    lengthBytes.swap32();
+  }
+  const parts = [header, numberBytes, lengthBytes, kinds, strings.subarray(0, used)];
+  // The checksum is taken over the same bytes that are written.
   const hasher = await getHasher();
-  const trailer = Buffer.from('end ' + fingerprintHex(hasher.h64Raw(body)) + '\n');
+  const state = hasher.create64();
+  for (const part of parts) state.update(part);
+  parts.push(Buffer.from('\nend ' + fingerprintHex(state.digest()) + '\n'));
+  const total = parts.reduce((sum, part) => sum + part.length, 0);
   const dir = pathModule.dirname(file);
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
   const temp = `${file}.tmp-${process.pid}`;
   const fd = fs.openSync(temp, 'w', 0o600);
   try {
-    const written = fs.writevSync(fd, [body, trailer]);
-    if (written !== body.length + trailer.length) throw new ArchiveError(file, `short write of archive ${temp} (${written} bytes)`);
+    const written = fs.writevSync(fd, parts);
+    if (written !== total) throw new ArchiveError(file, `short write of archive ${temp} (${written} of ${total} bytes)`);
     fs.fsyncSync(fd);
   } finally {
     fs.closeSync(fd);

@@ -129,9 +129,16 @@ const PARALLEL_TRANSFERS = 16;
 const WORKER_MIN_FILES = 256;
 const WORKER_SLICE_OPS = 64;
 const DEFAULT_COPY_WORKERS = 3;
+const WORKER_YOUNG_GENERATION_MB = 4;
 const DEFAULT_DELTA_THRESHOLD_BYTES = 256 * 1024;
 /** Modification-time differences below this are not changes (FAT, some network file systems: 1-2 s granularity). */
 const TIME_TOLERANCE_MS = 1000;
+
+/** Every field present from the start: one object shape for all paths, no property store added per path later
+ * (fp1, fp2 and refresh are set on most paths after the scan). */
+function newState(path: string, a: ArchiveEntry | undefined): PathState {
+  return { path, e1: undefined, e2: undefined, a, fp1: undefined, fp2: undefined, change1: 'absent', change2: 'absent', unknown: false, refresh: false };
+}
 
 function other(side: Side): Side {
   return side === 1 ? 2 : 1;
@@ -226,9 +233,8 @@ export class SyncEngine {
   private readonly replicas: [Replica, Replica];
   private infos!: [ReplicaInfo, ReplicaInfo];
   private archive = new Map<string, ArchiveEntry>();
+  /** Every path, in insertion order = path order: parents before children (not necessarily string-sorted). */
   private readonly states = new Map<string, PathState>();
-  /** Every path, parents before children (not necessarily string-sorted). */
-  private sortedPaths: string[] = [];
   private bytesTransferred = 0;
   private readonly problems: Array<{ side: Side; path: string; message: string }> = [];
   private connectionLost: ReplicaError | undefined;
@@ -262,8 +268,18 @@ export class SyncEngine {
       const { file, swapped } = await archivePathFor(this.options.archiveDir, id1, id2);
       result.archiveFile = file;
       if (!this.options.dryRun) lock = PairLock.acquire(file, this.options.warn);
-      this.archive = await loadArchive(file, swapped);
-      const problems = await this.scanBoth();
+      // The scans start first: a local replica's scan runs on thread-pool threads (native/src/dirsync_scan.cc)
+      // while this thread parses the archive; the archive is merged into the states only after both scans.
+      const scanning = this.scanBoth();
+      scanning.catch(() => undefined); // a scan failure is observed below, never an unhandled rejection meanwhile
+      try {
+        this.archive = await loadArchive(file, swapped);
+      } catch (error) {
+        await scanning.catch(() => undefined);
+        throw error;
+      }
+      const problems = await scanning;
+      this.mergeArchive();
       await this.detectUpdates(problems);
       const actions = this.reconcile();
       result.items = actions.map((action) => action.item);
@@ -278,9 +294,11 @@ export class SyncEngine {
       }
       if (proceed) {
         await this.propagate(actions);
-        const newArchive = this.buildArchive(actions);
-        // Nothing changed (the common cron case): skip the write and its two fsyncs.
-        if (!archivesEqual(this.archive, newArchive)) await saveArchive(file, swapped, { root1Id: id1, root2Id: id2 }, newArchive);
+        // Nothing changed (the common cron case): skip building the new archive, the write and its two fsyncs.
+        if (!this.archiveUnchanged(actions)) {
+          const newArchive = this.buildArchive(actions);
+          if (!archivesEqual(this.archive, newArchive)) await saveArchive(file, swapped, { root1Id: id1, root2Id: id2 }, newArchive);
+        }
         if (this.connectionLost !== undefined) throw this.connectionLost;
       } else if (!this.options.dryRun) {
         // The user declined: everything planned is skipped (exit 1). A dry run leaves items 'planned'.
@@ -317,7 +335,7 @@ export class SyncEngine {
         for (const entry of batch.entries) {
           let state = this.states.get(entry.path);
           if (state === undefined) {
-            state = { path: entry.path, e1: undefined, e2: undefined, a: undefined, change1: 'absent', change2: 'absent', unknown: false };
+            state = newState(entry.path, undefined);
             this.states.set(entry.path, state);
           }
           if (side === 1) state.e1 = entry;
@@ -331,14 +349,17 @@ export class SyncEngine {
       }
     };
     await Promise.all([scanSide(1), scanSide(2)]);
+    return problems;
+  }
+
+  private mergeArchive(): void {
     for (const [path, entry] of this.archive) {
       let state = this.states.get(path);
       if (state === undefined) {
-        state = { path, e1: undefined, e2: undefined, a: entry, change1: 'absent', change2: 'absent', unknown: false };
+        state = newState(path, entry);
         this.states.set(path, state);
       } else state.a = entry;
     }
-    return problems;
   }
 
   /** Is `path` at or under one of the problem paths (unlistable directories)? */
@@ -395,10 +416,10 @@ export class SyncEngine {
       state.change1 = this.classify(state, 1);
       state.change2 = this.classify(state, 2);
     }
-    // Insertion order already puts every parent before its children: each source (scan 1, scan 2, archive) lists
-    // parents first, and a path first inserted by one source has its parent in that same source, earlier. No
-    // sort of every path is needed (150 ms on 100,000 paths).
-    this.sortedPaths = [...this.states.keys()];
+    // Insertion order of `states` already puts every parent before its children: each source (scan 1, scan 2,
+    // archive) lists parents first, and a path first inserted by one source has its parent in that same source,
+    // earlier. No sort of every path is needed (150 ms on 100,000 paths), nor a copy of the keys: the passes
+    // below iterate the map itself.
   }
 
   private async hashSide(side: Side, paths: string[]): Promise<void> {
@@ -485,8 +506,7 @@ export class SyncEngine {
     const governing = new Map<string, 'skip' | Side>();
     const actions: Action[] = [];
     const now = new Date();
-    for (const path of this.sortedPaths) {
-      const state = this.states.get(path)!;
+    for (const [path, state] of this.states) {
       let governed: 'skip' | Side | undefined;
       if (governing.size > 0) {
         for (let current = parentOf(path); current !== ''; current = parentOf(current)) {
@@ -674,6 +694,7 @@ export class SyncEngine {
 
   private async propagate(actions: Action[]): Promise<void> {
     const work = actions.filter((action) => action.item.action !== 'equal' && (action.item.action !== 'conflict' || action.item.resolvedBy !== undefined));
+    if (work.length === 0) return; // nothing to propagate (a no-change run): no index of every file to build
     const progress: ProgressState = { itemsDone: 0, itemsTotal: work.length, bytesDone: 0, bytesTotal: 0 };
     for (const action of work) {
       const entry = entryOf(action.state, action.from);
@@ -731,13 +752,23 @@ export class SyncEngine {
     }
 
     // Copy-local sources: target-side files whose content will be reused; their deletion waits until after copies.
+    // Only the fingerprints some copy needs are indexed (the first path holding each, in path order).
+    const wanted: [Set<string>, Set<string>] = [new Set(), new Set()];
+    for (const action of work) {
+      if (action.item.action !== 'copy' && action.item.action !== 'conflict') continue;
+      const fp = fingerprintOf(action.state, action.from);
+      if (fp !== undefined) wanted[other(action.from) - 1].add(fp);
+    }
     const targetIndex: [Map<string, PathState>, Map<string, PathState>] = [new Map(), new Map()];
-    for (const state of this.states.values()) {
-      if (state.unknown) continue;
-      for (const side of [1, 2] as const) {
-        const entry = entryOf(state, side);
-        const fp = fingerprintOf(state, side);
-        if (entry?.kind === 'file' && fp !== undefined && entry.sizeBytes > 0 && !targetIndex[side - 1].has(fp)) targetIndex[side - 1].set(fp, state);
+    if (wanted[0].size > 0 || wanted[1].size > 0) {
+      for (const state of this.states.values()) {
+        if (state.unknown) continue;
+        for (const side of [1, 2] as const) {
+          const fp = fingerprintOf(state, side);
+          if (fp === undefined || !wanted[side - 1].has(fp)) continue;
+          const entry = entryOf(state, side);
+          if (entry?.kind === 'file' && entry.sizeBytes > 0 && !targetIndex[side - 1].has(fp)) targetIndex[side - 1].set(fp, state);
+        }
       }
     }
     const deferredDeletes = new Set<Action>();
@@ -955,7 +986,12 @@ export class SyncEngine {
     try {
       await Promise.all(
         Array.from({ length: workerCount }, async () => {
-          const worker = new Worker(new URL('./copy-worker.js', import.meta.url), { workerData: { roots, fsync } });
+          const worker = new Worker(new URL('./copy-worker.js', import.meta.url), {
+            workerData: { roots, fsync },
+            // A worker's garbage is small and short-lived (read buffers are pooled): a 4 MiB young generation
+            // instead of V8's default 16-32 MiB saved 90 MiB of peak RSS on 100,000 files at the same CPU time.
+            resourceLimits: { maxYoungGenerationSizeMb: WORKER_YOUNG_GENERATION_MB },
+          });
           workers.push(worker);
           let outstanding = 0;
           await new Promise<void>((resolve, reject) => {
@@ -995,16 +1031,33 @@ export class SyncEngine {
 
   // ---- archive -----------------------------------------------------------------------------------------------
 
+  /** With no action at all, the new archive would be the old one unless some unchanged path's stamps moved
+   * (buildArchive then keeps every other entry as it was): checked without building it. */
+  private archiveUnchanged(actions: Action[]): boolean {
+    if (actions.length > 0) return false;
+    for (const state of this.states.values()) {
+      const { a, e1, e2 } = state;
+      if (state.refresh !== true || a === undefined || e1 === undefined || e2 === undefined) continue;
+      if (
+        a.mtime1Ms !== e1.mtimeMs ||
+        a.ctime1Ms !== e1.ctimeMs ||
+        a.inode1 !== e1.inode ||
+        a.mtime2Ms !== e2.mtimeMs ||
+        a.ctime2Ms !== e2.ctimeMs ||
+        a.inode2 !== e2.inode
+      ) {
+        return false;
+      }
+    }
+    return true;
+  }
+
   private buildArchive(actions: Action[]): Map<string, ArchiveEntry> {
     const decided = new Map<string, Action>();
     for (const action of actions) decided.set(action.item.path, action);
     const next = new Map<string, ArchiveEntry>();
-    for (const path of this.sortedPaths) {
-      const state = this.states.get(path)!;
+    for (const [path, state] of this.states) {
       const action = decided.get(path);
-      const keepOld = (): void => {
-        if (state.a !== undefined) next.set(path, state.a);
-      };
       if (action === undefined) {
         if (state.refresh === true && state.a !== undefined && state.e1 !== undefined && state.e2 !== undefined) {
           const e1 = state.e1.kind === 'dir' ? this.finalDirStats[0].get(path) ?? state.e1 : state.e1;
@@ -1013,13 +1066,13 @@ export class SyncEngine {
           continue;
         }
         // Skipped (under a conflict or unknown) or nothing on either side: the archive keeps what it knew.
-        keepOld();
+        if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
         continue;
       }
       const { item } = action;
       const resolved = item.action === 'conflict' && item.resolvedBy !== undefined;
       if (item.status === 'failed' || (item.action === 'conflict' && !resolved) || item.status === 'skipped') {
-        keepOld();
+        if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
         continue;
       }
       let s1: EntryStat | undefined;
@@ -1031,7 +1084,7 @@ export class SyncEngine {
         fingerprint = state.fp1 ?? state.fp2;
         if (s1 === undefined || s2 === undefined) continue; // deleted on both, or refresh of a one-sided path
         if (s1.kind === 'file' && (state.fp1 === undefined || state.fp2 === undefined || state.fp1 !== state.fp2)) {
-          keepOld();
+          if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
           continue;
         }
       } else {
@@ -1039,12 +1092,12 @@ export class SyncEngine {
         if (winner === undefined) continue; // deletion propagated: gone from both sides
         const targetStat = this.resultStats.get(action) ?? entryOf(state, other(action.from));
         if (targetStat === undefined) {
-          keepOld();
+          if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
           continue;
         }
         fingerprint = this.resultFingerprints.get(action) ?? fingerprintOf(state, action.from);
         if (winner.kind === 'file' && fingerprint === undefined) {
-          keepOld();
+          if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
           continue;
         }
         [s1, s2] = action.from === 1 ? [winner, targetStat] : [targetStat, winner];

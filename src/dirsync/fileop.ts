@@ -2,6 +2,7 @@
 // pair of replicas, or inside a copy worker (copy-worker.ts) between two local roots. The decision of how the
 // content travels (local copy on the target, delta, full) is made by the engine; this only executes it, with the
 // fallback from a failed local copy to a full transfer.
+import { LocalReplica } from './local.js';
 import { ReplicaError, type EntryStat, type Precondition, type Replica } from './replica.js';
 
 export interface FileOp {
@@ -60,7 +61,12 @@ export async function executeFileOp(op: FileOp, source: Replica, target: Replica
     });
     return { stat: result.stat, fingerprint: result.fingerprint, transfer: 'delta', bytesSent: 0 };
   }
-  const content = await source.readFile(path, op.source);
+  // Between two local replicas the target consumes each chunk before asking for the next: the source may
+  // lend pooled buffers (LocalReplica.readFile's `recycle`) instead of allocating one per file.
+  const content =
+    source instanceof LocalReplica && target instanceof LocalReplica
+      ? await source.readFile(path, op.source, { recycle: true })
+      : await source.readFile(path, op.source);
   const result = await target.writeFile({ path, precondition, mode, mtimeMs, sourceStat: op.source, content: { kind: 'full', source: content } });
   return { stat: result.stat, fingerprint: result.fingerprint, transfer: 'full', bytesSent: op.source.sizeBytes };
 }

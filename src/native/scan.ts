@@ -1,0 +1,56 @@
+// Typed wrapper over the addon's bulk directory scan (native/src/dirsync_scan.cc), used by LocalReplica.scan when
+// no ignore patterns are given. Loaded on its own (not through ./index.js) so that a dirsync run pulls in only this.
+// The addon is optional here: when it is not built, `nativeScanAvailable()` is false and the JavaScript walk runs.
+import { createRequire } from 'node:module';
+
+/** Record kinds of the packed result (see dirsync_scan.cc). */
+export const SCAN_FILE = 0;
+export const SCAN_DIR = 1;
+export const SCAN_SYMLINK = 2;
+export const SCAN_UNLISTABLE = 3;
+export const SCAN_STAT_FAILED = 4;
+export const SCAN_BAD_NAME = 5;
+export const SCAN_LINK_FAILED = 6;
+export const SCAN_TEMP = 7;
+export const SCAN_RECORD_FIELDS = 9;
+
+export interface PackedScan {
+  /** UTF-8 relative paths and texts (link targets, messages), back to back in record order. */
+  strings: Buffer;
+  /** SCAN_RECORD_FIELDS doubles per record: kind, parent, pathEnd, textEnd, mode, size, mtimeMs, ctimeMs, inode. */
+  records: Float64Array;
+}
+
+interface ScanAddon {
+  dirsyncScanTree(root: string): Promise<[Buffer, Float64Array]>;
+}
+
+let addon: ScanAddon | null | undefined;
+
+function load(): ScanAddon | null {
+  if (addon === undefined) {
+    try {
+      const loaded = createRequire(import.meta.url)('../../native/build/Release/drbdts_native.node') as Partial<ScanAddon>;
+      addon = typeof loaded.dirsyncScanTree === 'function' ? (loaded as ScanAddon) : null;
+    } catch {
+      addon = null;
+    }
+  }
+  return addon;
+}
+
+export function nativeScanAvailable(): boolean {
+  return process.env.DRBDTS_DIRSYNC_NATIVE_SCAN !== '0' && load() !== null;
+}
+
+/** Scan the tree under the absolute directory `root` on a thread-pool thread (lstat semantics, no symlink followed). */
+export async function scanTree(root: string): Promise<PackedScan> {
+  if (typeof root !== 'string' || !root.startsWith('/') || root.includes('\0')) {
+    throw new TypeError(`scan root must be an absolute path, got ${JSON.stringify(root)}`);
+  }
+  const native = load();
+  if (native === null) throw new Error('the drbdts native addon (dirsyncScanTree) is not built: run "npm run build:native"');
+  const [strings, records] = await native.dirsyncScanTree(root);
+  if (records.length % SCAN_RECORD_FIELDS !== 0) throw new Error(`native scan returned ${records.length} fields`);
+  return { strings, records };
+}
