@@ -2,7 +2,7 @@
 // device: holes punched and found again with SEEK_DATA/SEEK_HOLE, ZERO_RANGE and its ENOTSUP on tmpfs, the
 // block device ioctls (size, discard, zero-out), the batched pread/pwrite queue under concurrency, and that
 // every failure arrives as a Node-style error with .code, .errno and .syscall.
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -22,6 +22,7 @@ import {
   punchHole,
   seekData,
   seekHole,
+  setReceiveLowWater,
   setSocketBufferBytes,
   socketPair,
   zeroRange,
@@ -195,6 +196,59 @@ describe('FileIoQueue (batched pread/pwrite)', () => {
     await small.drain();
   });
 
+  // Both places a hop can run: the addon's dedicated I/O threads (the default) and libuv's pool. The same
+  // mixed workload, checked byte for byte, FUA writes and flushes included.
+  it.each([true, false])('dedicatedThreads %s: concurrent writes, FUA and flushes land and read back', async (dedicatedThreads) => {
+    const fd = openFile(`queue-threads-${dedicatedThreads}.img`, 8 * MiB);
+    const queue = new FileIoQueue(fd, { dedicatedThreads, nowait: false });
+    const operations: Promise<void>[] = [];
+    for (let i = 0; i < 300; i++) {
+      const block = Buffer.alloc(i % 3 === 0 ? 64 * 1024 : 4096, (i * 7) % 256);
+      block.writeUInt32LE(i, 0);
+      operations.push(queue.writeAsync(i * 24 * 1024, block, i % 11 === 0));
+      if (i % 50 === 49) operations.push(queue.flushAsync());
+    }
+    await Promise.all(operations);
+    expect(queue.hops).toBeGreaterThan(0);
+    expect(queue.hops).toBeLessThan(queue.operations);
+    const targets = Array.from({ length: 300 }, (_, i) => Buffer.alloc(i % 3 === 0 ? 64 * 1024 : 4096));
+    await Promise.all(targets.map((target, i) => queue.readAsync(i * 24 * 1024, target)));
+    targets.forEach((target, i) => {
+      expect(target.readUInt32LE(0)).toBe(i);
+      expect(target[target.length - 1]).toBe((i * 7) % 256);
+      expect(readAt(fd, i * 24 * 1024 + 8, 1)[0]).toBe((i * 7) % 256);
+    });
+    await queue.drain();
+  });
+
+  // The dedicated threads must neither keep an idle process alive nor crash it when it exits with batches
+  // still running or queued: a child process does both and must end with its own exit code.
+  it('dedicated I/O threads let an idle process end and survive process.exit with batches in flight', () => {
+    const script = path.join(tempDir, 'io-threads-exit.mjs');
+    const moduleUrl = new URL('../src/native/index.ts', import.meta.url).href;
+    fs.writeFileSync(script, `
+      import fs from 'node:fs';
+      const { FileIoQueue } = await import(${JSON.stringify(moduleUrl)});
+      const fd = fs.openSync(process.argv[2], 'w+');
+      fs.ftruncateSync(fd, 64 * 1024 * 1024);
+      const queue = new FileIoQueue(fd, { nowait: false });
+      await queue.writeAsync(0, Buffer.alloc(4096, 1), true);
+      if (process.argv[3] === 'exit-busy') {
+        for (let i = 0; i < 64; i++) void queue.writeAsync(i * 1024 * 1024, Buffer.alloc(1024 * 1024, 2), i % 8 === 0);
+        setImmediate(() => process.exit(7));
+      }
+      // 'idle': nothing is left to do; the loop must end by itself.
+    `);
+    for (const mode of ['idle', 'exit-busy']) {
+      const result = spawnSync(process.execPath, ['--import', path.join(path.dirname(new URL(import.meta.url).pathname), '../bench/ts-loader.mjs'), script, path.join(tempDir, `exit-${mode}.img`), mode], {
+        encoding: 'utf8', timeout: 30_000,
+      });
+      expect(result.error, mode).toBeUndefined();
+      expect({ mode, status: result.status, signal: result.signal, stderr: result.stderr })
+        .toEqual({ mode, status: mode === 'idle' ? 0 : 7, signal: null, stderr: '' });
+    }
+  });
+
   // The batching policy, observed through the hop counter: requests issued together share hops, spread over
   // the free hops no thinner than batchOperationsSpreadMin, and a hop never carries more than batchBytesMax
   // (unless one request alone is bigger).
@@ -348,6 +402,53 @@ describe('socket buffers', () => {
     );
     expect(() => setSocketBufferBytes(fd, { receiveBytes: -1 })).toThrow(/receiveBytes must be an integer/);
     expect(() => setSocketBufferBytes(fd, { sendBytes: 2 ** 31 })).toThrow(/sendBytes must be an integer/);
+  });
+});
+
+describe('receive low water mark', () => {
+  // On TCP, SO_RCVLOWAT holds the readable event (and so Node's 'data') until that many bytes are queued: the
+  // NBD server sets it while a large WRITE payload arrives, so the payload comes in one read.
+  it('SO_RCVLOWAT on TCP delays the read until the mark, then delivers it all at once', async () => {
+    const server = net.createServer();
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const port = (server.address() as net.AddressInfo).port;
+    const accepted = new Promise<net.Socket>((resolve) => server.once('connection', resolve));
+    const client = net.createConnection(port, '127.0.0.1');
+    const socket = await accepted;
+    try {
+      socket.pause();
+      const fd = (socket as unknown as { _handle: { fd: number } })._handle.fd;
+      const markBytes = 256 * 1024;
+      setReceiveLowWater(fd, markBytes);
+      const chunks: Buffer[] = [];
+      socket.on('data', (chunk: Buffer) => chunks.push(chunk));
+      socket.resume();
+      client.write(Buffer.alloc(1000, 1));
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      expect(chunks).toEqual([]);
+      client.write(Buffer.alloc(markBytes - 1000, 2));
+      await new Promise<void>((resolve) => {
+        const check = (): void => {
+          if (chunks.reduce((sum, chunk) => sum + chunk.length, 0) >= markBytes) resolve();
+          else setTimeout(check, 10);
+        };
+        check();
+      });
+      // The first readable event came only with the mark reached: Node read at least its first 64 KiB buffer
+      // full, never the lone 1000 bytes.
+      expect(chunks[0]!.length).toBeGreaterThan(1000);
+      setReceiveLowWater(fd, 1);
+      const small = new Promise<Buffer>((resolve) => socket.once('data', resolve));
+      client.write(Buffer.alloc(10, 3));
+      expect((await small).length).toBe(10);
+      const notSocket = openFile('lowat-not-a-socket', 4096);
+      expect(() => setReceiveLowWater(notSocket, 2)).toThrow(expect.objectContaining({ code: 'ENOTSOCK' }));
+      expect(() => setReceiveLowWater(fd, 0)).toThrow(/bytes must be an integer/);
+    } finally {
+      client.destroy();
+      socket.destroy();
+      server.close();
+    }
   });
 });
 
