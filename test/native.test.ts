@@ -22,7 +22,6 @@ import {
   punchHole,
   seekData,
   seekHole,
-  setReceiveLowWater,
   setSocketBufferBytes,
   socketPair,
   zeroRange,
@@ -402,53 +401,6 @@ describe('socket buffers', () => {
     );
     expect(() => setSocketBufferBytes(fd, { receiveBytes: -1 })).toThrow(/receiveBytes must be an integer/);
     expect(() => setSocketBufferBytes(fd, { sendBytes: 2 ** 31 })).toThrow(/sendBytes must be an integer/);
-  });
-});
-
-describe('receive low water mark', () => {
-  // On TCP, SO_RCVLOWAT holds the readable event (and so Node's 'data') until that many bytes are queued: the
-  // NBD server sets it while a large WRITE payload arrives, so the payload comes in one read.
-  it('SO_RCVLOWAT on TCP delays the read until the mark, then delivers it all at once', async () => {
-    const server = net.createServer();
-    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-    const port = (server.address() as net.AddressInfo).port;
-    const accepted = new Promise<net.Socket>((resolve) => server.once('connection', resolve));
-    const client = net.createConnection(port, '127.0.0.1');
-    const socket = await accepted;
-    try {
-      socket.pause();
-      const fd = (socket as unknown as { _handle: { fd: number } })._handle.fd;
-      const markBytes = 256 * 1024;
-      setReceiveLowWater(fd, markBytes);
-      const chunks: Buffer[] = [];
-      socket.on('data', (chunk: Buffer) => chunks.push(chunk));
-      socket.resume();
-      client.write(Buffer.alloc(1000, 1));
-      await new Promise((resolve) => setTimeout(resolve, 300));
-      expect(chunks).toEqual([]);
-      client.write(Buffer.alloc(markBytes - 1000, 2));
-      await new Promise<void>((resolve) => {
-        const check = (): void => {
-          if (chunks.reduce((sum, chunk) => sum + chunk.length, 0) >= markBytes) resolve();
-          else setTimeout(check, 10);
-        };
-        check();
-      });
-      // The first readable event came only with the mark reached: Node read at least its first 64 KiB buffer
-      // full, never the lone 1000 bytes.
-      expect(chunks[0]!.length).toBeGreaterThan(1000);
-      setReceiveLowWater(fd, 1);
-      const small = new Promise<Buffer>((resolve) => socket.once('data', resolve));
-      client.write(Buffer.alloc(10, 3));
-      expect((await small).length).toBe(10);
-      const notSocket = openFile('lowat-not-a-socket', 4096);
-      expect(() => setReceiveLowWater(notSocket, 2)).toThrow(expect.objectContaining({ code: 'ENOTSOCK' }));
-      expect(() => setReceiveLowWater(fd, 0)).toThrow(/bytes must be an integer/);
-    } finally {
-      client.destroy();
-      socket.destroy();
-      server.close();
-    }
   });
 });
 

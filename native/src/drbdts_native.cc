@@ -7,7 +7,7 @@
 // - preadv2/pwritev2 with RWF_NOWAIT: page-cache hits served on the event loop without ever waiting on the disk
 // - a batched positioned-I/O worker: many pread/pwrite calls and at most one fdatasync per thread-pool hop,
 //   because one hop per 4 KiB request costs more than the copy itself (see bench/README.md)
-// - SO_SNDBUF/SO_RCVBUF on stream sockets (Node sets them only for UDP), SO_RCVLOWAT
+// - SO_SNDBUF/SO_RCVBUF on stream sockets (Node sets them only for UDP)
 // - dedicated I/O threads running those batches, completions coalesced into one call per loop wake-up
 // - the kernel NBD client (/dev/nbdX): socketpair, the configuration ioctls, NBD_DO_IT on a dedicated thread
 //
@@ -649,21 +649,6 @@ Napi::Value SetSocketBufferBytes(const Napi::CallbackInfo& info) {
   return result;
 }
 
-// setReceiveLowWater(fd, bytes): SO_RCVLOWAT. On TCP, poll/epoll report the socket readable only once
-// `bytes` are queued (or at EOF, an error, or when the window would otherwise stall the sender), so a large
-// payload arrives in one read instead of one per segment burst. The kernel caps it at half of tcp_rmem's
-// maximum and grows the receive buffer to fit. Unix stream sockets accept the option but poll ignores it.
-Napi::Value SetReceiveLowWater(const Napi::CallbackInfo& info) {
-  int fd = ArgFd(info, 0);
-  int64_t bytes = ArgInt64(info, 1, "bytes");
-  if (bytes < 1 || bytes > INT32_MAX) throw Napi::TypeError::New(info.Env(), "receive low water out of range");
-  int value = static_cast<int>(bytes);
-  if (setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &value, sizeof value) != 0) {
-    throw MakeErrnoError(info.Env(), errno, "setsockopt SO_RCVLOWAT");
-  }
-  return info.Env().Undefined();
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // Kernel NBD client.
 
@@ -801,7 +786,6 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("ioThreadsStart", Napi::Function::New(env, IoThreadsStart, "ioThreadsStart"));
   exports.Set("ioSubmit", Napi::Function::New(env, IoSubmit, "ioSubmit"));
   exports.Set("setSocketBufferBytes", Napi::Function::New(env, SetSocketBufferBytes, "setSocketBufferBytes"));
-  exports.Set("setReceiveLowWater", Napi::Function::New(env, SetReceiveLowWater, "setReceiveLowWater"));
   exports.Set("socketPair", Napi::Function::New(env, SocketPair, "socketPair"));
   exports.Set("closeFd", Napi::Function::New(env, CloseFd, "closeFd"));
   exports.Set("nbdConfigure", Napi::Function::New(env, NbdConfigure, "nbdConfigure"));

@@ -38,7 +38,6 @@ interface NativeAddon {
     token: number,
   ): void;
   setSocketBufferBytes(fd: number, sendBytes: number, receiveBytes: number): [number, number];
-  setReceiveLowWater(fd: number, bytes: number): void;
   socketPair(): [number, number];
   closeFd(fd: number): void;
   nbdConfigure(
@@ -595,20 +594,6 @@ export function setSocketBufferBytes(fd: number, sizes: Partial<SocketBufferByte
   }
   const [send, receive] = addon.setSocketBufferBytes(fd, sendBytes, receiveBytes);
   return { sendBytes: send, receiveBytes: receive };
-}
-
-/**
- * SO_RCVLOWAT: on TCP, the socket polls readable only once `bytes` are queued (or at EOF or an error, or when
- * the sender would stall on the window), so a large payload can arrive in one read. The kernel caps the value
- * (half of net.ipv4.tcp_rmem's maximum) and grows the receive buffer to fit. Unix stream sockets ignore it for
- * poll. 1 is the default: readable at any byte.
- */
-export function setReceiveLowWater(fd: number, bytes: number): void {
-  checkFd(fd);
-  if (!Number.isSafeInteger(bytes) || bytes < 1 || bytes > 0x7fffffff) {
-    throw new RangeError(`setReceiveLowWater: bytes must be an integer from 1 to 2^31 - 1, got ${bytes}`);
-  }
-  addon.setReceiveLowWater(fd, bytes);
 }
 
 // ------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import { greeting, negotiate, HandshakeEnd, type ExportSettings, type Negotiated
 import type { NbdLimits } from './limits.js';
 import type { BufferPool } from './pool.js';
 import * as P from './protocol.js';
-import { setReceiveLowWater } from '../native/index.js';
 
 /** What a connection needs from its server. */
 export interface ConnectionHost {
@@ -42,8 +41,6 @@ const slabBytes = 1024 * 1024;
 const slabReadMinBytes = 16 * 1024;
 const slabReadMaxBytes = 64 * 1024;
 const emptyBuffer = Buffer.alloc(0);
-/** TCP: a payload still missing at least this much is read once it has all arrived (SO_RCVLOWAT). */
-const lowWaterPayloadMinBytes = 64 * 1024;
 
 /** Whether this Node's net.Socket has the internals takeOverSocket relies on (a handle not yet reading). */
 function takeOverPossible(socket: net.Socket): boolean {
@@ -115,9 +112,6 @@ export class NbdConnection {
   private slab: Buffer = emptyBuffer;
   private slabUsedBytes = 0;
   private readIntoPayload = false;
-  // TCP direct reads: the descriptor whose SO_RCVLOWAT we move, -1 for none, and the value it has now.
-  private lowWaterFd = -1;
-  private lowWaterBytes = 1;
 
   /**
    * `socket` is the connection; or, for a plain socket accepted with pauseOnConnect, pass `direct: true` and
@@ -147,10 +141,6 @@ export class NbdConnection {
     const handle = internals._handle;
     internals._handle = null;
     accepted.destroy(); // no handle any more: only the server's connection count is released
-    if (accepted.remoteAddress !== undefined) {
-      const fd = (handle as { fd?: number }).fd;
-      if (typeof fd === 'number' && fd >= 0) this.lowWaterFd = fd;
-    }
     const options = {
       handle,
       allowHalfOpen: true,
@@ -164,12 +154,9 @@ export class NbdConnection {
   private nextReadBuffer(): Buffer {
     if (this.phase === 'transmission' && this.receiveState === ReceiveState.Payload && this.queuedBytes === 0) {
       this.readIntoPayload = true;
-      const missingBytes = this.payloadTarget!.length - this.payloadFilledBytes;
-      if (this.lowWaterFd >= 0) this.setLowWater(missingBytes >= lowWaterPayloadMinBytes ? missingBytes : 1);
       return this.payloadTarget!.subarray(this.payloadFilledBytes);
     }
     this.readIntoPayload = false;
-    if (this.lowWaterBytes !== 1) this.setLowWater(1);
     if (this.slab.length - this.slabUsedBytes < slabReadMinBytes) {
       // The old slab lives on while queued chunks or zero-copy payloads still view it.
       this.slab = Buffer.allocUnsafeSlow(slabBytes);
@@ -179,29 +166,14 @@ export class NbdConnection {
     return this.slab.subarray(this.slabUsedBytes, this.slabUsedBytes + slabReadMaxBytes);
   }
 
-  /**
-   * TCP: while a large WRITE payload is arriving, the socket polls readable only once all of it is queued, so
-   * the kernel delivers it in one read instead of one per burst of segments (each an event-loop wake-up and
-   * a JavaScript callback: the main cost of receiving 1 MiB writes over TCP). Back to 1 for headers.
-   */
-  private setLowWater(bytes: number): void {
-    if (bytes === this.lowWaterBytes || this.socket.destroyed) return;
-    try {
-      setReceiveLowWater(this.lowWaterFd, bytes);
-      this.lowWaterBytes = bytes;
-    } catch (error) {
-      // Best effort: reads work the same without it (one per burst).
-      this.logger.debug({ err: error }, 'SO_RCVLOWAT failed; reading without it');
-      this.lowWaterFd = -1;
-    }
-  }
-
   private onDirectRead(bytes: number, buffer: Uint8Array): void {
     if (this.readIntoPayload) {
-      // The bytes are already in place in the payload buffer.
+      // The bytes are already in place in the payload buffer; until it is full there is nothing to parse.
       this.payloadFilledBytes += bytes;
-      if (this.payloadFilledBytes === this.payloadTarget!.length) this.finishPayload();
-      this.pump();
+      if (this.payloadFilledBytes === this.payloadTarget!.length) {
+        this.finishPayload();
+        this.pump();
+      }
       return;
     }
     const chunk = this.slab.subarray(this.slabUsedBytes, this.slabUsedBytes + bytes);
