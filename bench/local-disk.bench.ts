@@ -65,12 +65,11 @@ interface Variant {
 const baselineName = 'fs.read/fs.write (a hop per request)';
 
 function makeVariants(fd: number, fileHandle: fs.promises.FileHandle, disk: LocalDisk): Variant[] {
-  const batch = (batchesInFlightMax: number, batchBytesMax: number, batchOperationsSpreadMin: number, dedicatedThreads = true): Variant => {
-    const queue = new FileIoQueue(fd, { batchesInFlightMax, batchBytesMax, batchOperationsSpreadMin, nowait: false, dedicatedThreads });
+  const batch = (batchesInFlightMax: number, batchBytesMax: number, batchOperationsSpreadMin: number): Variant => {
+    const queue = new FileIoQueue(fd, { batchesInFlightMax, batchBytesMax, batchOperationsSpreadMin, nowait: false });
     const spread = batchOperationsSpreadMin >= 64 ? ', no spread' : `, spread >= ${batchOperationsSpreadMin}`;
-    const where = dedicatedThreads ? 'I/O threads' : 'libuv pool';
     return {
-      name: `native batch (${where}): ${batchesInFlightMax} hops, ${batchBytesMax / MiB} MiB/hop${spread}`,
+      name: `native batch: ${batchesInFlightMax} hops, ${batchBytesMax / MiB} MiB/hop${spread}`,
       read: (offset, buffer) => queue.readAsync(offset, buffer),
       write: (offset, buffer) => queue.writeAsync(offset, buffer, false),
     };
@@ -106,14 +105,13 @@ function makeVariants(fd: number, fileHandle: fs.promises.FileHandle, disk: Loca
       },
     },
     {
-      name: 'LocalDisk (RWF_NOWAIT hits on the loop + batch on the I/O threads, 4 hops, 1 MiB/hop, spread >= 8)',
+      name: 'LocalDisk (RWF_NOWAIT hits on the loop + batch 4 hops, 1 MiB/hop, spread >= 8)',
       read: (offset, buffer) => disk.read(offset, buffer),
       write: (offset, buffer) => disk.write(offset, buffer, false),
     },
     batch(2, 8 * MiB, 64),
     batch(4, 1 * MiB, 64),
     batch(4, 1 * MiB, 8),
-    batch(4, 1 * MiB, 8, false),
   ].filter((variant) => args.only === undefined || variant.name.includes(args.only) || variant.name === baselineName);
 }
 

@@ -2,7 +2,7 @@
 // device: holes punched and found again with SEEK_DATA/SEEK_HOLE, ZERO_RANGE and its ENOTSUP on tmpfs, the
 // block device ioctls (size, discard, zero-out), the batched pread/pwrite queue under concurrency, and that
 // every failure arrives as a Node-style error with .code, .errno and .syscall.
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -193,59 +193,6 @@ describe('FileIoQueue (batched pread/pwrite)', () => {
     expect(back.equals(large)).toBe(true);
     await queue.drain();
     await small.drain();
-  });
-
-  // Both places a hop can run: the addon's dedicated I/O threads (the default) and libuv's pool. The same
-  // mixed workload, checked byte for byte, FUA writes and flushes included.
-  it.each([true, false])('dedicatedThreads %s: concurrent writes, FUA and flushes land and read back', async (dedicatedThreads) => {
-    const fd = openFile(`queue-threads-${dedicatedThreads}.img`, 8 * MiB);
-    const queue = new FileIoQueue(fd, { dedicatedThreads, nowait: false });
-    const operations: Promise<void>[] = [];
-    for (let i = 0; i < 300; i++) {
-      const block = Buffer.alloc(i % 3 === 0 ? 64 * 1024 : 4096, (i * 7) % 256);
-      block.writeUInt32LE(i, 0);
-      operations.push(queue.writeAsync(i * 24 * 1024, block, i % 11 === 0));
-      if (i % 50 === 49) operations.push(queue.flushAsync());
-    }
-    await Promise.all(operations);
-    expect(queue.hops).toBeGreaterThan(0);
-    expect(queue.hops).toBeLessThan(queue.operations);
-    const targets = Array.from({ length: 300 }, (_, i) => Buffer.alloc(i % 3 === 0 ? 64 * 1024 : 4096));
-    await Promise.all(targets.map((target, i) => queue.readAsync(i * 24 * 1024, target)));
-    targets.forEach((target, i) => {
-      expect(target.readUInt32LE(0)).toBe(i);
-      expect(target[target.length - 1]).toBe((i * 7) % 256);
-      expect(readAt(fd, i * 24 * 1024 + 8, 1)[0]).toBe((i * 7) % 256);
-    });
-    await queue.drain();
-  });
-
-  // The dedicated threads must neither keep an idle process alive nor crash it when it exits with batches
-  // still running or queued: a child process does both and must end with its own exit code.
-  it('dedicated I/O threads let an idle process end and survive process.exit with batches in flight', () => {
-    const script = path.join(tempDir, 'io-threads-exit.mjs');
-    const moduleUrl = new URL('../src/native/index.ts', import.meta.url).href;
-    fs.writeFileSync(script, `
-      import fs from 'node:fs';
-      const { FileIoQueue } = await import(${JSON.stringify(moduleUrl)});
-      const fd = fs.openSync(process.argv[2], 'w+');
-      fs.ftruncateSync(fd, 64 * 1024 * 1024);
-      const queue = new FileIoQueue(fd, { nowait: false });
-      await queue.writeAsync(0, Buffer.alloc(4096, 1), true);
-      if (process.argv[3] === 'exit-busy') {
-        for (let i = 0; i < 64; i++) void queue.writeAsync(i * 1024 * 1024, Buffer.alloc(1024 * 1024, 2), i % 8 === 0);
-        setImmediate(() => process.exit(7));
-      }
-      // 'idle': nothing is left to do; the loop must end by itself.
-    `);
-    for (const mode of ['idle', 'exit-busy']) {
-      const result = spawnSync(process.execPath, ['--import', path.join(path.dirname(new URL(import.meta.url).pathname), '../bench/ts-loader.mjs'), script, path.join(tempDir, `exit-${mode}.img`), mode], {
-        encoding: 'utf8', timeout: 30_000,
-      });
-      expect(result.error, mode).toBeUndefined();
-      expect({ mode, status: result.status, signal: result.signal, stderr: result.stderr })
-        .toEqual({ mode, status: mode === 'idle' ? 0 : 7, signal: null, stderr: '' });
-    }
   });
 
   // The batching policy, observed through the hop counter: requests issued together share hops, spread over

@@ -8,7 +8,6 @@
 // - a batched positioned-I/O worker: many pread/pwrite calls and at most one fdatasync per thread-pool hop,
 //   because one hop per 4 KiB request costs more than the copy itself (see bench/README.md)
 // - SO_SNDBUF/SO_RCVBUF on stream sockets (Node sets them only for UDP)
-// - dedicated I/O threads running those batches, completions coalesced into one call per loop wake-up
 // - the kernel NBD client (/dev/nbdX): socketpair, the configuration ioctls, NBD_DO_IT on a dedicated thread
 //
 // Errors reach JavaScript as Node-style errors: message "CODE: description, syscall", .code (errno name),
@@ -34,10 +33,6 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#include <condition_variable>
-#include <deque>
-#include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -246,67 +241,6 @@ struct BatchOp {
   size_t length;
 };
 
-int ReadFully(int fd_, const BatchOp& op) {
-  size_t done = 0;
-  while (done < op.length) {
-    ssize_t n = pread(fd_, op.data + done, op.length - done, op.offset + static_cast<int64_t>(done));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return errno;
-    }
-    // End of file inside the exposed area: the backing file shrank under us. Report it, never invent data.
-    if (n == 0) return EIO;
-    done += static_cast<size_t>(n);
-  }
-  return 0;
-}
-
-int WriteFully(int fd_, const BatchOp& op) {
-  size_t done = 0;
-  while (done < op.length) {
-    ssize_t n = pwrite(fd_, op.data + done, op.length - done, op.offset + static_cast<int64_t>(done));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return errno;
-    }
-    if (n == 0) return EIO;
-    done += static_cast<size_t>(n);
-  }
-  return 0;
-}
-
-
-// Runs one batch's operations in order, then one fdatasync if any asked for durability (group commit), and
-// writes each operation's result (0 or a positive errno) into `results`.
-void RunBatch(int fd, const std::vector<BatchOp>& ops, int32_t* results) {
-  bool sync_needed = false;
-  for (size_t i = 0; i < ops.size(); i++) {
-    const BatchOp& op = ops[i];
-    int err = 0;
-    if (op.kind == kRead) {
-      err = ReadFully(fd, op);
-    } else if (op.kind == kWrite || op.kind == kWriteFua) {
-      err = WriteFully(fd, op);
-      if (err == 0 && op.kind == kWriteFua) sync_needed = true;
-    } else {
-      sync_needed = true;
-    }
-    results[i] = err;
-  }
-  if (!sync_needed) return;
-  // One fdatasync makes every write this batch did, and every write that completed before, durable:
-  // it serves all FUA writes and flushes of the batch at once.
-  int result;
-  do {
-    result = fdatasync(fd);
-  } while (result != 0 && errno == EINTR);
-  if (result == 0) return;
-  int err = errno;
-  for (size_t i = 0; i < ops.size(); i++) {
-    if ((ops[i].kind == kWriteFua || ops[i].kind == kFlush) && results[i] == 0) results[i] = err;
-  }
-}
-
 class BatchWorker : public Napi::AsyncWorker {
  public:
   BatchWorker(Napi::Function callback, int fd, std::vector<BatchOp>&& ops, int32_t* results,
@@ -317,11 +251,67 @@ class BatchWorker : public Napi::AsyncWorker {
     results_ref_ = Napi::Persistent(results_array);
   }
 
-  void Execute() override { RunBatch(fd_, ops_, results_); }
+  void Execute() override {
+    bool sync_needed = false;
+    for (size_t i = 0; i < ops_.size(); i++) {
+      const BatchOp& op = ops_[i];
+      int err = 0;
+      if (op.kind == kRead) {
+        err = ReadFully(op);
+      } else if (op.kind == kWrite || op.kind == kWriteFua) {
+        err = WriteFully(op);
+        if (err == 0 && op.kind == kWriteFua) sync_needed = true;
+      } else {
+        sync_needed = true;
+      }
+      results_[i] = err;
+    }
+    if (!sync_needed) return;
+    // One fdatasync makes every write this worker did, and every write that completed before, durable:
+    // it serves all FUA writes and flushes of the batch at once (group commit).
+    int result;
+    do {
+      result = fdatasync(fd_);
+    } while (result != 0 && errno == EINTR);
+    if (result == 0) return;
+    int err = errno;
+    for (size_t i = 0; i < ops_.size(); i++) {
+      if ((ops_[i].kind == kWriteFua || ops_[i].kind == kFlush) && results_[i] == 0) results_[i] = err;
+    }
+  }
 
   void OnOK() override { Callback().Call({Env().Null()}); }
 
  private:
+  int ReadFully(const BatchOp& op) {
+    size_t done = 0;
+    while (done < op.length) {
+      ssize_t n = pread(fd_, op.data + done, op.length - done, op.offset + static_cast<int64_t>(done));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return errno;
+      }
+      // End of file inside the exposed area: the backing file shrank under us. Report it, never invent data.
+      if (n == 0) return EIO;
+      done += static_cast<size_t>(n);
+    }
+    return 0;
+  }
+
+  int WriteFully(const BatchOp& op) {
+    size_t done = 0;
+    while (done < op.length) {
+      ssize_t n = pwrite(fd_, op.data + done, op.length - done, op.offset + static_cast<int64_t>(done));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return errno;
+      }
+      if (n == 0) return EIO;
+      done += static_cast<size_t>(n);
+    }
+    return 0;
+  }
+
   int fd_;
   std::vector<BatchOp> ops_;
   int32_t* results_;
@@ -329,287 +319,55 @@ class BatchWorker : public Napi::AsyncWorker {
   Napi::ObjectReference results_ref_;
 };
 
-// Reads the batch arguments at info[first..first+3] (kinds: Uint8Array, offsets: Float64Array,
-// buffers: (Uint8Array|null)[], results: Int32Array) for `n` operations into `ops`; returns the results' data.
-int32_t* ReadBatchArguments(const Napi::CallbackInfo& info, size_t first, size_t n, std::vector<BatchOp>& ops) {
+// ioBatch(fd, count, kinds: Uint8Array, offsets: Float64Array, buffers: (Buffer|null)[], results: Int32Array,
+//         callback: (err: null) => void): void
+Napi::Value IoBatch(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (info.Length() < first + 4 || !info[first].IsTypedArray() || !info[first + 1].IsTypedArray() ||
-      !info[first + 2].IsArray() || !info[first + 3].IsTypedArray()) {
-    throw Napi::TypeError::New(env, "batch arguments: kinds, offsets, buffers, results");
+  int fd = ArgFd(info, 0);
+  int64_t count = ArgInt64(info, 1, "count");
+  if (info.Length() < 7 || !info[2].IsTypedArray() || !info[3].IsTypedArray() || !info[4].IsArray() ||
+      !info[5].IsTypedArray() || !info[6].IsFunction()) {
+    throw Napi::TypeError::New(env, "ioBatch(fd, count, kinds, offsets, buffers, results, callback)");
   }
-  Napi::TypedArray kinds_any = info[first].As<Napi::TypedArray>();
-  Napi::TypedArray offsets_any = info[first + 1].As<Napi::TypedArray>();
-  Napi::TypedArray results_any = info[first + 3].As<Napi::TypedArray>();
+  Napi::TypedArray kinds_any = info[2].As<Napi::TypedArray>();
+  Napi::TypedArray offsets_any = info[3].As<Napi::TypedArray>();
+  Napi::TypedArray results_any = info[5].As<Napi::TypedArray>();
   if (kinds_any.TypedArrayType() != napi_uint8_array || offsets_any.TypedArrayType() != napi_float64_array ||
       results_any.TypedArrayType() != napi_int32_array) {
-    throw Napi::TypeError::New(env, "batch arguments: kinds Uint8Array, offsets Float64Array, results Int32Array");
+    throw Napi::TypeError::New(env, "ioBatch: kinds Uint8Array, offsets Float64Array, results Int32Array");
   }
   Napi::Uint8Array kinds = kinds_any.As<Napi::Uint8Array>();
   Napi::Float64Array offsets = offsets_any.As<Napi::Float64Array>();
   Napi::Int32Array results = results_any.As<Napi::Int32Array>();
-  Napi::Array buffers = info[first + 2].As<Napi::Array>();
+  Napi::Array buffers = info[4].As<Napi::Array>();
+  size_t n = static_cast<size_t>(count);
   if (n == 0 || kinds.ElementLength() < n || offsets.ElementLength() < n || results.ElementLength() < n ||
       buffers.Length() < n) {
-    throw Napi::RangeError::New(env, "batch: count exceeds an array's length (or is 0)");
+    throw Napi::RangeError::New(env, "ioBatch: count exceeds an array's length (or is 0)");
   }
-  ops.resize(n);
+  std::vector<BatchOp> ops(n);
   for (size_t i = 0; i < n; i++) {
     BatchOp& op = ops[i];
     op.kind = kinds[i];
     double offset = offsets[i];
-    if (op.kind > kFlush) throw Napi::RangeError::New(env, "batch: unknown operation kind");
-    if (!(offset >= 0 && offset <= 9007199254740991.0)) throw Napi::RangeError::New(env, "batch: bad offset");
+    if (op.kind > kFlush) throw Napi::RangeError::New(env, "ioBatch: unknown operation kind");
+    if (!(offset >= 0 && offset <= 9007199254740991.0)) throw Napi::RangeError::New(env, "ioBatch: bad offset");
     op.offset = static_cast<int64_t>(offset);
     op.data = nullptr;
     op.length = 0;
     if (op.kind != kFlush) {
       Napi::Value value = buffers[static_cast<uint32_t>(i)];
-      if (!value.IsTypedArray()) throw Napi::TypeError::New(env, "batch: operation needs a buffer");
+      if (!value.IsTypedArray()) throw Napi::TypeError::New(env, "ioBatch: operation needs a buffer");
       Napi::TypedArray view = value.As<Napi::TypedArray>();
-      if (view.TypedArrayType() != napi_uint8_array) throw Napi::TypeError::New(env, "batch: buffers are Uint8Array");
+      if (view.TypedArrayType() != napi_uint8_array) throw Napi::TypeError::New(env, "ioBatch: buffers are Uint8Array");
       Napi::Uint8Array bytes = view.As<Napi::Uint8Array>();
       op.data = reinterpret_cast<char*>(bytes.Data());
       op.length = bytes.ByteLength();
     }
     results[i] = 0;
   }
-  return results.Data();
-}
-
-// ioBatch(fd, count, kinds: Uint8Array, offsets: Float64Array, buffers: (Buffer|null)[], results: Int32Array,
-//         callback: (err: null) => void): void. One libuv thread-pool hop.
-Napi::Value IoBatch(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  int fd = ArgFd(info, 0);
-  size_t n = static_cast<size_t>(ArgInt64(info, 1, "count"));
-  if (info.Length() < 7 || !info[6].IsFunction()) {
-    throw Napi::TypeError::New(env, "ioBatch(fd, count, kinds, offsets, buffers, results, callback)");
-  }
-  std::vector<BatchOp> ops;
-  int32_t* results = ReadBatchArguments(info, 2, n, ops);
-  auto* worker = new BatchWorker(info[6].As<Napi::Function>(), fd, std::move(ops), results,
-                                 info[4].As<Napi::Object>(), info[5].As<Napi::Object>());
+  auto* worker = new BatchWorker(info[6].As<Napi::Function>(), fd, std::move(ops), results.Data(), buffers, results);
   worker->Queue();
-  return env.Undefined();
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Dedicated I/O threads. The same batches as ioBatch, but run by a few threads of our own instead of the libuv
-// pool: a libuv hop costs, on the event loop, an async-work object with its async-hooks resource, two
-// references, the pool's global mutex (contended with its workers) and a condition signal, then one
-// JavaScript callback scope (microtask checkpoint) per hop on return. Here a submission takes a lock that
-// only our threads share, signals only when a thread is asleep and not already being woken, and every batch
-// finished by the time the loop looks is reported in one call: the tokens land in an Int32Array given at
-// start, and the callback gets their count. One pool per Node.js environment; it is torn down (threads
-// joined, the async handle closed) when the environment is, and keeps the loop alive only while a batch is
-// in flight.
-
-struct IoJob {
-  int fd = -1;
-  int32_t token = 0;
-  std::vector<BatchOp> ops;
-  int32_t* results = nullptr;
-};
-
-class IoThreads {
- public:
-  IoThreads(Napi::Env env, unsigned thread_count, Napi::Int32Array done_tokens, Napi::Function on_done)
-      : env_(env), done_capacity_(done_tokens.ElementLength()), done_data_(done_tokens.Data()) {
-    uv_loop_t* loop = nullptr;
-    if (napi_get_uv_event_loop(env, &loop) != napi_ok || loop == nullptr) {
-      throw Napi::Error::New(env, "ioThreads: no event loop");
-    }
-    done_ref_ = Napi::Persistent(done_tokens);
-    on_done_ = Napi::Persistent(on_done);
-    context_ = std::make_unique<Napi::AsyncContext>(env, "drbdts.ioThreads");
-    async_.data = this;
-    if (uv_async_init(loop, &async_, [](uv_async_t* handle) { static_cast<IoThreads*>(handle->data)->Deliver(); }) != 0) {
-      throw Napi::Error::New(env, "ioThreads: uv_async_init failed");
-    }
-    uv_unref(reinterpret_cast<uv_handle_t*>(&async_));
-    for (unsigned i = 0; i < thread_count; i++) threads_.emplace_back([this]() { Work(); });
-  }
-
-  // Main thread: a job object to fill (reused; only the main thread touches the spares).
-  IoJob* AcquireJob() {
-    if (spare_.empty()) return new IoJob;
-    IoJob* job = spare_.back();
-    spare_.pop_back();
-    return job;
-  }
-
-  void ReleaseJob(IoJob* job) {
-    job->ops.clear();
-    if (spare_.size() < 64) spare_.push_back(job);
-    else delete job;
-  }
-
-  // Main thread: queues a filled job.
-  void Submit(IoJob* job) {
-    bool signal;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      pending_.push_back(job);
-      // A thread already signalled will take a job; wake another only if one more is asleep.
-      signal = idle_ > waking_;
-      if (signal) waking_++;
-    }
-    if (signal) wake_.notify_one();
-    if (in_flight_++ == 0) uv_ref(reinterpret_cast<uv_handle_t*>(&async_));
-  }
-
-  // Environment teardown (async cleanup hook): joins the threads, each after the batch it is running (queued
-  // ones are dropped: nobody is left to hear of them), then closes the handle and frees everything.
-  static void Teardown(napi_async_cleanup_hook_handle hook, void* data) {
-    auto* self = static_cast<IoThreads*>(data);
-    self->hook_ = hook;
-    {
-      std::lock_guard<std::mutex> lock(self->mutex_);
-      self->stopping_ = true;
-    }
-    self->wake_.notify_all();
-    for (std::thread& thread : self->threads_) thread.join();
-    self->threads_.clear();
-    self->on_done_.Reset();
-    self->done_ref_.Reset();
-    self->context_.reset();
-    uv_close(reinterpret_cast<uv_handle_t*>(&self->async_), [](uv_handle_t* handle) {
-      auto* closed = static_cast<IoThreads*>(handle->data);
-      napi_async_cleanup_hook_handle done = closed->hook_;
-      delete closed;
-      napi_remove_async_cleanup_hook(done);
-    });
-  }
-
-  ~IoThreads() {
-    for (IoJob* job : pending_) delete job;
-    for (IoJob* job : done_) delete job;
-    for (IoJob* job : delivering_) delete job;
-    for (IoJob* job : spare_) delete job;
-  }
-
- private:
-  void Work() {
-    // Signals belong to the main thread (SIGCHLD, SIGINT...): none may interrupt an I/O thread.
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, nullptr);
-    std::unique_lock<std::mutex> lock(mutex_);
-    for (;;) {
-      while (pending_.empty() && !stopping_) {
-        idle_++;
-        wake_.wait(lock);
-        idle_--;
-        if (waking_ > 0) waking_--;
-      }
-      if (stopping_) return;
-      IoJob* job = pending_.front();
-      pending_.pop_front();
-      lock.unlock();
-      RunBatch(job->fd, job->ops, job->results);
-      lock.lock();
-      done_.push_back(job);
-      // uv_async_send coalesces: one wake-up of the loop however many batches finish before it runs.
-      if (done_.size() == 1) uv_async_send(&async_);
-    }
-  }
-
-  // Main thread, from the async handle: every finished batch in one JavaScript call (or a few, when more
-  // finished than doneTokens holds).
-  void Deliver() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      delivering_.swap(done_);
-    }
-    if (delivering_.empty() || on_done_.IsEmpty()) return;
-    Napi::Env env = env_;
-    Napi::HandleScope scope(env);
-    size_t index = 0;
-    size_t total = delivering_.size();
-    while (index < total) {
-      size_t count = 0;
-      while (index < total && count < done_capacity_) done_data_[count++] = delivering_[index++]->token;
-      try {
-        on_done_.MakeCallback(env.Global(), {Napi::Number::New(env, static_cast<double>(count))}, *context_);
-      } catch (const Napi::Error& error) {
-        // A throwing completion handler is a bug; report it as Node reports any uncaught exception.
-        napi_fatal_exception(env, error.Value());
-      }
-    }
-    for (IoJob* job : delivering_) ReleaseJob(job);
-    delivering_.clear();
-    in_flight_ -= total;
-    if (in_flight_ == 0) uv_unref(reinterpret_cast<uv_handle_t*>(&async_));
-  }
-
-  Napi::Env env_;
-  size_t done_capacity_;
-  int32_t* done_data_;
-  Napi::Reference<Napi::Int32Array> done_ref_;
-  Napi::FunctionReference on_done_;
-  std::unique_ptr<Napi::AsyncContext> context_;
-  uv_async_t async_;
-  napi_async_cleanup_hook_handle hook_ = nullptr;
-  std::vector<std::thread> threads_;
-  std::mutex mutex_;
-  std::condition_variable wake_;
-  std::deque<IoJob*> pending_;  // guarded by mutex_
-  std::vector<IoJob*> done_;    // guarded by mutex_
-  unsigned idle_ = 0;           // guarded by mutex_
-  unsigned waking_ = 0;         // guarded by mutex_
-  bool stopping_ = false;       // guarded by mutex_
-  std::vector<IoJob*> delivering_;  // main thread only
-  std::vector<IoJob*> spare_;       // main thread only
-  size_t in_flight_ = 0;            // main thread only
-};
-
-IoThreads* GetIoThreads(napi_env env) {
-  void* data = nullptr;
-  if (napi_get_instance_data(env, &data) != napi_ok) return nullptr;
-  return static_cast<IoThreads*>(data);
-}
-
-// ioThreadsStart(threadCount, doneTokens: Int32Array, onDone: (count) => void): once per environment.
-Napi::Value IoThreadsStart(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  int64_t thread_count = ArgInt64(info, 0, "threadCount");
-  if (thread_count < 1 || thread_count > 64) throw Napi::RangeError::New(env, "ioThreadsStart: 1 to 64 threads");
-  if (info.Length() < 3 || !info[1].IsTypedArray() || !info[2].IsFunction() ||
-      info[1].As<Napi::TypedArray>().TypedArrayType() != napi_int32_array ||
-      info[1].As<Napi::TypedArray>().ElementLength() == 0) {
-    throw Napi::TypeError::New(env, "ioThreadsStart(threadCount, doneTokens: Int32Array, onDone)");
-  }
-  if (GetIoThreads(env) != nullptr) throw Napi::Error::New(env, "ioThreadsStart: already started");
-  auto* pool = new IoThreads(env, static_cast<unsigned>(thread_count), info[1].As<Napi::Int32Array>(),
-                             info[2].As<Napi::Function>());
-  // The pool frees itself from its async cleanup hook; the instance data only finds it.
-  if (napi_set_instance_data(env, pool, nullptr, nullptr) != napi_ok ||
-      napi_add_async_cleanup_hook(env, IoThreads::Teardown, pool, nullptr) != napi_ok) {
-    throw Napi::Error::New(env, "ioThreadsStart: cannot register the pool with the environment");
-  }
-  return env.Undefined();
-}
-
-// ioSubmit(fd, count, kinds, offsets, buffers, results, token): the batch runs on an I/O thread; its token
-// comes back through onDone. The caller keeps the arrays and buffers alive until then.
-Napi::Value IoSubmit(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  IoThreads* pool = GetIoThreads(env);
-  if (pool == nullptr) throw Napi::Error::New(env, "ioSubmit: ioThreadsStart first");
-  int fd = ArgFd(info, 0);
-  size_t n = static_cast<size_t>(ArgInt64(info, 1, "count"));
-  if (info.Length() < 7 || !info[6].IsNumber()) throw Napi::TypeError::New(env, "ioSubmit: token must be a number");
-  int32_t token = info[6].As<Napi::Number>().Int32Value();
-  IoJob* job = pool->AcquireJob();
-  try {
-    job->results = ReadBatchArguments(info, 2, n, job->ops);
-  } catch (...) {
-    pool->ReleaseJob(job);
-    throw;
-  }
-  job->fd = fd;
-  job->token = token;
-  pool->Submit(job);
   return env.Undefined();
 }
 
@@ -783,8 +541,6 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("preadNowait", Napi::Function::New(env, PreadNowait, "preadNowait"));
   exports.Set("pwriteNowait", Napi::Function::New(env, PwriteNowait, "pwriteNowait"));
   exports.Set("ioBatch", Napi::Function::New(env, IoBatch, "ioBatch"));
-  exports.Set("ioThreadsStart", Napi::Function::New(env, IoThreadsStart, "ioThreadsStart"));
-  exports.Set("ioSubmit", Napi::Function::New(env, IoSubmit, "ioSubmit"));
   exports.Set("setSocketBufferBytes", Napi::Function::New(env, SetSocketBufferBytes, "setSocketBufferBytes"));
   exports.Set("socketPair", Napi::Function::New(env, SocketPair, "socketPair"));
   exports.Set("closeFd", Napi::Function::New(env, CloseFd, "closeFd"));

@@ -27,16 +27,6 @@ interface NativeAddon {
     results: Int32Array,
     callback: (error: null) => void,
   ): void;
-  ioThreadsStart(threadCount: number, doneTokens: Int32Array, onDone: (count: number) => void): void;
-  ioSubmit(
-    fd: number,
-    count: number,
-    kinds: Uint8Array,
-    offsets: Float64Array,
-    buffers: (Uint8Array | null)[],
-    results: Int32Array,
-    token: number,
-  ): void;
   setSocketBufferBytes(fd: number, sendBytes: number, receiveBytes: number): [number, number];
   socketPair(): [number, number];
   closeFd(fd: number): void;
@@ -221,59 +211,9 @@ export interface FileIoQueueOptions {
    * RWF_NOWAIT, falling back to the thread pool for anything that would wait on the device. Default true.
    */
   nowait?: boolean;
-  /**
-   * Run the hops on the addon's dedicated I/O threads (default) rather than libuv's thread pool. The default
-   * can be changed for the whole process with DRBDTS_IO_THREADS: a thread count, or 0 for libuv's pool.
-   */
-  dedicatedThreads?: boolean;
 }
 
 type Settle = (error: Error | null) => void;
-
-// The dedicated I/O threads (native IoThreads), one pool per process or worker, started on first use. A
-// batch in flight there is known by a token, an index into inFlightBatches; the threads hand back the tokens
-// of all the batches finished by the time the event loop looks, in one call.
-const IO_THREADS_DEFAULT = 4;
-const ioThreadsDoneTokens = new Int32Array(256);
-const inFlightBatches: (Batch | undefined)[] = [];
-const freeTokens: number[] = [];
-let ioThreadsStarted = false;
-
-/** DRBDTS_IO_THREADS: how many dedicated I/O threads (1-64), or 0 for libuv's pool; default 4. */
-function ioThreadsConfigured(): number {
-  const text = process.env.DRBDTS_IO_THREADS;
-  if (text === undefined || text === '') return IO_THREADS_DEFAULT;
-  const count = Number(text);
-  if (!Number.isInteger(count) || count < 0 || count > 64) {
-    throw new RangeError(`DRBDTS_IO_THREADS must be an integer from 0 to 64, got "${text}"`);
-  }
-  return count;
-}
-
-function onIoThreadsDone(count: number): void {
-  for (let i = 0; i < count; i++) {
-    const token = ioThreadsDoneTokens[i]!;
-    const batch = inFlightBatches[token]!;
-    inFlightBatches[token] = undefined;
-    freeTokens.push(token);
-    batch.onDone();
-  }
-}
-
-function submitToIoThreads(fd: number, batch: Batch): void {
-  if (!ioThreadsStarted) {
-    addon.ioThreadsStart(ioThreadsConfigured() || IO_THREADS_DEFAULT, ioThreadsDoneTokens, onIoThreadsDone);
-    ioThreadsStarted = true;
-  }
-  const token = freeTokens.pop() ?? inFlightBatches.length;
-  try {
-    addon.ioSubmit(fd, batch.count, batch.kinds, batch.offsets, batch.buffers, batch.results, token);
-  } catch (error) {
-    if (token < inFlightBatches.length) freeTokens.push(token);
-    throw error;
-  }
-  inFlightBatches[token] = batch;
-}
 
 /** One hop's worth of operations; a few are allocated per queue and reused. */
 class Batch {
@@ -296,8 +236,7 @@ class Batch {
 }
 
 /**
- * Positioned reads and writes on one file descriptor, several per hop to an I/O thread (the addon's own
- * threads by default, libuv's pool with `dedicatedThreads: false`). Operations issued while
+ * Positioned reads and writes on one file descriptor, several per thread-pool hop. Operations issued while
  * hops are busy (or in the same tick) wait in a ring and leave together in the next hop; FUA writes and
  * flushes in one hop share a single fdatasync at its end. Operations in different hops may run concurrently,
  * in any order, as NBD allows; an operation issued after another resolved always runs after it.
@@ -307,7 +246,6 @@ export class FileIoQueue {
   private readonly batchOperationsMax: number;
   private readonly batchBytesMax: number;
   private readonly batchOperationsSpreadMin: number;
-  private readonly dedicatedThreads: boolean;
   private readonly idleBatches: Batch[] = [];
   private batchesInFlight = 0;
   private dispatchScheduled = false;
@@ -346,7 +284,6 @@ export class FileIoQueue {
     const batchesInFlightMax = options.batchesInFlightMax ?? 4;
     this.nowaitReads = options.nowait ?? true;
     this.nowaitWrites = options.nowait ?? true;
-    this.dedicatedThreads = options.dedicatedThreads ?? ioThreadsConfigured() !== 0;
     if (!(this.batchOperationsMax >= 1 && this.batchBytesMax >= 1 && batchesInFlightMax >= 1)) {
       throw new RangeError('FileIoQueue: batch limits must be at least 1');
     }
@@ -534,8 +471,7 @@ export class FileIoQueue {
       this.operationCount += count;
       this.batchesInFlight++;
       try {
-        if (this.dedicatedThreads) submitToIoThreads(this.fd, batch);
-        else addon.ioBatch(this.fd, count, batch.kinds, batch.offsets, batch.buffers, batch.results, batch.onDone);
+        addon.ioBatch(this.fd, count, batch.kinds, batch.offsets, batch.buffers, batch.results, batch.onDone);
       } catch {
         // Only a programming error gets here (the arguments were checked); fail the batch rather than hang it.
         batch.results.fill(5 /* EIO */, 0, count);
