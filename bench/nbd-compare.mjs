@@ -174,28 +174,33 @@ async function main() {
     const lines = [
       `NBD serving, drbdts serve / nbdkit file, same backing file (${sizeText}), ${rounds} round(s), medians; ${new Date().toISOString().slice(0, 16)}Z, ${os.cpus().length} cores, node ${process.version}${quick ? ' (--quick: smoke sizes, not a measurement)' : ''}`,
       '',
-      '| transport | job | drbdts | nbdkit | ratio | server CPU s/GiB drbdts / nbdkit |',
-      '|---|---|---|---|---|---|',
+      '| transport | job | drbdts | nbdkit | ratio of medians | paired ratio: median (range) of rounds | server CPU s/GiB drbdts / nbdkit |',
+      '|---|---|---|---|---|---|---|',
     ];
     for (const transport of transports) {
       for (const job of jobs) {
         const ours = samples.get(`${transport}/${job.name}/drbdts`);
         const theirs = samples.get(`${transport}/${job.name}/nbdkit`);
+        // Samples of one round ran back to back: their ratio cancels most of the machine's drift.
+        const paired = (value) => {
+          const ratios = ours.map((s, i) => value(s) / value(theirs[i]));
+          return ` ${median(ratios).toFixed(2)} (${Math.min(...ratios).toFixed(2)}-${Math.max(...ratios).toFixed(2)}) |`;
+        };
         const cpu = ` ${median(ours.map((s) => s.cpuSecondsPerGiB)).toFixed(2)} / ${median(theirs.map((s) => s.cpuSecondsPerGiB)).toFixed(2)} |`;
         if (job.metric === 'bw') {
           const a = median(ours.map((s) => s.bwMiBps));
           const b = median(theirs.map((s) => s.bwMiBps));
-          lines.push(`| ${transport} | ${job.name} | ${a.toFixed(0)} MiB/s | ${b.toFixed(0)} MiB/s | ${(a / b).toFixed(2)} |${cpu}`);
+          lines.push(`| ${transport} | ${job.name} | ${a.toFixed(0)} MiB/s | ${b.toFixed(0)} MiB/s | ${(a / b).toFixed(2)} |${paired((s) => s.bwMiBps)}${cpu}`);
         } else if (job.metric === 'iops') {
           const a = median(ours.map((s) => s.iops));
           const b = median(theirs.map((s) => s.iops));
-          lines.push(`| ${transport} | ${job.name} | ${(a / 1000).toFixed(1)}k IOPS | ${(b / 1000).toFixed(1)}k IOPS | ${(a / b).toFixed(2)} |${cpu}`);
+          lines.push(`| ${transport} | ${job.name} | ${(a / 1000).toFixed(1)}k IOPS | ${(b / 1000).toFixed(1)}k IOPS | ${(a / b).toFixed(2)} |${paired((s) => s.iops)}${cpu}`);
         } else {
           const a = median(ours.map((s) => s.p50us + s.syncP50us));
           const b = median(theirs.map((s) => s.p50us + s.syncP50us));
           const a99 = median(ours.map((s) => s.p99us));
           const b99 = median(theirs.map((s) => s.p99us));
-          lines.push(`| ${transport} | ${job.name} (p50 write+flush; p99 write) | ${a.toFixed(0)} us; ${a99.toFixed(0)} us | ${b.toFixed(0)} us; ${b99.toFixed(0)} us | ${(b / a).toFixed(2)} (nbdkit/drbdts latency) |${cpu}`);
+          lines.push(`| ${transport} | ${job.name} (p50 write+flush; p99 write) | ${a.toFixed(0)} us; ${a99.toFixed(0)} us | ${b.toFixed(0)} us; ${b99.toFixed(0)} us | ${(b / a).toFixed(2)} (nbdkit/drbdts latency) |${paired((s) => 1 / (s.p50us + s.syncP50us))}${cpu}`);
         }
       }
     }

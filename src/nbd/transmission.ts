@@ -168,10 +168,12 @@ export class NbdConnection {
 
   private onDirectRead(bytes: number, buffer: Uint8Array): void {
     if (this.readIntoPayload) {
-      // The bytes are already in place in the payload buffer.
+      // The bytes are already in place in the payload buffer; until it is full there is nothing to parse.
       this.payloadFilledBytes += bytes;
-      if (this.payloadFilledBytes === this.payloadTarget!.length) this.finishPayload();
-      this.pump();
+      if (this.payloadFilledBytes === this.payloadTarget!.length) {
+        this.finishPayload();
+        this.pump();
+      }
       return;
     }
     const chunk = this.slab.subarray(this.slabUsedBytes, this.slabUsedBytes + bytes);
