@@ -30,6 +30,12 @@ const APPLICATION_IO_WINDOW_MS = 500;
  * to where it stopped.
  */
 const BITMAP_PERSIST_INTERVAL_MS = 5_000;
+/**
+ * Written but not yet flushed resync data past which the target starts an fdatasync (in the background, the
+ * stream goes on): the disk writes back while the transfer runs instead of all of it at the end of the pass,
+ * before the target may become UpToDate.
+ */
+const UNFLUSHED_FLUSH_BYTES = 64 * 1024 * 1024;
 
 const hasher = await xxhash();
 
@@ -298,6 +304,10 @@ export class ResyncTarget {
   }
 
   private maybePersist(): void {
+    if (this.unflushedBytes >= UNFLUSHED_FLUSH_BYTES && this.flushing === null) {
+      this.flushAndClear().catch((error: Error) =>
+        this.options.logger.error({ err: error }, 'flush during resync failed'));
+    }
     const now = Date.now();
     if (now - this.lastPersistMs < BITMAP_PERSIST_INTERVAL_MS) return;
     this.lastPersistMs = now;
