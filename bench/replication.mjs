@@ -6,7 +6,9 @@
 //  - full resync throughput of random data vs min(raw backing write (dd conv=fdatasync), loopback TCP);
 //  - bytes sent by a bitmap resync vs the dirty bytes;
 //  - the daemons' peak RSS.
-// Usage: node bench/replication.mjs [--quick] [--rounds N] [--size 512m] [--out FILE]
+//  - CPU time per write of every daemon (utime+stime from /proc/PID/stat around each fio job).
+// Usage: node bench/replication.mjs [--quick] [--rounds N] [--size 512m] [--out FILE] [--only standalone|replicated]
+//        [--no-resync] [--no-fio] [--cpu-prof DIR] (the daemons run with node --cpu-prof, profiles written to DIR at their exit)
 import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
@@ -48,6 +50,11 @@ const fuaWrites = quick ? 200 : 2000;
 const outPath = option('--out', null);
 /** --only standalone|replicated: one side of the comparison (for investigating, not for the table). */
 const only = option('--only', null);
+const cpuProfDir = option('--cpu-prof', null);
+/** --no-resync: only the fio and FUA rounds (for investigating). --no-fio: only the resync measures. */
+const skipResync = flag('--no-resync');
+const skipFio = flag('--no-fio');
+const nodeArgs = cpuProfDir === null ? [] : ['--cpu-prof', `--cpu-prof-dir=${path.resolve(cpuProfDir)}`];
 
 const median = (values) => {
   const sorted = [...values].sort((a, b) => a - b);
@@ -79,6 +86,19 @@ function startProcess(command, commandArgs, logFile, logLevel = 'warn') {
   children.add(child);
   child.on('exit', () => children.delete(child));
   return child;
+}
+
+const clockTicksPerSecond = Number(sh('getconf', ['CLK_TCK']).trim()) || 100;
+
+/** CPU seconds (user + system) a process has used so far. */
+function cpuSeconds(pid) {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(fields[11]) + Number(fields[12])) / clockTicksPerSecond; // utime, stime (fields 14, 15)
+  } catch {
+    return 0;
+  }
 }
 
 function rssMiB(pid) {
@@ -146,7 +166,7 @@ control = "${this.dir}/bob.ctl"
 
   async up(node) {
     // info level: the resync start and end lines carry the daemon's own timestamps (see resyncSeconds).
-    const child = startProcess('node', [cli, 'up', 'r0', '--config', this.config, '--node', node], path.join(this.dir, `${node}.log`), 'info');
+    const child = startProcess('node', [...nodeArgs, cli, 'up', 'r0', '--config', this.config, '--node', node], path.join(this.dir, `${node}.log`), 'info');
     this.nodes.set(node, child);
     await waitFor(`${node} up`, () => {
       if (child.exitCode !== null) throw new Error(`${node} exited: ${fs.readFileSync(path.join(this.dir, `${node}.log`), 'utf8')}`);
@@ -216,7 +236,7 @@ function runFio(name, lines, uri, dir) {
   const report = JSON.parse(output.slice(output.indexOf('{')));
   const result = report.jobs[0];
   if (result.error !== 0) throw new Error(`fio ${name} failed: error ${result.error}`);
-  return { bwMiBps: result.write.bw_bytes / (1024 * 1024), iops: result.write.iops };
+  return { bwMiBps: result.write.bw_bytes / (1024 * 1024), iops: result.write.iops, writes: result.write.total_ios };
 }
 
 /** p50 of QD1 4 KiB FUA writes, from qemu-io's per-command timing (ops/sec of a single op = 1/latency). */
@@ -284,11 +304,12 @@ async function standalone(dir) {
   const image = path.join(dir, 'standalone.img');
   sh('dd', ['if=/dev/zero', `of=${image}`, 'bs=1M', `count=${sizeMiB}`, 'conv=fdatasync', 'status=none']);
   const socket = path.join(dir, 'standalone.nbd');
-  const child = startProcess('node', [cli, 'serve', image, '--listen', `unix:${socket}`], path.join(dir, 'standalone.log'));
+  const child = startProcess('node', [...nodeArgs, cli, 'serve', image, '--listen', `unix:${socket}`], path.join(dir, 'standalone.log'));
   await waitFor('standalone server', () => fs.existsSync(socket));
   await sleep(200);
   return {
     uri: `nbd+unix:///?socket=${socket}`,
+    pids: () => [child.pid],
     async stop() {
       child.kill('SIGTERM');
       await waitFor('standalone exit', () => child.exitCode !== null || child.signalCode !== null, 30_000);
@@ -310,6 +331,7 @@ async function replicated(dir) {
   return {
     uri: pair.uri('alice'),
     pair,
+    pids: () => [pair.nodes.get('alice').pid, pair.nodes.get('bob').pid],
     async stop() {
       pair.sampleRss();
       pair.cli('alice', 'secondary');
@@ -336,16 +358,22 @@ async function main() {
   try {
     const results = { standalone: {}, replicated: {} };
     for (const job of fioJobs) results.standalone[job.name] = [], results.replicated[job.name] = [];
+    const cpu = { standalone: {}, replicated: {} };
+    for (const job of fioJobs) cpu.standalone[job.name] = [], cpu.replicated[job.name] = [];
     results.standalone.fua = [];
     results.replicated.fua = [];
-    for (let round = 0; round < rounds; round += 1) {
+    for (let round = 0; round < (skipFio ? 0 : rounds); round += 1) {
       const order = (round % 2 === 0 ? ['standalone', 'replicated'] : ['replicated', 'standalone'])
         .filter((kind) => only === null || kind === only);
       for (const kind of order) {
         const target = kind === 'standalone' ? await standalone(dir) : await replicated(dir);
         for (const job of fioJobs) {
+          const before = target.pids().map(cpuSeconds);
           const result = runFio(job.name, job.lines, target.uri, dir);
           results[kind][job.name].push(result[job.metric]);
+          const used = target.pids().map((pid, i) => ((cpuSeconds(pid) - before[i]) * 1e6) / result.writes);
+          cpu[kind][job.name].push(used);
+          console.error(`  ${kind} ${job.name}: ${result[job.metric].toFixed(0)} ${job.unit}, CPU per write ${used.map((us) => us.toFixed(0)).join(' + ')} us`);
           target.pair?.sampleRss();
         }
         results[kind].fua.push(fuaLatencyP50us(target.uri));
@@ -365,11 +393,20 @@ async function main() {
       const r = median(results.replicated[job.name]);
       log(`| ${job.name} (${job.unit}) | ${s.toFixed(0)} | ${r.toFixed(0)} | ${(r / s).toFixed(2)}x | >= ${job.bound}x |`);
     }
+    for (const job of fioJobs) {
+      const perProcess = (kind) => {
+        const samples = cpu[kind][job.name];
+        if (samples.length === 0) return '-';
+        return samples[0].map((_, i) => median(samples.map((sample) => sample[i])).toFixed(0)).join(' + ');
+      };
+      log(`| ${job.name}: daemon CPU per write (us) | ${perProcess('standalone')} | ${perProcess('replicated')} (Primary + Secondary) | | |`);
+    }
     const fuaStandalone = median(results.standalone.fua);
     const fuaReplicated = median(results.replicated.fua);
     const fuaBound = (fuaStandalone + rttUs) * 1.1;
     log(`| QD1 4k FUA write p50 (us) | ${fuaStandalone.toFixed(0)} | ${fuaReplicated.toFixed(0)} | bound ${(fuaBound).toFixed(0)} = (standalone + RTT ${rttUs.toFixed(0)}) x 1.1 | ${fuaReplicated <= fuaBound ? 'met' : 'missed'} |`);
 
+    if (skipResync) return;
     // Resync: full sync of random data, and a bitmap resync after the Secondary missed scattered writes.
     const rawMiBps = rawBackingWriteMiBps(dir);
     const tcpMiBps = await loopbackTcpMiBps();
@@ -380,9 +417,12 @@ async function main() {
     await pair.up('alice');
     await pair.up('bob');
     await pair.connected();
+    const cpuBefore = [...pair.nodes.values()].map((child) => cpuSeconds(child.pid));
     pair.cli('alice', 'primary', '--force');
     await pair.inSync();
+    const resyncCpu = [...pair.nodes.values()].map((child, i) => cpuSeconds(child.pid) - cpuBefore[i]);
     const resyncMiBps = sizeMiB / pair.resyncSeconds('bob');
+    console.error(`  resync: ${resyncMiBps.toFixed(0)} MiB/s, CPU per MiB ${resyncCpu.map((s) => ((s * 1e6) / sizeMiB).toFixed(0)).join(' + ')} us (source + target, from primary --force to in sync)`);
     log(`| full resync of random data (MiB/s) | min(raw write ${rawMiBps.toFixed(0)}, loopback TCP ${tcpMiBps.toFixed(0)}) = ${limit.toFixed(0)} | ${resyncMiBps.toFixed(0)} | ${(resyncMiBps / limit).toFixed(2)}x | >= 0.9x |`);
 
     await pair.down('bob');
@@ -405,8 +445,8 @@ async function main() {
     log(`| daemon peak RSS (MiB, VmHWM) | | ${peakRssMiB.toFixed(0)} | | < 256 |`);
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
+    if (outPath !== null) fs.writeFileSync(outPath, lines.join('\n') + '\n');
   }
-  if (outPath !== null) fs.writeFileSync(outPath, lines.join('\n') + '\n');
 }
 
 main().catch((error) => {

@@ -152,6 +152,35 @@ describe('ActivityLog', () => {
     expect(random.log.hotExtents()).toEqual([3, 7, 22, 40, 90]);
   });
 
+  it('looks ahead for a stream: the next extents become hot while it still writes, nothing waits', async () => {
+    const { log, persisted, hold } = recordingLog(64);
+    const MiB = 1024 * 1024;
+    // The stream starts: extent 0, then 1 with 2..4 read ahead (as above).
+    for (let offset = 0; offset < 5 * MiB; offset += MiB) await log.beginWrite(offset, MiB);
+    expect(persisted.map((t) => t.hot.at(-1))).toEqual([0, 4]);
+    // Continuing past the middle of extent 4 (hot, 5 cold) starts a transaction for 5..8 in the background: the
+    // writes themselves do not wait for it, even while it is held.
+    const release = hold();
+    for (let offset = 5 * MiB; offset < 20 * MiB; offset += MiB) await log.beginWrite(offset, MiB);
+    expect(persisted.length).toBe(2);
+    release();
+    await sleep(5);
+    expect(persisted.length).toBe(3);
+    expect(persisted[2]!.hot).toEqual([0, 1, 2, 3, 4, 5, 6, 7, 8]);
+    // Extent 5 is hot when the stream gets there: no transaction in its way.
+    let admitted = false;
+    const next = log.beginWrite(20 * MiB, MiB).then(() => { admitted = true; });
+    await Promise.resolve();
+    expect(admitted).toBe(true);
+    await next;
+    // A write that does not continue the stream never looks ahead, hot or not.
+    const before = persisted.length;
+    await log.beginWrite(8 * E + 4096, 4096);
+    await sleep(5);
+    expect(persisted.length).toBe(before);
+    expect(log.hotExtents()).not.toContain(9);
+  });
+
   it('handles a write spanning two extents', async () => {
     const { log, persisted } = recordingLog();
     await log.beginWrite(3 * E - 4096, 8192);

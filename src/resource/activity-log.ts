@@ -5,6 +5,8 @@
 //
 // Batching: while one transaction is being persisted, new cold-extent writers queue up and the next
 // transaction covers all of them, so N concurrent writers to N cold extents cost about two metadata writes.
+// A sequential stream does not wait at all in the steady state: the transaction for the extents ahead of it
+// starts while it still writes into hot ones (look-ahead, below).
 //
 // Eviction: the least recently used extent with no writes in flight leaves the set. Its bitmap bits must be
 // on disk before the AL stops covering it (the persist callback gets the evicted extents and writes the bitmap
@@ -31,6 +33,13 @@ export const AL_WIDE_MAX = 32;
  * The crash guarantee is unchanged: a prefetched extent is only more to resync after a crash.
  */
 export const AL_PREFETCH_EXTENTS = 3;
+/**
+ * Look-ahead for streams, so that the read-ahead above does not stall them: a write continuing a stream (its
+ * offset is where the previous write ended) past the middle of a hot extent whose successor is cold starts a
+ * transaction in the background for the next AL_LOOKAHEAD_EXTENTS extents. The stream keeps writing into its hot extents
+ * meanwhile; the next extent is usually hot before it gets there (one O_DSYNC write overlapped, not waited for).
+ */
+export const AL_LOOKAHEAD_EXTENTS = 4;
 
 export interface ExtentRange {
   firstExtent: number;
@@ -80,6 +89,11 @@ export class ActivityLog {
   readonly #waiters: Waiter[] = [];
   readonly #persist: ActivityLogOptions['persist'];
   #persisting = false;
+  /** Where the last write ended: a write starting here continues a stream. */
+  #streamOffset = -1;
+  /** Extents a stream will reach soon, for the next transaction (look-ahead; nothing waits for them). */
+  #lookaheadFirst = -1;
+  #lookaheadLast = -1;
   #inFlight = 0;
   #transactions = 0;
 
@@ -150,16 +164,30 @@ export class ActivityLog {
         this.#schedule();
       });
     }
+    const continuesStream = offsetBytes === this.#streamOffset;
+    this.#streamOffset = offsetBytes + lengthBytes;
     // Hot writes never wait, not even behind a transaction in progress: the AL must cost nothing in the
     // common case. (A cold writer cannot starve: it needs one idle extent among maxHotExtents.)
     if (this.#allHot(first, last)) {
       this.#take(first, last);
+      if (continuesStream && !this.#persisting) this.#lookAhead(last + 1, offsetBytes + lengthBytes);
       return RESOLVED;
     }
     return new Promise<void>((resolve, reject) => {
       this.#waiters.push({ firstExtent: first, lastExtent: last, wide: false, resolve, reject });
       this.#schedule();
     });
+  }
+
+  /**
+   * A stream in a hot extent: once it is past the middle of it and `next` is cold, make `next` and a few after
+   * it hot in the background (a stream within the first half of an extent costs nothing).
+   */
+  #lookAhead(next: number, endBytes: number): void {
+    if (next >= this.extentCount || next * AL_EXTENT_BYTES - endBytes >= AL_EXTENT_BYTES / 2 || this.#hot.has(next)) return;
+    this.#lookaheadFirst = next;
+    this.#lookaheadLast = Math.min(this.extentCount - 1, next + AL_LOOKAHEAD_EXTENTS - 1);
+    this.#schedule();
   }
 
   endWrite(offsetBytes: number, lengthBytes: number): void {
@@ -202,7 +230,10 @@ export class ActivityLog {
           this.#take(head.firstExtent, head.lastExtent);
           head.resolve();
         }
-        if (this.#waiters.length === 0) return;
+        const lookaheadFirst = this.#lookaheadFirst;
+        const lookaheadLast = this.#lookaheadLast;
+        this.#lookaheadFirst = this.#lookaheadLast = -1;
+        if (this.#waiters.length === 0 && lookaheadFirst < 0) return;
         // Plan one transaction for as many waiters (in order) as the free room allows.
         const needed = new Set<number>();
         const reserved = new Set<number>(); // idle hot extents an admitted waiter will use: not evictable
@@ -245,11 +276,20 @@ export class ActivityLog {
             room -= 1;
           }
         }
+        // Look-ahead for a stream, only when no writer waits for room (it must never take a writer's place).
+        if (lookaheadFirst >= 0 && admitted.length === this.#waiters.length) {
+          for (let extent = lookaheadFirst; extent <= lookaheadLast && room > 0; extent += 1) {
+            if (this.#hot.has(extent) || needed.has(extent)) continue;
+            needed.add(extent);
+            room -= 1;
+          }
+        }
         // Least recently used first. A scan of the hot set per transaction: transactions are the rare path.
         const evictable: number[] = [];
         for (const [extent, slot] of this.#hot) if (slot.refs === 0 && !reserved.has(extent)) evictable.push(extent);
         evictable.sort((a, b) => this.#hot.get(a)!.lastUsedTick - this.#hot.get(b)!.lastUsedTick);
-        if (admitted.length === 0) return; // no room: endWrite() reschedules when an extent frees up
+        // No room: endWrite() reschedules when an extent frees up. (Nothing needed: the look-ahead is hot already.)
+        if (admitted.length === 0 && (this.#waiters.length > 0 || needed.size === 0)) return;
         let overflow = this.#hot.size + needed.size - this.maxHotExtents;
         const evicted: number[] = [];
         for (const extent of evictable) {

@@ -216,6 +216,11 @@ export class NodeDaemon {
     };
   }
 
+  /** Blocks still to transfer: the bitmap, less resync data already written here and waiting for its flush. */
+  private outOfSyncBytes(): number {
+    return this.metadata.bitmap.dirtyBytes() - (this.session?.target?.unflushedBytes ?? 0);
+  }
+
   status(): ResourceStatus {
     const session = this.session;
     const connection = session?.connection ?? null;
@@ -223,8 +228,9 @@ export class NodeDaemon {
     let resync: ResourceStatus['resync'] = null;
     if (session !== null && resyncSide !== null) {
       const rate = resyncSide.progress.bytesPerSecond();
-      // The bitmap is the truth for what is left; progress counts what was done in this run.
-      const left = this.metadata.bitmap.dirtyBytes();
+      // The bitmap is the truth for what is left (less what arrived and waits for its flush to clear its
+      // bits); progress counts what was done in this run.
+      const left = this.outOfSyncBytes();
       const done = resyncSide.progress.doneBytes;
       resync = {
         direction: session.target !== null ? 'target' : 'source',
@@ -249,7 +255,7 @@ export class NodeDaemon {
         role: session?.peerRole ?? 'Unknown',
         disk: session?.peerDisk ?? 'DUnknown',
       },
-      outOfSyncBytes: this.metadata.bitmap.dirtyBytes(),
+      outOfSyncBytes: this.outOfSyncBytes(),
       resync,
       verify: verify !== null
         ? { doneBytes: verify.progress.doneBytes, totalBytes: verify.progress.totalBytes,
