@@ -51,7 +51,9 @@ timeout --kill-after=10 "$timeout" qemu-system-x86_64 "${accel_args[@]}" -m "$me
   -nic none -display none -monitor none -serial "file:$rundir/console.log" -no-reboot
 qemu_rc=$?
 set -e
-[ -f "$rundir/output" ] && cat "$rundir/output"
+if [ -f "$rundir/output" ]; then cat "$rundir/output"
+elif [ -f "$rundir/rc" ]; then echo "run.sh: the command did not start inside the VM (cannot enter $(pwd) there?)" >&2
+fi
 if [ "$qemu_rc" = 124 ] || [ "$qemu_rc" = 137 ]; then
   echo "run.sh: the VM did not finish within ${timeout}s; its console:" >&2
   tail -n 30 "$rundir/console.log" >&2
