@@ -14,7 +14,8 @@
 //   6. commit the archive with exactly the paths that synced, release the lock.
 import { ArchiveError, archivePathFor, loadArchive, PairLock, saveArchive, type ArchiveEntry } from './archive.js';
 import { executeFileOp, type FileOp, type FileOpResult } from './fileop.js';
-import { LocalReplica } from './local.js';
+import { LocalReplica, packedEntry } from './local.js';
+import { SCAN_DIR, SCAN_FILE, SCAN_RECORD_FIELDS, SCAN_SYMLINK, type PackedScan } from '../native/scan.js';
 import {
   ReplicaError,
   sameStat,
@@ -155,6 +156,35 @@ function depthOf(path: string): number {
   return depth;
 }
 
+/**
+ * The scans' path order (LocalReplica.scan and the addon): a directory's entries in name order (UTF-16 code units,
+ * JavaScript's sort and the addon's Utf16Less), then the subtrees of its subdirectories in name order. So of two
+ * paths below the same directory, a direct entry of it comes first; otherwise their first differing components
+ * decide.
+ */
+function comparePaths(x: string, y: string): number {
+  const n = x.length < y.length ? x.length : y.length;
+  let i = 0;
+  while (i < n && x.charCodeAt(i) === y.charCodeAt(i)) i++;
+  if (i === x.length && i === y.length) return 0;
+  const start = i === 0 ? 0 : x.lastIndexOf('/', i - 1) + 1;
+  const endX = x.indexOf('/', start);
+  const endY = y.indexOf('/', start);
+  if ((endX === -1) !== (endY === -1)) return endX === -1 ? -1 : 1;
+  // Same depth below the common directory: the components' code-unit order (a prefix first).
+  if (i >= (endX === -1 ? x.length : endX)) return -1;
+  if (i >= (endY === -1 ? y.length : endY)) return 1;
+  return x.charCodeAt(i) - y.charCodeAt(i);
+}
+
+/** Buffer's own UTF-8 decoder without toString's argument handling (as in local.ts). */
+const utf8Slice = (Buffer.prototype as unknown as { utf8Slice(start: number, end: number): string }).utf8Slice;
+
+const KIND_OF_CODE: Record<number, EntryStat['kind']> = { [SCAN_FILE]: 'file', [SCAN_DIR]: 'dir', [SCAN_SYMLINK]: 'symlink' };
+
+/** A packed scan is not in the order comparePaths expects (never seen; the merge then falls back). */
+class ScanOrderError extends Error {}
+
 function conflictName(path: string, now: Date): string {
   const stamp = now.toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
   const slash = path.lastIndexOf('/');
@@ -238,6 +268,14 @@ export class SyncEngine {
   private bytesTransferred = 0;
   private readonly problems: Array<{ side: Side; path: string; message: string }> = [];
   private connectionLost: ReplicaError | undefined;
+  /**
+   * Packed scans only: archive entries of the paths found identical to the archive on both sides (same kind,
+   * size, mode, link target and all stamps, nothing changed above them). Those paths never become PathStates:
+   * they cannot be part of any action, and the new archive keeps their entries as they are.
+   */
+  private clean: Set<ArchiveEntry> | undefined;
+  /** Packed scans only: sizes of the clean files (their fingerprints are known: copy-local candidates). */
+  private readonly cleanSizes = new Set<number>();
 
   constructor(replica1: Replica, replica2: Replica, options: SyncOptions) {
     this.replicas = [replica1, replica2];
@@ -278,7 +316,8 @@ export class SyncEngine {
         await scanning.catch(() => undefined);
         throw error;
       }
-      const problems = await scanning;
+      const scanned = await scanning;
+      const problems = Array.isArray(scanned) ? scanned : this.mergePacked(scanned.packed);
       this.mergeArchive();
       await this.detectUpdates(problems);
       const actions = this.reconcile();
@@ -328,7 +367,18 @@ export class SyncEngine {
 
   // ---- scanning and update detection -------------------------------------------------------------------------
 
-  private async scanBoth(): Promise<[Set<string>, Set<string>]> {
+  private async scanBoth(): Promise<[Set<string>, Set<string>] | { packed: [PackedScan, PackedScan] }> {
+    // Two plain local roots scanned by the addon: keep the packed results, merged with the archive later.
+    const [r1, r2] = this.replicas;
+    if (r1.constructor === LocalReplica && r2.constructor === LocalReplica) {
+      const options = { ignore: this.options.ignore };
+      const packed = await Promise.all([(r1 as LocalReplica).scanPacked(options), (r2 as LocalReplica).scanPacked(options)]);
+      if (packed[0] !== undefined && packed[1] !== undefined) return { packed: packed as [PackedScan, PackedScan] };
+    }
+    return this.scanEntries();
+  }
+
+  private async scanEntries(): Promise<[Set<string>, Set<string>]> {
     const problems: [Set<string>, Set<string>] = [new Set(), new Set()];
     const scanSide = async (side: Side): Promise<void> => {
       for await (const batch of this.replica(side).scan({ ignore: this.options.ignore })) {
@@ -352,8 +402,162 @@ export class SyncEngine {
     return problems;
   }
 
+  /**
+   * Merge-join the two packed scans (both in comparePaths order) with the archive. A path present on both sides
+   * whose records equal its archive entry in everything the update detection looks at, and that lies under no
+   * path that differs, is clean: it would be "unchanged" on both sides with no action and an identical archive
+   * entry, so it gets no objects at all. Every other path becomes a PathState as scanEntries would make it.
+   * With any scan problem (an unknown subtree) or --always-hash nothing is clean.
+   */
+  private mergePacked(packed: [PackedScan, PackedScan]): [Set<string>, Set<string>] {
+    const problems: [Set<string>, Set<string>] = [new Set(), new Set()];
+    const F = SCAN_RECORD_FIELDS;
+    for (const side of [1, 2] as const) {
+      const { strings, records } = packed[side - 1];
+      const replica = this.replica(side) as LocalReplica;
+      for (let o = 0, textStart = 0; o < records.length; textStart = records[o + 3]!, o += F) {
+        if (records[o]! <= SCAN_SYMLINK) continue;
+        const pathEnd = records[o + 2]!;
+        const textEnd = records[o + 3]!;
+        const path = pathEnd > textStart ? utf8Slice.call(strings, textStart, pathEnd) : '';
+        const problem = replica.packedProblem(records[o]!, path, textEnd > pathEnd ? utf8Slice.call(strings, pathEnd, textEnd) : '');
+        if (problem === undefined) continue;
+        problems[side - 1].add(problem.path);
+        this.problems.push({ side, path: problem.path, message: problem.message });
+        this.options.warn(`root ${side}: ${problem.path}: ${problem.message} (skipped)`);
+      }
+    }
+    const allowClean = problems[0].size === 0 && problems[1].size === 0 && !this.options.alwaysHash;
+    try {
+      this.joinPacked(packed, allowClean);
+    } catch (error) {
+      if (!(error instanceof ScanOrderError)) throw error;
+      // Not in the expected order: join nothing, make every path a state (side 1's, then side 2's).
+      this.states.clear();
+      this.clean = undefined;
+      this.cleanSizes.clear();
+      for (const side of [1, 2] as const) {
+        const { strings, records } = packed[side - 1];
+        for (let o = 0, textStart = 0; o < records.length; textStart = records[o + 3]!, o += F) {
+          if (records[o]! > SCAN_SYMLINK) continue;
+          const pathEnd = records[o + 2]!;
+          const textEnd = records[o + 3]!;
+          const path = utf8Slice.call(strings, textStart, pathEnd);
+          const entry = packedEntry(records, o, path, textEnd > pathEnd ? utf8Slice.call(strings, pathEnd, textEnd) : '');
+          let state = this.states.get(path);
+          if (state === undefined) {
+            state = newState(path, undefined);
+            this.states.set(path, state);
+          }
+          if (side === 1) state.e1 = entry;
+          else state.e2 = entry;
+        }
+      }
+    }
+    return problems;
+  }
+
+  private joinPacked(packed: [PackedScan, PackedScan], allowClean: boolean): void {
+    const F = SCAN_RECORD_FIELDS;
+    const [s1, s2] = [packed[0].strings, packed[1].strings];
+    const [r1, r2] = [packed[0].records, packed[1].records];
+    const clean = new Set<ArchiveEntry>();
+    this.clean = clean;
+    // Cursor per side: field offset of the current entry record and its path.
+    let o1 = -F;
+    let o2 = -F;
+    let p1: string | undefined;
+    let p2: string | undefined;
+    const next1 = (): void => {
+      const previous = p1;
+      p1 = undefined;
+      for (o1 += F; o1 < r1.length; o1 += F) {
+        const start = o1 === 0 ? 0 : r1[o1 - F + 3]!;
+        if (r1[o1]! > SCAN_SYMLINK) continue;
+        p1 = utf8Slice.call(s1, start, r1[o1 + 2]!);
+        if (previous !== undefined && comparePaths(previous, p1) >= 0) throw new ScanOrderError();
+        return;
+      }
+    };
+    const next2 = (): void => {
+      const previous = p2;
+      p2 = undefined;
+      for (o2 += F; o2 < r2.length; o2 += F) {
+        const start = o2 === 0 ? 0 : r2[o2 - F + 3]!;
+        if (r2[o2]! > SCAN_SYMLINK) continue;
+        p2 = utf8Slice.call(s2, start, r2[o2 + 2]!);
+        if (previous !== undefined && comparePaths(previous, p2) >= 0) throw new ScanOrderError();
+        return;
+      }
+    };
+    const text = (strings: Buffer, records: Float64Array, o: number): string => {
+      const pathEnd = records[o + 2]!;
+      const textEnd = records[o + 3]!;
+      return textEnd > pathEnd ? utf8Slice.call(strings, pathEnd, textEnd) : '';
+    };
+    // Does record `o` of a side equal the archive entry in kind, size, mode, link target and that side's stamps?
+    const sameAsArchive = (strings: Buffer, records: Float64Array, o: number, a: ArchiveEntry, side: Side): boolean =>
+      KIND_OF_CODE[records[o]!] === a.kind &&
+      records[o + 5] === a.sizeBytes &&
+      records[o + 4] === a.mode &&
+      records[o + 6] === (side === 1 ? a.mtime1Ms : a.mtime2Ms) &&
+      records[o + 7] === (side === 1 ? a.ctime1Ms : a.ctime2Ms) &&
+      records[o + 8] === (side === 1 ? a.inode1 : a.inode2) &&
+      (records[o] !== SCAN_SYMLINK || text(strings, records, o) === a.linkTarget);
+    // Paths that differ and whose subtrees are therefore made states too (a decision on them may govern their
+    // descendants). A parent comes before its children, and a directory's entries come together: one lookup of
+    // the parent per directory.
+    const opened = new Set<string>();
+    let lastParent = '';
+    let lastParentOpened = false;
+    next1();
+    next2();
+    while (p1 !== undefined || p2 !== undefined) {
+      const order = p1 === undefined ? 1 : p2 === undefined ? -1 : comparePaths(p1, p2);
+      const path = (order <= 0 ? p1 : p2)!;
+      const has1 = order <= 0;
+      const has2 = order >= 0;
+      let underOpened = false;
+      if (opened.size > 0) {
+        const slash = path.lastIndexOf('/');
+        if (slash > 0) {
+          if (slash !== lastParent.length || !path.startsWith(lastParent)) {
+            lastParent = path.slice(0, slash);
+            lastParentOpened = opened.has(lastParent);
+          }
+          underOpened = lastParentOpened;
+        }
+      }
+      const a = has1 && has2 ? this.archive.get(path) : undefined;
+      if (allowClean && !underOpened && a !== undefined && sameAsArchive(s1, r1, o1, a, 1) && sameAsArchive(s2, r2, o2, a, 2)) {
+        clean.add(a);
+        if (a.kind === 'file') this.cleanSizes.add(a.sizeBytes);
+      } else {
+        const state = newState(path, undefined);
+        if (has1) state.e1 = packedEntry(r1, o1, path, text(s1, r1, o1));
+        if (has2) state.e2 = packedEntry(r2, o2, path, text(s2, r2, o2));
+        this.states.set(path, state);
+        // A directory that differs from the archive only in its stamps is "unchanged" on both sides: no decision
+        // on it, nothing it could govern. Anything else keeps its subtree out of the clean set.
+        const stampsOnly =
+          !underOpened &&
+          allowClean &&
+          a?.kind === 'dir' &&
+          state.e1?.kind === 'dir' &&
+          state.e2?.kind === 'dir' &&
+          state.e1.mode === a.mode &&
+          state.e2.mode === a.mode;
+        if (!stampsOnly) opened.add(path);
+      }
+      if (has1) next1();
+      if (has2) next2();
+    }
+  }
+
   private mergeArchive(): void {
+    const { clean } = this;
     for (const [path, entry] of this.archive) {
+      if (clean !== undefined && clean.has(entry)) continue;
       let state = this.states.get(path);
       if (state === undefined) {
         state = newState(path, entry);
@@ -380,7 +584,7 @@ export class SyncEngine {
   private async detectUpdates(problems: [Set<string>, Set<string>]): Promise<void> {
     const toHash: [string[], string[]] = [[], []];
     // Copy-local candidates: sizes of files on each side whose fingerprint is known without hashing.
-    const knownSizes: [Set<number>, Set<number>] = [new Set(), new Set()];
+    const knownSizes: [Set<number>, Set<number>] = [new Set(this.cleanSizes), new Set(this.cleanSizes)];
     for (const state of this.states.values()) {
       if (SyncEngine.underProblem(state.path, problems[0]) || SyncEngine.underProblem(state.path, problems[1])) {
         state.unknown = true;
@@ -681,7 +885,7 @@ export class SyncEngine {
       if (deletes.length === 0) continue;
       // Emptied root: the side holds nothing any more while the archive remembers content (a missing mount, a
       // wiped disk): propagating would delete everything on the other side.
-      let remaining = 0;
+      let remaining = this.clean?.size ?? 0; // a clean path is present on both sides
       for (const state of this.states.values()) if (entryOf(state, side) !== undefined) remaining++;
       if (remaining === 0) {
         warnings.push(`root ${side} (${this.infos[side - 1].rootId}) was emptied: it would delete ${deletes.length} paths on the other side`);
@@ -770,6 +974,7 @@ export class SyncEngine {
           if (entry?.kind === 'file' && entry.sizeBytes > 0 && !targetIndex[side - 1].has(fp)) targetIndex[side - 1].set(fp, state);
         }
       }
+      if (this.clean !== undefined && this.clean.size > 0) this.indexCleanFiles(wanted, targetIndex);
     }
     const deferredDeletes = new Set<Action>();
     const copySources = new Set<string>();
@@ -901,6 +1106,27 @@ export class SyncEngine {
         } catch {
           // Only a stamp refresh: without it the next run re-records the directory.
         }
+      }
+    }
+  }
+
+  /**
+   * Add the clean files (packed scans) to the copy-local index: a clean file holds the archive's fingerprint and
+   * stamps on both sides. Among all paths with a fingerprint the first in path order is taken, as for states.
+   */
+  private indexCleanFiles(wanted: [Set<string>, Set<string>], targetIndex: [Map<string, PathState>, Map<string, PathState>]): void {
+    for (const [path, a] of this.archive) {
+      if (a.kind !== 'file' || a.sizeBytes <= 0 || !this.clean!.has(a)) continue;
+      for (const side of [1, 2] as const) {
+        if (!wanted[side - 1].has(a.fingerprint)) continue;
+        const known = targetIndex[side - 1].get(a.fingerprint);
+        if (known !== undefined && comparePaths(known.path, path) < 0) continue;
+        const state = newState(path, a);
+        state.e1 = { path, kind: 'file', sizeBytes: a.sizeBytes, mtimeMs: a.mtime1Ms, ctimeMs: a.ctime1Ms, inode: a.inode1, mode: a.mode };
+        state.e2 = { path, kind: 'file', sizeBytes: a.sizeBytes, mtimeMs: a.mtime2Ms, ctimeMs: a.ctime2Ms, inode: a.inode2, mode: a.mode };
+        state.fp1 = a.fingerprint;
+        state.fp2 = a.fingerprint;
+        targetIndex[side - 1].set(a.fingerprint, state);
       }
     }
   }
@@ -1056,69 +1282,99 @@ export class SyncEngine {
     const decided = new Map<string, Action>();
     for (const action of actions) decided.set(action.item.path, action);
     const next = new Map<string, ArchiveEntry>();
-    for (const [path, state] of this.states) {
-      const action = decided.get(path);
-      if (action === undefined) {
-        if (state.refresh === true && state.a !== undefined && state.e1 !== undefined && state.e2 !== undefined) {
-          const e1 = state.e1.kind === 'dir' ? this.finalDirStats[0].get(path) ?? state.e1 : state.e1;
-          const e2 = state.e2.kind === 'dir' ? this.finalDirStats[1].get(path) ?? state.e2 : state.e2;
-          next.set(path, refreshed(state.a, e1, e2));
-          continue;
-        }
-        // Skipped (under a conflict or unknown) or nothing on either side: the archive keeps what it knew.
-        if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
-        continue;
-      }
-      const { item } = action;
-      const resolved = item.action === 'conflict' && item.resolvedBy !== undefined;
-      if (item.status === 'failed' || (item.action === 'conflict' && !resolved) || item.status === 'skipped') {
-        if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
-        continue;
-      }
-      let s1: EntryStat | undefined;
-      let s2: EntryStat | undefined;
-      let fingerprint: string | undefined;
-      if (item.action === 'equal' && item.from === undefined) {
-        s1 = state.e1;
-        s2 = state.e2;
-        fingerprint = state.fp1 ?? state.fp2;
-        if (s1 === undefined || s2 === undefined) continue; // deleted on both, or refresh of a one-sided path
-        if (s1.kind === 'file' && (state.fp1 === undefined || state.fp2 === undefined || state.fp1 !== state.fp2)) {
-          if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
-          continue;
-        }
-      } else {
-        const winner = entryOf(state, action.from);
-        if (winner === undefined) continue; // deletion propagated: gone from both sides
-        const targetStat = this.resultStats.get(action) ?? entryOf(state, other(action.from));
-        if (targetStat === undefined) {
-          if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
-          continue;
-        }
-        fingerprint = this.resultFingerprints.get(action) ?? fingerprintOf(state, action.from);
-        if (winner.kind === 'file' && fingerprint === undefined) {
-          if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
-          continue;
-        }
-        [s1, s2] = action.from === 1 ? [winner, targetStat] : [targetStat, winner];
-      }
-      if (s1.kind === 'dir') s1 = this.finalDirStats[0].get(path) ?? s1;
-      if (s2.kind === 'dir') s2 = this.finalDirStats[1].get(path) ?? s2;
-      const source = item.from === 2 ? s2 : s1;
-      next.set(path, {
-        kind: source.kind,
-        sizeBytes: source.kind === 'file' ? source.sizeBytes : 0,
-        fingerprint: source.kind === 'file' ? fingerprint ?? '' : '',
-        mode: source.mode,
-        linkTarget: source.linkTarget ?? '',
-        mtime1Ms: s1.mtimeMs,
-        ctime1Ms: s1.ctimeMs,
-        inode1: s1.inode,
-        mtime2Ms: s2.mtimeMs,
-        ctime2Ms: s2.ctimeMs,
-        inode2: s2.inode,
-      });
+    const { clean } = this;
+    if (clean === undefined) {
+      for (const [path, state] of this.states) this.recordPath(path, state, decided.get(path), next);
+      return next;
     }
+    // Packed scans: the old archive's order (parents first) with clean entries kept as they are, then the paths
+    // the archive did not know, in state order (parents first; a new path's parent is new or in the archive).
+    for (const [path, a] of this.archive) {
+      if (!clean.has(a)) {
+        const state = this.states.get(path)!;
+        this.recordPath(path, state, decided.get(path), next);
+        continue;
+      }
+      // A clean directory the propagation wrote into has new stamps on that side.
+      const final1 = a.kind === 'dir' ? this.finalDirStats[0].get(path) : undefined;
+      const final2 = a.kind === 'dir' ? this.finalDirStats[1].get(path) : undefined;
+      if (final1 === undefined && final2 === undefined) next.set(path, a);
+      else {
+        next.set(
+          path,
+          refreshed(
+            a,
+            final1 ?? { kind: 'dir', sizeBytes: 0, mtimeMs: a.mtime1Ms, ctimeMs: a.ctime1Ms, inode: a.inode1, mode: a.mode },
+            final2 ?? { kind: 'dir', sizeBytes: 0, mtimeMs: a.mtime2Ms, ctimeMs: a.ctime2Ms, inode: a.inode2, mode: a.mode },
+          ),
+        );
+      }
+    }
+    for (const [path, state] of this.states) if (state.a === undefined) this.recordPath(path, state, decided.get(path), next);
     return next;
+  }
+
+  /** The new archive's entry of one path (a state), if it has one. */
+  private recordPath(path: string, state: PathState, action: Action | undefined, next: Map<string, ArchiveEntry>): void {
+    if (action === undefined) {
+      if (state.refresh === true && state.a !== undefined && state.e1 !== undefined && state.e2 !== undefined) {
+        const e1 = state.e1.kind === 'dir' ? this.finalDirStats[0].get(path) ?? state.e1 : state.e1;
+        const e2 = state.e2.kind === 'dir' ? this.finalDirStats[1].get(path) ?? state.e2 : state.e2;
+        next.set(path, refreshed(state.a, e1, e2));
+        return;
+      }
+      // Skipped (under a conflict or unknown) or nothing on either side: the archive keeps what it knew.
+      if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
+      return;
+    }
+    const { item } = action;
+    const resolved = item.action === 'conflict' && item.resolvedBy !== undefined;
+    if (item.status === 'failed' || (item.action === 'conflict' && !resolved) || item.status === 'skipped') {
+      if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
+      return;
+    }
+    let s1: EntryStat | undefined;
+    let s2: EntryStat | undefined;
+    let fingerprint: string | undefined;
+    if (item.action === 'equal' && item.from === undefined) {
+      s1 = state.e1;
+      s2 = state.e2;
+      fingerprint = state.fp1 ?? state.fp2;
+      if (s1 === undefined || s2 === undefined) return; // deleted on both, or refresh of a one-sided path
+      if (s1.kind === 'file' && (state.fp1 === undefined || state.fp2 === undefined || state.fp1 !== state.fp2)) {
+        if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
+        return;
+      }
+    } else {
+      const winner = entryOf(state, action.from);
+      if (winner === undefined) return; // deletion propagated: gone from both sides
+      const targetStat = this.resultStats.get(action) ?? entryOf(state, other(action.from));
+      if (targetStat === undefined) {
+        if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
+        return;
+      }
+      fingerprint = this.resultFingerprints.get(action) ?? fingerprintOf(state, action.from);
+      if (winner.kind === 'file' && fingerprint === undefined) {
+        if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
+        return;
+      }
+      [s1, s2] = action.from === 1 ? [winner, targetStat] : [targetStat, winner];
+    }
+    if (s1.kind === 'dir') s1 = this.finalDirStats[0].get(path) ?? s1;
+    if (s2.kind === 'dir') s2 = this.finalDirStats[1].get(path) ?? s2;
+    const source = item.from === 2 ? s2 : s1;
+    next.set(path, {
+      kind: source.kind,
+      sizeBytes: source.kind === 'file' ? source.sizeBytes : 0,
+      fingerprint: source.kind === 'file' ? fingerprint ?? '' : '',
+      mode: source.mode,
+      linkTarget: source.linkTarget ?? '',
+      mtime1Ms: s1.mtimeMs,
+      ctime1Ms: s1.ctimeMs,
+      inode1: s1.inode,
+      mtime2Ms: s2.mtimeMs,
+      ctime2Ms: s2.ctimeMs,
+      inode2: s2.inode,
+    });
   }
 }

@@ -45,6 +45,22 @@ let tempCounter = 0;
 /** Buffer's own UTF-8 decoder without toString's argument handling: 4x faster on 100,000 short names (measured). */
 const utf8Slice = (Buffer.prototype as unknown as { utf8Slice(start: number, end: number): string }).utf8Slice;
 
+/** The ScanEntry of a packed scan record of kind file, dir or symlink at field offset `o` (see native/scan.ts). */
+export function packedEntry(records: Float64Array, o: number, path: string, text: string): ScanEntry {
+  const kind = records[o]!;
+  const entry: ScanEntry = {
+    kind: kind === nativeScan.SCAN_FILE ? 'file' : kind === nativeScan.SCAN_DIR ? 'dir' : 'symlink',
+    sizeBytes: records[o + 5]!,
+    mtimeMs: records[o + 6]!,
+    ctimeMs: records[o + 7]!,
+    inode: records[o + 8]!,
+    mode: records[o + 4]!,
+    path,
+  };
+  if (kind === nativeScan.SCAN_SYMLINK) entry.linkTarget = text;
+  return entry;
+}
+
 function errorCode(error: unknown): string | undefined {
   return (error as NodeJS.ErrnoException | undefined)?.code;
 }
@@ -184,6 +200,35 @@ export class LocalReplica implements Replica {
     if (batch.entries.length > 0 || batch.problems.length > 0) yield batch;
   }
 
+  /**
+   * The native scan's packed result, undecoded, when this root is scanned by the addon (no ignore patterns): the
+   * engine merge-joins the two packed scans with the archive and builds objects only for paths that differ.
+   * Undefined when the JavaScript walk would run; then `scan` is the only way.
+   */
+  async scanPacked(options: ScanOptions): Promise<nativeScan.PackedScan | undefined> {
+    if (!compileIgnore(options.ignore).empty || !nativeScan.nativeScanAvailable()) return undefined;
+    return nativeScan.scanTree(this.rootPath);
+  }
+
+  /** A packed scan record of a problem kind (or a temp file, removed here when stale), as `scan` reports it. */
+  packedProblem(kind: number, path: string, text: string): { path: string; message: string } | undefined {
+    switch (kind) {
+      case nativeScan.SCAN_UNLISTABLE:
+        return { path: path === '' ? '.' : path, message: `cannot list directory: ${text}` };
+      case nativeScan.SCAN_STAT_FAILED:
+        return { path, message: `cannot stat: ${text}` };
+      case nativeScan.SCAN_BAD_NAME:
+        return { path, message: text };
+      case nativeScan.SCAN_LINK_FAILED:
+        return { path, message: `cannot read link: ${text}` };
+      case nativeScan.SCAN_TEMP:
+        this.removeStaleTemp(this.rootPath + '/' + path, path.slice(path.lastIndexOf('/') + 1));
+        return undefined;
+      default:
+        throw new ReplicaError('EIO', `native scan of ${this.rootPath} returned record kind ${kind}`);
+    }
+  }
+
   private async *scanNative(): AsyncIterable<ScanBatch> {
     const { strings, records } = await nativeScan.scanTree(this.rootPath);
     const F = nativeScan.SCAN_RECORD_FIELDS;
@@ -198,42 +243,15 @@ export class LocalReplica implements Replica {
       const text = textEnd > pathEnd ? utf8Slice.call(strings, pathEnd, textEnd) : '';
       textStart = textEnd;
       if (kind <= nativeScan.SCAN_SYMLINK) {
-        const entry: ScanEntry = {
-          kind: kind === nativeScan.SCAN_FILE ? 'file' : kind === nativeScan.SCAN_DIR ? 'dir' : 'symlink',
-          sizeBytes: records[o + 5]!,
-          mtimeMs: records[o + 6]!,
-          ctimeMs: records[o + 7]!,
-          inode: records[o + 8]!,
-          mode: records[o + 4]!,
-          path,
-        };
-        if (kind === nativeScan.SCAN_SYMLINK) entry.linkTarget = text;
-        batch.entries.push(entry);
+        batch.entries.push(packedEntry(records, o, path, text));
         if (batch.entries.length >= SCAN_BATCH_ENTRIES) {
           yield batch;
           batch = { entries: [], problems: [] };
         }
         continue;
       }
-      switch (kind) {
-        case nativeScan.SCAN_UNLISTABLE:
-          batch.problems.push({ path: path === '' ? '.' : path, message: `cannot list directory: ${text}` });
-          break;
-        case nativeScan.SCAN_STAT_FAILED:
-          batch.problems.push({ path, message: `cannot stat: ${text}` });
-          break;
-        case nativeScan.SCAN_BAD_NAME:
-          batch.problems.push({ path, message: text });
-          break;
-        case nativeScan.SCAN_LINK_FAILED:
-          batch.problems.push({ path, message: `cannot read link: ${text}` });
-          break;
-        case nativeScan.SCAN_TEMP:
-          this.removeStaleTemp(this.rootPath + '/' + path, path.slice(path.lastIndexOf('/') + 1));
-          break;
-        default:
-          throw new ReplicaError('EIO', `native scan of ${this.rootPath} returned record kind ${kind}`);
-      }
+      const problem = this.packedProblem(kind, path, text);
+      if (problem !== undefined) batch.problems.push(problem);
     }
     if (batch.entries.length > 0 || batch.problems.length > 0) yield batch;
   }
