@@ -10,6 +10,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { cliPath, mkTemp, run, snapshot, write } from './dirsync-helpers.js';
+import { mulberry32, seededContent } from './helpers/prng.js';
 
 const FILE_COUNT = 240;
 const SEEDS = 14;
@@ -19,23 +20,7 @@ let before: { a: Record<string, string>; b: Record<string, string> };
 let final: Record<string, string>;
 let undisturbedMs = 0;
 
-function mulberry32(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
-/** Deterministic pseudo-random content, so each version of a file is recognisable and a torn mix is not. */
-function content(random: () => number, sizeBytes: number): Buffer {
-  const buffer = Buffer.allocUnsafe(Math.ceil(sizeBytes / 4) * 4);
-  for (let index = 0; index < buffer.length; index += 4) buffer.writeUInt32LE((random() * 0x100000000) >>> 0, index);
-  return buffer.subarray(0, sizeBytes);
-}
 
 function syncArgs(dir: string): string[] {
   return [cliPath, 'dirsync', path.join(dir, 'a'), path.join(dir, 'b'), '--batch', '--archive-dir', path.join(dir, 'archive')];
@@ -56,7 +41,7 @@ beforeAll(async () => {
   for (let index = 0; index < FILE_COUNT; index++) {
     // Mostly small files, some large ones (up to 2 MiB) so the kill often lands inside a copy.
     const size = index % 20 === 0 ? 1_000_000 + Math.floor(random() * 1_000_000) : Math.floor(random() * 60_000);
-    write(a, `d${index % 7}/f${index}.bin`, content(random, size));
+    write(a, `d${index % 7}/f${index}.bin`, seededContent(random, size));
   }
   write(a, 'turns-into-dir', 'file for now\n');
   const baseline = await run(process.execPath, syncArgs(seedDir));
@@ -66,10 +51,10 @@ beforeAll(async () => {
   for (let index = 0; index < FILE_COUNT; index++) {
     const rel = `d${index % 7}/f${index}.bin`;
     if (index % 6 === 1) fs.unlinkSync(path.join(a, rel));
-    else if (index % 2 === 0) write(a, rel, content(random, index % 20 === 0 ? 1_500_000 : Math.floor(random() * 60_000) + 1));
+    else if (index % 2 === 0) write(a, rel, seededContent(random, index % 20 === 0 ? 1_500_000 : Math.floor(random() * 60_000) + 1));
   }
-  for (let index = 0; index < 40; index++) write(a, `new-on-a/n${index}.bin`, content(random, Math.floor(random() * 200_000)));
-  for (let index = 0; index < 30; index++) write(path.join(seedDir, 'b'), `new-on-b/m${index}.bin`, content(random, Math.floor(random() * 200_000)));
+  for (let index = 0; index < 40; index++) write(a, `new-on-a/n${index}.bin`, seededContent(random, Math.floor(random() * 200_000)));
+  for (let index = 0; index < 30; index++) write(path.join(seedDir, 'b'), `new-on-b/m${index}.bin`, seededContent(random, Math.floor(random() * 200_000)));
   fs.unlinkSync(path.join(a, 'turns-into-dir'));
   write(a, 'turns-into-dir/inside.txt', 'now a directory\n');
   before = { a: snapshot(a), b: snapshot(path.join(seedDir, 'b')) };

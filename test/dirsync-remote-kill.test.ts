@@ -11,6 +11,7 @@ import * as path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { mkTemp, run, snapshot, write } from './dirsync-helpers.js';
 import { drbdtsBin, startServerProcess, writeSecret, type ServerProcess } from './dirsync-remote-helpers.js';
+import { mulberry32, seededContent } from './helpers/prng.js';
 
 const FILE_COUNT = 160;
 const SEEDS = 8;
@@ -23,22 +24,7 @@ let before: { a: Record<string, string>; b: Record<string, string> };
 let final: Record<string, string>;
 let undisturbedMs = 0;
 
-function mulberry32(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
-function content(random: () => number, sizeBytes: number): Buffer {
-  const buffer = Buffer.allocUnsafe(Math.ceil(sizeBytes / 4) * 4);
-  for (let index = 0; index < buffer.length; index += 4) buffer.writeUInt32LE((random() * 0x100000000) >>> 0, index);
-  return buffer.subarray(0, sizeBytes);
-}
 
 const localRoot = (): string => path.join(base, 'work', 'a');
 const servedRoot = (): string => path.join(base, 'served', 'work');
@@ -81,7 +67,7 @@ beforeAll(async () => {
   for (let index = 0; index < FILE_COUNT; index++) {
     // Mostly small files; every 16th is 1-2 MiB and later changes in place, so it goes as a delta.
     const size = index % 16 === 0 ? 1_000_000 + Math.floor(random() * 1_000_000) : Math.floor(random() * 60_000);
-    write(a, `d${index % 5}/f${index}.bin`, content(random, size));
+    write(a, `d${index % 5}/f${index}.bin`, seededContent(random, size));
   }
   const baseline = await run(process.execPath, syncArgs());
   expect(baseline.code, baseline.stderr).toBe(0);
@@ -91,13 +77,13 @@ beforeAll(async () => {
       // Rewrite 64 KiB in the middle of a big file.
       const file = path.join(a, rel);
       const data = fs.readFileSync(file);
-      content(random, 65_536).copy(data, Math.floor(data.length / 2));
+      seededContent(random, 65_536).copy(data, Math.floor(data.length / 2));
       fs.writeFileSync(file, data);
     } else if (index % 6 === 1) fs.unlinkSync(path.join(a, rel));
-    else if (index % 2 === 0) write(a, rel, content(random, Math.floor(random() * 60_000) + 1));
+    else if (index % 2 === 0) write(a, rel, seededContent(random, Math.floor(random() * 60_000) + 1));
   }
-  for (let index = 0; index < 40; index++) write(a, `new-on-a/n${index}.bin`, content(random, Math.floor(random() * 200_000)));
-  for (let index = 0; index < 30; index++) write(servedRoot(), `new-on-b/m${index}.bin`, content(random, Math.floor(random() * 200_000)));
+  for (let index = 0; index < 40; index++) write(a, `new-on-a/n${index}.bin`, seededContent(random, Math.floor(random() * 200_000)));
+  for (let index = 0; index < 30; index++) write(servedRoot(), `new-on-b/m${index}.bin`, seededContent(random, Math.floor(random() * 200_000)));
   before = { a: snapshot(a), b: snapshot(servedRoot()) };
   saveState('pristine');
   const started = performance.now();

@@ -13,6 +13,7 @@ import { spawn } from 'node:child_process';
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
+import { mulberry32 } from './helpers/prng.js';
 import { Cluster, run, type NodeName } from './replication-cluster.js';
 
 const KiB = 1024;
@@ -24,17 +25,6 @@ const steps = Number(process.env.DRBDTS_CAMPAIGN_STEPS ?? '6');
 const faults = ['kill-secondary', 'kill-primary', 'power-loss', 'break-link', 'black-hole', 'disconnect'] as const;
 type Fault = (typeof faults)[number];
 
-/** mulberry32: small, seedable, good enough to pick faults and offsets. */
-function prng(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** What each 4 KiB block may hold: a set of byte values (every block of one write carries one pattern). */
 class Model {
@@ -113,7 +103,7 @@ const runs: { seed: number; protocol: 'B' | 'C'; faults: readonly Fault[] }[] = 
 describe('seeded fault campaign', () => {
   for (const { seed, protocol, faults } of runs) {
     it(`protocol ${protocol}, seed ${seed}: ${steps} faults, no acknowledged write lost, replicas identical after each heal`, async () => {
-      const random = prng(seed);
+      const random = mulberry32(seed);
       const pick = (n: number) => Math.floor(random() * n);
       cluster = new Cluster({ sizeMiB: SIZE_MIB, protocol, proxy: true });
       await cluster.setup();
