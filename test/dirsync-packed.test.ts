@@ -12,6 +12,7 @@ import { SyncEngine, type SyncOptions, type SyncResult } from '../src/dirsync/en
 import { LocalReplica } from '../src/dirsync/local.js';
 import { nativeScanAvailable } from '../src/native/scan.js';
 import { mkTemp } from './dirsync-helpers.js';
+import { mulberry32 } from './helpers/prng.js';
 
 let base: string;
 
@@ -22,16 +23,6 @@ afterAll(() => {
   fs.rmSync(base, { recursive: true, force: true });
 });
 
-function rng(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 interface Tree {
   a: string;
@@ -172,7 +163,7 @@ async function sync(tree: Tree, packed: boolean, prefer: SyncOptions['prefer']):
 describe.skipIf(!nativeScanAvailable())('packed scans decide as the object path does', () => {
   for (const seed of [1, 2, 3, 4, 5, 6]) {
     it(`random edits, seed ${seed}`, async () => {
-      const random = rng(seed);
+      const random = mulberry32(seed);
       const packed = makeTree(`p${seed}`);
       const objects = makeTree(`o${seed}`);
       const trees = [packed, objects];
