@@ -32,6 +32,7 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <unistd.h>
+#include <stdio.h>
 
 #include <string>
 #include <thread>
@@ -429,6 +430,21 @@ Napi::Value CloseFd(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// renameExchange(a, b): renameat2(RENAME_EXCHANGE) swaps two existing paths atomically (a file and a directory
+// too), which rename(2) cannot: dirsync replaces a file by a directory without the path ever being absent.
+Napi::Value RenameExchange(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 2 || !info[0].IsString() || !info[1].IsString()) {
+    throw Napi::TypeError::New(env, "renameExchange(from: string, to: string)");
+  }
+  std::string from = info[0].As<Napi::String>().Utf8Value();
+  std::string to = info[1].As<Napi::String>().Utf8Value();
+  if (renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_EXCHANGE) != 0) {
+    throw MakeErrnoError(env, errno, "renameat2(RENAME_EXCHANGE)");
+  }
+  return env.Undefined();
+}
+
 void NbdIoctl(Napi::Env env, int fd, unsigned long request, unsigned long argument, const char* name) {
   int result;
   do {
@@ -546,6 +562,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("setSocketBufferBytes", Napi::Function::New(env, SetSocketBufferBytes, "setSocketBufferBytes"));
   exports.Set("socketPair", Napi::Function::New(env, SocketPair, "socketPair"));
   exports.Set("closeFd", Napi::Function::New(env, CloseFd, "closeFd"));
+  exports.Set("renameExchange", Napi::Function::New(env, RenameExchange, "renameExchange"));
   exports.Set("nbdConfigure", Napi::Function::New(env, NbdConfigure, "nbdConfigure"));
   exports.Set("nbdDoIt", Napi::Function::New(env, NbdDoIt, "nbdDoIt"));
   exports.Set("nbdDisconnect", Napi::Function::New(env, NbdDisconnect, "nbdDisconnect"));

@@ -989,6 +989,7 @@ export class SyncEngine {
     // Phase 1b: deletions and removals of mismatched kinds, deepest first.
     const removals = work
       .filter((action) => action.item.status === 'planned' && action.target !== undefined && (!isCreate(action) || action.removeTargetFirst))
+      .filter((action) => !this.swapsInDir(action))
       .sort((x, y) => depthOf(y.item.path) - depthOf(x.item.path) || (x.item.path < y.item.path ? 1 : -1));
     for (const action of removals) {
       const targetSide = other(action.from);
@@ -1015,7 +1016,12 @@ export class SyncEngine {
       const source = entryOf(action.state, action.from)!;
       if (source.kind !== 'dir') continue;
       try {
-        if (action.target === undefined) {
+        if (this.swapsInDir(action)) {
+          // A file or symlink becomes a directory in one swap: the path is never absent (see replaceWithDir).
+          const stat = await this.replica(other(action.from)).replaceWithDir!(action.item.path, source.mode, action.target!);
+          action.target = undefined;
+          this.setResultStat(action, stat);
+        } else if (action.target === undefined) {
           const stat = await this.replica(other(action.from)).mkdir(action.item.path, source.mode);
           this.setResultStat(action, stat);
         } else {
@@ -1136,6 +1142,13 @@ export class SyncEngine {
   /** Final stamps of directories whose contents this run changed, per side. */
   private readonly finalDirStats: [Map<string, EntryStat>, Map<string, EntryStat>] = [new Map(), new Map()];
   private readonly resultFingerprints = new Map<Action, string>();
+
+  /** A file or symlink turning into a directory, on a replica that can swap one in atomically. */
+  private swapsInDir(action: Action): boolean {
+    return action.removeTargetFirst === true && action.target !== undefined
+      && action.target.kind !== 'dir' && entryOf(action.state, action.from)?.kind === 'dir'
+      && typeof this.replica(other(action.from)).replaceWithDir === 'function';
+  }
 
   private setResultStat(action: Action, stat: EntryStat): void {
     this.resultStats.set(action, stat);

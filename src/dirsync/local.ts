@@ -13,6 +13,7 @@ import type { DeltaStats } from './delta.js';
 import { getHasher } from './hash.js';
 import { compileIgnore, TEMP_NAME_MARKER, type IgnoreMatcher } from './ignore.js';
 import * as nativeScan from '../native/scan.js';
+import { renameExchange } from '../native/index.js';
 import {
   assertRelativePath,
   fingerprintHex,
@@ -256,7 +257,7 @@ export class LocalReplica implements Replica {
     if (batch.entries.length > 0 || batch.problems.length > 0) yield batch;
   }
 
-  /** A temp file left by a killed run (its pid is dead): remove it so leftovers do not accumulate. */
+  /** A temp file (or empty temp directory) left by a killed run (its pid is dead): remove it so leftovers do not accumulate. */
   private removeStaleTemp(absolute: string, name: string): void {
     const match = /\.drbdts-tmp-(\d+)-/.exec(name);
     if (match === null) return;
@@ -264,8 +265,9 @@ export class LocalReplica implements Replica {
     if (pid === process.pid || processAlive(pid)) return;
     try {
       const st = fs.lstatSync(absolute);
-      if (st.isDirectory()) return;
-      fs.unlinkSync(absolute);
+      // A temp directory (replaceWithDir killed before its swap) is still empty: rmdir leaves anything else.
+      if (st.isDirectory()) fs.rmdirSync(absolute);
+      else fs.unlinkSync(absolute);
     } catch {
       // Best effort: a leftover we cannot remove is still ignored by every scan.
     }
@@ -647,6 +649,36 @@ export class LocalReplica implements Replica {
       return statToEntry(fs.lstatSync(absolute), absolute);
     } catch (error) {
       if (errorCode(error) === 'EEXIST') throw new ReplicaError('ECHANGED', `${path} appeared since the scan`, path);
+      throw toReplicaError(error, path, 'mkdir');
+    }
+  }
+
+  async replaceWithDir(path: string, mode: number, precondition: EntryStat): Promise<EntryStat> {
+    const absolute = this.abs(path);
+    const temp = this.tempPathFor(absolute);
+    try {
+      fs.mkdirSync(temp, mode & 0o777);
+      fs.chmodSync(temp, mode & 0o777);
+      try {
+        this.checkPrecondition(path, absolute, precondition);
+        try {
+          renameExchange(temp, absolute);
+        } catch (error) {
+          // A filesystem without RENAME_EXCHANGE: the old way, with a moment where the path is absent.
+          if (errorCode(error) !== 'EINVAL' && errorCode(error) !== 'ENOSYS' && errorCode(error) !== 'ENOTSUP') throw error;
+          fs.unlinkSync(absolute);
+          fs.renameSync(temp, absolute);
+          return statToEntry(fs.lstatSync(absolute), absolute);
+        }
+      } catch (error) {
+        fs.rmdirSync(temp);
+        throw error;
+      }
+      // The old file or symlink now sits at the temp name; a kill here leaves it as a stale temp, removed by the
+      // next scan.
+      fs.unlinkSync(temp);
+      return statToEntry(fs.lstatSync(absolute), absolute);
+    } catch (error) {
       throw toReplicaError(error, path, 'mkdir');
     }
   }

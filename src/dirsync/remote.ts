@@ -269,6 +269,10 @@ export class RemoteReplica implements Replica {
     return (await this.call('symlink', { path, linkTarget, precondition })).json as EntryStat;
   }
 
+  async replaceWithDir(path: string, mode: number, precondition: EntryStat): Promise<EntryStat> {
+    return (await this.call('replaceWithDir', { path, mode, precondition })).json as EntryStat;
+  }
+
   async remove(path: string, precondition: EntryStat): Promise<void> {
     await this.call('remove', { path, precondition });
   }

@@ -152,6 +152,14 @@ export interface Replica {
   /** Create a directory (parent must exist; fails with ECHANGED if `path` now exists as anything). */
   mkdir(path: string, mode: number): Promise<EntryStat>;
 
+  /**
+   * Replace a file or symlink by a new, empty directory in one step (a temp directory swapped in with
+   * renameat2(RENAME_EXCHANGE), then the old entry removed), after re-checking the precondition: the path is
+   * never absent, whatever kills the run. Optional: without it the engine removes the file, then makes the
+   * directory.
+   */
+  replaceWithDir?(path: string, mode: number, precondition: EntryStat): Promise<EntryStat>;
+
   /** Create or replace a symlink atomically (temp link + rename), after re-checking the precondition. */
   symlink(path: string, linkTarget: string, precondition: Precondition): Promise<EntryStat>;
 

@@ -183,6 +183,11 @@ class Session {
         return { json: await this.need().writeFile(writeRequestArg(args, request.upload, (value) => this.checkedPath(value))) };
       case 'mkdir':
         return { json: await this.need().mkdir(this.checkedPath(args.path), numberArg(args.mode)) };
+      case 'replaceWithDir': {
+        const replica = this.need();
+        if (replica.replaceWithDir === undefined) throw new ReplicaError('EPROTO', 'replaceWithDir: not supported by this root');
+        return { json: await replica.replaceWithDir(this.checkedPath(args.path), numberArg(args.mode), statArg(args.precondition)) };
+      }
       case 'symlink': {
         if (typeof args.linkTarget !== 'string') throw new ReplicaError('EPROTO', 'symlink: missing target');
         return { json: await this.need().symlink(this.checkedPath(args.path), args.linkTarget, preconditionArg(args.precondition)) };
