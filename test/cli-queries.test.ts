@@ -4,7 +4,7 @@
 // activity-log extents after a SIGKILL mid-write, covering the writes the peer missed), refuses
 // while the node is up, and names the problem on a disk without metadata.
 import { spawn } from 'node:child_process';
-import { writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Cluster, run } from './replication-cluster.js';
@@ -92,7 +92,7 @@ describe('role, cstate, dstate, dump-md', () => {
     await c.down('bob');
     const bare = path.join(c.dir, 'bare.img');
     await writeFile(bare, Buffer.alloc(8 * 1024 * 1024));
-    const config = (await import('node:fs')).readFileSync(c.configPath('bob'), 'utf8').replace(c.imagePath('bob'), bare);
+    const config = (await readFile(c.configPath('bob'), 'utf8')).replace(c.imagePath('bob'), bare);
     await writeFile(c.configPath('bob'), config);
     const none = await c.cli('bob', 'dump-md');
     expect(none.code).toBe(1);

@@ -13,7 +13,6 @@ import type { DeltaStats } from './delta.js';
 import { getHasher } from './hash.js';
 import { compileIgnore, TEMP_NAME_MARKER, type IgnoreMatcher } from './ignore.js';
 import * as nativeScan from '../native/scan.js';
-import { renameExchange } from '../native/index.js';
 import {
   assertRelativePath,
   fingerprintHex,
@@ -661,11 +660,15 @@ export class LocalReplica implements Replica {
       fs.chmodSync(temp, mode & 0o777);
       try {
         this.checkPrecondition(path, absolute, precondition);
+        let swapped: boolean;
         try {
-          renameExchange(temp, absolute);
+          swapped = nativeScan.renameExchange(temp, absolute);
         } catch (error) {
-          // A filesystem without RENAME_EXCHANGE: the old way, with a moment where the path is absent.
           if (errorCode(error) !== 'EINVAL' && errorCode(error) !== 'ENOSYS' && errorCode(error) !== 'ENOTSUP') throw error;
+          swapped = false;
+        }
+        if (!swapped) {
+          // No addon, or a filesystem without RENAME_EXCHANGE: the old way, with a moment where the path is absent.
           fs.unlinkSync(absolute);
           fs.renameSync(temp, absolute);
           return statToEntry(fs.lstatSync(absolute), absolute);

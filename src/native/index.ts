@@ -30,7 +30,6 @@ interface NativeAddon {
   setSocketBufferBytes(fd: number, sendBytes: number, receiveBytes: number): [number, number];
   socketPair(): [number, number];
   closeFd(fd: number): void;
-  renameExchange(from: string, to: string): void;
   nbdConfigure(
     nbdFd: number,
     blockSizeBytes: number,
@@ -539,17 +538,6 @@ export function setSocketBufferBytes(fd: number, sizes: Partial<SocketBufferByte
 /** socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC): two connected descriptors. */
 export function socketPair(): [number, number] {
   return addon.socketPair();
-}
-
-/**
- * renameat2(RENAME_EXCHANGE): swaps two existing paths atomically, whatever their types. Fails with EINVAL or
- * ENOSYS where the filesystem or kernel cannot (the caller then falls back), ENOENT if either is missing.
- */
-export function renameExchange(from: string, to: string): void {
-  if (typeof from !== 'string' || typeof to !== 'string' || from === '' || to === '') {
-    throw new TypeError('renameExchange: two non-empty paths');
-  }
-  addon.renameExchange(from, to);
 }
 
 /** close(2) for descriptors no Node.js object owns. */

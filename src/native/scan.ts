@@ -1,6 +1,7 @@
-// Typed wrapper over the addon's bulk directory scan (native/src/dirsync_scan.cc), used by LocalReplica.scan when
-// no ignore patterns are given. Loaded on its own (not through ./index.js) so that a dirsync run pulls in only this.
-// The addon is optional here: when it is not built, `nativeScanAvailable()` is false and the JavaScript walk runs.
+// Typed wrapper over what dirsync takes from the addon: the bulk directory scan (native/src/dirsync_scan.cc), used
+// by LocalReplica.scan when no ignore patterns are given, and renameat2(RENAME_EXCHANGE). Loaded on its own (not
+// through ./index.js) so that a dirsync run pulls in only this. The addon is optional here: when it is not built,
+// `nativeScanAvailable()` is false and the JavaScript walk runs, and `renameExchange` says it could not swap.
 import { createRequire } from 'node:module';
 
 /** Record kinds of the packed result (see dirsync_scan.cc). */
@@ -23,6 +24,7 @@ export interface PackedScan {
 
 interface ScanAddon {
   dirsyncScanTree(root: string): Promise<[Buffer, Float64Array]>;
+  renameExchange?(from: string, to: string): void;
 }
 
 let addon: ScanAddon | null | undefined;
@@ -53,4 +55,19 @@ export async function scanTree(root: string): Promise<PackedScan> {
   const [strings, records] = await native.dirsyncScanTree(root);
   if (records.length % SCAN_RECORD_FIELDS !== 0) throw new Error(`native scan returned ${records.length} fields`);
   return { strings, records };
+}
+
+/**
+ * renameat2(RENAME_EXCHANGE): swaps two existing paths atomically, whatever their types. Returns false when the
+ * addon is not built; throws the system error otherwise (EINVAL or ENOSYS where the filesystem or kernel cannot,
+ * ENOENT if either path is missing), so the caller can fall back.
+ */
+export function renameExchange(from: string, to: string): boolean {
+  if (typeof from !== 'string' || typeof to !== 'string' || from === '' || to === '') {
+    throw new TypeError('renameExchange: two non-empty paths');
+  }
+  const native = load();
+  if (native?.renameExchange === undefined) return false;
+  native.renameExchange(from, to);
+  return true;
 }
