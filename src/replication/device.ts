@@ -11,6 +11,18 @@
 //      the caller still gets success (the node continues StandAlone). The AL extent stays hot until then.
 // The Secondary applies DATA frames through its own gate in the order they arrive, so overlapping writes land in
 // the same order on both replicas. Resync (resync.ts) reads and writes through the same gates.
+//
+// Dual-primary (allow-two-primaries, protocol C): both nodes write, so two overlapping writes, one from each
+// side, can cross on the wire and each node would apply its own first. One node resolves such conflicts (the
+// link's connecting side), as in DRBD: every local write is tracked from its admission until the peer's verdict
+// on it. A peer write that arrives at the resolver overlapping one of its tracked writes is not applied: the
+// resolver's write counts as the later one, and the peer is told SUPERSEDED when its write lies wholly inside
+// that write (it completes; the resolver's write will overwrite it on the peer), else RETRY_WRITE (the peer
+// writes it again, locally and to us, after our write). On the other node a peer write overlapping its tracked
+// writes waits for their verdicts and is then applied after them. The resolver's decision "is my write still
+// unanswered" must see the peer's acks in the order the peer sent them relative to its data, so the other node
+// sends its write acks on the data socket; the resolver's acks and verdicts stay on the meta socket, since the
+// other node's waits depend on them and its data socket may be paused for flow control.
 import assert from 'node:assert/strict';
 import type { BlockDevice, BlockDeviceCapabilities, Extent, ZeroOptions } from '../blockdev/types.js';
 import { BlockDeviceError } from '../blockdev/types.js';
@@ -45,7 +57,27 @@ export interface ReplicationCounters {
   diskReadBytes: number;
   resyncSentBytes: number;
   resyncReceivedBytes: number;
+  /** Dual-primary: peer writes this resolver discarded as superseded / sent back for a retry. */
+  conflictsSuperseded: number;
+  conflictsRetried: number;
+  /** Dual-primary: local writes the resolver superseded / had us retry; peer writes that waited for a verdict. */
+  writesSupersededByPeer: number;
+  writesRetried: number;
+  peerWritesDelayed: number;
 }
+
+/** Dual-primary: a local write from its admission until the peer's verdict on it. */
+interface TrackedWrite {
+  readonly start: number;
+  readonly end: number;
+  /** Its peer sequence number once sent (0 before). */
+  seq: number;
+  done: Promise<void> | null;
+  release: (() => void) | null;
+}
+
+/** Rejects a write attempt that the resolving peer asked us to make again (never reaches a caller). */
+const retryRequested = new Error('the peer asked for this write again (dual-primary conflict)');
 
 interface PendingWrite {
   seq: number;
@@ -62,6 +94,8 @@ interface PendingWrite {
   /** The caller was answered (the write may still await its WRITE_ACK). */
   completed: boolean;
   alBegun: boolean;
+  /** Dual-primary: the resolving peer answered RETRY_WRITE; the caller's write runs again. */
+  retry: boolean;
   failure: Error | null;
   resolve: () => void;
   reject: (error: Error) => void;
@@ -78,6 +112,7 @@ export class ReplicatedDevice implements BlockDevice {
   readonly counters: ReplicationCounters = {
     networkSentBytes: 0, networkReceivedBytes: 0, diskWrittenBytes: 0, diskReadBytes: 0,
     resyncSentBytes: 0, resyncReceivedBytes: 0,
+    conflictsSuperseded: 0, conflictsRetried: 0, writesSupersededByPeer: 0, writesRetried: 0, peerWritesDelayed: 0,
   };
   /** Writes to the peer not acknowledged as written yet. */
   private readonly pending = new Map<number, PendingWrite>();
@@ -103,6 +138,11 @@ export class ReplicatedDevice implements BlockDevice {
   /** Last time the peer sent us application data (the resync rate controller backs off while it flows). */
   lastApplicationIoMs = 0;
   private closed = false;
+  /** Dual-primary conflict handling for this connection (attach), and whether this node resolves. */
+  private dualPrimary = false;
+  private resolver = false;
+  private readonly tracked = new Set<TrackedWrite>();
+  private readonly trackedBySeq = new Map<number, TrackedWrite>();
 
   constructor(private readonly options: ReplicatedDeviceOptions) {
     this.sizeBytes = options.bitmap.dataSizeBytes;
@@ -141,9 +181,14 @@ export class ReplicatedDevice implements BlockDevice {
 
   // ---- connection management (the daemon decides when) ----
 
-  /** Uses `connection` for peer writes and acks; application writes are shipped once startShipping() ran. */
-  attach(connection: PeerConnection): void {
+  /**
+   * Uses `connection` for peer writes and acks; application writes are shipped once startShipping() ran.
+   * `dualPrimary` turns on conflict handling for writes from both sides; `resolver` says this node decides.
+   */
+  attach(connection: PeerConnection, conflicts: { dualPrimary: boolean; resolver: boolean } = { dualPrimary: false, resolver: false }): void {
     this.connection = connection;
+    this.dualPrimary = conflicts.dualPrimary;
+    this.resolver = conflicts.resolver;
     this.dataPaused = false;
     this.shipping = false;
     this.ahead = false;
@@ -172,6 +217,8 @@ export class ReplicatedDevice implements BlockDevice {
     }
     for (const barrier of this.barriers.values()) barrier.resolve();
     this.barriers.clear();
+    // No verdict will come: peer writes waiting for one go ahead (both sides' bitmaps cover what differs).
+    for (const record of this.tracked) this.untrack(record);
   }
 
   get isShipping(): boolean {
@@ -264,7 +311,29 @@ export class ReplicatedDevice implements BlockDevice {
     waiter?.();
   }
 
-  private async replicate(
+  private replicate(
+    type: number,
+    offset: number,
+    lengthBytes: number,
+    fua: boolean,
+    payload: Buffer | null,
+    extraFlags: number,
+    writeLocal: () => Promise<void>,
+    localFirst = false,
+  ): Promise<void> {
+    const attempt = this.replicateOnce(type, offset, lengthBytes, fua, payload, extraFlags, writeLocal, localFirst);
+    if (!this.dualPrimary) return attempt;
+    // Dual-primary: the resolving peer may ask for the write again (RETRY_WRITE); it then runs anew, after the
+    // peer's conflicting write, here and on the peer.
+    const again = (error: unknown): Promise<void> => {
+      if (error !== retryRequested) throw error;
+      this.counters.writesRetried += 1;
+      return this.replicateOnce(type, offset, lengthBytes, fua, payload, extraFlags, writeLocal, localFirst).catch(again);
+    };
+    return attempt.catch(again);
+  }
+
+  private async replicateOnce(
     type: number,
     offset: number,
     lengthBytes: number,
@@ -279,8 +348,14 @@ export class ReplicatedDevice implements BlockDevice {
     else await this.acquireSlot();
     let entry: GateEntry | null = null;
     let alBegun = false;
+    let record: TrackedWrite | null = null;
     const activityLog = this.options.activityLog;
     try {
+      if (this.dualPrimary) {
+        // Tracked from the same moment it enters the gate: a peer write arriving from now on conflicts with it.
+        record = { start: offset, end: offset + Math.max(1, lengthBytes), seq: 0, done: null, release: null };
+        this.tracked.add(record);
+      }
       const admitted = this.gate.enter(offset, lengthBytes);
       entry = admitted instanceof Promise ? await admitted : admitted;
       if (activityLog !== undefined && lengthBytes > 0) {
@@ -318,10 +393,16 @@ export class ReplicatedDevice implements BlockDevice {
           // payload is copied (once, into a pooled buffer) so the caller may reuse its buffer at once.
           needSent: false,
           localDone: false, sent: false, received: false, written: false, completed: false,
-          alBegun, failure: null, resolve, reject,
+          alBegun, retry: false, failure: null, resolve, reject,
         };
         alBegun = false; // the pending entry ends the AL write when the peer confirms
         this.pending.set(seq, pending);
+        if (record !== null && this.tracked.has(record)) {
+          // From now on the peer's verdict (ack, SUPERSEDED, RETRY_WRITE) for this seq ends the tracking.
+          record.seq = seq;
+          this.trackedBySeq.set(seq, record);
+          record = null;
+        }
         const flags = (fua ? FrameFlag.FUA : 0) | extraFlags;
         let body = payload ?? lengthBody(lengthBytes);
         const copied = protocol === 'A' && payload !== null;
@@ -370,8 +451,22 @@ export class ReplicatedDevice implements BlockDevice {
     } finally {
       if (entry !== null) this.gate.leave(entry);
       if (alBegun) activityLog!.endWrite(offset, lengthBytes);
+      // Never sent (not shipping, or failed before the send): no verdict will come for it.
+      if (record !== null) this.untrack(record);
       this.releaseSlot();
     }
+  }
+
+  /** Dual-primary: the write's verdict is in (or never will be): peer writes waiting on it may go. */
+  private untrack(record: TrackedWrite): void {
+    if (!this.tracked.delete(record)) return;
+    if (record.seq !== 0 && this.trackedBySeq.get(record.seq) === record) this.trackedBySeq.delete(record.seq);
+    record.release?.();
+  }
+
+  private verdictFor(seq: number): void {
+    const record = this.trackedBySeq.get(seq);
+    if (record !== undefined) this.untrack(record);
   }
 
   /** Completes the caller when the protocol's condition holds; forgets the write once the peer wrote it. */
@@ -382,6 +477,7 @@ export class ReplicatedDevice implements BlockDevice {
       if (peerOk) {
         write.completed = true;
         if (write.failure !== null) write.reject(write.failure);
+        else if (write.retry) write.reject(retryRequested);
         else write.resolve();
       }
     }
@@ -430,10 +526,20 @@ export class ReplicatedDevice implements BlockDevice {
         return true;
       case FrameType.RECV_ACK:
       case FrameType.WRITE_ACK:
-      case FrameType.NEG_ACK: {
+      case FrameType.NEG_ACK:
+      case FrameType.SUPERSEDED:
+      case FrameType.RETRY_WRITE: {
+        if (type !== FrameType.RECV_ACK) this.verdictFor(id);
         const write = this.pending.get(id);
         if (write === undefined) return true; // acked after a detach/reattach: nothing waits for it
-        if (type === FrameType.NEG_ACK) {
+        if (type === FrameType.SUPERSEDED) {
+          // The resolver kept its own overlapping write, which covers all of this one and reaches us next.
+          this.counters.writesSupersededByPeer += 1;
+          write.received = write.written = true;
+        } else if (type === FrameType.RETRY_WRITE) {
+          write.retry = true;
+          write.received = write.written = true;
+        } else if (type === FrameType.NEG_ACK) {
           // The peer could not write it: its copy of these blocks is stale.
           this.options.bitmap.setRange(write.offset, write.lengthBytes);
           write.received = write.written = true;
@@ -469,6 +575,28 @@ export class ReplicatedDevice implements BlockDevice {
     if (this.options.protocol === 'B' && connection !== null) {
       connection.send(CHANNEL_META, FrameType.RECV_ACK, 0, seq, 0);
     }
+    let verdicts: Array<Promise<void>> | null = null;
+    if (this.dualPrimary && this.tracked.size > 0) {
+      const end = offset + Math.max(1, lengthBytes);
+      let covered = false;
+      for (const record of this.tracked) {
+        if (record.start < end && offset < record.end) {
+          if (record.start <= offset && end <= record.end) covered = true;
+          (verdicts ??= []).push(this.doneOf(record));
+        }
+      }
+      if (verdicts !== null && this.resolver) {
+        // Our overlapping write is the later one: the peer's is not applied here.
+        if (covered) this.counters.conflictsSuperseded += 1;
+        else this.counters.conflictsRetried += 1;
+        receivePool.release(body);
+        connection?.send(CHANNEL_META, covered ? FrameType.SUPERSEDED : FrameType.RETRY_WRITE, 0, seq, 0);
+        return;
+      }
+      if (verdicts !== null) this.counters.peerWritesDelayed += 1;
+    }
+    // The resolver's writes are acked on the data socket, behind our own earlier data (see the top of the file).
+    const ackChannel = this.dualPrimary && !this.resolver ? CHANNEL_DATA : CHANNEL_META;
     const admitted = this.gate.enter(offset, lengthBytes, 'peer');
     // Bounded memory on the Secondary: a slow local disk pauses the data socket instead of queueing without end.
     this.applyingBytes += body.length;
@@ -480,6 +608,8 @@ export class ReplicatedDevice implements BlockDevice {
       const entry = admitted instanceof Promise ? await admitted : admitted;
       let ok = true;
       try {
+        // Dual-primary, not the resolver: our overlapping writes are answered first, then this one lands on top.
+        if (verdicts !== null) await Promise.all(verdicts);
         if (offset + lengthBytes > this.sizeBytes) throw new Error(`peer write beyond the end (${offset}+${lengthBytes})`);
         if (type === FrameType.DATA) {
           await this.options.local.write(offset, body, fua);
@@ -504,7 +634,7 @@ export class ReplicatedDevice implements BlockDevice {
           connection?.resumeData();
         }
       }
-      connection?.send(CHANNEL_META, ok ? FrameType.WRITE_ACK : FrameType.NEG_ACK, 0, seq, 0);
+      connection?.send(ackChannel, ok ? FrameType.WRITE_ACK : FrameType.NEG_ACK, 0, seq, 0);
     };
     const done = run();
     this.applying.add(done);
@@ -522,6 +652,15 @@ export class ReplicatedDevice implements BlockDevice {
       return; // no ack: the primary's flush waits until the link drops and the bitmap covers the writes
     }
     connection?.send(CHANNEL_META, FrameType.BARRIER_ACK, 0, id, 0);
+  }
+
+  private doneOf(record: TrackedWrite): Promise<void> {
+    if (record.done === null) {
+      record.done = new Promise<void>((resolve) => {
+        record.release = resolve;
+      });
+    }
+    return record.done;
   }
 
   /** Waits until every peer write received so far is on the local disk. */

@@ -41,6 +41,9 @@ export const FrameType = {
   NEG_ACK: 35, // meta socket: id, the peer's write failed
   BARRIER: 36, // data socket: id; the peer answers after fdatasync of every earlier write
   BARRIER_ACK: 37,
+  // Dual-primary conflict verdicts, resolver -> peer on the meta socket: id = the peer's write seq.
+  SUPERSEDED: 38, // not applied here: it lies wholly inside our own overlapping write, which overwrites it
+  RETRY_WRITE: 39, // not applied here: write it again (it then lands after our overlapping write)
   // Bitmap exchange: offset = byte offset within the bitmap, body = bitmap bytes (lz4 when FLAG_LZ4).
   BITMAP: 40,
   BITMAP_END: 41,

@@ -2,8 +2,7 @@
 // admitted earlier waits until that one leaves, so overlapping writes are applied in arrival order. The primary
 // admits application writes (and resync reads) here; the secondary admits the writes it receives in the order
 // they came off the data socket, so both replicas apply overlapping writes in the same order and never diverge.
-// Dual-primary conflict detection asks the same question (what overlaps this range right now?), hence the
-// `overlapping` query.
+// (Dual-primary conflicts between the two sides' writes are handled in device.ts, on top of this.)
 import assert from 'node:assert/strict';
 
 export interface GateEntry {
@@ -49,13 +48,6 @@ export class IntervalGate {
     const removed = this.entries.delete(entry);
     assert.ok(removed, 'gate entry left twice');
     entry.release?.();
-  }
-
-  overlapping(offset: number, lengthBytes: number): GateEntry[] {
-    const end = offset + Math.max(1, lengthBytes);
-    const result: GateEntry[] = [];
-    for (const entry of this.entries) if (entry.start < end && offset < entry.end) result.push(entry);
-    return result;
   }
 
   /** Resolves when every entry in the gate now has left (later entries are not waited for). */

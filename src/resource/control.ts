@@ -56,6 +56,13 @@ export interface ResourceStatus {
     resyncReceivedBytes: number;
     alWrites: number;
     bmWrites: number;
+    /** Dual-primary: peer writes this node (the resolver) superseded / sent back for a retry. */
+    conflictsSuperseded: number;
+    conflictsRetried: number;
+    /** Dual-primary: this node's writes the resolver superseded / had retried; peer writes that waited. */
+    writesSupersededByPeer: number;
+    writesRetried: number;
+    peerWritesDelayed: number;
   };
   pending: number;
   unacked: number;

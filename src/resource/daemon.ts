@@ -269,6 +269,12 @@ export class NodeDaemon {
         diskReadBytes: counters.diskReadBytes,
         resyncSentBytes: counters.resyncSentBytes,
         resyncReceivedBytes: counters.resyncReceivedBytes,
+        // Dual-primary conflicts: resolved here (peer writes superseded / sent back), and met by our writes.
+        conflictsSuperseded: counters.conflictsSuperseded,
+        conflictsRetried: counters.conflictsRetried,
+        writesSupersededByPeer: counters.writesSupersededByPeer,
+        writesRetried: counters.writesRetried,
+        peerWritesDelayed: counters.peerWritesDelayed,
         alWrites: this.metadata.activityLog.transactions,
         bmWrites: this.metadata.bitmapWrites,
       },
@@ -292,7 +298,8 @@ export class NodeDaemon {
       peerUuids: { current: 0n, bitmap: 0n, history: [0n, 0n] }, resyncPaused: false,
     };
     this.session = session;
-    this.device.attach(connection);
+    // With allow-two-primaries, overlapping writes from both sides are resolved by the connecting node.
+    this.device.attach(connection, { dualPrimary: this.config.allowTwoPrimaries, resolver: this.link.side === 'connector' });
     // Our state goes out before queued peer frames are handled, so the peer's NODE_STATE is taken as its
     // half of this exchange rather than as a request to answer.
     this.sendNodeState(session);
@@ -386,6 +393,13 @@ export class NodeDaemon {
         const change = decodeMessage<StateChangeMessage>(Messages.StateChange, body);
         session.peerRole = change.role === 'Primary' ? 'Primary' : 'Secondary';
         session.peerDisk = change.disk as DiskState;
+        if (session.peerRole === 'Primary' && this.role === 'Primary' && !this.config.allowTwoPrimaries) {
+          // Both promoted at the same moment, each seeing the other Secondary. Without conflict handling the
+          // replicas could diverge under crossing writes: drop the link; the reconnect sees the split brain.
+          this.logger.error('the peer became Primary while this node is Primary and allow-two-primaries is off');
+          connection.close('both nodes are Primary and allow-two-primaries is off');
+          return;
+        }
         session.peerUuids = { current: change.currentUuid, bitmap: change.bitmapUuid,
           history: [change.historyUuids[0] ?? 0n, change.historyUuids[1] ?? 0n] };
         return;
@@ -471,8 +485,13 @@ export class NodeDaemon {
       this.refuse(session, `peer ${peer.node} uses protocol ${peer.protocol}, this node ${this.config.protocol}: the config must be identical`);
       return;
     }
-    if (this.role === 'Primary' && peer.role === 'Primary') {
-      this.refuse(session, 'both nodes are Primary (dual-primary is not supported yet): demote one');
+    if (peer.allowTwoPrimaries !== this.config.allowTwoPrimaries) {
+      this.refuse(session, `allow-two-primaries is ${this.config.allowTwoPrimaries ? 'on' : 'off'} here and `
+        + `${peer.allowTwoPrimaries ? 'on' : 'off'} on ${peer.node}: the config must be identical`);
+      return;
+    }
+    if (this.role === 'Primary' && peer.role === 'Primary' && !this.config.allowTwoPrimaries) {
+      this.refuse(session, 'both nodes are Primary and allow-two-primaries is off: demote one');
       return;
     }
     const peerView: SyncView = {
@@ -684,11 +703,16 @@ export class NodeDaemon {
         if (this.role === 'Primary') return this.status();
         const session = this.session;
         if (session !== null && session.peerRole === 'Primary') {
-          // Dual-primary needs conflict resolution for overlapping writes from both sides (a later issue): until
-          // then a second Primary is refused even with allow-two-primaries, rather than risk diverging replicas.
-          throw new Error(this.config.allowTwoPrimaries
-            ? `${name}: the peer ${this.peerName} is Primary; allow-two-primaries is set, but dual-primary conflict resolution is not implemented yet: demote the peer first`
-            : `${name}: the peer ${this.peerName} is Primary; demote it first (allow-two-primaries is off)`);
+          if (!this.config.allowTwoPrimaries) {
+            throw new Error(`${name}: the peer ${this.peerName} is Primary; demote it first (allow-two-primaries is off)`);
+          }
+          // Dual-primary: only a node with the same data as the Primary peer, replicating to it, may join it.
+          if (force) throw new Error(`${name}: the peer ${this.peerName} is Primary: --force would discard the data it serves`);
+          if (this.connectionState() !== 'Connected' || this.diskState() !== 'UpToDate' || session.peerDisk !== 'UpToDate'
+            || !this.device.isShipping) {
+            throw new Error(`${name}: a second Primary needs both disks UpToDate and the nodes Connected `
+              + `(now ${this.connectionState()}, ${this.diskState()}/${session.peerDisk})`);
+          }
         }
         if (session?.target != null) {
           throw new Error(`${name} is SyncTarget (resync ${this.status().resync?.doneBytes ?? 0} bytes done): wait for the resync to finish`);
