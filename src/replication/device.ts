@@ -32,7 +32,7 @@ import type { ActivityLog } from '../resource/activity-log.js';
 import { FrameFlag, FrameType } from './frame.js';
 import { IntervalGate, type GateEntry } from './gate.js';
 import { receivePool } from './pool.js';
-import { CHANNEL_DATA, CHANNEL_META, type PeerConnection } from './link.js';
+import { CHANNEL_DATA, CHANNEL_META, type PeerChannel } from './link.js';
 
 export type ReplicationProtocol = 'A' | 'B' | 'C';
 
@@ -117,7 +117,7 @@ export class ReplicatedDevice implements BlockDevice {
   /** Writes to the peer not acknowledged as written yet. */
   private readonly pending = new Map<number, PendingWrite>();
   private readonly barriers = new Map<number, { resolve: () => void }>();
-  private connection: PeerConnection | null = null;
+  private connection: PeerChannel | null = null;
   /** Replicate application writes to the peer (connected, and not pulled ahead). */
   private shipping = false;
   /** Protocol A pull-ahead: the send queue overflowed; writes mark the bitmap until it drains. */
@@ -185,7 +185,7 @@ export class ReplicatedDevice implements BlockDevice {
    * Uses `connection` for peer writes and acks; application writes are shipped once startShipping() ran.
    * `dualPrimary` turns on conflict handling for writes from both sides; `resolver` says this node decides.
    */
-  attach(connection: PeerConnection, conflicts: { dualPrimary: boolean; resolver: boolean } = { dualPrimary: false, resolver: false }): void {
+  attach(connection: PeerChannel, conflicts: { dualPrimary: boolean; resolver: boolean } = { dualPrimary: false, resolver: false }): void {
     this.connection = connection;
     this.dualPrimary = conflicts.dualPrimary;
     this.resolver = conflicts.resolver;
@@ -201,7 +201,7 @@ export class ReplicatedDevice implements BlockDevice {
     this.unreplicatedHookDone = false;
   }
 
-  get attachedConnection(): PeerConnection | null {
+  get attachedConnection(): PeerChannel | null {
     return this.connection;
   }
 
@@ -500,7 +500,7 @@ export class ReplicatedDevice implements BlockDevice {
     }
   }
 
-  private enterAhead(connection: PeerConnection): void {
+  private enterAhead(connection: PeerChannel): void {
     if (this.ahead) return;
     this.ahead = true;
     this.options.logger.warn('send queue full: pulling ahead of the peer (writes mark the bitmap until it drains)');

@@ -155,7 +155,24 @@ async function expectFrame(socket: FrameSocket, type: number, timeoutMs: number)
 }
 
 /** An established, authenticated connection to the peer: a data socket and a meta socket. */
-export class PeerConnection {
+/**
+ * What the replicated device needs of a peer connection: PeerConnection below, or the deterministic simulated
+ * link of the tests (test/sim/).
+ */
+export interface PeerChannel {
+  readonly closedReason: string | null;
+  /** Bytes queued toward the peer on the data channel and not yet taken by the transport. */
+  readonly dataQueuedBytes: number;
+  send(channel: Channel, type: number, flags: number, id: number, offset: number, body?: Uint8Array): boolean;
+  sendWithCallback(channel: Channel, type: number, flags: number, id: number, offset: number, body: Uint8Array,
+    onWritten: () => void): void;
+  /** Stop / resume receiving the peer's data channel (flow control toward the peer). */
+  pauseData(): void;
+  resumeData(): void;
+  waitDataDrain(): Promise<void>;
+}
+
+export class PeerConnection implements PeerChannel {
   onFrame: FrameListener = () => {};
   onClose: (reason: string) => void = () => {};
   closedReason: string | null = null;
