@@ -94,6 +94,35 @@ describe('dual-primary', () => {
     expect(await c.hashData('alice')).toBe(await c.hashData('bob'));
   }, 180_000);
 
+  it('survives SIGKILL of one Primary during crossing writes: the other serves on, and the restart resyncs', async () => {
+    cluster = new Cluster({ sizeMiB: 16, extraNet: dualPrimary });
+    await cluster.setup();
+    await promoteBoth(cluster);
+    const c = cluster;
+    const files = await Promise.all((['alice', 'bob'] as const).map(async (node, index) => {
+      const file = path.join(c.dir, `${node}-timed.fio`);
+      await writeFile(file, fioJob(c, node, 77 + index).replace('io_size=1m', 'time_based=1\nruntime=4'));
+      return file;
+    }));
+    const alice = run('fio', [files[0]!], { timeoutMs: 60_000 });
+    const bob = run('fio', [files[1]!], { timeoutMs: 60_000 });
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+    c.kill('bob');
+    const [aliceResult] = await Promise.all([alice, bob]);
+    // alice's writes waited for the dead peer until the ping timeout, then completed StandAlone.
+    expect(aliceResult.stderr).not.toMatch(/error/i);
+    expect(aliceResult.code).toBe(0);
+    const survivor = await c.status('alice');
+    expect(survivor.role).toBe('Primary');
+    expect(survivor.connection).not.toBe('Connected');
+    expect(survivor.outOfSyncBytes).toBeGreaterThan(0);
+    // bob restarts as Secondary; his crash left activity-log extents, alice's bitmap has the rest.
+    await c.start('bob');
+    await c.waitInSync(60_000);
+    expect((await c.status('bob')).role).toBe('Secondary');
+    expect(await c.hashData('alice')).toBe(await c.hashData('bob'));
+  }, 120_000);
+
   it('refuses a second Primary without allow-two-primaries, and while the nodes are not in sync', async () => {
     cluster = new Cluster({ sizeMiB: 16 });
     await cluster.setup();
@@ -101,6 +130,21 @@ describe('dual-primary', () => {
     const refused = await cluster.cli('bob', 'primary');
     expect(refused.code).toBe(1);
     expect(refused.stderr).toMatch(/peer alice is Primary; demote it first \(allow-two-primaries is off\)/);
+    // Promotions at the same instant: each node may still see the other Secondary. Whatever the race gives,
+    // two Primaries must never stay connected without the option.
+    expect((await cluster.cli('alice', 'secondary')).code).toBe(0);
+    for (let attempt = 0; attempt < 3; attempt++) {
+      await Promise.all([cluster.cli('alice', 'primary'), cluster.cli('bob', 'primary')]);
+      await new Promise((resolve) => setTimeout(resolve, 500));
+      const [a, b] = [await cluster.status('alice'), await cluster.status('bob')];
+      expect(a.role === 'Primary' && b.role === 'Primary' && a.connection === 'Connected' && b.connection === 'Connected',
+        `attempt ${attempt}: ${JSON.stringify([a.role, a.connection, b.role, b.connection])}`).toBe(false);
+      for (const node of ['alice', 'bob'] as const) expect((await cluster.cli(node, 'secondary')).code).toBe(0);
+      for (const node of ['alice', 'bob'] as const) {
+        if ((await cluster.status(node)).connection === 'StandAlone') await cluster.cli(node, 'connect');
+      }
+      await cluster.waitInSync();
+    }
     await cluster.teardown();
 
     cluster = new Cluster({ sizeMiB: 16, extraNet: dualPrimary });
