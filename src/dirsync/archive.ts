@@ -94,6 +94,16 @@ const KIND_CODE: Record<EntryKind, number> = { file: 0x66, dir: 0x64, symlink: 0
  * side 1 is this run's root 2; entries are returned in this run's orientation.
  */
 export async function loadArchive(file: string, swapped: boolean): Promise<Map<string, ArchiveEntry>> {
+  const data = await loadArchiveData(file, swapped);
+  return data instanceof ArchiveTable ? data.toMap() : data;
+}
+
+/**
+ * Load an archive as the engine uses it: a format 2 file as its packed table (no object or string per entry until
+ * one is asked for), a format 1 file as a map, a missing file as an empty map. Everything but the uniqueness of the
+ * paths is checked here; ArchiveTable.toMap and the native join (dirsync_join.cc) check that.
+ */
+export async function loadArchiveData(file: string, swapped: boolean): Promise<ArchiveTable | Map<string, ArchiveEntry>> {
   let bytes: Buffer;
   try {
     bytes = fs.readFileSync(file);
@@ -101,21 +111,25 @@ export async function loadArchive(file: string, swapped: boolean): Promise<Map<s
     if ((error as NodeJS.ErrnoException).code === 'ENOENT') return new Map();
     throw new ArchiveError(file, `cannot read archive ${file}: ${(error as Error).message}`);
   }
-  const corrupt = (why: string): ArchiveError =>
+  const corrupt = corruptError(file);
+  if (startsWith(bytes, MAGIC_2 + '\n')) return parseBinary(bytes, swapped, corrupt);
+  return parseText(bytes.toString('utf8'), swapped, corrupt);
+}
+
+function corruptError(file: string): (why: string) => ArchiveError {
+  return (why) =>
     new ArchiveError(
       file,
       `archive ${file} is corrupt (${why}); nothing was changed. Remove it to start over: the next run then treats ` +
         `the pair as never synced (identical files are recognised, differing ones become conflicts, nothing is deleted)`,
     );
-  if (startsWith(bytes, MAGIC_2 + '\n')) return parseBinary(bytes, swapped, corrupt);
-  return parseText(bytes.toString('utf8'), swapped, corrupt);
 }
 
 function startsWith(bytes: Buffer, prefix: string): boolean {
   return bytes.length >= prefix.length && latin1Slice.call(bytes, 0, prefix.length) === prefix;
 }
 
-async function parseBinary(bytes: Buffer, swapped: boolean, corrupt: (why: string) => ArchiveError): Promise<Map<string, ArchiveEntry>> {
+async function parseBinary(bytes: Buffer, swapped: boolean, corrupt: (why: string) => ArchiveError): Promise<ArchiveTable> {
   const bodyEnd = bytes.length - TRAILER_BYTES;
   const trailer = bodyEnd > 0 ? latin1Slice.call(bytes, bodyEnd, bytes.length) : '';
   if (!/^\nend [0-9a-f]{16}\n$/.test(trailer)) throw corrupt('missing end marker');
@@ -133,8 +147,8 @@ async function parseBinary(bytes: Buffer, swapped: boolean, corrupt: (why: strin
   if (typeof count !== 'number' || !Number.isSafeInteger(count) || count < 0 || numbersStart % 8 !== 0) throw corrupt('bad header line');
   const lengthsStart = numbersStart + count * NUMBER_FIELDS * 8;
   const kindsStart = lengthsStart + count * LENGTH_FIELDS * 4;
-  let position = kindsStart + count;
-  if (position > bodyEnd) throw corrupt(`header says ${count} entries, the file is too short for them`);
+  const stringsStart = kindsStart + count;
+  if (stringsStart > bodyEnd) throw corrupt(`header says ${count} entries, the file is too short for them`);
   // Typed views need aligned offsets: a small file may sit at any offset of Node's buffer pool, then it is copied.
   const aligned = bytes.byteOffset % 8 === 0 ? bytes : Buffer.from(bytes);
   const numbers = new Float64Array(aligned.buffer, aligned.byteOffset + numbersStart, count * NUMBER_FIELDS);
@@ -143,36 +157,197 @@ async function parseBinary(bytes: Buffer, swapped: boolean, corrupt: (why: strin
     Buffer.from(numbers.buffer, numbers.byteOffset, numbers.byteLength).swap64();
     Buffer.from(lengths.buffer, lengths.byteOffset, lengths.byteLength).swap32();
   }
-  const [m1, c1, i1, m2, c2, i2] = swapped ? [5, 6, 7, 2, 3, 4] : [2, 3, 4, 5, 6, 7];
-  const entries = new Map<string, ArchiveEntry>();
+  const kinds = new Uint8Array(aligned.buffer, aligned.byteOffset + kindsStart, count);
+  const strings = aligned.subarray(stringsStart, bodyEnd);
+  // One pass over the arrays, no string made: kinds, string bounds, numbers (NaN and infinities propagate
+  // through the sum, so one test covers every number of an entry).
+  // Over its own ArrayBuffer: never a small on-heap typed array, whose data the native join could not hold.
+  const starts = new Uint32Array(new ArrayBuffer((count + 1) * 4));
+  const stringBytes = strings.length;
+  let position = 0;
   for (let index = 0, n = 0, l = 0; index < count; index++, n += NUMBER_FIELDS, l += LENGTH_FIELDS) {
-    const kind = KINDS_BY_CODE[bytes[kindsStart + index]!];
-    const pathEnd = position + lengths[l]!;
-    const fingerprintEnd = pathEnd + lengths[l + 1]!;
-    const linkEnd = fingerprintEnd + lengths[l + 2]!;
-    if (kind === undefined || linkEnd > bodyEnd || pathEnd === position) throw corrupt(`bad entry ${index + 1}`);
-    const entry: ArchiveEntry = {
-      kind,
-      sizeBytes: numbers[n]!,
-      fingerprint: fingerprintEnd > pathEnd ? latin1Slice.call(bytes, pathEnd, fingerprintEnd) : '',
-      mode: numbers[n + 1]!,
-      linkTarget: linkEnd > fingerprintEnd ? utf8Slice.call(bytes, fingerprintEnd, linkEnd) : '',
-      mtime1Ms: numbers[n + m1]!,
-      ctime1Ms: numbers[n + c1]!,
-      inode1: numbers[n + i1]!,
-      mtime2Ms: numbers[n + m2]!,
-      ctime2Ms: numbers[n + c2]!,
-      inode2: numbers[n + i2]!,
-    };
-    if (!Number.isFinite(entry.sizeBytes + entry.mode + entry.mtime1Ms + entry.ctime1Ms + entry.inode1 + entry.mtime2Ms + entry.ctime2Ms + entry.inode2)) {
+    const kind = kinds[index]!;
+    const pathLength = lengths[l]!;
+    const end = position + pathLength + lengths[l + 1]! + lengths[l + 2]!;
+    if ((kind !== 0x66 && kind !== 0x64 && kind !== 0x6c) || end > stringBytes || pathLength === 0) throw corrupt(`bad entry ${index + 1}`);
+    if (!Number.isFinite(numbers[n]! + numbers[n + 1]! + numbers[n + 2]! + numbers[n + 3]! + numbers[n + 4]! + numbers[n + 5]! + numbers[n + 6]! + numbers[n + 7]!)) {
       throw corrupt(`bad number in entry ${index + 1}`);
     }
-    entries.set(utf8Slice.call(bytes, position, pathEnd), entry);
-    position = linkEnd;
+    starts[index] = position;
+    position = end;
   }
-  if (position !== bodyEnd) throw corrupt(`${bodyEnd - position} bytes after the last entry`);
-  if (entries.size !== count) throw corrupt(`header says ${count} entries, found ${entries.size} distinct paths`);
-  return entries;
+  starts[count] = position;
+  if (position !== stringBytes) throw corrupt(`${stringBytes - position} bytes after the last entry`);
+  return new ArchiveTable(corrupt, swapped, count, numbers, lengths, kinds, strings, starts, aligned.subarray(0, bodyEnd));
+}
+
+/**
+ * A format 2 archive as loaded: the file's own arrays (numbers in the file's orientation), no object per entry.
+ * Entries are made on demand (`entry`, `path`), all of them only by `toMap` (the fallback paths of the engine).
+ */
+export class ArchiveTable {
+  constructor(
+    private readonly corrupt: (why: string) => ArchiveError,
+    /** The file's side 1 is this run's root 2. */
+    readonly swapped: boolean,
+    readonly count: number,
+    /** NUMBER_FIELDS per entry: size, mode, the file's side 1 stamps (mtime, ctime, inode), side 2 stamps. */
+    readonly numbers: Float64Array,
+    /** LENGTH_FIELDS per entry: UTF-8 byte lengths of path, fingerprint, link target. */
+    readonly lengths: Uint32Array,
+    /** 'f', 'd' or 'l' per entry. */
+    readonly kinds: Uint8Array,
+    /** The strings of all entries, back to back. */
+    readonly strings: Buffer,
+    /** Offset of each entry's strings in `strings`, and the end (count + 1 values). */
+    readonly starts: Uint32Array,
+    /** Everything the checksum covers: a rewrite that produces the same bytes is skipped. */
+    readonly body: Buffer,
+  ) {}
+
+  path(index: number): string {
+    const start = this.starts[index]!;
+    return utf8Slice.call(this.strings, start, start + this.lengths[index * LENGTH_FIELDS]!);
+  }
+
+  isFile(index: number): boolean {
+    return this.kinds[index] === 0x66;
+  }
+
+  isDir(index: number): boolean {
+    return this.kinds[index] === 0x64;
+  }
+
+  sizeBytes(index: number): number {
+    return this.numbers[index * NUMBER_FIELDS]!;
+  }
+
+  fingerprint(index: number): string {
+    const start = this.starts[index]! + this.lengths[index * LENGTH_FIELDS]!;
+    const length = this.lengths[index * LENGTH_FIELDS + 1]!;
+    return length > 0 ? latin1Slice.call(this.strings, start, start + length) : '';
+  }
+
+  /** The entry in this run's orientation. */
+  entry(index: number): ArchiveEntry {
+    const n = index * NUMBER_FIELDS;
+    const l = index * LENGTH_FIELDS;
+    const { numbers } = this;
+    const [m1, m2] = this.swapped ? [n + 5, n + 2] : [n + 2, n + 5];
+    const fingerprintStart = this.starts[index]! + this.lengths[l]!;
+    const linkStart = fingerprintStart + this.lengths[l + 1]!;
+    const linkEnd = this.starts[index + 1]!;
+    return {
+      kind: KINDS_BY_CODE[this.kinds[index]!]!,
+      sizeBytes: numbers[n]!,
+      fingerprint: linkStart > fingerprintStart ? latin1Slice.call(this.strings, fingerprintStart, linkStart) : '',
+      mode: numbers[n + 1]!,
+      linkTarget: linkEnd > linkStart ? utf8Slice.call(this.strings, linkStart, linkEnd) : '',
+      mtime1Ms: numbers[m1]!,
+      ctime1Ms: numbers[m1 + 1]!,
+      inode1: numbers[m1 + 2]!,
+      mtime2Ms: numbers[m2]!,
+      ctime2Ms: numbers[m2 + 1]!,
+      inode2: numbers[m2 + 2]!,
+    };
+  }
+
+  /** Every entry by path, in file order. */
+  toMap(): Map<string, ArchiveEntry> {
+    const entries = new Map<string, ArchiveEntry>();
+    for (let index = 0; index < this.count; index++) entries.set(this.path(index), this.entry(index));
+    if (entries.size !== this.count) throw this.duplicatePath();
+    return entries;
+  }
+
+  /** The error for an archive that lists a path twice (found by toMap or the native join). */
+  duplicatePath(): ArchiveError {
+    return this.corrupt(`header says ${this.count} entries, found fewer distinct paths`);
+  }
+}
+
+/**
+ * The entries of a new archive, in order: runs of entries copied from the loaded table (their bytes as they are,
+ * no object or string made) and entries given as objects.
+ */
+export class ArchiveBuilder {
+  private readonly parts: Array<{ table: ArchiveTable; from: number; to: number } | { path: string; entry: ArchiveEntry }> = [];
+  private lastRun: { table: ArchiveTable; from: number; to: number } | undefined;
+  count = 0;
+
+  copy(table: ArchiveTable, index: number): void {
+    const run = this.lastRun;
+    if (run !== undefined && run.table === table && run.to === index) run.to++;
+    else {
+      this.lastRun = { table, from: index, to: index + 1 };
+      this.parts.push(this.lastRun);
+    }
+    this.count++;
+  }
+
+  add(path: string, entry: ArchiveEntry): void {
+    this.parts.push({ path, entry });
+    this.lastRun = undefined;
+    this.count++;
+  }
+
+  /** The body's arrays (header and trailer excluded), in the file's orientation. */
+  encode(swapped: boolean): Buffer[] {
+    const { count } = this;
+    const numbers = new Float64Array(count * NUMBER_FIELDS);
+    const lengths = new Uint32Array(count * LENGTH_FIELDS);
+    const kinds = Buffer.allocUnsafe(count);
+    let stringBytes = 0;
+    for (const part of this.parts) {
+      if ('table' in part) stringBytes += part.table.starts[part.to]! - part.table.starts[part.from]!;
+      else stringBytes += (part.path.length + part.entry.fingerprint.length + part.entry.linkTarget.length) * 3;
+    }
+    const strings = Buffer.allocUnsafe(Math.max(1, stringBytes));
+    let used = 0;
+    const put = (text: string): number => {
+      if (text.length === 0) return 0;
+      const written = utf8Write.call(strings, text, used, strings.length - used);
+      used += written;
+      return written;
+    };
+    let index = 0;
+    for (const part of this.parts) {
+      if ('table' in part) {
+        const { table, from, to } = part;
+        if (table.swapped !== swapped) throw new Error('ArchiveBuilder: a table of the other orientation');
+        numbers.set(table.numbers.subarray(from * NUMBER_FIELDS, to * NUMBER_FIELDS), index * NUMBER_FIELDS);
+        lengths.set(table.lengths.subarray(from * LENGTH_FIELDS, to * LENGTH_FIELDS), index * LENGTH_FIELDS);
+        kinds.set(table.kinds.subarray(from, to), index);
+        used += table.strings.copy(strings, used, table.starts[from]!, table.starts[to]!);
+        index += to - from;
+        continue;
+      }
+      const { path, entry: e } = part;
+      const n = index * NUMBER_FIELDS;
+      numbers[n] = e.sizeBytes;
+      numbers[n + 1] = e.mode;
+      const [s1, s2] = swapped ? [n + 5, n + 2] : [n + 2, n + 5];
+      numbers[s1] = e.mtime1Ms;
+      numbers[s1 + 1] = e.ctime1Ms;
+      numbers[s1 + 2] = e.inode1;
+      numbers[s2] = e.mtime2Ms;
+      numbers[s2 + 1] = e.ctime2Ms;
+      numbers[s2 + 2] = e.inode2;
+      const l = index * LENGTH_FIELDS;
+      lengths[l] = put(path);
+      lengths[l + 1] = put(e.fingerprint);
+      lengths[l + 2] = put(e.linkTarget);
+      kinds[index] = KIND_CODE[e.kind];
+      index++;
+    }
+    const numberBytes = Buffer.from(numbers.buffer, numbers.byteOffset, numbers.byteLength);
+    const lengthBytes = Buffer.from(lengths.buffer, lengths.byteOffset, lengths.byteLength);
+    if (!LITTLE_ENDIAN) {
+      numberBytes.swap64();
+      lengthBytes.swap32();
+    }
+    return [numberBytes, lengthBytes, kinds, strings.subarray(0, used)];
+  }
 }
 
 /** Format 1 (text lines), as written before format 2. */
@@ -228,57 +403,30 @@ export async function saveArchive(
   roots: { root1Id: string; root2Id: string },
   entries: Map<string, ArchiveEntry>,
 ): Promise<void> {
-  const [first, second] = swapped ? [roots.root2Id, roots.root1Id] : [roots.root1Id, roots.root2Id];
-  const count = entries.size;
-  let headerText = MAGIC_2 + '\n' + JSON.stringify({ root1: first, root2: second, entries: count });
-  const headerBytes = Buffer.byteLength(headerText) + 1;
-  headerText += ' '.repeat((8 - (headerBytes % 8)) % 8) + '\n';
-  const header = Buffer.from(headerText);
-  const numbers = new Float64Array(count * NUMBER_FIELDS);
-  const lengths = new Uint32Array(count * LENGTH_FIELDS);
-  const kinds = Buffer.allocUnsafe(count);
-  let strings = Buffer.allocUnsafe(Math.max(4096, count * 64));
-  let used = 0;
-  const put = (text: string): number => {
-    if (text.length === 0) return 0;
-    // utf8Write stops short (never splits a character) when the space is too small: make room first.
-    if (strings.length - used < text.length * 3) {
-      const bigger = Buffer.allocUnsafe(Math.max(strings.length * 2, used + text.length * 3));
-      strings.copy(bigger, 0, 0, used);
-      strings = bigger;
-    }
-    const written = utf8Write.call(strings, text, used, strings.length - used);
-    used += written;
-    return written;
-  };
   // Written in the map's order: the engine builds it parents-first (its scan order), which loading relies on;
   // no sort of 100,000 keys here.
-  let index = 0;
-  for (const [path, e] of entries) {
-    const n = index * NUMBER_FIELDS;
-    numbers[n] = e.sizeBytes;
-    numbers[n + 1] = e.mode;
-    const [s1, s2] = swapped ? [n + 5, n + 2] : [n + 2, n + 5];
-    numbers[s1] = e.mtime1Ms;
-    numbers[s1 + 1] = e.ctime1Ms;
-    numbers[s1 + 2] = e.inode1;
-    numbers[s2] = e.mtime2Ms;
-    numbers[s2 + 1] = e.ctime2Ms;
-    numbers[s2 + 2] = e.inode2;
-    const l = index * LENGTH_FIELDS;
-    lengths[l] = put(path);
-    lengths[l + 1] = put(e.fingerprint);
-    lengths[l + 2] = put(e.linkTarget);
-    kinds[index] = KIND_CODE[e.kind];
-    index++;
-  }
-  const numberBytes = Buffer.from(numbers.buffer, numbers.byteOffset, numbers.byteLength);
-  const lengthBytes = Buffer.from(lengths.buffer, lengths.byteOffset, lengths.byteLength);
-  if (!LITTLE_ENDIAN) {
-    numberBytes.swap64();
-    lengthBytes.swap32();
-  }
-  const parts = [header, numberBytes, lengthBytes, kinds, strings.subarray(0, used)];
+  const builder = new ArchiveBuilder();
+  for (const [path, entry] of entries) builder.add(path, entry);
+  await saveArchiveBuilder(file, swapped, roots, builder);
+}
+
+/**
+ * Write the entries of `builder` atomically (as saveArchive). When `previous` (the loaded archive) holds exactly
+ * the same bytes, nothing is written and false is returned.
+ */
+export async function saveArchiveBuilder(
+  file: string,
+  swapped: boolean,
+  roots: { root1Id: string; root2Id: string },
+  builder: ArchiveBuilder,
+  previous?: ArchiveTable,
+): Promise<boolean> {
+  const [first, second] = swapped ? [roots.root2Id, roots.root1Id] : [roots.root1Id, roots.root2Id];
+  let headerText = MAGIC_2 + '\n' + JSON.stringify({ root1: first, root2: second, entries: builder.count });
+  const headerBytes = Buffer.byteLength(headerText) + 1;
+  headerText += ' '.repeat((8 - (headerBytes % 8)) % 8) + '\n';
+  const parts = [Buffer.from(headerText), ...builder.encode(swapped)];
+  if (previous !== undefined && previous.swapped === swapped && sameBytes(parts, previous.body)) return false;
   // The checksum is taken over the same bytes that are written.
   const hasher = await getHasher();
   const state = hasher.create64();
@@ -303,6 +451,16 @@ export async function saveArchive(
   } finally {
     fs.closeSync(dirFd);
   }
+  return true;
+}
+
+function sameBytes(parts: Buffer[], whole: Buffer): boolean {
+  let offset = 0;
+  for (const part of parts) {
+    if (offset + part.length > whole.length || !part.equals(whole.subarray(offset, offset + part.length))) return false;
+    offset += part.length;
+  }
+  return offset === whole.length;
 }
 
 /**

@@ -1,5 +1,6 @@
 // Typed wrapper over what dirsync takes from the addon: the bulk directory scan (native/src/dirsync_scan.cc), used
-// by LocalReplica.scan when no ignore patterns are given, and renameat2(RENAME_EXCHANGE). Loaded on its own (not
+// by LocalReplica.scan when no ignore patterns are given, the join of two such scans with the archive
+// (native/src/dirsync_join.cc), and renameat2(RENAME_EXCHANGE). Loaded on its own (not
 // through ./index.js) so that a dirsync run pulls in only this. The addon is optional here: when it is not built,
 // `nativeScanAvailable()` is false and the JavaScript walk runs, and `renameExchange` says it could not swap.
 import { createRequire } from 'node:module';
@@ -25,6 +26,60 @@ export interface PackedScan {
 interface ScanAddon {
   dirsyncScanTree(root: string): Promise<[Buffer, Float64Array]>;
   renameExchange?(from: string, to: string): void;
+  dirsyncJoin?(
+    strings1: Buffer,
+    records1: Float64Array,
+    strings2: Buffer,
+    records2: Float64Array,
+    archiveStrings: Buffer,
+    archiveStarts: Uint32Array,
+    archiveLengths: Uint32Array,
+    archiveNumbers: Float64Array,
+    archiveKinds: Uint8Array,
+    swapped: boolean,
+    allowClean: boolean,
+  ): [Int32Array, Uint8Array] | number | null;
+}
+
+/** The archive's packed arrays as the native join reads them (ArchiveTable in src/dirsync/archive.ts); none may be
+ * a small typed array of its own (V8 keeps those on its heap, where they can move): views of a buffer only. */
+export interface PackedArchive {
+  strings: Buffer;
+  starts: Uint32Array;
+  lengths: Uint32Array;
+  numbers: Float64Array;
+  kinds: Uint8Array;
+  swapped: boolean;
+  count: number;
+}
+
+/** What the native join found (native/src/dirsync_join.cc). */
+export type JoinResult =
+  | { kind: 'joined'; triples: Int32Array; flags: Uint8Array }
+  | { kind: 'order' }
+  | { kind: 'duplicate'; index: number };
+
+/** The native join of two packed scans with the packed archive, or undefined when the addon lacks it (or
+ * DRBDTS_DIRSYNC_NATIVE_JOIN=0): the caller then joins in JavaScript. */
+export function joinPacked(scan1: PackedScan, scan2: PackedScan, archive: PackedArchive, allowClean: boolean): JoinResult | undefined {
+  const native = process.env.DRBDTS_DIRSYNC_NATIVE_JOIN === '0' ? null : load();
+  if (native?.dirsyncJoin === undefined) return undefined;
+  const result = native.dirsyncJoin(
+    scan1.strings,
+    scan1.records,
+    scan2.strings,
+    scan2.records,
+    archive.strings,
+    archive.starts,
+    archive.lengths,
+    archive.numbers,
+    archive.kinds,
+    archive.swapped,
+    allowClean,
+  );
+  if (result === null) return { kind: 'order' };
+  if (typeof result === 'number') return { kind: 'duplicate', index: result };
+  return { kind: 'joined', triples: result[0], flags: result[1] };
 }
 
 let addon: ScanAddon | null | undefined;
