@@ -521,7 +521,12 @@ export class PairLock {
     throw new ArchiveError(file, `cannot acquire lock ${file}`);
   }
 
+  private released = false;
+
+  /** Remove the lock file, once: a second call never removes a lock another run took since. */
   release(): void {
+    if (this.released) return;
+    this.released = true;
     try {
       fs.unlinkSync(this.file);
     } catch {

@@ -23,6 +23,7 @@ import {
   saveArchiveBuilder,
   type ArchiveEntry,
 } from './archive.js';
+import type { EarlyStart } from './early.js';
 import { executeFileOp, type FileOp, type FileOpResult } from './fileop.js';
 import { LocalReplica, packedEntry } from './local.js';
 import { joinPacked as nativeJoin, SCAN_DIR, SCAN_FILE, SCAN_RECORD_FIELDS, SCAN_SYMLINK, type JoinResult, type PackedScan } from '../native/scan.js';
@@ -58,6 +59,9 @@ export interface SyncOptions {
   confirm?: (plan: PlanItem[], warnings: string[]) => Promise<boolean>;
   /** Called after each propagated item (progress display). */
   progress?: (state: ProgressState) => void;
+  /** Lock, scans and archive load already started by the CLI (early.ts). The engine takes them over when they
+   * match its own view of the run, otherwise it releases that lock and starts again. */
+  early?: EarlyStart;
   warn: (message: string) => void;
 }
 
@@ -317,24 +321,31 @@ export class SyncEngine {
       counts: { propagated: 0, skipped: 0, failed: 0, equal: 0 },
       bytesTransferred: 0,
     };
-    let lock: PairLock | undefined;
+    let early = this.options.early;
+    // An early start's lock is this run's from here on: released in `finally` whatever happens.
+    let lock: PairLock | undefined = early?.lock;
     try {
       this.infos = [await this.replicas[0].open(), await this.replicas[1].open()];
       result.root1 = this.infos[0].rootId;
       result.root2 = this.infos[1].rootId;
       const id1 = `${this.infos[0].hostName}:${this.infos[0].rootId}`;
       const id2 = `${this.infos[1].hostName}:${this.infos[1].rootId}`;
+      if (early !== undefined && !this.earlyMatches(early, id1, id2)) {
+        early.lock.release();
+        lock = undefined;
+        early = undefined;
+      }
       if (id1 === id2) throw new ReplicaError('ENOROOT', `both roots are the same directory (${result.root1})`);
-      const { file, swapped } = await archivePathFor(this.options.archiveDir, id1, id2);
+      const { file, swapped } = early ?? (await archivePathFor(this.options.archiveDir, id1, id2));
       result.archiveFile = file;
-      if (!this.options.dryRun) lock = PairLock.acquire(file, this.options.warn);
+      if (!this.options.dryRun && lock === undefined) lock = PairLock.acquire(file, this.options.warn);
       // The scans start first: a local replica's scan runs on thread-pool threads (native/src/dirsync_scan.cc)
       // while this thread parses the archive; the archive is merged into the states only after both scans.
-      const scanning = this.scanBoth();
+      const scanning = early !== undefined ? early.scans.then((packed) => ({ packed })) : this.scanBoth();
       scanning.catch(() => undefined); // a scan failure is observed below, never an unhandled rejection meanwhile
       let loaded: ArchiveTable | Map<string, ArchiveEntry>;
       try {
-        loaded = await loadArchiveData(file, swapped);
+        loaded = await (early?.archive ?? loadArchiveData(file, swapped));
       } catch (error) {
         await scanning.catch(() => undefined);
         throw error;
@@ -394,6 +405,22 @@ export class SyncEngine {
       result.bytesTransferred = this.bytesTransferred;
     }
     return result;
+  }
+
+  /** Does an early start (early.ts) describe exactly the run this engine would start? */
+  private earlyMatches(early: EarlyStart, id1: string, id2: string): boolean {
+    const [r1, r2] = this.replicas;
+    return (
+      !this.options.dryRun &&
+      this.options.ignore.length === 0 &&
+      r1.constructor === LocalReplica &&
+      r2.constructor === LocalReplica &&
+      (r1 as LocalReplica).rootPath === early.roots[0] &&
+      (r2 as LocalReplica).rootPath === early.roots[1] &&
+      early.ids[0] === id1 &&
+      early.ids[1] === id2 &&
+      early.archiveDir === this.options.archiveDir
+    );
   }
 
   // ---- scanning and update detection -------------------------------------------------------------------------
