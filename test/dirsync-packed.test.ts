@@ -10,6 +10,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ArchiveBuilder, archivePathFor, loadArchive, saveArchiveBuilder } from '../src/dirsync/archive.js';
+import { startEarly } from '../src/dirsync/early.js';
 import { SyncEngine, type SyncOptions, type SyncResult } from '../src/dirsync/engine.js';
 import { LocalReplica } from '../src/dirsync/local.js';
 import { nativeScanAvailable } from '../src/native/scan.js';
@@ -81,13 +82,20 @@ function edit(random: () => number, trees: Tree[], round: number, step: number):
     const both = Object.keys(snapshot(trees[0]!.a)).filter((p) => fs.existsSync(path.join(trees[0]!.b, p)));
     const victim = both[Math.floor(random() * both.length)];
     if (victim !== undefined) {
+      // The two edits' mtimes are set, the same in every tree: --prefer newer must not depend on whether the two
+      // writes of one tree fell into the same tick of the file system's clock (they did in one tree, not another).
+      const aNewer = random() < 0.5;
+      const base = Math.floor(Date.now() / 1000) - 60;
       for (const tree of trees) {
         for (const side of ['a', 'b'] as const) {
           const at = path.join(tree[side], victim);
           const st = fs.lstatSync(at);
           if (st.isDirectory()) fs.writeFileSync(path.join(at, `c${round}-${step}-${side}`), side);
-          else if (st.isFile()) fs.appendFileSync(at, `${side} ${round}\n`);
-          else if (side === 'a') fs.rmSync(at);
+          else if (st.isFile()) {
+            fs.appendFileSync(at, `${side} ${round}\n`);
+            const seconds = base + ((side === 'a') === aNewer ? 5 : 0);
+            fs.utimesSync(at, seconds, seconds);
+          } else if (side === 'a') fs.rmSync(at);
           else fs.writeFileSync(at + '.x', side);
         }
       }
@@ -236,6 +244,33 @@ describe.skipIf(!nativeScanAvailable())('packed scans decide as the object path 
       expect(result.fatal).toMatch(/is corrupt/);
       expect(fs.existsSync(path.join(tree.b, 'three'))).toBe(false);
     }
+  });
+
+  it('an early start (lock, scans, archive load begun by the CLI) is taken over only when it matches the run', async () => {
+    const other = makeTree('early-other');
+    const tree = makeTree('early');
+    fs.writeFileSync(path.join(tree.a, 'f'), 'f');
+    fs.writeFileSync(path.join(other.a, 'g'), 'g');
+    // A mismatch (another pair): the engine releases that lock, runs on its own, and the other pair is untouched.
+    const foreign = await startEarly([other.a, other.b], other.archive, () => undefined);
+    expect(foreign).toBeDefined();
+    expect(fs.existsSync(foreign!.file + '.lock')).toBe(true);
+    const engine = new SyncEngine(new LocalReplica(tree.a), new LocalReplica(tree.b), { ...options(tree, undefined), early: foreign });
+    expect((await engine.run()).exitCode).toBe(0);
+    expect(fs.existsSync(foreign!.file + '.lock')).toBe(false);
+    expect(fs.readFileSync(path.join(tree.b, 'f'), 'utf8')).toBe('f');
+    expect(fs.existsSync(path.join(other.b, 'g'))).toBe(false);
+    // A match: its lock is the run's (held during it: a second early start cannot take it), released at the end.
+    fs.writeFileSync(path.join(tree.a, 'f2'), 'f2');
+    const early = await startEarly([tree.a, tree.b], tree.archive, () => undefined);
+    expect(early).toBeDefined();
+    expect(await startEarly([tree.a, tree.b], tree.archive, () => undefined)).toBeUndefined();
+    const matched = new SyncEngine(new LocalReplica(tree.a), new LocalReplica(tree.b), { ...options(tree, undefined), early });
+    const internals = matched as unknown as { flags?: Uint8Array };
+    expect((await matched.run()).exitCode).toBe(0);
+    expect(internals.flags).toBeDefined();
+    expect(fs.existsSync(early!.file + '.lock')).toBe(false);
+    expect(fs.readFileSync(path.join(tree.b, 'f2'), 'utf8')).toBe('f2');
   });
 
   it('a no-change rescan makes no state at all', async () => {
