@@ -25,6 +25,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as pathModule from 'node:path';
+import { archiveNative } from '../native/scan.js';
 import { getHasher } from './hash.js';
 import { fingerprintHex, type EntryKind } from './replica.js';
 
@@ -75,9 +76,16 @@ export function defaultArchiveDir(): string {
 export async function archivePathFor(archiveDir: string, root1Id: string, root2Id: string): Promise<{ file: string; swapped: boolean }> {
   const swapped = root1Id > root2Id;
   const [first, second] = swapped ? [root2Id, root1Id] : [root1Id, root2Id];
-  const hasher = await getHasher();
-  const digest = fingerprintHex(hasher.h64Raw(Buffer.from(first + '\0' + second)));
+  const digest = await xxh64Hex(Buffer.from(first + '\0' + second));
   return { file: pathModule.join(archiveDir, `ar-${digest}`), swapped };
+}
+
+/** xxh64 as fingerprintHex writes it: natively when the addon has it (no wasm instance needed), else xxhash-wasm. */
+async function xxh64Hex(bytes: Uint8Array): Promise<string> {
+  const native = archiveNative();
+  if (native !== undefined) return native.xxh64(bytes);
+  const hasher = await getHasher();
+  return fingerprintHex(hasher.h64Raw(bytes));
 }
 
 function unescapeField(value: string): string {
@@ -133,8 +141,7 @@ async function parseBinary(bytes: Buffer, swapped: boolean, corrupt: (why: strin
   const bodyEnd = bytes.length - TRAILER_BYTES;
   const trailer = bodyEnd > 0 ? latin1Slice.call(bytes, bodyEnd, bytes.length) : '';
   if (!/^\nend [0-9a-f]{16}\n$/.test(trailer)) throw corrupt('missing end marker');
-  const hasher = await getHasher();
-  if (fingerprintHex(hasher.h64Raw(bytes.subarray(0, bodyEnd))) !== trailer.slice(5, 21)) throw corrupt('checksum mismatch');
+  if ((await xxh64Hex(bytes.subarray(0, bodyEnd))) !== trailer.slice(5, 21)) throw corrupt('checksum mismatch');
   const headerEnd = bytes.indexOf(10, MAGIC_2.length + 1);
   let header: { entries?: unknown };
   try {
@@ -159,11 +166,18 @@ async function parseBinary(bytes: Buffer, swapped: boolean, corrupt: (why: strin
   }
   const kinds = new Uint8Array(aligned.buffer, aligned.byteOffset + kindsStart, count);
   const strings = aligned.subarray(stringsStart, bodyEnd);
+  const stringBytes = strings.length;
+  const native = archiveNative();
+  if (native !== undefined) {
+    const checked = native.archiveStarts(numbers, lengths, kinds, stringBytes);
+    if (checked instanceof Uint32Array) return new ArchiveTable(corrupt, swapped, count, numbers, lengths, kinds, strings, checked, aligned.subarray(0, bodyEnd));
+    const [code, value] = checked;
+    throw corrupt(code === 1 ? `bad entry ${value + 1}` : code === 2 ? `bad number in entry ${value + 1}` : `${value} bytes after the last entry`);
+  }
   // One pass over the arrays, no string made: kinds, string bounds, numbers (NaN and infinities propagate
-  // through the sum, so one test covers every number of an entry).
+  // through the sum, so one test covers every number of an entry). dirsyncArchiveStarts does the same natively.
   // Over its own ArrayBuffer: never a small on-heap typed array, whose data the native join could not hold.
   const starts = new Uint32Array(new ArrayBuffer((count + 1) * 4));
-  const stringBytes = strings.length;
   let position = 0;
   for (let index = 0, n = 0, l = 0; index < count; index++, n += NUMBER_FIELDS, l += LENGTH_FIELDS) {
     const kind = kinds[index]!;

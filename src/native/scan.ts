@@ -39,6 +39,24 @@ interface ScanAddon {
     swapped: boolean,
     allowClean: boolean,
   ): [Int32Array, Uint8Array] | number | null;
+  dirsyncXxh64?(bytes: Uint8Array): string;
+  dirsyncArchiveStarts?(numbers: Float64Array, lengths: Uint32Array, kinds: Uint8Array, stringBytes: number): Uint32Array | [number, number];
+}
+
+/** The archive load's native helpers (native/src/dirsync_join.cc), or undefined (archive.ts then uses xxhash-wasm
+ * and its own loop; DRBDTS_DIRSYNC_NATIVE_JOIN=0 forces that, as it forces the JavaScript join). */
+export interface ArchiveNative {
+  /** xxh64 of the bytes as fingerprintHex writes it (16 hex digits), the same digest as xxhash-wasm's h64Raw. */
+  xxh64(bytes: Uint8Array): string;
+  /** Check every entry; string offsets (count + 1), or [1, index] bad entry, [2, index] bad number, [3, n] n bytes
+   * after the last entry. */
+  archiveStarts(numbers: Float64Array, lengths: Uint32Array, kinds: Uint8Array, stringBytes: number): Uint32Array | [number, number];
+}
+
+export function archiveNative(): ArchiveNative | undefined {
+  const native = process.env.DRBDTS_DIRSYNC_NATIVE_JOIN === '0' ? null : load();
+  if (native?.dirsyncXxh64 === undefined || native.dirsyncArchiveStarts === undefined) return undefined;
+  return { xxh64: native.dirsyncXxh64, archiveStarts: native.dirsyncArchiveStarts };
 }
 
 /** The archive's packed arrays as the native join reads them (ArchiveTable in src/dirsync/archive.ts); none may be
