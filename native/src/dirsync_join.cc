@@ -173,12 +173,39 @@ Napi::Value Join(const Napi::CallbackInfo& info) {
   const int stamps1 = swapped ? 5 : 2;
   const int stamps2 = swapped ? 2 : 5;
 
+  // Lookup of a path's archive entry. The archive is usually in the scans' order (it is written in the order of
+  // the previous run's states), so the entry after the last one found is tried first; the hash index is built
+  // at the first miss only. Paths must be unique: the index build refuses a duplicate, and without an index every
+  // entry was found by a distinct scanned path, or the index is built at the end to check.
+  auto archivePath = [&](size_t k) { return std::string_view(as + starts[k], lengths[k * 3]); };
   std::unordered_map<std::string_view, uint32_t> index;
-  index.reserve(count * 2);
-  for (size_t k = 0; k < count; k++) {
-    std::string_view path(as + starts[k], lengths[k * 3]);
-    if (!index.emplace(path, static_cast<uint32_t>(k)).second) return Napi::Number::New(env, static_cast<double>(k));
-  }
+  bool indexed = false;
+  int64_t duplicate = -1;
+  auto buildIndex = [&]() {
+    indexed = true;
+    index.reserve(count * 2);
+    for (size_t k = 0; k < count; k++) {
+      if (!index.emplace(archivePath(k), static_cast<uint32_t>(k)).second) {
+        duplicate = static_cast<int64_t>(k);
+        return;
+      }
+    }
+  };
+  size_t hint = 0;
+  size_t found = 0;
+  auto lookup = [&](std::string_view path) -> int64_t {
+    if (hint < count && archivePath(hint) == path) {
+      found++;
+      return static_cast<int64_t>(hint++);
+    }
+    if (!indexed) buildIndex();
+    if (duplicate >= 0) return -1;
+    auto it = index.find(path);
+    if (it == index.end()) return -1;
+    found++;
+    hint = static_cast<size_t>(it->second) + 1;
+    return static_cast<int64_t>(it->second);
+  };
   std::vector<uint8_t> flags(count, 0);
 
   auto sameAsArchive = [&](const Cursor& cursor, uint32_t a, int stamps) -> bool {
@@ -216,8 +243,8 @@ Napi::Value Join(const Napi::CallbackInfo& info) {
         underOpened = lastParentOpened;
       }
     }
-    auto found = index.find(path);
-    int64_t a = found == index.end() ? -1 : static_cast<int64_t>(found->second);
+    int64_t a = lookup(path);
+    if (duplicate >= 0) return Napi::Number::New(env, static_cast<double>(duplicate));
     if (allowClean && !underOpened && a >= 0 && has1 && has2 && sameAsArchive(c1, static_cast<uint32_t>(a), stamps1) &&
         sameAsArchive(c2, static_cast<uint32_t>(a), stamps2)) {
       flags[a] = 1;
@@ -238,6 +265,8 @@ Napi::Value Join(const Napi::CallbackInfo& info) {
     if (has1 && !c1.Seek(c1.index + 1)) return env.Null();
     if (has2 && !c2.Seek(c2.index + 1)) return env.Null();
   }
+  if (!indexed && found != count) buildIndex();
+  if (duplicate >= 0) return Napi::Number::New(env, static_cast<double>(duplicate));
   Napi::ArrayBuffer tripleStorage = Napi::ArrayBuffer::New(env, out.size() * sizeof(int32_t));
   if (!out.empty()) memcpy(tripleStorage.Data(), out.data(), out.size() * sizeof(int32_t));
   Napi::ArrayBuffer flagStorage = Napi::ArrayBuffer::New(env, count);
@@ -374,6 +403,24 @@ Napi::Value ArchiveStarts(const Napi::CallbackInfo& info) {
   return Napi::Uint32Array::New(env, count + 1, storage, 0);
 }
 
+// dirsyncProblemRecords(records: Float64Array) -> Int32Array: the indices of the records that are not entries
+// (problems and temp names, kind > 2), so that JavaScript does not walk every record to find the few.
+Napi::Value ProblemRecords(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array) {
+    throw Napi::TypeError::New(env, "dirsyncProblemRecords(records: Float64Array)");
+  }
+  Napi::Float64Array records = info[0].As<Napi::Float64Array>();
+  size_t count = records.ElementLength() / kRecordFields;
+  std::vector<int32_t> found;
+  for (size_t k = 0; k < count; k++) {
+    if (records[k * kRecordFields] > kScanSymlink) found.push_back(static_cast<int32_t>(k));
+  }
+  Napi::ArrayBuffer storage = Napi::ArrayBuffer::New(env, found.size() * sizeof(int32_t));
+  if (!found.empty()) memcpy(storage.Data(), found.data(), found.size() * sizeof(int32_t));
+  return Napi::Int32Array::New(env, found.size(), storage, 0);
+}
+
 }  // namespace
 
 // Called from the module's Init (drbdts_native.cc).
@@ -381,4 +428,5 @@ void InitDirsyncJoin(Napi::Env env, Napi::Object exports) {
   exports.Set("dirsyncJoin", Napi::Function::New(env, Join, "dirsyncJoin"));
   exports.Set("dirsyncXxh64", Napi::Function::New(env, Xxh64Hex, "dirsyncXxh64"));
   exports.Set("dirsyncArchiveStarts", Napi::Function::New(env, ArchiveStarts, "dirsyncArchiveStarts"));
+  exports.Set("dirsyncProblemRecords", Napi::Function::New(env, ProblemRecords, "dirsyncProblemRecords"));
 }

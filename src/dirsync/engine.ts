@@ -26,7 +26,7 @@ import {
 import type { EarlyStart } from './early.js';
 import { executeFileOp, type FileOp, type FileOpResult } from './fileop.js';
 import { LocalReplica, packedEntry } from './local.js';
-import { joinPacked as nativeJoin, SCAN_DIR, SCAN_FILE, SCAN_RECORD_FIELDS, SCAN_SYMLINK, type JoinResult, type PackedScan } from '../native/scan.js';
+import { joinPacked as nativeJoin, problemOffsets, SCAN_DIR, SCAN_FILE, SCAN_RECORD_FIELDS, SCAN_SYMLINK, type JoinResult, type PackedScan } from '../native/scan.js';
 import {
   ReplicaError,
   sameStat,
@@ -301,7 +301,6 @@ export class SyncEngine {
    */
   private flags: Uint8Array | undefined;
   private cleanInTable = 0;
-  private cleanSizesOfTable: Set<number> | undefined;
 
   constructor(replica1: Replica, replica2: Replica, options: SyncOptions) {
     this.replicas = [replica1, replica2];
@@ -473,8 +472,8 @@ export class SyncEngine {
     for (const side of [1, 2] as const) {
       const { strings, records } = packed[side - 1];
       const replica = this.replica(side) as LocalReplica;
-      for (let o = 0, textStart = 0; o < records.length; textStart = records[o + 3]!, o += F) {
-        if (records[o]! <= SCAN_SYMLINK) continue;
+      for (const o of problemOffsets(records)) {
+        const textStart = o === 0 ? 0 : records[o - F + 3]!;
         const pathEnd = records[o + 2]!;
         const textEnd = records[o + 3]!;
         const path = pathEnd > textStart ? utf8Slice.call(strings, textStart, pathEnd) : '';
@@ -585,17 +584,19 @@ export class SyncEngine {
     return this.flags !== undefined ? this.table!.count : this.archive.size;
   }
 
-  /** Sizes of the clean files (copy-local candidates: their fingerprints are known), computed when first asked. */
-  private cleanFileSizes(): Set<number> {
-    if (this.flags === undefined) return this.cleanSizes;
-    if (this.cleanSizesOfTable === undefined) {
-      const sizes = new Set<number>();
-      const { flags } = this;
-      const table = this.table!;
-      for (let index = 0; index < table.count; index++) if (flags[index] === 1 && table.isFile(index)) sizes.add(table.sizeBytes(index));
-      this.cleanSizesOfTable = sizes;
+  /**
+   * Of `sizes`, those some clean file has (copy-local candidates: their fingerprints are known). In table mode
+   * one pass over the table's arrays for all the sizes asked (usually a handful of new files), no set of every size.
+   */
+  private cleanFileSizes(sizes: Set<number>): Set<number> {
+    if (this.flags === undefined || sizes.size === 0) return this.cleanSizes;
+    const found = new Set<number>();
+    const { flags } = this;
+    const { count, kinds, numbers } = this.table!;
+    for (let index = 0; index < count; index++) {
+      if (flags[index] === 1 && kinds[index] === 0x66 && sizes.has(numbers[index * 8]!)) found.add(numbers[index * 8]!);
     }
-    return this.cleanSizesOfTable;
+    return found;
   }
 
   private joinPacked(packed: [PackedScan, PackedScan], allowClean: boolean): void {
@@ -748,18 +749,18 @@ export class SyncEngine {
     }
     // New files on one side only whose size matches a known file on the other side: hash them, so that a rename
     // or copy is recognised and propagated as a local copy on the target instead of a transfer.
+    const candidates: Array<{ state: PathState; side: Side; size: number }> = [];
     for (const state of this.states.values()) {
       if (state.unknown || state.a !== undefined) continue;
       for (const side of [1, 2] as const) {
         const entry = entryOf(state, side);
-        if (
-          entry?.kind === 'file' &&
-          entry.sizeBytes > 0 &&
-          entryOf(state, other(side)) === undefined &&
-          (knownSizes[other(side) - 1].has(entry.sizeBytes) || this.cleanFileSizes().has(entry.sizeBytes))
-        ) {
-          toHash[side - 1].push(state.path);
-        }
+        if (entry?.kind === 'file' && entry.sizeBytes > 0 && entryOf(state, other(side)) === undefined) candidates.push({ state, side, size: entry.sizeBytes });
+      }
+    }
+    if (candidates.length > 0) {
+      const cleanSizes = this.cleanFileSizes(new Set(candidates.map((candidate) => candidate.size)));
+      for (const { state, side, size } of candidates) {
+        if (knownSizes[other(side) - 1].has(size) || cleanSizes.has(size)) toHash[side - 1].push(state.path);
       }
     }
     await Promise.all([this.hashSide(1, toHash[0]), this.hashSide(2, toHash[1])]);

@@ -40,6 +40,7 @@ interface ScanAddon {
     allowClean: boolean,
   ): [Int32Array, Uint8Array] | number | null;
   dirsyncXxh64?(bytes: Uint8Array): string;
+  dirsyncProblemRecords?(records: Float64Array): Int32Array;
   dirsyncArchiveStarts?(numbers: Float64Array, lengths: Uint32Array, kinds: Uint8Array, stringBytes: number): Uint32Array | [number, number];
 }
 
@@ -51,6 +52,16 @@ export interface ArchiveNative {
   /** Check every entry; string offsets (count + 1), or [1, index] bad entry, [2, index] bad number, [3, n] n bytes
    * after the last entry. */
   archiveStarts(numbers: Float64Array, lengths: Uint32Array, kinds: Uint8Array, stringBytes: number): Uint32Array | [number, number];
+}
+
+/** Record offsets (index * SCAN_RECORD_FIELDS) of a packed scan's problem and temp records (kind > SCAN_SYMLINK),
+ * found natively when the addon can, else by a walk over the records. */
+export function problemOffsets(records: Float64Array): number[] {
+  const native = process.env.DRBDTS_DIRSYNC_NATIVE_JOIN === '0' ? null : load();
+  if (native?.dirsyncProblemRecords !== undefined) return Array.from(native.dirsyncProblemRecords(records), (index) => index * SCAN_RECORD_FIELDS);
+  const offsets: number[] = [];
+  for (let o = 0; o < records.length; o += SCAN_RECORD_FIELDS) if (records[o]! > SCAN_SYMLINK) offsets.push(o);
+  return offsets;
 }
 
 export function archiveNative(): ArchiveNative | undefined {
