@@ -6,7 +6,9 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { ArchiveError, loadArchive, saveArchive, type ArchiveEntry } from '../src/dirsync/archive.js';
 import { getHasher } from '../src/dirsync/hash.js';
 import { fingerprintHex } from '../src/dirsync/replica.js';
-import { archiveNative } from '../src/native/scan.js';
+import xxhash from 'xxhash-wasm';
+import { archiveNative, nativeHasher } from '../src/native/scan.js';
+import { mulberry32 } from './helpers/prng.js';
 import { mkTemp } from './dirsync-helpers.js';
 
 const temps: string[] = [];
@@ -51,18 +53,30 @@ async function bothLoaders(body: () => Promise<void>): Promise<void> {
 }
 
 describe('dirsync archive file', () => {
-  it.skipIf(archiveNative() === undefined)('the native xxh64 gives xxhash-wasm digests (archive trailers and names)', async () => {
+  it.skipIf(archiveNative() === undefined || nativeHasher() === undefined)('the native xxh64 gives xxhash-wasm digests: one-shot, streamed, hex', async () => {
     const native = archiveNative()!;
-    const hasher = await getHasher();
-    const bytes = Buffer.alloc(70_000);
-    for (let index = 0; index < bytes.length; index++) bytes[index] = (Math.imul(index, 2654435761) >>> 24) & 0xff;
-    for (let length = 0; length < 200; length++) {
+    const hasher = nativeHasher()!;
+    const wasm = await xxhash();
+    const random = mulberry32(64);
+    const bytes = Buffer.alloc(200_000);
+    for (let index = 0; index < bytes.length; index++) bytes[index] = Math.floor(random() * 256);
+    const lengths = [...Array.from({ length: 200 }, (_, n) => n), 1023, 1024, 4096, 65_537, 199_990];
+    for (const length of lengths) {
       for (const offset of [0, 1, 5]) {
         const part = bytes.subarray(offset, offset + length);
-        expect(native.xxh64(part)).toBe(fingerprintHex(hasher.h64Raw(part)));
+        const expected = wasm.h64Raw(part);
+        expect(hasher.h64Raw(part)).toBe(expected);
+        expect(native.xxh64(part)).toBe(fingerprintHex(expected));
+        // Streamed in random pieces (crossing the 32-byte stripes anywhere) gives the same digest.
+        const state = hasher.create64();
+        for (let at = 0; at < part.length; ) {
+          const piece = Math.min(part.length - at, Math.floor(random() * 70));
+          state.update(part.subarray(at, at + piece));
+          at += piece;
+        }
+        expect(state.digest()).toBe(expected);
       }
     }
-    for (const length of [1023, 4096, 65_537]) expect(native.xxh64(bytes.subarray(3, 3 + length))).toBe(fingerprintHex(hasher.h64Raw(bytes.subarray(3, 3 + length))));
   });
 
   it('format 2 round-trips every field, in order, in both orientations', async () => {

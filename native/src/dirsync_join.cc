@@ -277,85 +277,6 @@ Napi::Value Join(const Napi::CallbackInfo& info) {
   return result;
 }
 
-// XXH64 (seed 0), written from the algorithm's published description; the same digest as xxhash-wasm's h64Raw,
-// which the archive's trailer has always used (test/dirsync-archive.test.ts compares the two).
-constexpr uint64_t kPrime1 = 11400714785074694791ULL;
-constexpr uint64_t kPrime2 = 14029467366897019727ULL;
-constexpr uint64_t kPrime3 = 1609587929392839161ULL;
-constexpr uint64_t kPrime4 = 9650029242287828579ULL;
-constexpr uint64_t kPrime5 = 2870177450012600261ULL;
-
-inline uint64_t Rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
-inline uint64_t Read64(const unsigned char* p) {
-  uint64_t v;
-  memcpy(&v, p, 8);
-  return v;  // little-endian hosts only (the addon is built for Linux on x86-64 and arm64)
-}
-inline uint32_t Read32(const unsigned char* p) {
-  uint32_t v;
-  memcpy(&v, p, 4);
-  return v;
-}
-inline uint64_t Round(uint64_t acc, uint64_t lane) { return Rotl(acc + lane * kPrime2, 31) * kPrime1; }
-inline uint64_t MergeRound(uint64_t acc, uint64_t v) { return (acc ^ Round(0, v)) * kPrime1 + kPrime4; }
-
-uint64_t Xxh64(const unsigned char* p, size_t length) {
-  const unsigned char* end = p + length;
-  uint64_t h;
-  if (length >= 32) {
-    uint64_t v1 = kPrime1 + kPrime2, v2 = kPrime2, v3 = 0, v4 = 0 - kPrime1;
-    const unsigned char* limit = end - 32;
-    do {
-      v1 = Round(v1, Read64(p));
-      v2 = Round(v2, Read64(p + 8));
-      v3 = Round(v3, Read64(p + 16));
-      v4 = Round(v4, Read64(p + 24));
-      p += 32;
-    } while (p <= limit);
-    h = Rotl(v1, 1) + Rotl(v2, 7) + Rotl(v3, 12) + Rotl(v4, 18);
-    h = MergeRound(h, v1);
-    h = MergeRound(h, v2);
-    h = MergeRound(h, v3);
-    h = MergeRound(h, v4);
-  } else {
-    h = kPrime5;
-  }
-  h += static_cast<uint64_t>(length);
-  while (p + 8 <= end) {
-    h = Rotl(h ^ Round(0, Read64(p)), 27) * kPrime1 + kPrime4;
-    p += 8;
-  }
-  if (p + 4 <= end) {
-    h = Rotl(h ^ (static_cast<uint64_t>(Read32(p)) * kPrime1), 23) * kPrime2 + kPrime3;
-    p += 4;
-  }
-  while (p < end) {
-    h = Rotl(h ^ (*p * kPrime5), 11) * kPrime1;
-    p++;
-  }
-  h ^= h >> 33;
-  h *= kPrime2;
-  h ^= h >> 29;
-  h *= kPrime3;
-  h ^= h >> 32;
-  return h;
-}
-
-// dirsyncXxh64(buffer) -> the digest as 16 lowercase hex digits (fingerprintHex's form).
-Napi::Value Xxh64Hex(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  if (info.Length() < 1 || !info[0].IsTypedArray()) throw Napi::TypeError::New(env, "dirsyncXxh64(buffer)");
-  Napi::TypedArray array = info[0].As<Napi::TypedArray>();
-  if (array.TypedArrayType() != napi_uint8_array) throw Napi::TypeError::New(env, "dirsyncXxh64: a Uint8Array or Buffer");
-  Napi::Uint8Array bytes = array.As<Napi::Uint8Array>();
-  uint64_t digest = Xxh64(bytes.Data(), bytes.ElementLength());
-  char hex[17];
-  static const char kDigits[] = "0123456789abcdef";
-  for (int k = 15; k >= 0; k--, digest >>= 4) hex[k] = kDigits[digest & 15];
-  hex[16] = '\0';
-  return Napi::String::New(env, hex, 16);
-}
-
 // dirsyncArchiveStarts(numbers: Float64Array, lengths: Uint32Array, kinds: Uint8Array, stringBytes)
 // The archive load's check of every entry (archive.ts parseBinary, which does the same in JavaScript when this is
 // missing): a kind of 'f' 'd' 'l', a non-empty path, strings within the string region, finite numbers, and
@@ -426,7 +347,6 @@ Napi::Value ProblemRecords(const Napi::CallbackInfo& info) {
 // Called from the module's Init (drbdts_native.cc).
 void InitDirsyncJoin(Napi::Env env, Napi::Object exports) {
   exports.Set("dirsyncJoin", Napi::Function::New(env, Join, "dirsyncJoin"));
-  exports.Set("dirsyncXxh64", Napi::Function::New(env, Xxh64Hex, "dirsyncXxh64"));
   exports.Set("dirsyncArchiveStarts", Napi::Function::New(env, ArchiveStarts, "dirsyncArchiveStarts"));
   exports.Set("dirsyncProblemRecords", Napi::Function::New(env, ProblemRecords, "dirsyncProblemRecords"));
 }

@@ -40,6 +40,7 @@
 
 void InitDirsyncScan(Napi::Env env, Napi::Object exports);  // dirsync_scan.cc
 void InitDirsyncJoin(Napi::Env env, Napi::Object exports);  // dirsync_join.cc
+void InitDirsyncHash(Napi::Env env, Napi::Object exports);  // dirsync_hash.cc
 
 namespace {
 
@@ -569,6 +570,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("nbdDisconnect", Napi::Function::New(env, NbdDisconnect, "nbdDisconnect"));
   InitDirsyncScan(env, exports);
   InitDirsyncJoin(env, exports);
+  InitDirsyncHash(env, exports);
   return exports;
 }
 

@@ -40,6 +40,10 @@ interface ScanAddon {
     allowClean: boolean,
   ): [Int32Array, Uint8Array] | number | null;
   dirsyncXxh64?(bytes: Uint8Array): string;
+  dirsyncH64?(bytes: Uint8Array): bigint;
+  dirsyncH64Init?(state: Uint8Array): void;
+  dirsyncH64Update?(state: Uint8Array, bytes: Uint8Array): void;
+  dirsyncH64Digest?(state: Uint8Array): bigint;
   dirsyncProblemRecords?(records: Float64Array): Int32Array;
   dirsyncArchiveStarts?(numbers: Float64Array, lengths: Uint32Array, kinds: Uint8Array, stringBytes: number): Uint32Array | [number, number];
 }
@@ -62,6 +66,37 @@ export function problemOffsets(records: Float64Array): number[] {
   const offsets: number[] = [];
   for (let o = 0; o < records.length; o += SCAN_RECORD_FIELDS) if (records[o]! > SCAN_SYMLINK) offsets.push(o);
   return offsets;
+}
+
+/** xxh64 as dirsync uses it (hash.ts): one-shot and streaming, the digests of xxhash-wasm's h64Raw/create64. */
+export interface Hasher64 {
+  h64Raw(input: Uint8Array): bigint;
+  create64(): { update(input: Uint8Array): unknown; digest(): bigint };
+}
+
+/** The addon's xxh64 (native/src/dirsync_hash.cc), or undefined: not built, or DRBDTS_DIRSYNC_NATIVE_HASH=0. */
+export function nativeHasher(): Hasher64 | undefined {
+  const native = process.env.DRBDTS_DIRSYNC_NATIVE_HASH === '0' ? null : load();
+  if (native?.dirsyncH64 === undefined || native.dirsyncH64Init === undefined || native.dirsyncH64Update === undefined || native.dirsyncH64Digest === undefined) {
+    return undefined;
+  }
+  const { dirsyncH64, dirsyncH64Init, dirsyncH64Update, dirsyncH64Digest } = native;
+  return {
+    h64Raw: dirsyncH64,
+    create64() {
+      // Over its own ArrayBuffer: the addon writes the state in place, which a small on-heap array would not allow.
+      const state = new Uint8Array(new ArrayBuffer(80));
+      dirsyncH64Init(state);
+      const hasher = {
+        update(input: Uint8Array) {
+          dirsyncH64Update(state, input);
+          return hasher;
+        },
+        digest: () => dirsyncH64Digest(state),
+      };
+      return hasher;
+    },
+  };
 }
 
 export function archiveNative(): ArchiveNative | undefined {
