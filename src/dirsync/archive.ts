@@ -299,6 +299,18 @@ export class ArchiveBuilder {
     this.count++;
   }
 
+  /** Copy entries from..to-1 of `table`, as `copy` of each would. */
+  copyRun(table: ArchiveTable, from: number, to: number): void {
+    if (to <= from) return;
+    const run = this.lastRun;
+    if (run !== undefined && run.table === table && run.to === from) run.to = to;
+    else {
+      this.lastRun = { table, from, to };
+      this.parts.push(this.lastRun);
+    }
+    this.count += to - from;
+  }
+
   add(path: string, entry: ArchiveEntry): void {
     this.parts.push({ path, entry });
     this.lastRun = undefined;

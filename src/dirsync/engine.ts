@@ -1503,30 +1503,36 @@ export class SyncEngine {
     const put = (path: string, entry: ArchiveEntry): void => builder.add(path, entry);
     const [finals1, finals2] = this.finalDirStats;
     const dirsTouched = finals1.size > 0 || finals2.size > 0;
-    for (let index = 0; index < table.count; index++) {
-      if (flags[index] === 1) {
-        if (dirsTouched && table.isDir(index)) {
-          const path = table.path(index);
-          const final1 = finals1.get(path);
-          const final2 = finals2.get(path);
-          if (final1 !== undefined || final2 !== undefined) {
-            const a = table.entry(index);
-            put(
-              path,
-              refreshed(
-                a,
-                final1 ?? { kind: 'dir', sizeBytes: 0, mtimeMs: a.mtime1Ms, ctimeMs: a.ctime1Ms, inode: a.inode1, mode: a.mode },
-                final2 ?? { kind: 'dir', sizeBytes: 0, mtimeMs: a.mtime2Ms, ctimeMs: a.ctime2Ms, inode: a.inode2, mode: a.mode },
-              ),
-            );
-            continue;
-          }
-        }
-        builder.copy(table, index);
+    const { count, kinds } = table;
+    for (let index = 0; index < count; index++) {
+      if (flags[index] !== 1) {
+        const path = table.path(index);
+        this.recordPath(path, this.states.get(path)!, decided.get(path), put);
         continue;
       }
-      const path = table.path(index);
-      this.recordPath(path, this.states.get(path)!, decided.get(path), put);
+      if (dirsTouched && kinds[index] === 0x64) {
+        const path = table.path(index);
+        const final1 = finals1.get(path);
+        const final2 = finals2.get(path);
+        if (final1 !== undefined || final2 !== undefined) {
+          const a = table.entry(index);
+          put(
+            path,
+            refreshed(
+              a,
+              final1 ?? { kind: 'dir', sizeBytes: 0, mtimeMs: a.mtime1Ms, ctimeMs: a.ctime1Ms, inode: a.inode1, mode: a.mode },
+              final2 ?? { kind: 'dir', sizeBytes: 0, mtimeMs: a.mtime2Ms, ctimeMs: a.ctime2Ms, inode: a.inode2, mode: a.mode },
+            ),
+          );
+          continue;
+        }
+      }
+      // A run of clean entries (all but a few, usually) is copied as one piece; a directory whose stamps this run
+      // may have moved ends a run.
+      let end = index + 1;
+      while (end < count && flags[end] === 1 && (!dirsTouched || kinds[end] !== 0x64)) end++;
+      builder.copyRun(table, index, end);
+      index = end - 1;
     }
     for (const [path, state] of this.states) if (state.a === undefined) this.recordPath(path, state, decided.get(path), put);
     return builder;
