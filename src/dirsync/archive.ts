@@ -317,63 +317,92 @@ export class ArchiveBuilder {
     this.count++;
   }
 
-  /** The body's arrays (header and trailer excluded), in the file's orientation. */
+  /**
+   * The body's arrays (header and trailer excluded), in the file's orientation, as the buffers to write in order.
+   * On a little-endian host a run copied from a table is not copied at all: its four sections are views of the
+   * loaded file (writev writes them as they are), and only the entries given as objects are encoded.
+   */
   encode(swapped: boolean): Buffer[] {
-    const { count } = this;
-    const numbers = new Float64Array(count * NUMBER_FIELDS);
-    const lengths = new Uint32Array(count * LENGTH_FIELDS);
-    const kinds = Buffer.allocUnsafe(count);
-    let stringBytes = 0;
-    for (const part of this.parts) {
-      if ('table' in part) stringBytes += part.table.starts[part.to]! - part.table.starts[part.from]!;
-      else stringBytes += (part.path.length + part.entry.fingerprint.length + part.entry.linkTarget.length) * 3;
-    }
-    const strings = Buffer.allocUnsafe(Math.max(1, stringBytes));
-    let used = 0;
-    const put = (text: string): number => {
-      if (text.length === 0) return 0;
-      const written = utf8Write.call(strings, text, used, strings.length - used);
-      used += written;
-      return written;
+    const sections: [Buffer[], Buffer[], Buffer[], Buffer[]] = [[], [], [], []];
+    const bytesOf = (array: Float64Array | Uint32Array | Uint8Array): Buffer => Buffer.from(array.buffer, array.byteOffset, array.byteLength);
+    let pending: Array<{ path: string; entry: ArchiveEntry }> = [];
+    const flush = (): void => {
+      if (pending.length === 0) return;
+      const encoded = encodeEntries(pending, swapped);
+      for (let k = 0; k < 4; k++) sections[k]!.push(encoded[k]!);
+      pending = [];
     };
-    let index = 0;
     for (const part of this.parts) {
-      if ('table' in part) {
-        const { table, from, to } = part;
-        if (table.swapped !== swapped) throw new Error('ArchiveBuilder: a table of the other orientation');
-        numbers.set(table.numbers.subarray(from * NUMBER_FIELDS, to * NUMBER_FIELDS), index * NUMBER_FIELDS);
-        lengths.set(table.lengths.subarray(from * LENGTH_FIELDS, to * LENGTH_FIELDS), index * LENGTH_FIELDS);
-        kinds.set(table.kinds.subarray(from, to), index);
-        used += table.strings.copy(strings, used, table.starts[from]!, table.starts[to]!);
-        index += to - from;
+      if (!('table' in part)) {
+        pending.push(part);
         continue;
       }
-      const { path, entry: e } = part;
-      const n = index * NUMBER_FIELDS;
-      numbers[n] = e.sizeBytes;
-      numbers[n + 1] = e.mode;
-      const [s1, s2] = swapped ? [n + 5, n + 2] : [n + 2, n + 5];
-      numbers[s1] = e.mtime1Ms;
-      numbers[s1 + 1] = e.ctime1Ms;
-      numbers[s1 + 2] = e.inode1;
-      numbers[s2] = e.mtime2Ms;
-      numbers[s2 + 1] = e.ctime2Ms;
-      numbers[s2 + 2] = e.inode2;
-      const l = index * LENGTH_FIELDS;
-      lengths[l] = put(path);
-      lengths[l + 1] = put(e.fingerprint);
-      lengths[l + 2] = put(e.linkTarget);
-      kinds[index] = KIND_CODE[e.kind];
-      index++;
+      flush();
+      const { table, from, to } = part;
+      if (table.swapped !== swapped) throw new Error('ArchiveBuilder: a table of the other orientation');
+      const numbers = table.numbers.subarray(from * NUMBER_FIELDS, to * NUMBER_FIELDS);
+      const lengths = table.lengths.subarray(from * LENGTH_FIELDS, to * LENGTH_FIELDS);
+      if (LITTLE_ENDIAN) {
+        sections[0].push(bytesOf(numbers));
+        sections[1].push(bytesOf(lengths));
+      } else {
+        // The loaded arrays were swapped to host order: copies, swapped back for the file.
+        sections[0].push(Buffer.from(bytesOf(numbers)).swap64());
+        sections[1].push(Buffer.from(bytesOf(lengths)).swap32());
+      }
+      sections[2].push(bytesOf(table.kinds.subarray(from, to)));
+      sections[3].push(table.strings.subarray(table.starts[from]!, table.starts[to]!));
     }
-    const numberBytes = Buffer.from(numbers.buffer, numbers.byteOffset, numbers.byteLength);
-    const lengthBytes = Buffer.from(lengths.buffer, lengths.byteOffset, lengths.byteLength);
-    if (!LITTLE_ENDIAN) {
-      numberBytes.swap64();
-      lengthBytes.swap32();
-    }
-    return [numberBytes, lengthBytes, kinds, strings.subarray(0, used)];
+    flush();
+    const parts = sections.flat();
+    // writev takes at most IOV_MAX (1024) buffers at once: an archive of very many runs is joined per section.
+    return parts.length <= 512 ? parts : sections.map((section) => Buffer.concat(section));
   }
+}
+
+/** Entries given as objects, encoded as the four sections of the body. */
+function encodeEntries(entries: Array<{ path: string; entry: ArchiveEntry }>, swapped: boolean): [Buffer, Buffer, Buffer, Buffer] {
+  const count = entries.length;
+  const numbers = new Float64Array(count * NUMBER_FIELDS);
+  const lengths = new Uint32Array(count * LENGTH_FIELDS);
+  const kinds = Buffer.allocUnsafe(count);
+  let stringBytes = 0;
+  for (const { path, entry } of entries) stringBytes += (path.length + entry.fingerprint.length + entry.linkTarget.length) * 3;
+  const strings = Buffer.allocUnsafe(Math.max(1, stringBytes));
+  let used = 0;
+  const put = (text: string): number => {
+    if (text.length === 0) return 0;
+    // At most 3 bytes per UTF-16 unit: the space is always there (utf8Write never writes part of a character).
+    const written = utf8Write.call(strings, text, used, strings.length - used);
+    used += written;
+    return written;
+  };
+  let index = 0;
+  for (const { path, entry: e } of entries) {
+    const n = index * NUMBER_FIELDS;
+    numbers[n] = e.sizeBytes;
+    numbers[n + 1] = e.mode;
+    const [s1, s2] = swapped ? [n + 5, n + 2] : [n + 2, n + 5];
+    numbers[s1] = e.mtime1Ms;
+    numbers[s1 + 1] = e.ctime1Ms;
+    numbers[s1 + 2] = e.inode1;
+    numbers[s2] = e.mtime2Ms;
+    numbers[s2 + 1] = e.ctime2Ms;
+    numbers[s2 + 2] = e.inode2;
+    const l = index * LENGTH_FIELDS;
+    lengths[l] = put(path);
+    lengths[l + 1] = put(e.fingerprint);
+    lengths[l + 2] = put(e.linkTarget);
+    kinds[index] = KIND_CODE[e.kind];
+    index++;
+  }
+  const numberBytes = Buffer.from(numbers.buffer, numbers.byteOffset, numbers.byteLength);
+  const lengthBytes = Buffer.from(lengths.buffer, lengths.byteOffset, lengths.byteLength);
+  if (!LITTLE_ENDIAN) {
+    numberBytes.swap64();
+    lengthBytes.swap32();
+  }
+  return [numberBytes, lengthBytes, kinds, strings.subarray(0, used)];
 }
 
 /** Format 1 (text lines), as written before format 2. */

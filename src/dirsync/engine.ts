@@ -1107,10 +1107,15 @@ export class SyncEngine {
     // Copy-local sources: target-side files whose content will be reused; their deletion waits until after copies.
     // Only the fingerprints some copy needs are indexed (the first path holding each, in path order).
     const wanted: [Set<string>, Set<string>] = [new Set(), new Set()];
+    // Their sizes too: equal content has equal size, so most clean files are passed over without a string.
+    const wantedSizes = new Set<number>();
     for (const action of work) {
       if (action.item.action !== 'copy' && action.item.action !== 'conflict') continue;
       const fp = fingerprintOf(action.state, action.from);
-      if (fp !== undefined) wanted[other(action.from) - 1].add(fp);
+      if (fp === undefined) continue;
+      wanted[other(action.from) - 1].add(fp);
+      const source = entryOf(action.state, action.from);
+      if (source?.kind === 'file') wantedSizes.add(source.sizeBytes);
     }
     const targetIndex: [Map<string, PathState>, Map<string, PathState>] = [new Map(), new Map()];
     if (wanted[0].size > 0 || wanted[1].size > 0) {
@@ -1123,7 +1128,7 @@ export class SyncEngine {
           if (entry?.kind === 'file' && entry.sizeBytes > 0 && !targetIndex[side - 1].has(fp)) targetIndex[side - 1].set(fp, state);
         }
       }
-      if (this.cleanCount() > 0) this.indexCleanFiles(wanted, targetIndex);
+      if (this.cleanCount() > 0) this.indexCleanFiles(wanted, wantedSizes, targetIndex);
     }
     const deferredDeletes = new Set<Action>();
     const copySources = new Set<string>();
@@ -1269,7 +1274,11 @@ export class SyncEngine {
    * Add the clean files (packed scans) to the copy-local index: a clean file holds the archive's fingerprint and
    * stamps on both sides. Among all paths with a fingerprint the first in path order is taken, as for states.
    */
-  private indexCleanFiles(wanted: [Set<string>, Set<string>], targetIndex: [Map<string, PathState>, Map<string, PathState>]): void {
+  private indexCleanFiles(
+    wanted: [Set<string>, Set<string>],
+    wantedSizes: Set<number>,
+    targetIndex: [Map<string, PathState>, Map<string, PathState>],
+  ): void {
     const add = (path: string, a: ArchiveEntry): void => {
       for (const side of [1, 2] as const) {
         if (!wanted[side - 1].has(a.fingerprint)) continue;
@@ -1286,8 +1295,11 @@ export class SyncEngine {
     const { flags } = this;
     if (flags !== undefined) {
       const table = this.table!;
-      for (let index = 0; index < table.count; index++) {
-        if (flags[index] !== 1 || !table.isFile(index) || table.sizeBytes(index) <= 0) continue;
+      const { count, kinds, numbers } = table;
+      for (let index = 0; index < count; index++) {
+        if (flags[index] !== 1 || kinds[index] !== 0x66) continue;
+        const size = numbers[index * 8]!;
+        if (size <= 0 || !wantedSizes.has(size)) continue;
         const fingerprint = table.fingerprint(index);
         if (wanted[0].has(fingerprint) || wanted[1].has(fingerprint)) add(table.path(index), table.entry(index));
       }
