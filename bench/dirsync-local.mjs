@@ -3,7 +3,13 @@
 // small-change sync (10 files edited, 1 added, 1 deleted), and each process's peak RSS (GNU time's %M).
 //
 //   node bench/dirsync-local.mjs [--trees big,small] [--rounds N] [--quick] [--out FILE] [--keep DIR]
+//                                [--baseline DIR] [--no-extra-ca]
 //   trees: big = 10,000 files / ~260 MB, small = 100,000 small files; --quick = 1,000 / 2,000 files, 1 round.
+//   --baseline DIR: also run DIR/bin/drbdts.js (another build, e.g. a checkout of the previous commit with its
+//     dist/ and native/build) as a third tool in the same rounds, so before/after come from one run.
+//   --no-extra-ca: run every tool without NODE_EXTRA_CA_CERTS. Node 20 reads that file eagerly at every start
+//     (on the machine this was written on, ~38 ms of a 60 ms `node -e 0`); unison does not read it. The table
+//     says which environment it was measured in.
 //
 // Prints one markdown table (medians, ratio = dirsync / unison; a ratio below 1 means dirsync is faster) and
 // writes the raw samples as JSON when --out is given.
@@ -25,6 +31,8 @@ const quick = args.includes('--quick');
 const rounds = Number(option('--rounds', quick ? '1' : '3'));
 const treeNames = option('--trees', 'big,small').split(',');
 const outFile = option('--out', undefined);
+const baseline = option('--baseline', undefined);
+const noExtraCa = args.includes('--no-extra-ca');
 
 const TREES = {
   big: { files: quick ? 1000 : 10_000, meanBytes: 26_000, perDir: 100 },
@@ -63,7 +71,9 @@ function generate(root, spec, seed) {
  * RSS in KiB. */
 function measure(command, commandArgs, env) {
   const started = process.hrtime.bigint();
-  const result = spawnSync('/usr/bin/time', ['-f', '%M %U %S', command, ...commandArgs], { env: { ...process.env, ...env }, encoding: 'utf8', maxBuffer: 256 << 20 });
+  const fullEnv = { ...process.env, ...env };
+  if (noExtraCa) delete fullEnv.NODE_EXTRA_CA_CERTS;
+  const result = spawnSync('/usr/bin/time', ['-f', '%M %U %S', command, ...commandArgs], { env: fullEnv, encoding: 'utf8', maxBuffer: 256 << 20 });
   const wallMs = Number(process.hrtime.bigint() - started) / 1e6;
   const lines = result.stderr.trim().split('\n');
   const [rss, user, system] = lines[lines.length - 1].split(' ').map(Number);
@@ -84,6 +94,12 @@ const tools = {
   dirsync: (a, b, work) => [process.execPath, [cli, 'dirsync', a, b, '--batch', '--archive-dir', path.join(work, 'archive')], {}],
   unison: (a, b, work) => ['unison', [a, b, '-batch', '-ui', 'text', '-terse'], { UNISON: path.join(work, 'unison-home'), HOME: work }],
 };
+if (baseline !== undefined) {
+  const baselineCli = path.join(path.resolve(baseline), 'bin', 'drbdts.js');
+  if (!fs.existsSync(baselineCli)) throw new Error(`--baseline ${baseline}: no ${baselineCli}`);
+  tools.before = (a, b, work) => [process.execPath, [baselineCli, 'dirsync', a, b, '--batch', '--archive-dir', path.join(work, 'archive')], {}];
+}
+const toolNames = Object.keys(tools);
 
 function median(values) {
   const sorted = [...values].sort((x, y) => x - y);
@@ -101,8 +117,10 @@ try {
     const source = path.join(base, `${treeName}-source`);
     const totalBytes = generate(source, spec, 1234);
     process.stderr.write(`tree ${treeName}: ${spec.files} files, ${(totalBytes / 1e6).toFixed(0)} MB\n`);
+    process.stderr.write(`  load average ${os.loadavg().map((x) => x.toFixed(2)).join(' ')} at ${new Date().toISOString()}\n`);
     for (let round = 0; round < rounds; round++) {
-      const order = round % 2 === 0 ? ['unison', 'dirsync'] : ['dirsync', 'unison'];
+      // Alternating: each round starts with the next tool (unison first in round 0).
+      const order = toolNames.map((_, k) => toolNames[(toolNames.length - 1 + k + round) % toolNames.length]);
       for (const tool of order) {
         const work = path.join(base, `${treeName}-${tool}-${round}`);
         const a = path.join(work, 'a');
@@ -125,18 +143,31 @@ try {
         fs.rmSync(work, { recursive: true, force: true });
       }
     }
+    process.stderr.write(`  load average ${os.loadavg().map((x) => x.toFixed(2)).join(' ')} at ${new Date().toISOString()}\n`);
   }
 } finally {
   if (!args.includes('--keep')) fs.rmSync(base, { recursive: true, force: true });
 }
 
-const lines = ['| tree | measure | dirsync | unison 2.52 | ratio (target) |', '|---|---|---|---|---|'];
+const lines = [
+  `Environment: ${noExtraCa ? 'NODE_EXTRA_CA_CERTS unset (--no-extra-ca)' : process.env.NODE_EXTRA_CA_CERTS ? 'as given (NODE_EXTRA_CA_CERTS set)' : 'as given'}`,
+  '',
+  baseline === undefined
+    ? '| tree | measure | dirsync | unison 2.52 | ratio (target) |'
+    : '| tree | measure | before | unison 2.52 | before ratio | dirsync | ratio (target) |',
+  baseline === undefined ? '|---|---|---|---|---|' : '|---|---|---|---|---|---|---|',
+];
 for (const treeName of treeNames) {
   const of = (tool) => samples.filter((s) => s.tree === treeName && s.tool === tool);
   const row = (label, pick, unit, target) => {
     const d = median(of('dirsync').map(pick));
     const u = median(of('unison').map(pick));
-    lines.push(`| ${treeName} | ${label} | ${d.toFixed(unit === 'MiB' ? 0 : 0)} ${unit} | ${u.toFixed(0)} ${unit} | ${(d / u).toFixed(2)} (<= ${target}) |`);
+    if (baseline === undefined) {
+      lines.push(`| ${treeName} | ${label} | ${d.toFixed(0)} ${unit} | ${u.toFixed(0)} ${unit} | ${(d / u).toFixed(2)} (<= ${target}) |`);
+      return;
+    }
+    const b = median(of('before').map(pick));
+    lines.push(`| ${treeName} | ${label} | ${b.toFixed(0)} ${unit} | ${u.toFixed(0)} ${unit} | ${(b / u).toFixed(2)} | ${d.toFixed(0)} ${unit} | ${(d / u).toFixed(2)} (<= ${target}) |`);
   };
   row('initial sync', (s) => s.initial.wallMs, 'ms', '0.5');
   row('no-change rescan', (s) => s.rescan.wallMs, 'ms', '1.0');
@@ -145,6 +176,8 @@ for (const treeName of treeNames) {
   row('no-change rescan, CPU', (s) => s.rescan.cpuMs, 'ms', '-');
   row('small-change sync, CPU', (s) => s.change.cpuMs, 'ms', '-');
   row('peak RSS', (s) => Math.max(s.initial.rssKiB, s.rescan.rssKiB, s.change.rssKiB) / 1024, 'MiB', '1.0');
+  row('peak RSS, rescan', (s) => s.rescan.rssKiB / 1024, 'MiB', '-');
+  row('peak RSS, small change', (s) => s.change.rssKiB / 1024, 'MiB', '-');
 }
 process.stdout.write(lines.join('\n') + '\n');
-if (outFile !== undefined) fs.writeFileSync(outFile, JSON.stringify({ date: new Date().toISOString(), rounds, samples }, null, 2));
+if (outFile !== undefined) fs.writeFileSync(outFile, JSON.stringify({ date: new Date().toISOString(), rounds, baseline, noExtraCa, samples }, null, 2));

@@ -6,6 +6,9 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { ArchiveError, loadArchive, saveArchive, type ArchiveEntry } from '../src/dirsync/archive.js';
 import { getHasher } from '../src/dirsync/hash.js';
 import { fingerprintHex } from '../src/dirsync/replica.js';
+import xxhash from 'xxhash-wasm';
+import { archiveNative, nativeHasher } from '../src/native/scan.js';
+import { mulberry32 } from './helpers/prng.js';
 import { mkTemp } from './dirsync-helpers.js';
 
 const temps: string[] = [];
@@ -34,22 +37,65 @@ function swapSides(entries: Map<string, ArchiveEntry>): Map<string, ArchiveEntry
   return swapped;
 }
 
+/** Run `body` with the addon's archive helpers (xxh64, entry check) and again with the JavaScript fallback. */
+async function bothLoaders(body: () => Promise<void>): Promise<void> {
+  const saved = process.env.DRBDTS_DIRSYNC_NATIVE_JOIN;
+  try {
+    for (const value of [undefined, '0']) {
+      if (value === undefined) delete process.env.DRBDTS_DIRSYNC_NATIVE_JOIN;
+      else process.env.DRBDTS_DIRSYNC_NATIVE_JOIN = value;
+      await body();
+    }
+  } finally {
+    if (saved === undefined) delete process.env.DRBDTS_DIRSYNC_NATIVE_JOIN;
+    else process.env.DRBDTS_DIRSYNC_NATIVE_JOIN = saved;
+  }
+}
+
 describe('dirsync archive file', () => {
+  it.skipIf(archiveNative() === undefined || nativeHasher() === undefined)('the native xxh64 gives xxhash-wasm digests: one-shot, streamed, hex', async () => {
+    const native = archiveNative()!;
+    const hasher = nativeHasher()!;
+    const wasm = await xxhash();
+    const random = mulberry32(64);
+    const bytes = Buffer.alloc(200_000);
+    for (let index = 0; index < bytes.length; index++) bytes[index] = Math.floor(random() * 256);
+    const lengths = [...Array.from({ length: 200 }, (_, n) => n), 1023, 1024, 4096, 65_537, 199_990];
+    for (const length of lengths) {
+      for (const offset of [0, 1, 5]) {
+        const part = bytes.subarray(offset, offset + length);
+        const expected = wasm.h64Raw(part);
+        expect(hasher.h64Raw(part)).toBe(expected);
+        expect(native.xxh64(part)).toBe(fingerprintHex(expected));
+        // Streamed in random pieces (crossing the 32-byte stripes anywhere) gives the same digest.
+        const state = hasher.create64();
+        for (let at = 0; at < part.length; ) {
+          const piece = Math.min(part.length - at, Math.floor(random() * 70));
+          state.update(part.subarray(at, at + piece));
+          at += piece;
+        }
+        expect(state.digest()).toBe(expected);
+      }
+    }
+  });
+
   it('format 2 round-trips every field, in order, in both orientations', async () => {
     const dir = mkTemp('drbdts-archive-');
     temps.push(dir);
     const file = path.join(dir, 'ar-test');
     const entries = sample();
-    for (const swapped of [false, true]) {
-      await saveArchive(file, swapped, roots, entries);
-      expect(fs.readFileSync(file).subarray(0, 25).toString()).toBe('drbdts-dirsync-archive 2\n');
-      const loaded = await loadArchive(file, swapped);
-      expect([...loaded]).toEqual([...entries]);
-      // Read in the other orientation, side 1 and side 2 trade places.
-      expect([...(await loadArchive(file, !swapped))]).toEqual([...swapSides(entries)]);
-    }
-    await saveArchive(file, false, roots, new Map());
-    expect((await loadArchive(file, false)).size).toBe(0);
+    await bothLoaders(async () => {
+      for (const swapped of [false, true]) {
+        await saveArchive(file, swapped, roots, entries);
+        expect(fs.readFileSync(file).subarray(0, 25).toString()).toBe('drbdts-dirsync-archive 2\n');
+        const loaded = await loadArchive(file, swapped);
+        expect([...loaded]).toEqual([...entries]);
+        // Read in the other orientation, side 1 and side 2 trade places.
+        expect([...(await loadArchive(file, !swapped))]).toEqual([...swapSides(entries)]);
+      }
+      await saveArchive(file, false, roots, new Map());
+      expect((await loadArchive(file, false)).size).toBe(0);
+    });
   });
 
   it('a format 1 (text) archive from an earlier version still loads', async () => {
@@ -90,18 +136,32 @@ describe('dirsync archive file', () => {
       expect(error).toBeInstanceOf(ArchiveError);
       expect((error as Error).message).toMatch(/is corrupt/);
     };
-    for (let offset = 0; offset < good.length; offset += 7) {
-      const bad = Buffer.from(good);
-      bad[offset] ^= 0x20;
-      await expectCorrupt(bad);
-    }
-    await expectCorrupt(good.subarray(0, good.length - 1));
-    await expectCorrupt(good.subarray(0, 40));
-    // A consistent checksum over inconsistent content (a writer bug) is refused too.
     const hasher = await getHasher();
+    const resealed = (body: Buffer): Buffer => Buffer.concat([body, Buffer.from('\nend ' + fingerprintHex(hasher.h64Raw(body)) + '\n')]);
     const bodyEnd = good.length - 22;
-    const body = Buffer.from(good.subarray(0, bodyEnd));
-    const lied = Buffer.from(body.toString('latin1').replace('"entries":5', '"entries":4'), 'latin1');
-    await expectCorrupt(Buffer.concat([lied, Buffer.from('\nend ' + fingerprintHex(hasher.h64Raw(lied)) + '\n')]));
+    await bothLoaders(async () => {
+      for (let offset = 0; offset < good.length; offset += 7) {
+        const bad = Buffer.from(good);
+        bad[offset] ^= 0x20;
+        await expectCorrupt(bad);
+      }
+      await expectCorrupt(good.subarray(0, good.length - 1));
+      await expectCorrupt(good.subarray(0, 40));
+      // A consistent checksum over inconsistent content (a writer bug) is refused too: a wrong count, a bad kind,
+      // a NaN, an empty path.
+      const body = Buffer.from(good.subarray(0, bodyEnd));
+      await expectCorrupt(resealed(Buffer.from(body.toString('latin1').replace('"entries":5', '"entries":4'), 'latin1')));
+      const headerEnd = body.indexOf(10, 25) + 1;
+      const kinds = headerEnd + 5 * 8 * 8 + 5 * 3 * 4;
+      const badKind = Buffer.from(body);
+      badKind[kinds + 2] = 0x78;
+      await expectCorrupt(resealed(badKind));
+      const nan = Buffer.from(body);
+      nan.writeDoubleLE(Number.NaN, headerEnd + 3 * 8 * 8 + 2 * 8);
+      await expectCorrupt(resealed(nan));
+      const emptyPath = Buffer.from(body);
+      emptyPath.writeUInt32LE(0, headerEnd + 5 * 8 * 8 + 12);
+      await expectCorrupt(resealed(emptyPath));
+    });
   });
 });

@@ -1,13 +1,16 @@
 // The engine's packed-scan path (two local roots scanned by the addon, merge-joined with the archive, objects only
 // for paths that differ) must decide exactly what the object path (the JavaScript walk, every path a state)
-// decides. Two pairs receive the same random edits run after run; one is synced with the native scan, the other
-// with DRBDTS_DIRSYNC_NATIVE_SCAN=0. Plans, results, trees and archive contents must agree, and the packed run
-// must really have left unchanged paths out of its states.
+// decides. Three pairs receive the same random edits run after run: one is synced with the native scan and the
+// native join of the scans with the archive table (native/src/dirsync_join.cc), one with the native scan and the
+// JavaScript join over the archive as a map (DRBDTS_DIRSYNC_NATIVE_JOIN=0, the fallback), one with
+// DRBDTS_DIRSYNC_NATIVE_SCAN=0. Plans, results, trees and archive contents must agree, and the packed runs must
+// really have left unchanged paths out of their states.
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { archivePathFor, loadArchive } from '../src/dirsync/archive.js';
+import { ArchiveBuilder, archivePathFor, loadArchive, saveArchiveBuilder } from '../src/dirsync/archive.js';
+import { startEarly } from '../src/dirsync/early.js';
 import { SyncEngine, type SyncOptions, type SyncResult } from '../src/dirsync/engine.js';
 import { LocalReplica } from '../src/dirsync/local.js';
 import { nativeScanAvailable } from '../src/native/scan.js';
@@ -79,13 +82,20 @@ function edit(random: () => number, trees: Tree[], round: number, step: number):
     const both = Object.keys(snapshot(trees[0]!.a)).filter((p) => fs.existsSync(path.join(trees[0]!.b, p)));
     const victim = both[Math.floor(random() * both.length)];
     if (victim !== undefined) {
+      // The two edits' mtimes are set, the same in every tree: --prefer newer must not depend on whether the two
+      // writes of one tree fell into the same tick of the file system's clock (they did in one tree, not another).
+      const aNewer = random() < 0.5;
+      const base = Math.floor(Date.now() / 1000) - 60;
       for (const tree of trees) {
         for (const side of ['a', 'b'] as const) {
           const at = path.join(tree[side], victim);
           const st = fs.lstatSync(at);
           if (st.isDirectory()) fs.writeFileSync(path.join(at, `c${round}-${step}-${side}`), side);
-          else if (st.isFile()) fs.appendFileSync(at, `${side} ${round}\n`);
-          else if (side === 'a') fs.rmSync(at);
+          else if (st.isFile()) {
+            fs.appendFileSync(at, `${side} ${round}\n`);
+            const seconds = base + ((side === 'a') === aNewer ? 5 : 0);
+            fs.utimesSync(at, seconds, seconds);
+          } else if (side === 'a') fs.rmSync(at);
           else fs.writeFileSync(at + '.x', side);
         }
       }
@@ -146,17 +156,22 @@ async function archiveContent(tree: Tree): Promise<Record<string, string>> {
   return out;
 }
 
-async function sync(tree: Tree, packed: boolean, prefer: SyncOptions['prefer']): Promise<{ result: SyncResult; states: number; clean: number }> {
-  const saved = process.env.DRBDTS_DIRSYNC_NATIVE_SCAN;
-  if (!packed) process.env.DRBDTS_DIRSYNC_NATIVE_SCAN = '0';
+type Mode = 'native join' | 'js join' | 'objects';
+
+async function sync(tree: Tree, mode: Mode, prefer: SyncOptions['prefer']): Promise<{ result: SyncResult; states: number; clean: number; table: boolean }> {
+  const saved = [process.env.DRBDTS_DIRSYNC_NATIVE_SCAN, process.env.DRBDTS_DIRSYNC_NATIVE_JOIN];
+  if (mode === 'objects') process.env.DRBDTS_DIRSYNC_NATIVE_SCAN = '0';
+  if (mode === 'js join') process.env.DRBDTS_DIRSYNC_NATIVE_JOIN = '0';
   try {
     const engine = new SyncEngine(new LocalReplica(tree.a), new LocalReplica(tree.b), options(tree, prefer));
     const result = await engine.run();
-    const internals = engine as unknown as { states: Map<string, unknown>; clean?: Set<unknown> };
-    return { result, states: internals.states.size, clean: internals.clean?.size ?? 0 };
+    const internals = engine as unknown as { states: Map<string, unknown>; cleanCount(): number; flags?: Uint8Array };
+    return { result, states: internals.states.size, clean: internals.cleanCount(), table: internals.flags !== undefined };
   } finally {
-    if (saved === undefined) delete process.env.DRBDTS_DIRSYNC_NATIVE_SCAN;
-    else process.env.DRBDTS_DIRSYNC_NATIVE_SCAN = saved;
+    for (const [name, value] of [['DRBDTS_DIRSYNC_NATIVE_SCAN', saved[0]], ['DRBDTS_DIRSYNC_NATIVE_JOIN', saved[1]]] as const) {
+      if (value === undefined) delete process.env[name];
+      else process.env[name] = value;
+    }
   }
 }
 
@@ -165,8 +180,9 @@ describe.skipIf(!nativeScanAvailable())('packed scans decide as the object path 
     it(`random edits, seed ${seed}`, async () => {
       const random = mulberry32(seed);
       const packed = makeTree(`p${seed}`);
+      const jsJoin = makeTree(`j${seed}`);
       const objects = makeTree(`o${seed}`);
-      const trees = [packed, objects];
+      const trees = [packed, jsJoin, objects];
       // A starting tree on side a: 6 directories of 8 files, some of the same size and content.
       for (const tree of trees) {
         for (let d = 0; d < 6; d++) {
@@ -176,35 +192,99 @@ describe.skipIf(!nativeScanAvailable())('packed scans decide as the object path 
         fs.symlinkSync('d0/f0', path.join(tree.a, 'link'));
       }
       let cleanSeen = 0;
+      let jsCleanSeen = 0;
+      let tableRuns = 0;
       let conflicts = 0;
       for (let round = 0; round < 15; round++) {
         const prefer = round % 3 === 2 ? (random() < 0.5 ? 1 : 'newer') : round % 3 === 1 ? undefined : 2;
-        const p = await sync(packed, true, prefer);
-        const o = await sync(objects, false, prefer);
+        const p = await sync(packed, 'native join', prefer);
+        const j = await sync(jsJoin, 'js join', prefer);
+        const o = await sync(objects, 'objects', prefer);
+        expect(j.table).toBe(false);
         expect(summary(p.result)).toEqual(summary(o.result));
-        expect(snapshot(packed.a)).toEqual(snapshot(objects.a));
-        expect(snapshot(packed.b)).toEqual(snapshot(objects.b));
-        expect(await archiveContent(packed)).toEqual(await archiveContent(objects));
+        expect(summary(j.result)).toEqual(summary(o.result));
+        for (const tree of [packed, jsJoin]) {
+          expect(snapshot(tree.a)).toEqual(snapshot(objects.a));
+          expect(snapshot(tree.b)).toEqual(snapshot(objects.b));
+          expect(await archiveContent(tree)).toEqual(await archiveContent(objects));
+        }
         cleanSeen += p.clean;
+        jsCleanSeen += j.clean;
+        if (p.table) tableRuns++;
         conflicts += p.result.items.filter((item) => item.action === 'conflict').length;
         // Edits on both sides between runs: some become conflicts.
         const edits = 1 + Math.floor(random() * 4);
         for (let step = 0; step < edits; step++) edit(random, trees, round, step);
       }
       expect(cleanSeen).toBeGreaterThan(0);
+      expect(jsCleanSeen).toBe(cleanSeen);
+      // Every run after the first has an archive table to join with.
+      expect(tableRuns).toBe(14);
       expect(conflicts).toBeGreaterThan(0);
     });
   }
+
+  it('an archive that lists a path twice is refused as corrupt by both joins, nothing changed', async () => {
+    const tree = makeTree('duplicate');
+    fs.writeFileSync(path.join(tree.a, 'one'), 'one');
+    fs.writeFileSync(path.join(tree.a, 'two'), 'two');
+    expect((await sync(tree, 'native join', undefined)).result.exitCode).toBe(0);
+    const id = (root: string): string => `${os.hostname()}:${fs.realpathSync(root)}`;
+    const roots = { root1Id: id(tree.a), root2Id: id(tree.b) };
+    const { file, swapped } = await archivePathFor(tree.archive, roots.root1Id, roots.root2Id);
+    const entries = await loadArchive(file, swapped);
+    const builder = new ArchiveBuilder();
+    for (const [p, e] of entries) builder.add(p, e);
+    builder.add('two', entries.get('two')!);
+    await saveArchiveBuilder(file, swapped, roots, builder);
+    fs.writeFileSync(path.join(tree.a, 'three'), 'three');
+    for (const mode of ['native join', 'js join'] as const) {
+      const { result } = await sync(tree, mode, undefined);
+      expect(result.exitCode).toBe(3);
+      expect(result.fatal).toMatch(/is corrupt/);
+      expect(fs.existsSync(path.join(tree.b, 'three'))).toBe(false);
+    }
+  });
+
+  it('an early start (lock, scans, archive load begun by the CLI) is taken over only when it matches the run', async () => {
+    const other = makeTree('early-other');
+    const tree = makeTree('early');
+    fs.writeFileSync(path.join(tree.a, 'f'), 'f');
+    fs.writeFileSync(path.join(other.a, 'g'), 'g');
+    // A mismatch (another pair): the engine releases that lock, runs on its own, and the other pair is untouched.
+    const foreign = await startEarly([other.a, other.b], other.archive, () => undefined);
+    expect(foreign).toBeDefined();
+    expect(fs.existsSync(foreign!.file + '.lock')).toBe(true);
+    const engine = new SyncEngine(new LocalReplica(tree.a), new LocalReplica(tree.b), { ...options(tree, undefined), early: foreign });
+    expect((await engine.run()).exitCode).toBe(0);
+    expect(fs.existsSync(foreign!.file + '.lock')).toBe(false);
+    expect(fs.readFileSync(path.join(tree.b, 'f'), 'utf8')).toBe('f');
+    expect(fs.existsSync(path.join(other.b, 'g'))).toBe(false);
+    // A match: its lock is the run's (held during it: a second early start cannot take it), released at the end.
+    fs.writeFileSync(path.join(tree.a, 'f2'), 'f2');
+    const early = await startEarly([tree.a, tree.b], tree.archive, () => undefined);
+    expect(early).toBeDefined();
+    expect(await startEarly([tree.a, tree.b], tree.archive, () => undefined)).toBeUndefined();
+    const matched = new SyncEngine(new LocalReplica(tree.a), new LocalReplica(tree.b), { ...options(tree, undefined), early });
+    const internals = matched as unknown as { flags?: Uint8Array };
+    expect((await matched.run()).exitCode).toBe(0);
+    expect(internals.flags).toBeDefined();
+    expect(fs.existsSync(early!.file + '.lock')).toBe(false);
+    expect(fs.readFileSync(path.join(tree.b, 'f2'), 'utf8')).toBe('f2');
+  });
 
   it('a no-change rescan makes no state at all', async () => {
     const tree = makeTree('quiet');
     for (let f = 0; f < 50; f++) fs.writeFileSync(path.join(tree.a, `f${f}`), `x${f}`);
     fs.mkdirSync(path.join(tree.a, 'dir'));
-    expect((await sync(tree, true, undefined)).result.exitCode).toBe(0);
-    const again = await sync(tree, true, undefined);
-    expect(again.result.exitCode).toBe(0);
-    expect(again.result.items).toEqual([]);
-    expect(again.states).toBe(0);
-    expect(again.clean).toBe(51);
+    expect((await sync(tree, 'native join', undefined)).result.exitCode).toBe(0);
+    for (const mode of ['native join', 'js join'] as const) {
+      const again = await sync(tree, mode, undefined);
+      expect(again.result.exitCode).toBe(0);
+      expect(again.result.items).toEqual([]);
+      expect(again.states).toBe(0);
+      expect(again.clean).toBe(51);
+      expect(again.table).toBe(mode === 'native join');
+    }
   });
 });

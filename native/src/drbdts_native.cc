@@ -39,6 +39,8 @@
 #include <vector>
 
 void InitDirsyncScan(Napi::Env env, Napi::Object exports);  // dirsync_scan.cc
+void InitDirsyncJoin(Napi::Env env, Napi::Object exports);  // dirsync_join.cc
+void InitDirsyncHash(Napi::Env env, Napi::Object exports);  // dirsync_hash.cc
 
 namespace {
 
@@ -567,6 +569,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("nbdDoIt", Napi::Function::New(env, NbdDoIt, "nbdDoIt"));
   exports.Set("nbdDisconnect", Napi::Function::New(env, NbdDisconnect, "nbdDisconnect"));
   InitDirsyncScan(env, exports);
+  InitDirsyncJoin(env, exports);
+  InitDirsyncHash(env, exports);
   return exports;
 }
 

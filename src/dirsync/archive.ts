@@ -25,6 +25,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as pathModule from 'node:path';
+import { archiveNative } from '../native/scan.js';
 import { getHasher } from './hash.js';
 import { fingerprintHex, type EntryKind } from './replica.js';
 
@@ -75,9 +76,16 @@ export function defaultArchiveDir(): string {
 export async function archivePathFor(archiveDir: string, root1Id: string, root2Id: string): Promise<{ file: string; swapped: boolean }> {
   const swapped = root1Id > root2Id;
   const [first, second] = swapped ? [root2Id, root1Id] : [root1Id, root2Id];
-  const hasher = await getHasher();
-  const digest = fingerprintHex(hasher.h64Raw(Buffer.from(first + '\0' + second)));
+  const digest = await xxh64Hex(Buffer.from(first + '\0' + second));
   return { file: pathModule.join(archiveDir, `ar-${digest}`), swapped };
+}
+
+/** xxh64 as fingerprintHex writes it: natively when the addon has it (no wasm instance needed), else xxhash-wasm. */
+async function xxh64Hex(bytes: Uint8Array): Promise<string> {
+  const native = archiveNative();
+  if (native !== undefined) return native.xxh64(bytes);
+  const hasher = await getHasher();
+  return fingerprintHex(hasher.h64Raw(bytes));
 }
 
 function unescapeField(value: string): string {
@@ -94,6 +102,16 @@ const KIND_CODE: Record<EntryKind, number> = { file: 0x66, dir: 0x64, symlink: 0
  * side 1 is this run's root 2; entries are returned in this run's orientation.
  */
 export async function loadArchive(file: string, swapped: boolean): Promise<Map<string, ArchiveEntry>> {
+  const data = await loadArchiveData(file, swapped);
+  return data instanceof ArchiveTable ? data.toMap() : data;
+}
+
+/**
+ * Load an archive as the engine uses it: a format 2 file as its packed table (no object or string per entry until
+ * one is asked for), a format 1 file as a map, a missing file as an empty map. Everything but the uniqueness of the
+ * paths is checked here; ArchiveTable.toMap and the native join (dirsync_join.cc) check that.
+ */
+export async function loadArchiveData(file: string, swapped: boolean): Promise<ArchiveTable | Map<string, ArchiveEntry>> {
   let bytes: Buffer;
   try {
     bytes = fs.readFileSync(file);
@@ -101,26 +119,29 @@ export async function loadArchive(file: string, swapped: boolean): Promise<Map<s
     if ((error as NodeJS.ErrnoException).code === 'ENOENT') return new Map();
     throw new ArchiveError(file, `cannot read archive ${file}: ${(error as Error).message}`);
   }
-  const corrupt = (why: string): ArchiveError =>
+  const corrupt = corruptError(file);
+  if (startsWith(bytes, MAGIC_2 + '\n')) return parseBinary(bytes, swapped, corrupt);
+  return parseText(bytes.toString('utf8'), swapped, corrupt);
+}
+
+function corruptError(file: string): (why: string) => ArchiveError {
+  return (why) =>
     new ArchiveError(
       file,
       `archive ${file} is corrupt (${why}); nothing was changed. Remove it to start over: the next run then treats ` +
         `the pair as never synced (identical files are recognised, differing ones become conflicts, nothing is deleted)`,
     );
-  if (startsWith(bytes, MAGIC_2 + '\n')) return parseBinary(bytes, swapped, corrupt);
-  return parseText(bytes.toString('utf8'), swapped, corrupt);
 }
 
 function startsWith(bytes: Buffer, prefix: string): boolean {
   return bytes.length >= prefix.length && latin1Slice.call(bytes, 0, prefix.length) === prefix;
 }
 
-async function parseBinary(bytes: Buffer, swapped: boolean, corrupt: (why: string) => ArchiveError): Promise<Map<string, ArchiveEntry>> {
+async function parseBinary(bytes: Buffer, swapped: boolean, corrupt: (why: string) => ArchiveError): Promise<ArchiveTable> {
   const bodyEnd = bytes.length - TRAILER_BYTES;
   const trailer = bodyEnd > 0 ? latin1Slice.call(bytes, bodyEnd, bytes.length) : '';
   if (!/^\nend [0-9a-f]{16}\n$/.test(trailer)) throw corrupt('missing end marker');
-  const hasher = await getHasher();
-  if (fingerprintHex(hasher.h64Raw(bytes.subarray(0, bodyEnd))) !== trailer.slice(5, 21)) throw corrupt('checksum mismatch');
+  if ((await xxh64Hex(bytes.subarray(0, bodyEnd))) !== trailer.slice(5, 21)) throw corrupt('checksum mismatch');
   const headerEnd = bytes.indexOf(10, MAGIC_2.length + 1);
   let header: { entries?: unknown };
   try {
@@ -133,8 +154,8 @@ async function parseBinary(bytes: Buffer, swapped: boolean, corrupt: (why: strin
   if (typeof count !== 'number' || !Number.isSafeInteger(count) || count < 0 || numbersStart % 8 !== 0) throw corrupt('bad header line');
   const lengthsStart = numbersStart + count * NUMBER_FIELDS * 8;
   const kindsStart = lengthsStart + count * LENGTH_FIELDS * 4;
-  let position = kindsStart + count;
-  if (position > bodyEnd) throw corrupt(`header says ${count} entries, the file is too short for them`);
+  const stringsStart = kindsStart + count;
+  if (stringsStart > bodyEnd) throw corrupt(`header says ${count} entries, the file is too short for them`);
   // Typed views need aligned offsets: a small file may sit at any offset of Node's buffer pool, then it is copied.
   const aligned = bytes.byteOffset % 8 === 0 ? bytes : Buffer.from(bytes);
   const numbers = new Float64Array(aligned.buffer, aligned.byteOffset + numbersStart, count * NUMBER_FIELDS);
@@ -143,36 +164,245 @@ async function parseBinary(bytes: Buffer, swapped: boolean, corrupt: (why: strin
     Buffer.from(numbers.buffer, numbers.byteOffset, numbers.byteLength).swap64();
     Buffer.from(lengths.buffer, lengths.byteOffset, lengths.byteLength).swap32();
   }
-  const [m1, c1, i1, m2, c2, i2] = swapped ? [5, 6, 7, 2, 3, 4] : [2, 3, 4, 5, 6, 7];
-  const entries = new Map<string, ArchiveEntry>();
+  const kinds = new Uint8Array(aligned.buffer, aligned.byteOffset + kindsStart, count);
+  const strings = aligned.subarray(stringsStart, bodyEnd);
+  const stringBytes = strings.length;
+  const native = archiveNative();
+  if (native !== undefined) {
+    const checked = native.archiveStarts(numbers, lengths, kinds, stringBytes);
+    if (checked instanceof Uint32Array) return new ArchiveTable(corrupt, swapped, count, numbers, lengths, kinds, strings, checked, aligned.subarray(0, bodyEnd));
+    const [code, value] = checked;
+    throw corrupt(code === 1 ? `bad entry ${value + 1}` : code === 2 ? `bad number in entry ${value + 1}` : `${value} bytes after the last entry`);
+  }
+  // One pass over the arrays, no string made: kinds, string bounds, numbers (NaN and infinities propagate
+  // through the sum, so one test covers every number of an entry). dirsyncArchiveStarts does the same natively.
+  // Over its own ArrayBuffer: never a small on-heap typed array, whose data the native join could not hold.
+  const starts = new Uint32Array(new ArrayBuffer((count + 1) * 4));
+  let position = 0;
   for (let index = 0, n = 0, l = 0; index < count; index++, n += NUMBER_FIELDS, l += LENGTH_FIELDS) {
-    const kind = KINDS_BY_CODE[bytes[kindsStart + index]!];
-    const pathEnd = position + lengths[l]!;
-    const fingerprintEnd = pathEnd + lengths[l + 1]!;
-    const linkEnd = fingerprintEnd + lengths[l + 2]!;
-    if (kind === undefined || linkEnd > bodyEnd || pathEnd === position) throw corrupt(`bad entry ${index + 1}`);
-    const entry: ArchiveEntry = {
-      kind,
-      sizeBytes: numbers[n]!,
-      fingerprint: fingerprintEnd > pathEnd ? latin1Slice.call(bytes, pathEnd, fingerprintEnd) : '',
-      mode: numbers[n + 1]!,
-      linkTarget: linkEnd > fingerprintEnd ? utf8Slice.call(bytes, fingerprintEnd, linkEnd) : '',
-      mtime1Ms: numbers[n + m1]!,
-      ctime1Ms: numbers[n + c1]!,
-      inode1: numbers[n + i1]!,
-      mtime2Ms: numbers[n + m2]!,
-      ctime2Ms: numbers[n + c2]!,
-      inode2: numbers[n + i2]!,
-    };
-    if (!Number.isFinite(entry.sizeBytes + entry.mode + entry.mtime1Ms + entry.ctime1Ms + entry.inode1 + entry.mtime2Ms + entry.ctime2Ms + entry.inode2)) {
+    const kind = kinds[index]!;
+    const pathLength = lengths[l]!;
+    const end = position + pathLength + lengths[l + 1]! + lengths[l + 2]!;
+    if ((kind !== 0x66 && kind !== 0x64 && kind !== 0x6c) || end > stringBytes || pathLength === 0) throw corrupt(`bad entry ${index + 1}`);
+    if (!Number.isFinite(numbers[n]! + numbers[n + 1]! + numbers[n + 2]! + numbers[n + 3]! + numbers[n + 4]! + numbers[n + 5]! + numbers[n + 6]! + numbers[n + 7]!)) {
       throw corrupt(`bad number in entry ${index + 1}`);
     }
-    entries.set(utf8Slice.call(bytes, position, pathEnd), entry);
-    position = linkEnd;
+    starts[index] = position;
+    position = end;
   }
-  if (position !== bodyEnd) throw corrupt(`${bodyEnd - position} bytes after the last entry`);
-  if (entries.size !== count) throw corrupt(`header says ${count} entries, found ${entries.size} distinct paths`);
-  return entries;
+  starts[count] = position;
+  if (position !== stringBytes) throw corrupt(`${stringBytes - position} bytes after the last entry`);
+  return new ArchiveTable(corrupt, swapped, count, numbers, lengths, kinds, strings, starts, aligned.subarray(0, bodyEnd));
+}
+
+/**
+ * A format 2 archive as loaded: the file's own arrays (numbers in the file's orientation), no object per entry.
+ * Entries are made on demand (`entry`, `path`), all of them only by `toMap` (the fallback paths of the engine).
+ */
+export class ArchiveTable {
+  constructor(
+    private readonly corrupt: (why: string) => ArchiveError,
+    /** The file's side 1 is this run's root 2. */
+    readonly swapped: boolean,
+    readonly count: number,
+    /** NUMBER_FIELDS per entry: size, mode, the file's side 1 stamps (mtime, ctime, inode), side 2 stamps. */
+    readonly numbers: Float64Array,
+    /** LENGTH_FIELDS per entry: UTF-8 byte lengths of path, fingerprint, link target. */
+    readonly lengths: Uint32Array,
+    /** 'f', 'd' or 'l' per entry. */
+    readonly kinds: Uint8Array,
+    /** The strings of all entries, back to back. */
+    readonly strings: Buffer,
+    /** Offset of each entry's strings in `strings`, and the end (count + 1 values). */
+    readonly starts: Uint32Array,
+    /** Everything the checksum covers: a rewrite that produces the same bytes is skipped. */
+    readonly body: Buffer,
+  ) {}
+
+  path(index: number): string {
+    const start = this.starts[index]!;
+    return utf8Slice.call(this.strings, start, start + this.lengths[index * LENGTH_FIELDS]!);
+  }
+
+  isFile(index: number): boolean {
+    return this.kinds[index] === 0x66;
+  }
+
+  isDir(index: number): boolean {
+    return this.kinds[index] === 0x64;
+  }
+
+  sizeBytes(index: number): number {
+    return this.numbers[index * NUMBER_FIELDS]!;
+  }
+
+  fingerprint(index: number): string {
+    const start = this.starts[index]! + this.lengths[index * LENGTH_FIELDS]!;
+    const length = this.lengths[index * LENGTH_FIELDS + 1]!;
+    return length > 0 ? latin1Slice.call(this.strings, start, start + length) : '';
+  }
+
+  /** The entry in this run's orientation. */
+  entry(index: number): ArchiveEntry {
+    const n = index * NUMBER_FIELDS;
+    const l = index * LENGTH_FIELDS;
+    const { numbers } = this;
+    const [m1, m2] = this.swapped ? [n + 5, n + 2] : [n + 2, n + 5];
+    const fingerprintStart = this.starts[index]! + this.lengths[l]!;
+    const linkStart = fingerprintStart + this.lengths[l + 1]!;
+    const linkEnd = this.starts[index + 1]!;
+    return {
+      kind: KINDS_BY_CODE[this.kinds[index]!]!,
+      sizeBytes: numbers[n]!,
+      fingerprint: linkStart > fingerprintStart ? latin1Slice.call(this.strings, fingerprintStart, linkStart) : '',
+      mode: numbers[n + 1]!,
+      linkTarget: linkEnd > linkStart ? utf8Slice.call(this.strings, linkStart, linkEnd) : '',
+      mtime1Ms: numbers[m1]!,
+      ctime1Ms: numbers[m1 + 1]!,
+      inode1: numbers[m1 + 2]!,
+      mtime2Ms: numbers[m2]!,
+      ctime2Ms: numbers[m2 + 1]!,
+      inode2: numbers[m2 + 2]!,
+    };
+  }
+
+  /** Every entry by path, in file order. */
+  toMap(): Map<string, ArchiveEntry> {
+    const entries = new Map<string, ArchiveEntry>();
+    for (let index = 0; index < this.count; index++) entries.set(this.path(index), this.entry(index));
+    if (entries.size !== this.count) throw this.duplicatePath();
+    return entries;
+  }
+
+  /** The error for an archive that lists a path twice (found by toMap or the native join). */
+  duplicatePath(): ArchiveError {
+    return this.corrupt(`header says ${this.count} entries, found fewer distinct paths`);
+  }
+}
+
+/**
+ * The entries of a new archive, in order: runs of entries copied from the loaded table (their bytes as they are,
+ * no object or string made) and entries given as objects.
+ */
+export class ArchiveBuilder {
+  private readonly parts: Array<{ table: ArchiveTable; from: number; to: number } | { path: string; entry: ArchiveEntry }> = [];
+  private lastRun: { table: ArchiveTable; from: number; to: number } | undefined;
+  count = 0;
+
+  copy(table: ArchiveTable, index: number): void {
+    const run = this.lastRun;
+    if (run !== undefined && run.table === table && run.to === index) run.to++;
+    else {
+      this.lastRun = { table, from: index, to: index + 1 };
+      this.parts.push(this.lastRun);
+    }
+    this.count++;
+  }
+
+  /** Copy entries from..to-1 of `table`, as `copy` of each would. */
+  copyRun(table: ArchiveTable, from: number, to: number): void {
+    if (to <= from) return;
+    const run = this.lastRun;
+    if (run !== undefined && run.table === table && run.to === from) run.to = to;
+    else {
+      this.lastRun = { table, from, to };
+      this.parts.push(this.lastRun);
+    }
+    this.count += to - from;
+  }
+
+  add(path: string, entry: ArchiveEntry): void {
+    this.parts.push({ path, entry });
+    this.lastRun = undefined;
+    this.count++;
+  }
+
+  /**
+   * The body's arrays (header and trailer excluded), in the file's orientation, as the buffers to write in order.
+   * On a little-endian host a run copied from a table is not copied at all: its four sections are views of the
+   * loaded file (writev writes them as they are), and only the entries given as objects are encoded.
+   */
+  encode(swapped: boolean): Buffer[] {
+    const sections: [Buffer[], Buffer[], Buffer[], Buffer[]] = [[], [], [], []];
+    const bytesOf = (array: Float64Array | Uint32Array | Uint8Array): Buffer => Buffer.from(array.buffer, array.byteOffset, array.byteLength);
+    let pending: Array<{ path: string; entry: ArchiveEntry }> = [];
+    const flush = (): void => {
+      if (pending.length === 0) return;
+      const encoded = encodeEntries(pending, swapped);
+      for (let k = 0; k < 4; k++) sections[k]!.push(encoded[k]!);
+      pending = [];
+    };
+    for (const part of this.parts) {
+      if (!('table' in part)) {
+        pending.push(part);
+        continue;
+      }
+      flush();
+      const { table, from, to } = part;
+      if (table.swapped !== swapped) throw new Error('ArchiveBuilder: a table of the other orientation');
+      const numbers = table.numbers.subarray(from * NUMBER_FIELDS, to * NUMBER_FIELDS);
+      const lengths = table.lengths.subarray(from * LENGTH_FIELDS, to * LENGTH_FIELDS);
+      if (LITTLE_ENDIAN) {
+        sections[0].push(bytesOf(numbers));
+        sections[1].push(bytesOf(lengths));
+      } else {
+        // The loaded arrays were swapped to host order: copies, swapped back for the file.
+        sections[0].push(Buffer.from(bytesOf(numbers)).swap64());
+        sections[1].push(Buffer.from(bytesOf(lengths)).swap32());
+      }
+      sections[2].push(bytesOf(table.kinds.subarray(from, to)));
+      sections[3].push(table.strings.subarray(table.starts[from]!, table.starts[to]!));
+    }
+    flush();
+    const parts = sections.flat();
+    // writev takes at most IOV_MAX (1024) buffers at once: an archive of very many runs is joined per section.
+    return parts.length <= 512 ? parts : sections.map((section) => Buffer.concat(section));
+  }
+}
+
+/** Entries given as objects, encoded as the four sections of the body. */
+function encodeEntries(entries: Array<{ path: string; entry: ArchiveEntry }>, swapped: boolean): [Buffer, Buffer, Buffer, Buffer] {
+  const count = entries.length;
+  const numbers = new Float64Array(count * NUMBER_FIELDS);
+  const lengths = new Uint32Array(count * LENGTH_FIELDS);
+  const kinds = Buffer.allocUnsafe(count);
+  let stringBytes = 0;
+  for (const { path, entry } of entries) stringBytes += (path.length + entry.fingerprint.length + entry.linkTarget.length) * 3;
+  const strings = Buffer.allocUnsafe(Math.max(1, stringBytes));
+  let used = 0;
+  const put = (text: string): number => {
+    if (text.length === 0) return 0;
+    // At most 3 bytes per UTF-16 unit: the space is always there (utf8Write never writes part of a character).
+    const written = utf8Write.call(strings, text, used, strings.length - used);
+    used += written;
+    return written;
+  };
+  let index = 0;
+  for (const { path, entry: e } of entries) {
+    const n = index * NUMBER_FIELDS;
+    numbers[n] = e.sizeBytes;
+    numbers[n + 1] = e.mode;
+    const [s1, s2] = swapped ? [n + 5, n + 2] : [n + 2, n + 5];
+    numbers[s1] = e.mtime1Ms;
+    numbers[s1 + 1] = e.ctime1Ms;
+    numbers[s1 + 2] = e.inode1;
+    numbers[s2] = e.mtime2Ms;
+    numbers[s2 + 1] = e.ctime2Ms;
+    numbers[s2 + 2] = e.inode2;
+    const l = index * LENGTH_FIELDS;
+    lengths[l] = put(path);
+    lengths[l + 1] = put(e.fingerprint);
+    lengths[l + 2] = put(e.linkTarget);
+    kinds[index] = KIND_CODE[e.kind];
+    index++;
+  }
+  const numberBytes = Buffer.from(numbers.buffer, numbers.byteOffset, numbers.byteLength);
+  const lengthBytes = Buffer.from(lengths.buffer, lengths.byteOffset, lengths.byteLength);
+  if (!LITTLE_ENDIAN) {
+    numberBytes.swap64();
+    lengthBytes.swap32();
+  }
+  return [numberBytes, lengthBytes, kinds, strings.subarray(0, used)];
 }
 
 /** Format 1 (text lines), as written before format 2. */
@@ -228,57 +458,30 @@ export async function saveArchive(
   roots: { root1Id: string; root2Id: string },
   entries: Map<string, ArchiveEntry>,
 ): Promise<void> {
-  const [first, second] = swapped ? [roots.root2Id, roots.root1Id] : [roots.root1Id, roots.root2Id];
-  const count = entries.size;
-  let headerText = MAGIC_2 + '\n' + JSON.stringify({ root1: first, root2: second, entries: count });
-  const headerBytes = Buffer.byteLength(headerText) + 1;
-  headerText += ' '.repeat((8 - (headerBytes % 8)) % 8) + '\n';
-  const header = Buffer.from(headerText);
-  const numbers = new Float64Array(count * NUMBER_FIELDS);
-  const lengths = new Uint32Array(count * LENGTH_FIELDS);
-  const kinds = Buffer.allocUnsafe(count);
-  let strings = Buffer.allocUnsafe(Math.max(4096, count * 64));
-  let used = 0;
-  const put = (text: string): number => {
-    if (text.length === 0) return 0;
-    // utf8Write stops short (never splits a character) when the space is too small: make room first.
-    if (strings.length - used < text.length * 3) {
-      const bigger = Buffer.allocUnsafe(Math.max(strings.length * 2, used + text.length * 3));
-      strings.copy(bigger, 0, 0, used);
-      strings = bigger;
-    }
-    const written = utf8Write.call(strings, text, used, strings.length - used);
-    used += written;
-    return written;
-  };
   // Written in the map's order: the engine builds it parents-first (its scan order), which loading relies on;
   // no sort of 100,000 keys here.
-  let index = 0;
-  for (const [path, e] of entries) {
-    const n = index * NUMBER_FIELDS;
-    numbers[n] = e.sizeBytes;
-    numbers[n + 1] = e.mode;
-    const [s1, s2] = swapped ? [n + 5, n + 2] : [n + 2, n + 5];
-    numbers[s1] = e.mtime1Ms;
-    numbers[s1 + 1] = e.ctime1Ms;
-    numbers[s1 + 2] = e.inode1;
-    numbers[s2] = e.mtime2Ms;
-    numbers[s2 + 1] = e.ctime2Ms;
-    numbers[s2 + 2] = e.inode2;
-    const l = index * LENGTH_FIELDS;
-    lengths[l] = put(path);
-    lengths[l + 1] = put(e.fingerprint);
-    lengths[l + 2] = put(e.linkTarget);
-    kinds[index] = KIND_CODE[e.kind];
-    index++;
-  }
-  const numberBytes = Buffer.from(numbers.buffer, numbers.byteOffset, numbers.byteLength);
-  const lengthBytes = Buffer.from(lengths.buffer, lengths.byteOffset, lengths.byteLength);
-  if (!LITTLE_ENDIAN) {
-    numberBytes.swap64();
-    lengthBytes.swap32();
-  }
-  const parts = [header, numberBytes, lengthBytes, kinds, strings.subarray(0, used)];
+  const builder = new ArchiveBuilder();
+  for (const [path, entry] of entries) builder.add(path, entry);
+  await saveArchiveBuilder(file, swapped, roots, builder);
+}
+
+/**
+ * Write the entries of `builder` atomically (as saveArchive). When `previous` (the loaded archive) holds exactly
+ * the same bytes, nothing is written and false is returned.
+ */
+export async function saveArchiveBuilder(
+  file: string,
+  swapped: boolean,
+  roots: { root1Id: string; root2Id: string },
+  builder: ArchiveBuilder,
+  previous?: ArchiveTable,
+): Promise<boolean> {
+  const [first, second] = swapped ? [roots.root2Id, roots.root1Id] : [roots.root1Id, roots.root2Id];
+  let headerText = MAGIC_2 + '\n' + JSON.stringify({ root1: first, root2: second, entries: builder.count });
+  const headerBytes = Buffer.byteLength(headerText) + 1;
+  headerText += ' '.repeat((8 - (headerBytes % 8)) % 8) + '\n';
+  const parts = [Buffer.from(headerText), ...builder.encode(swapped)];
+  if (previous !== undefined && previous.swapped === swapped && sameBytes(parts, previous.body)) return false;
   // The checksum is taken over the same bytes that are written.
   const hasher = await getHasher();
   const state = hasher.create64();
@@ -303,6 +506,16 @@ export async function saveArchive(
   } finally {
     fs.closeSync(dirFd);
   }
+  return true;
+}
+
+function sameBytes(parts: Buffer[], whole: Buffer): boolean {
+  let offset = 0;
+  for (const part of parts) {
+    if (offset + part.length > whole.length || !part.equals(whole.subarray(offset, offset + part.length))) return false;
+    offset += part.length;
+  }
+  return offset === whole.length;
 }
 
 /**
@@ -363,7 +576,12 @@ export class PairLock {
     throw new ArchiveError(file, `cannot acquire lock ${file}`);
   }
 
+  private released = false;
+
+  /** Remove the lock file, once: a second call never removes a lock another run took since. */
   release(): void {
+    if (this.released) return;
+    this.released = true;
     try {
       fs.unlinkSync(this.file);
     } catch {

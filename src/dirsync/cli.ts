@@ -4,10 +4,12 @@
 // the lock held, a refused deletion in batch mode).
 import * as pathModule from 'node:path';
 import { defaultArchiveDir } from './archive.js';
-import { SyncEngine, type PlanItem, type Prefer, type SyncOptions, type SyncResult } from './engine.js';
+import { startEarly } from './early.js';
+import type { PlanItem, Prefer, SyncOptions, SyncResult } from './engine.js';
 import { compileIgnore } from './ignore.js';
-import { LocalReplica } from './local.js';
 import { ReplicaError, type Replica } from './replica.js';
+// engine.js and local.js (most of dirsync's code) are imported when a sync starts: for two local roots, after
+// early.ts has taken the lock and started both scans, so that their compilation overlaps the scans.
 
 const dirsyncUsage = `Usage: drbdts dirsync ROOT1 ROOT2 [options]
 
@@ -134,7 +136,10 @@ function isRemote(root: string): boolean {
 }
 
 async function openReplica(root: string, args: ParsedArgs): Promise<Replica> {
-  if (!isRemote(root)) return new LocalReplica(root, { fsync: args.fsync });
+  if (!isRemote(root)) {
+    const { LocalReplica } = await import('./local.js');
+    return new LocalReplica(root, { fsync: args.fsync });
+  }
   let remote: RemoteModule;
   try {
     remote = (await import(REMOTE_MODULE)) as RemoteModule;
@@ -225,7 +230,14 @@ async function syncOnce(args: ParsedArgs): Promise<number> {
   const prefer = resolvePrefer(args.prefer, args.roots);
   compileIgnore(args.ignore); // bad patterns are a usage error before anything is opened
   const replicas: Replica[] = [];
+  const warn = (message: string): void => void process.stderr.write(`dirsync: ${message}\n`);
+  const archiveDir = args.archiveDir ?? defaultArchiveDir();
+  const early =
+    !isRemote(args.roots[0]!) && !isRemote(args.roots[1]!) && args.ignore.length === 0 && !args.dryRun
+      ? await startEarly([args.roots[0]!, args.roots[1]!], archiveDir, warn)
+      : undefined;
   try {
+    const { SyncEngine } = await import('./engine.js');
     for (const root of args.roots) replicas.push(await openReplica(root, args));
     const showProgress = process.stderr.isTTY === true && !args.json;
     let lastProgressMs = 0;
@@ -237,10 +249,11 @@ async function syncOnce(args: ParsedArgs): Promise<number> {
       times: args.times,
       perms: args.perms,
       alwaysHash: args.alwaysHash,
-      archiveDir: args.archiveDir ?? defaultArchiveDir(),
+      archiveDir,
       dryRun: args.dryRun,
       local: [!isRemote(args.roots[0]!), !isRemote(args.roots[1]!)],
-      warn: (message) => process.stderr.write(`dirsync: ${message}\n`),
+      warn,
+      early,
       progress: showProgress
         ? (state) => {
             const now = Date.now();
@@ -273,6 +286,8 @@ async function syncOnce(args: ParsedArgs): Promise<number> {
     }
     return result.exitCode;
   } finally {
+    // The engine released it (or never got it, if something failed before it ran): a no-op after the first.
+    early?.lock.release();
     for (const replica of replicas) await replica.close().catch(() => undefined);
   }
 }

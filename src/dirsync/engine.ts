@@ -12,10 +12,21 @@
 //   5. propagate: renames of conflict losers and deletions (deepest first), directories (shallowest first), files
 //      and links (bounded parallelism), deferred deletions, properties;
 //   6. commit the archive with exactly the paths that synced, release the lock.
-import { ArchiveError, archivePathFor, loadArchive, PairLock, saveArchive, type ArchiveEntry } from './archive.js';
+import {
+  ArchiveBuilder,
+  ArchiveError,
+  archivePathFor,
+  ArchiveTable,
+  loadArchiveData,
+  PairLock,
+  saveArchive,
+  saveArchiveBuilder,
+  type ArchiveEntry,
+} from './archive.js';
+import type { EarlyStart } from './early.js';
 import { executeFileOp, type FileOp, type FileOpResult } from './fileop.js';
 import { LocalReplica, packedEntry } from './local.js';
-import { SCAN_DIR, SCAN_FILE, SCAN_RECORD_FIELDS, SCAN_SYMLINK, type PackedScan } from '../native/scan.js';
+import { joinPacked as nativeJoin, problemOffsets, SCAN_DIR, SCAN_FILE, SCAN_RECORD_FIELDS, SCAN_SYMLINK, type JoinResult, type PackedScan } from '../native/scan.js';
 import {
   ReplicaError,
   sameStat,
@@ -48,6 +59,9 @@ export interface SyncOptions {
   confirm?: (plan: PlanItem[], warnings: string[]) => Promise<boolean>;
   /** Called after each propagated item (progress display). */
   progress?: (state: ProgressState) => void;
+  /** Lock, scans and archive load already started by the CLI (early.ts). The engine takes them over when they
+   * match its own view of the run, otherwise it releases that lock and starts again. */
+  early?: EarlyStart;
   warn: (message: string) => void;
 }
 
@@ -276,6 +290,17 @@ export class SyncEngine {
   private clean: Set<ArchiveEntry> | undefined;
   /** Packed scans only: sizes of the clean files (their fingerprints are known: copy-local candidates). */
   private readonly cleanSizes = new Set<number>();
+  /**
+   * The loaded format 2 archive, kept as its packed table while the native join can use it (two packed scans);
+   * otherwise it is turned into `archive` (a map) and this is undefined.
+   */
+  private table: ArchiveTable | undefined;
+  /**
+   * Set by the native join (table mode): per archive entry 0 = no scanned path, 1 = clean, 2 = a state's entry.
+   * In table mode `archive` stays empty, `clean` undefined: the table and these flags take their place.
+   */
+  private flags: Uint8Array | undefined;
+  private cleanInTable = 0;
 
   constructor(replica1: Replica, replica2: Replica, options: SyncOptions) {
     this.replicas = [replica1, replica2];
@@ -295,28 +320,38 @@ export class SyncEngine {
       counts: { propagated: 0, skipped: 0, failed: 0, equal: 0 },
       bytesTransferred: 0,
     };
-    let lock: PairLock | undefined;
+    let early = this.options.early;
+    // An early start's lock is this run's from here on: released in `finally` whatever happens.
+    let lock: PairLock | undefined = early?.lock;
     try {
       this.infos = [await this.replicas[0].open(), await this.replicas[1].open()];
       result.root1 = this.infos[0].rootId;
       result.root2 = this.infos[1].rootId;
       const id1 = `${this.infos[0].hostName}:${this.infos[0].rootId}`;
       const id2 = `${this.infos[1].hostName}:${this.infos[1].rootId}`;
+      if (early !== undefined && !this.earlyMatches(early, id1, id2)) {
+        early.lock.release();
+        lock = undefined;
+        early = undefined;
+      }
       if (id1 === id2) throw new ReplicaError('ENOROOT', `both roots are the same directory (${result.root1})`);
-      const { file, swapped } = await archivePathFor(this.options.archiveDir, id1, id2);
+      const { file, swapped } = early ?? (await archivePathFor(this.options.archiveDir, id1, id2));
       result.archiveFile = file;
-      if (!this.options.dryRun) lock = PairLock.acquire(file, this.options.warn);
+      if (!this.options.dryRun && lock === undefined) lock = PairLock.acquire(file, this.options.warn);
       // The scans start first: a local replica's scan runs on thread-pool threads (native/src/dirsync_scan.cc)
       // while this thread parses the archive; the archive is merged into the states only after both scans.
-      const scanning = this.scanBoth();
+      const scanning = early !== undefined ? early.scans.then((packed) => ({ packed })) : this.scanBoth();
       scanning.catch(() => undefined); // a scan failure is observed below, never an unhandled rejection meanwhile
+      let loaded: ArchiveTable | Map<string, ArchiveEntry>;
       try {
-        this.archive = await loadArchive(file, swapped);
+        loaded = await (early?.archive ?? loadArchiveData(file, swapped));
       } catch (error) {
         await scanning.catch(() => undefined);
         throw error;
       }
       const scanned = await scanning;
+      if (loaded instanceof ArchiveTable && !Array.isArray(scanned)) this.table = loaded;
+      else this.archive = loaded instanceof ArchiveTable ? loaded.toMap() : loaded;
       const problems = Array.isArray(scanned) ? scanned : this.mergePacked(scanned.packed);
       this.mergeArchive();
       await this.detectUpdates(problems);
@@ -335,8 +370,14 @@ export class SyncEngine {
         await this.propagate(actions);
         // Nothing changed (the common cron case): skip building the new archive, the write and its two fsyncs.
         if (!this.archiveUnchanged(actions)) {
-          const newArchive = this.buildArchive(actions);
-          if (!archivesEqual(this.archive, newArchive)) await saveArchive(file, swapped, { root1Id: id1, root2Id: id2 }, newArchive);
+          const roots = { root1Id: id1, root2Id: id2 };
+          if (this.flags !== undefined) {
+            // Table mode: clean entries are copied as they are from the loaded file; an identical result is not written.
+            await saveArchiveBuilder(file, swapped, roots, this.buildArchiveTable(actions), this.table);
+          } else {
+            const newArchive = this.buildArchive(actions);
+            if (!archivesEqual(this.archive, newArchive)) await saveArchive(file, swapped, roots, newArchive);
+          }
         }
         if (this.connectionLost !== undefined) throw this.connectionLost;
       } else if (!this.options.dryRun) {
@@ -363,6 +404,22 @@ export class SyncEngine {
       result.bytesTransferred = this.bytesTransferred;
     }
     return result;
+  }
+
+  /** Does an early start (early.ts) describe exactly the run this engine would start? */
+  private earlyMatches(early: EarlyStart, id1: string, id2: string): boolean {
+    const [r1, r2] = this.replicas;
+    return (
+      !this.options.dryRun &&
+      this.options.ignore.length === 0 &&
+      r1.constructor === LocalReplica &&
+      r2.constructor === LocalReplica &&
+      (r1 as LocalReplica).rootPath === early.roots[0] &&
+      (r2 as LocalReplica).rootPath === early.roots[1] &&
+      early.ids[0] === id1 &&
+      early.ids[1] === id2 &&
+      early.archiveDir === this.options.archiveDir
+    );
   }
 
   // ---- scanning and update detection -------------------------------------------------------------------------
@@ -415,8 +472,8 @@ export class SyncEngine {
     for (const side of [1, 2] as const) {
       const { strings, records } = packed[side - 1];
       const replica = this.replica(side) as LocalReplica;
-      for (let o = 0, textStart = 0; o < records.length; textStart = records[o + 3]!, o += F) {
-        if (records[o]! <= SCAN_SYMLINK) continue;
+      for (const o of problemOffsets(records)) {
+        const textStart = o === 0 ? 0 : records[o - F + 3]!;
         const pathEnd = records[o + 2]!;
         const textEnd = records[o + 3]!;
         const path = pathEnd > textStart ? utf8Slice.call(strings, textStart, pathEnd) : '';
@@ -428,33 +485,118 @@ export class SyncEngine {
       }
     }
     const allowClean = problems[0].size === 0 && problems[1].size === 0 && !this.options.alwaysHash;
+    if (this.table !== undefined) {
+      const joined = nativeJoin(packed[0], packed[1], this.table, allowClean);
+      if (joined?.kind === 'duplicate') throw this.table.duplicatePath();
+      if (joined?.kind === 'joined') {
+        this.applyNativeJoin(packed, joined);
+        return problems;
+      }
+      // No native join (or a scan out of order): the archive as a map, and the JavaScript join below.
+      this.archive = this.table.toMap();
+      this.table = undefined;
+      if (joined?.kind === 'order') {
+        this.statePerPath(packed);
+        return problems;
+      }
+    }
     try {
       this.joinPacked(packed, allowClean);
     } catch (error) {
       if (!(error instanceof ScanOrderError)) throw error;
-      // Not in the expected order: join nothing, make every path a state (side 1's, then side 2's).
-      this.states.clear();
-      this.clean = undefined;
-      this.cleanSizes.clear();
-      for (const side of [1, 2] as const) {
-        const { strings, records } = packed[side - 1];
-        for (let o = 0, textStart = 0; o < records.length; textStart = records[o + 3]!, o += F) {
-          if (records[o]! > SCAN_SYMLINK) continue;
-          const pathEnd = records[o + 2]!;
-          const textEnd = records[o + 3]!;
-          const path = utf8Slice.call(strings, textStart, pathEnd);
-          const entry = packedEntry(records, o, path, textEnd > pathEnd ? utf8Slice.call(strings, pathEnd, textEnd) : '');
-          let state = this.states.get(path);
-          if (state === undefined) {
-            state = newState(path, undefined);
-            this.states.set(path, state);
-          }
-          if (side === 1) state.e1 = entry;
-          else state.e2 = entry;
-        }
-      }
+      this.statePerPath(packed);
     }
     return problems;
+  }
+
+  /** Not in the expected order: join nothing, make every path a state (side 1's, then side 2's). */
+  private statePerPath(packed: [PackedScan, PackedScan]): void {
+    const F = SCAN_RECORD_FIELDS;
+    this.states.clear();
+    this.clean = undefined;
+    this.cleanSizes.clear();
+    for (const side of [1, 2] as const) {
+      const { strings, records } = packed[side - 1];
+      for (let o = 0, textStart = 0; o < records.length; textStart = records[o + 3]!, o += F) {
+        if (records[o]! > SCAN_SYMLINK) continue;
+        const pathEnd = records[o + 2]!;
+        const textEnd = records[o + 3]!;
+        const path = utf8Slice.call(strings, textStart, pathEnd);
+        const entry = packedEntry(records, o, path, textEnd > pathEnd ? utf8Slice.call(strings, pathEnd, textEnd) : '');
+        let state = this.states.get(path);
+        if (state === undefined) {
+          state = newState(path, undefined);
+          this.states.set(path, state);
+        }
+        if (side === 1) state.e1 = entry;
+        else state.e2 = entry;
+      }
+    }
+  }
+
+  /**
+   * States for what the native join reported (paths that are not clean, in merge order), then for the archive
+   * entries no scanned path has (deleted on both sides), in archive order: the states joinPacked and
+   * mergeArchive would make, without a string or object for any clean path.
+   */
+  private applyNativeJoin(packed: [PackedScan, PackedScan], joined: Extract<JoinResult, { kind: 'joined' }>): void {
+    const F = SCAN_RECORD_FIELDS;
+    const table = this.table!;
+    const { triples, flags } = joined;
+    const [s1, s2] = [packed[0].strings, packed[1].strings];
+    const [r1, r2] = [packed[0].records, packed[1].records];
+    const pathOf = (strings: Buffer, records: Float64Array, o: number): string =>
+      utf8Slice.call(strings, o === 0 ? 0 : records[o - F + 3]!, records[o + 2]!);
+    const textOf = (strings: Buffer, records: Float64Array, o: number): string => {
+      const pathEnd = records[o + 2]!;
+      const textEnd = records[o + 3]!;
+      return textEnd > pathEnd ? utf8Slice.call(strings, pathEnd, textEnd) : '';
+    };
+    for (let t = 0; t < triples.length; t += 3) {
+      const o1 = triples[t]! * F;
+      const o2 = triples[t + 1]! * F;
+      const index = triples[t + 2]!;
+      const path = o1 >= 0 ? pathOf(s1, r1, o1) : pathOf(s2, r2, o2);
+      const state = newState(path, index >= 0 ? table.entry(index) : undefined);
+      if (o1 >= 0) state.e1 = packedEntry(r1, o1, path, textOf(s1, r1, o1));
+      if (o2 >= 0) state.e2 = packedEntry(r2, o2, path, textOf(s2, r2, o2));
+      this.states.set(path, state);
+    }
+    let clean = 0;
+    for (let index = 0; index < table.count; index++) {
+      const flag = flags[index]!;
+      if (flag === 1) clean++;
+      else if (flag === 0) {
+        const path = table.path(index);
+        this.states.set(path, newState(path, table.entry(index)));
+      }
+    }
+    this.flags = flags;
+    this.cleanInTable = clean;
+  }
+
+  /** How many paths are clean (packed scans): present on both sides, identical to the archive. */
+  private cleanCount(): number {
+    return this.flags !== undefined ? this.cleanInTable : this.clean?.size ?? 0;
+  }
+
+  private archiveSize(): number {
+    return this.flags !== undefined ? this.table!.count : this.archive.size;
+  }
+
+  /**
+   * Of `sizes`, those some clean file has (copy-local candidates: their fingerprints are known). In table mode
+   * one pass over the table's arrays for all the sizes asked (usually a handful of new files), no set of every size.
+   */
+  private cleanFileSizes(sizes: Set<number>): Set<number> {
+    if (this.flags === undefined || sizes.size === 0) return this.cleanSizes;
+    const found = new Set<number>();
+    const { flags } = this;
+    const { count, kinds, numbers } = this.table!;
+    for (let index = 0; index < count; index++) {
+      if (flags[index] === 1 && kinds[index] === 0x66 && sizes.has(numbers[index * 8]!)) found.add(numbers[index * 8]!);
+    }
+    return found;
   }
 
   private joinPacked(packed: [PackedScan, PackedScan], allowClean: boolean): void {
@@ -555,6 +697,7 @@ export class SyncEngine {
   }
 
   private mergeArchive(): void {
+    if (this.flags !== undefined) return; // table mode: applyNativeJoin made these states
     const { clean } = this;
     for (const [path, entry] of this.archive) {
       if (clean !== undefined && clean.has(entry)) continue;
@@ -584,7 +727,8 @@ export class SyncEngine {
   private async detectUpdates(problems: [Set<string>, Set<string>]): Promise<void> {
     const toHash: [string[], string[]] = [[], []];
     // Copy-local candidates: sizes of files on each side whose fingerprint is known without hashing.
-    const knownSizes: [Set<number>, Set<number>] = [new Set(this.cleanSizes), new Set(this.cleanSizes)];
+    // (Clean files, whose sizes cleanFileSizes() gives, are known on both sides too.)
+    const knownSizes: [Set<number>, Set<number>] = [new Set(), new Set()];
     for (const state of this.states.values()) {
       if (SyncEngine.underProblem(state.path, problems[0]) || SyncEngine.underProblem(state.path, problems[1])) {
         state.unknown = true;
@@ -605,13 +749,18 @@ export class SyncEngine {
     }
     // New files on one side only whose size matches a known file on the other side: hash them, so that a rename
     // or copy is recognised and propagated as a local copy on the target instead of a transfer.
+    const candidates: Array<{ state: PathState; side: Side; size: number }> = [];
     for (const state of this.states.values()) {
       if (state.unknown || state.a !== undefined) continue;
       for (const side of [1, 2] as const) {
         const entry = entryOf(state, side);
-        if (entry?.kind === 'file' && entry.sizeBytes > 0 && entryOf(state, other(side)) === undefined && knownSizes[other(side) - 1].has(entry.sizeBytes)) {
-          toHash[side - 1].push(state.path);
-        }
+        if (entry?.kind === 'file' && entry.sizeBytes > 0 && entryOf(state, other(side)) === undefined) candidates.push({ state, side, size: entry.sizeBytes });
+      }
+    }
+    if (candidates.length > 0) {
+      const cleanSizes = this.cleanFileSizes(new Set(candidates.map((candidate) => candidate.size)));
+      for (const { state, side, size } of candidates) {
+        if (knownSizes[other(side) - 1].has(size) || cleanSizes.has(size)) toHash[side - 1].push(state.path);
       }
     }
     await Promise.all([this.hashSide(1, toHash[0]), this.hashSide(2, toHash[1])]);
@@ -879,13 +1028,13 @@ export class SyncEngine {
 
   private deletionSafety(actions: Action[]): string[] {
     const warnings: string[] = [];
-    if (this.archive.size === 0) return warnings;
+    if (this.archiveSize() === 0) return warnings;
     for (const side of [1, 2] as const) {
       const deletes = actions.filter((action) => action.item.action === 'delete' && action.from === side);
       if (deletes.length === 0) continue;
       // Emptied root: the side holds nothing any more while the archive remembers content (a missing mount, a
       // wiped disk): propagating would delete everything on the other side.
-      let remaining = this.clean?.size ?? 0; // a clean path is present on both sides
+      let remaining = this.cleanCount(); // a clean path is present on both sides
       for (const state of this.states.values()) if (entryOf(state, side) !== undefined) remaining++;
       if (remaining === 0) {
         warnings.push(`root ${side} (${this.infos[side - 1].rootId}) was emptied: it would delete ${deletes.length} paths on the other side`);
@@ -958,10 +1107,15 @@ export class SyncEngine {
     // Copy-local sources: target-side files whose content will be reused; their deletion waits until after copies.
     // Only the fingerprints some copy needs are indexed (the first path holding each, in path order).
     const wanted: [Set<string>, Set<string>] = [new Set(), new Set()];
+    // Their sizes too: equal content has equal size, so most clean files are passed over without a string.
+    const wantedSizes = new Set<number>();
     for (const action of work) {
       if (action.item.action !== 'copy' && action.item.action !== 'conflict') continue;
       const fp = fingerprintOf(action.state, action.from);
-      if (fp !== undefined) wanted[other(action.from) - 1].add(fp);
+      if (fp === undefined) continue;
+      wanted[other(action.from) - 1].add(fp);
+      const source = entryOf(action.state, action.from);
+      if (source?.kind === 'file') wantedSizes.add(source.sizeBytes);
     }
     const targetIndex: [Map<string, PathState>, Map<string, PathState>] = [new Map(), new Map()];
     if (wanted[0].size > 0 || wanted[1].size > 0) {
@@ -974,7 +1128,7 @@ export class SyncEngine {
           if (entry?.kind === 'file' && entry.sizeBytes > 0 && !targetIndex[side - 1].has(fp)) targetIndex[side - 1].set(fp, state);
         }
       }
-      if (this.clean !== undefined && this.clean.size > 0) this.indexCleanFiles(wanted, targetIndex);
+      if (this.cleanCount() > 0) this.indexCleanFiles(wanted, wantedSizes, targetIndex);
     }
     const deferredDeletes = new Set<Action>();
     const copySources = new Set<string>();
@@ -1120,9 +1274,12 @@ export class SyncEngine {
    * Add the clean files (packed scans) to the copy-local index: a clean file holds the archive's fingerprint and
    * stamps on both sides. Among all paths with a fingerprint the first in path order is taken, as for states.
    */
-  private indexCleanFiles(wanted: [Set<string>, Set<string>], targetIndex: [Map<string, PathState>, Map<string, PathState>]): void {
-    for (const [path, a] of this.archive) {
-      if (a.kind !== 'file' || a.sizeBytes <= 0 || !this.clean!.has(a)) continue;
+  private indexCleanFiles(
+    wanted: [Set<string>, Set<string>],
+    wantedSizes: Set<number>,
+    targetIndex: [Map<string, PathState>, Map<string, PathState>],
+  ): void {
+    const add = (path: string, a: ArchiveEntry): void => {
       for (const side of [1, 2] as const) {
         if (!wanted[side - 1].has(a.fingerprint)) continue;
         const known = targetIndex[side - 1].get(a.fingerprint);
@@ -1134,6 +1291,22 @@ export class SyncEngine {
         state.fp2 = a.fingerprint;
         targetIndex[side - 1].set(a.fingerprint, state);
       }
+    };
+    const { flags } = this;
+    if (flags !== undefined) {
+      const table = this.table!;
+      const { count, kinds, numbers } = table;
+      for (let index = 0; index < count; index++) {
+        if (flags[index] !== 1 || kinds[index] !== 0x66) continue;
+        const size = numbers[index * 8]!;
+        if (size <= 0 || !wantedSizes.has(size)) continue;
+        const fingerprint = table.fingerprint(index);
+        if (wanted[0].has(fingerprint) || wanted[1].has(fingerprint)) add(table.path(index), table.entry(index));
+      }
+      return;
+    }
+    for (const [path, a] of this.archive) {
+      if (a.kind === 'file' && a.sizeBytes > 0 && this.clean!.has(a)) add(path, a);
     }
   }
 
@@ -1295,9 +1468,10 @@ export class SyncEngine {
     const decided = new Map<string, Action>();
     for (const action of actions) decided.set(action.item.path, action);
     const next = new Map<string, ArchiveEntry>();
+    const put = (path: string, entry: ArchiveEntry): void => void next.set(path, entry);
     const { clean } = this;
     if (clean === undefined) {
-      for (const [path, state] of this.states) this.recordPath(path, state, decided.get(path), next);
+      for (const [path, state] of this.states) this.recordPath(path, state, decided.get(path), put);
       return next;
     }
     // Packed scans: the old archive's order (parents first) with clean entries kept as they are, then the paths
@@ -1305,7 +1479,7 @@ export class SyncEngine {
     for (const [path, a] of this.archive) {
       if (!clean.has(a)) {
         const state = this.states.get(path)!;
-        this.recordPath(path, state, decided.get(path), next);
+        this.recordPath(path, state, decided.get(path), put);
         continue;
       }
       // A clean directory the propagation wrote into has new stamps on that side.
@@ -1323,27 +1497,76 @@ export class SyncEngine {
         );
       }
     }
-    for (const [path, state] of this.states) if (state.a === undefined) this.recordPath(path, state, decided.get(path), next);
+    for (const [path, state] of this.states) if (state.a === undefined) this.recordPath(path, state, decided.get(path), put);
     return next;
   }
 
+  /**
+   * buildArchive in table mode: the loaded table's order, clean entries copied from it as they are (runs of
+   * bytes, no object), a clean directory the propagation wrote into with its new stamps, every other entry from
+   * its state; then the paths the archive did not know, in state order.
+   */
+  private buildArchiveTable(actions: Action[]): ArchiveBuilder {
+    const decided = new Map<string, Action>();
+    for (const action of actions) decided.set(action.item.path, action);
+    const table = this.table!;
+    const flags = this.flags!;
+    const builder = new ArchiveBuilder();
+    const put = (path: string, entry: ArchiveEntry): void => builder.add(path, entry);
+    const [finals1, finals2] = this.finalDirStats;
+    const dirsTouched = finals1.size > 0 || finals2.size > 0;
+    const { count, kinds } = table;
+    for (let index = 0; index < count; index++) {
+      if (flags[index] !== 1) {
+        const path = table.path(index);
+        this.recordPath(path, this.states.get(path)!, decided.get(path), put);
+        continue;
+      }
+      if (dirsTouched && kinds[index] === 0x64) {
+        const path = table.path(index);
+        const final1 = finals1.get(path);
+        const final2 = finals2.get(path);
+        if (final1 !== undefined || final2 !== undefined) {
+          const a = table.entry(index);
+          put(
+            path,
+            refreshed(
+              a,
+              final1 ?? { kind: 'dir', sizeBytes: 0, mtimeMs: a.mtime1Ms, ctimeMs: a.ctime1Ms, inode: a.inode1, mode: a.mode },
+              final2 ?? { kind: 'dir', sizeBytes: 0, mtimeMs: a.mtime2Ms, ctimeMs: a.ctime2Ms, inode: a.inode2, mode: a.mode },
+            ),
+          );
+          continue;
+        }
+      }
+      // A run of clean entries (all but a few, usually) is copied as one piece; a directory whose stamps this run
+      // may have moved ends a run.
+      let end = index + 1;
+      while (end < count && flags[end] === 1 && (!dirsTouched || kinds[end] !== 0x64)) end++;
+      builder.copyRun(table, index, end);
+      index = end - 1;
+    }
+    for (const [path, state] of this.states) if (state.a === undefined) this.recordPath(path, state, decided.get(path), put);
+    return builder;
+  }
+
   /** The new archive's entry of one path (a state), if it has one. */
-  private recordPath(path: string, state: PathState, action: Action | undefined, next: Map<string, ArchiveEntry>): void {
+  private recordPath(path: string, state: PathState, action: Action | undefined, put: (path: string, entry: ArchiveEntry) => void): void {
     if (action === undefined) {
       if (state.refresh === true && state.a !== undefined && state.e1 !== undefined && state.e2 !== undefined) {
         const e1 = state.e1.kind === 'dir' ? this.finalDirStats[0].get(path) ?? state.e1 : state.e1;
         const e2 = state.e2.kind === 'dir' ? this.finalDirStats[1].get(path) ?? state.e2 : state.e2;
-        next.set(path, refreshed(state.a, e1, e2));
+        put(path, refreshed(state.a, e1, e2));
         return;
       }
       // Skipped (under a conflict or unknown) or nothing on either side: the archive keeps what it knew.
-      if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
+      if (state.a !== undefined) put(path, state.a); // keep what the archive knew
       return;
     }
     const { item } = action;
     const resolved = item.action === 'conflict' && item.resolvedBy !== undefined;
     if (item.status === 'failed' || (item.action === 'conflict' && !resolved) || item.status === 'skipped') {
-      if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
+      if (state.a !== undefined) put(path, state.a); // keep what the archive knew
       return;
     }
     let s1: EntryStat | undefined;
@@ -1355,7 +1578,7 @@ export class SyncEngine {
       fingerprint = state.fp1 ?? state.fp2;
       if (s1 === undefined || s2 === undefined) return; // deleted on both, or refresh of a one-sided path
       if (s1.kind === 'file' && (state.fp1 === undefined || state.fp2 === undefined || state.fp1 !== state.fp2)) {
-        if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
+        if (state.a !== undefined) put(path, state.a); // keep what the archive knew
         return;
       }
     } else {
@@ -1363,12 +1586,12 @@ export class SyncEngine {
       if (winner === undefined) return; // deletion propagated: gone from both sides
       const targetStat = this.resultStats.get(action) ?? entryOf(state, other(action.from));
       if (targetStat === undefined) {
-        if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
+        if (state.a !== undefined) put(path, state.a); // keep what the archive knew
         return;
       }
       fingerprint = this.resultFingerprints.get(action) ?? fingerprintOf(state, action.from);
       if (winner.kind === 'file' && fingerprint === undefined) {
-        if (state.a !== undefined) next.set(path, state.a); // keep what the archive knew
+        if (state.a !== undefined) put(path, state.a); // keep what the archive knew
         return;
       }
       [s1, s2] = action.from === 1 ? [winner, targetStat] : [targetStat, winner];
@@ -1376,7 +1599,7 @@ export class SyncEngine {
     if (s1.kind === 'dir') s1 = this.finalDirStats[0].get(path) ?? s1;
     if (s2.kind === 'dir') s2 = this.finalDirStats[1].get(path) ?? s2;
     const source = item.from === 2 ? s2 : s1;
-    next.set(path, {
+    put(path, {
       kind: source.kind,
       sizeBytes: source.kind === 'file' ? source.sizeBytes : 0,
       fingerprint: source.kind === 'file' ? fingerprint ?? '' : '',

@@ -1,5 +1,6 @@
 // Typed wrapper over what dirsync takes from the addon: the bulk directory scan (native/src/dirsync_scan.cc), used
-// by LocalReplica.scan when no ignore patterns are given, and renameat2(RENAME_EXCHANGE). Loaded on its own (not
+// by LocalReplica.scan when no ignore patterns are given, the join of two such scans with the archive
+// (native/src/dirsync_join.cc), and renameat2(RENAME_EXCHANGE). Loaded on its own (not
 // through ./index.js) so that a dirsync run pulls in only this. The addon is optional here: when it is not built,
 // `nativeScanAvailable()` is false and the JavaScript walk runs, and `renameExchange` says it could not swap.
 import { createRequire } from 'node:module';
@@ -25,6 +26,124 @@ export interface PackedScan {
 interface ScanAddon {
   dirsyncScanTree(root: string): Promise<[Buffer, Float64Array]>;
   renameExchange?(from: string, to: string): void;
+  dirsyncJoin?(
+    strings1: Buffer,
+    records1: Float64Array,
+    strings2: Buffer,
+    records2: Float64Array,
+    archiveStrings: Buffer,
+    archiveStarts: Uint32Array,
+    archiveLengths: Uint32Array,
+    archiveNumbers: Float64Array,
+    archiveKinds: Uint8Array,
+    swapped: boolean,
+    allowClean: boolean,
+  ): [Int32Array, Uint8Array] | number | null;
+  dirsyncXxh64?(bytes: Uint8Array): string;
+  dirsyncH64?(bytes: Uint8Array): bigint;
+  dirsyncH64Init?(state: Uint8Array): void;
+  dirsyncH64Update?(state: Uint8Array, bytes: Uint8Array): void;
+  dirsyncH64Digest?(state: Uint8Array): bigint;
+  dirsyncProblemRecords?(records: Float64Array): Int32Array;
+  dirsyncArchiveStarts?(numbers: Float64Array, lengths: Uint32Array, kinds: Uint8Array, stringBytes: number): Uint32Array | [number, number];
+}
+
+/** The archive load's native helpers (native/src/dirsync_join.cc), or undefined (archive.ts then uses xxhash-wasm
+ * and its own loop; DRBDTS_DIRSYNC_NATIVE_JOIN=0 forces that, as it forces the JavaScript join). */
+export interface ArchiveNative {
+  /** xxh64 of the bytes as fingerprintHex writes it (16 hex digits), the same digest as xxhash-wasm's h64Raw. */
+  xxh64(bytes: Uint8Array): string;
+  /** Check every entry; string offsets (count + 1), or [1, index] bad entry, [2, index] bad number, [3, n] n bytes
+   * after the last entry. */
+  archiveStarts(numbers: Float64Array, lengths: Uint32Array, kinds: Uint8Array, stringBytes: number): Uint32Array | [number, number];
+}
+
+/** Record offsets (index * SCAN_RECORD_FIELDS) of a packed scan's problem and temp records (kind > SCAN_SYMLINK),
+ * found natively when the addon can, else by a walk over the records. */
+export function problemOffsets(records: Float64Array): number[] {
+  const native = process.env.DRBDTS_DIRSYNC_NATIVE_JOIN === '0' ? null : load();
+  if (native?.dirsyncProblemRecords !== undefined) return Array.from(native.dirsyncProblemRecords(records), (index) => index * SCAN_RECORD_FIELDS);
+  const offsets: number[] = [];
+  for (let o = 0; o < records.length; o += SCAN_RECORD_FIELDS) if (records[o]! > SCAN_SYMLINK) offsets.push(o);
+  return offsets;
+}
+
+/** xxh64 as dirsync uses it (hash.ts): one-shot and streaming, the digests of xxhash-wasm's h64Raw/create64. */
+export interface Hasher64 {
+  h64Raw(input: Uint8Array): bigint;
+  create64(): { update(input: Uint8Array): unknown; digest(): bigint };
+}
+
+/** The addon's xxh64 (native/src/dirsync_hash.cc), or undefined: not built, or DRBDTS_DIRSYNC_NATIVE_HASH=0. */
+export function nativeHasher(): Hasher64 | undefined {
+  const native = process.env.DRBDTS_DIRSYNC_NATIVE_HASH === '0' ? null : load();
+  if (native?.dirsyncH64 === undefined || native.dirsyncH64Init === undefined || native.dirsyncH64Update === undefined || native.dirsyncH64Digest === undefined) {
+    return undefined;
+  }
+  const { dirsyncH64, dirsyncH64Init, dirsyncH64Update, dirsyncH64Digest } = native;
+  return {
+    h64Raw: dirsyncH64,
+    create64() {
+      // Over its own ArrayBuffer: the addon writes the state in place, which a small on-heap array would not allow.
+      const state = new Uint8Array(new ArrayBuffer(80));
+      dirsyncH64Init(state);
+      const hasher = {
+        update(input: Uint8Array) {
+          dirsyncH64Update(state, input);
+          return hasher;
+        },
+        digest: () => dirsyncH64Digest(state),
+      };
+      return hasher;
+    },
+  };
+}
+
+export function archiveNative(): ArchiveNative | undefined {
+  const native = process.env.DRBDTS_DIRSYNC_NATIVE_JOIN === '0' ? null : load();
+  if (native?.dirsyncXxh64 === undefined || native.dirsyncArchiveStarts === undefined) return undefined;
+  return { xxh64: native.dirsyncXxh64, archiveStarts: native.dirsyncArchiveStarts };
+}
+
+/** The archive's packed arrays as the native join reads them (ArchiveTable in src/dirsync/archive.ts); none may be
+ * a small typed array of its own (V8 keeps those on its heap, where they can move): views of a buffer only. */
+export interface PackedArchive {
+  strings: Buffer;
+  starts: Uint32Array;
+  lengths: Uint32Array;
+  numbers: Float64Array;
+  kinds: Uint8Array;
+  swapped: boolean;
+  count: number;
+}
+
+/** What the native join found (native/src/dirsync_join.cc). */
+export type JoinResult =
+  | { kind: 'joined'; triples: Int32Array; flags: Uint8Array }
+  | { kind: 'order' }
+  | { kind: 'duplicate'; index: number };
+
+/** The native join of two packed scans with the packed archive, or undefined when the addon lacks it (or
+ * DRBDTS_DIRSYNC_NATIVE_JOIN=0): the caller then joins in JavaScript. */
+export function joinPacked(scan1: PackedScan, scan2: PackedScan, archive: PackedArchive, allowClean: boolean): JoinResult | undefined {
+  const native = process.env.DRBDTS_DIRSYNC_NATIVE_JOIN === '0' ? null : load();
+  if (native?.dirsyncJoin === undefined) return undefined;
+  const result = native.dirsyncJoin(
+    scan1.strings,
+    scan1.records,
+    scan2.strings,
+    scan2.records,
+    archive.strings,
+    archive.starts,
+    archive.lengths,
+    archive.numbers,
+    archive.kinds,
+    archive.swapped,
+    allowClean,
+  );
+  if (result === null) return { kind: 'order' };
+  if (typeof result === 'number') return { kind: 'duplicate', index: result };
+  return { kind: 'joined', triples: result[0], flags: result[1] };
 }
 
 let addon: ScanAddon | null | undefined;
