@@ -5,8 +5,11 @@
 //
 // followed by `length` body bytes. Control frames carry a protobuf message (proto/peer.proto) as their body;
 // data and resync frames carry the raw payload, so a write's bytes are never copied through protobuf. A frame
-// is decoded into a callback with plain arguments (no per-frame object), and a body that arrives in one socket
-// chunk is handed on as a view of that chunk: a payload is copied at most once, when it spans chunks.
+// is decoded into a callback with plain arguments (no per-frame object). Fed chunks (push), a body inside one
+// chunk is handed on as a view of it and one spanning chunks is copied once. On a socket that reads into the
+// decoder's memory (nextReadBuffer/onRead, Node's `onread`), a large body is read straight into its pooled
+// buffer and everything else lands in one reused slab, out of which small bodies are copied into pooled
+// buffers: no copy of large payloads, and no per-read allocation (which drove the Secondary's V8 into major GCs).
 import assert from 'node:assert/strict';
 import type { Socket } from 'node:net';
 
@@ -76,6 +79,11 @@ export type FrameHandler = (type: number, flags: number, id: number, offset: num
 
 const emptyBody = Buffer.alloc(0);
 
+/** Direct reads outside large bodies land in this slab, reused for every read (bodies are copied out of it). */
+const SLAB_BYTES = 64 * 1024;
+/** A body with at least this much still to arrive is read straight into its own buffer. */
+const DIRECT_BODY_MIN_BYTES = 16 * 1024;
+
 /** Incremental frame decoder. Feed socket chunks in; whole frames come out through `onFrame`. */
 export class FrameDecoder {
   private readonly headerScratch = Buffer.alloc(FRAME_HEADER_BYTES);
@@ -92,6 +100,12 @@ export class FrameDecoder {
   private offset = 0;
   private failed = false;
   receivedBytes = 0;
+  /** Direct reads: the reused slab, whether the last read went into a body, whether bodies must be copied. */
+  private slab: Buffer | null = null;
+  private readIntoBody = false;
+  private copyBodies = false;
+  /** The last body was large: read the next header alone, so that its body, likely large too, lands in place. */
+  private lastBodyLarge = false;
 
   constructor(
     private readonly onFrame: FrameHandler,
@@ -99,6 +113,46 @@ export class FrameDecoder {
     /** Where bodies spanning chunks are allocated (a pool the consumer gives them back to). */
     private readonly allocateBody: (lengthBytes: number) => Buffer = Buffer.allocUnsafe,
   ) {}
+
+  /**
+   * Direct reads (Node's `onread.buffer`): where the next socket read should land. Either the rest of a large
+   * body, or the slab (only a header's worth after a large body).
+   */
+  nextReadBuffer(): Buffer {
+    const body = this.body;
+    if (body !== null && body.length - this.bodyFilled >= DIRECT_BODY_MIN_BYTES) {
+      this.readIntoBody = true;
+      return body.subarray(this.bodyFilled);
+    }
+    this.readIntoBody = false;
+    this.slab ??= Buffer.allocUnsafeSlow(SLAB_BYTES);
+    if (this.lastBodyLarge && !this.inBody) return this.slab.subarray(0, FRAME_HEADER_BYTES - this.headerFilled);
+    return this.slab;
+  }
+
+  /** Direct reads (Node's `onread.callback`): `bytes` landed in the buffer nextReadBuffer() returned last. */
+  onRead(bytes: number): void {
+    if (this.failed) return;
+    if (this.readIntoBody) {
+      this.receivedBytes += bytes;
+      this.bodyFilled += bytes;
+      const body = this.body!;
+      if (this.bodyFilled === body.length) {
+        this.body = null;
+        this.inBody = false;
+        this.lastBodyLarge = true;
+        this.onFrame(this.type, this.flags, this.id, this.offset, body);
+      }
+      return;
+    }
+    // The slab is read into again next time: nothing may keep a view of it.
+    this.copyBodies = true;
+    try {
+      this.push(this.slab!.subarray(0, bytes));
+    } finally {
+      this.copyBodies = false;
+    }
+  }
 
   /** Throws FrameError on garbage; the caller drops the connection. */
   push(chunk: Buffer): void {
@@ -123,11 +177,18 @@ export class FrameDecoder {
       }
       if (this.body === null) {
         if (chunk.length - position >= this.bodyLength) {
-          // Zero-copy: the whole body is inside this chunk; hand on a view of it.
-          const view = chunk.subarray(position, position + this.bodyLength);
+          // The whole body is inside this chunk: hand on a view of it (zero-copy), or, when the chunk is the
+          // reused slab, a pooled copy.
+          let body = chunk.subarray(position, position + this.bodyLength);
+          if (this.copyBodies) {
+            const copy = this.allocateBody(this.bodyLength);
+            body.copy(copy);
+            body = copy;
+          }
           position += this.bodyLength;
           this.inBody = false;
-          this.onFrame(this.type, this.flags, this.id, this.offset, view);
+          this.lastBodyLarge = false;
+          this.onFrame(this.type, this.flags, this.id, this.offset, body);
           continue;
         }
         this.body = this.allocateBody(this.bodyLength);
@@ -141,6 +202,7 @@ export class FrameDecoder {
       if (this.bodyFilled === body.length) {
         this.body = null;
         this.inBody = false;
+        this.lastBodyLarge = body.length >= DIRECT_BODY_MIN_BYTES;
         this.onFrame(this.type, this.flags, this.id, this.offset, body);
       }
     }
@@ -167,6 +229,7 @@ export class FrameDecoder {
     this.id = source.readUInt32BE(at + 12);
     this.offset = source.readUInt32BE(at + 16) * 0x1_0000_0000 + source.readUInt32BE(at + 20);
     if (length === 0) {
+      this.lastBodyLarge = false;
       this.onFrame(this.type, this.flags, this.id, this.offset, emptyBody);
       return;
     }
