@@ -95,8 +95,13 @@ export class ReplicatedDevice implements BlockDevice {
   private nextBarrier = 1;
   private inFlight = 0;
   private slotWaiters: Array<() => void> = [];
-  /** Peer-side state: writes received and not yet written, for barriers. */
-  private readonly applying = new Set<Promise<void>>();
+  /**
+   * Peer-side state, for barriers: writes received and not yet written, counted per epoch (the writes between
+   * two barriers, as in DRBD). The last epoch is the open one; a closed epoch is retired, and its waiters run,
+   * once it and every earlier one drained. Counting instead of a promise per write keeps the apply path free of
+   * allocations.
+   */
+  private epochs: Epoch[] = [newEpoch()];
   /** Payload bytes of peer writes received and not yet written: past the limit the data socket is paused. */
   private applyingBytes = 0;
   private dataPaused = false;
@@ -465,56 +470,90 @@ export class ReplicatedDevice implements BlockDevice {
     const connection = this.connection;
     this.lastApplicationIoMs = Date.now();
     const lengthBytes = type === FrameType.DATA ? body.length : body.readUInt32BE(0);
-    const fua = (flags & FrameFlag.FUA) !== 0;
     if (this.options.protocol === 'B' && connection !== null) {
       connection.send(CHANNEL_META, FrameType.RECV_ACK, 0, seq, 0);
     }
-    const admitted = this.gate.enter(offset, lengthBytes, 'peer');
+    const write = PeerWrite.take(this, type, flags, seq, offset, lengthBytes, body, connection, this.epochs[this.epochs.length - 1]!);
+    write.epoch.pending += 1;
     // Bounded memory on the Secondary: a slow local disk pauses the data socket instead of queueing without end.
     this.applyingBytes += body.length;
     if (!this.dataPaused && connection !== null && this.applyingBytes > this.options.sendQueueMaxBytes) {
       this.dataPaused = true;
       connection.pauseData();
     }
-    const run = async (): Promise<void> => {
-      const entry = admitted instanceof Promise ? await admitted : admitted;
-      let ok = true;
-      try {
-        if (offset + lengthBytes > this.sizeBytes) throw new Error(`peer write beyond the end (${offset}+${lengthBytes})`);
-        if (type === FrameType.DATA) {
-          await this.options.local.write(offset, body, fua);
-          this.counters.diskWrittenBytes += lengthBytes;
-        } else if (type === FrameType.TRIM) {
-          await this.options.local.trim(offset, lengthBytes, fua);
-        } else {
-          await this.options.local.zero(offset, lengthBytes, {
-            fua, noHole: (flags & FrameFlag.NO_HOLE) !== 0, fastZero: false,
-          });
-        }
-      } catch (error) {
-        ok = false;
-        this.options.bitmap.setRange(offset, lengthBytes);
-        this.options.logger.error({ err: error, offset, lengthBytes }, 'replicated write failed on this node');
-      } finally {
-        this.gate.leave(entry);
-        this.applyingBytes -= body.length;
-        receivePool.release(body);
-        if (this.dataPaused && this.applyingBytes <= this.options.sendQueueMaxBytes / 2) {
-          this.dataPaused = false;
-          connection?.resumeData();
-        }
+    const admitted = this.gate.enter(offset, lengthBytes, 'peer');
+    if (admitted instanceof Promise) void admitted.then(write.admitted);
+    else write.admitted(admitted);
+  }
+
+  /** PeerWrite: its turn in the gate came; write it locally. */
+  startPeerWrite(write: PeerWrite): void {
+    const { type, offset, lengthBytes, body } = write;
+    const fua = (write.flags & FrameFlag.FUA) !== 0;
+    if (offset + lengthBytes > this.sizeBytes) {
+      write.written(new Error(`peer write beyond the end (${offset}+${lengthBytes})`));
+      return;
+    }
+    const local = this.options.local;
+    try {
+      if (type === FrameType.DATA) {
+        if (local.writeWithCallback !== undefined) local.writeWithCallback(offset, body, fua, write.written);
+        else local.write(offset, body, fua).then(write.writtenOk, write.written);
+      } else if (type === FrameType.TRIM) {
+        local.trim(offset, lengthBytes, fua).then(write.writtenOk, write.written);
+      } else {
+        local.zero(offset, lengthBytes, { fua, noHole: (write.flags & FrameFlag.NO_HOLE) !== 0, fastZero: false })
+          .then(write.writtenOk, write.written);
       }
-      connection?.send(CHANNEL_META, ok ? FrameType.WRITE_ACK : FrameType.NEG_ACK, 0, seq, 0);
-    };
-    const done = run();
-    this.applying.add(done);
-    void done.finally(() => this.applying.delete(done));
+    } catch (error) {
+      // A device that throws instead of rejecting; once finished (entry cleared) the error is not the write's.
+      if (write.entry === null) throw error;
+      write.written(error as Error);
+    }
+  }
+
+  /** PeerWrite: the local write finished (error null) or failed; leave the gate, acknowledge, count it done. */
+  finishPeerWrite(write: PeerWrite, error: Error | null): void {
+    const { type, offset, lengthBytes, body, connection, seq, epoch } = write;
+    if (error !== null) {
+      this.options.bitmap.setRange(offset, lengthBytes);
+      this.options.logger.error({ err: error, offset, lengthBytes }, 'replicated write failed on this node');
+    } else if (type === FrameType.DATA) {
+      this.counters.diskWrittenBytes += lengthBytes;
+    }
+    this.gate.leave(write.entry!);
+    this.applyingBytes -= body.length;
+    receivePool.release(body);
+    PeerWrite.give(write);
+    if (this.dataPaused && this.applyingBytes <= this.options.sendQueueMaxBytes / 2) {
+      this.dataPaused = false;
+      connection?.resumeData();
+    }
+    connection?.send(CHANNEL_META, error === null ? FrameType.WRITE_ACK : FrameType.NEG_ACK, 0, seq, 0);
+    epoch.pending -= 1;
+    if (epoch.pending === 0 && this.epochs[0] === epoch && this.epochs.length > 1) this.retireEpochs();
+  }
+
+  /** Closes the open epoch; resolves once every write received so far is on the local disk. */
+  private closeEpoch(): Promise<void> {
+    const closed = this.epochs[this.epochs.length - 1]!;
+    this.epochs.push(newEpoch());
+    const done = new Promise<void>((resolve) => closed.waiters.push(resolve));
+    this.retireEpochs();
+    return done;
+  }
+
+  private retireEpochs(): void {
+    while (this.epochs.length > 1 && this.epochs[0]!.pending === 0) {
+      const epoch = this.epochs.shift()!;
+      for (const waiter of epoch.waiters) waiter();
+    }
   }
 
   /** Secondary side: every write received before the barrier is written, then made durable, then acked. */
   private async applyBarrier(id: number): Promise<void> {
     const connection = this.connection;
-    await Promise.all([...this.applying]);
+    await this.closeEpoch();
     try {
       await this.options.local.flush();
     } catch (error) {
@@ -526,9 +565,77 @@ export class ReplicatedDevice implements BlockDevice {
 
   /** Waits until every peer write received so far is on the local disk. */
   async drainPeerWrites(): Promise<void> {
-    await Promise.all([...this.applying]);
+    await this.closeEpoch();
   }
 }
+
+interface Epoch {
+  /** Writes of this epoch received and not yet written. */
+  pending: number;
+  waiters: Array<() => void>;
+}
+
+function newEpoch(): Epoch {
+  return { pending: 0, waiters: [] };
+}
+
+/**
+ * One write received from the peer, from its arrival to its ack. Pooled, with its callbacks bound once, so
+ * applying a peer write allocates no closure and, on a LocalDisk, no promise.
+ */
+class PeerWrite {
+  private static readonly pool: PeerWrite[] = [];
+  device!: ReplicatedDevice;
+  type = 0;
+  flags = 0;
+  seq = 0;
+  offset = 0;
+  lengthBytes = 0;
+  body!: Buffer;
+  connection: PeerConnection | null = null;
+  epoch!: Epoch;
+  entry: GateEntry | null = null;
+
+  static take(
+    device: ReplicatedDevice, type: number, flags: number, seq: number, offset: number, lengthBytes: number,
+    body: Buffer, connection: PeerConnection | null, epoch: Epoch,
+  ): PeerWrite {
+    const write = PeerWrite.pool.pop() ?? new PeerWrite();
+    write.device = device;
+    write.type = type;
+    write.flags = flags;
+    write.seq = seq;
+    write.offset = offset;
+    write.lengthBytes = lengthBytes;
+    write.body = body;
+    write.connection = connection;
+    write.epoch = epoch;
+    return write;
+  }
+
+  /** Back to the pool once nothing refers to it (its fields were read). */
+  static give(write: PeerWrite): void {
+    write.body = emptyBuffer;
+    write.connection = null;
+    write.entry = null;
+    if (PeerWrite.pool.length < 4096) PeerWrite.pool.push(write);
+  }
+
+  readonly admitted = (entry: GateEntry): void => {
+    this.entry = entry;
+    this.device.startPeerWrite(this);
+  };
+
+  readonly written = (error: Error | null): void => {
+    this.device.finishPeerWrite(this, error);
+  };
+
+  readonly writtenOk = (): void => {
+    this.device.finishPeerWrite(this, null);
+  };
+}
+
+const emptyBuffer = Buffer.alloc(0);
 
 const resolvedLocal = (): Promise<void> => Promise.resolve();
 
