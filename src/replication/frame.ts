@@ -260,19 +260,32 @@ export function writeFrameHeader(
   target.writeUInt32BE(offset >>> 0, at + 20);
 }
 
+/** Frames without a body, or with one this small and no write callback, are copied into the writer's batch. */
+const INLINE_BODY_MAX_BYTES = 64;
+const BATCH_BYTES = 16 * 1024;
+
 /**
- * Sends frames on one socket. Header and body go out as two writes inside one cork, uncorked once per event-loop
- * turn (setImmediate: after the promise continuations of this turn have queued their frames too; a nextTick
- * uncork ran before them and split one burst into many writev calls, each a loopback TCP round through the
- * kernel), so a burst of frames leaves in one writev and a payload is never concatenated with its header.
- * Measured (fio 4 KiB QD32, 51200 writes): CPU per write 81 -> 68 us on the Primary, 67 -> 54 us on the Secondary.
+ * Sends frames on one socket, corked and uncorked once per event-loop turn (setImmediate: after the promise
+ * continuations of this turn have queued their frames too; a nextTick uncork ran before them and split one burst
+ * into many writev calls, each a loopback TCP round through the kernel), so a burst of frames leaves in one
+ * writev. Headers, and whole small frames (acks, pings, barriers), are written one after another into a batch
+ * buffer that goes to the socket as one chunk: a turn's 32 acks are one write, not 32 (each socket.write costs a
+ * queue entry and an iovec). A payload is never copied or concatenated with its header: the batch up to its
+ * header is handed over, then the payload itself.
+ * Measured (fio 4 KiB QD32, 51200 writes), for the setImmediate uncork: CPU per write 81 -> 68 us on the
+ * Primary, 67 -> 54 us on the Secondary.
  */
 export class FrameWriter {
   private uncorkScheduled = false;
   sentBytes = 0;
+  /** Frames not yet handed to the socket are batch[batchStart, batchUsed). */
+  private batch: Buffer = Buffer.allocUnsafeSlow(BATCH_BYTES);
+  private batchStart = 0;
+  private batchUsed = 0;
   private readonly uncork = (): void => {
     if (!this.uncorkScheduled) return;
     this.uncorkScheduled = false;
+    this.flushBatch();
     this.socket.uncork();
   };
 
@@ -286,30 +299,54 @@ export class FrameWriter {
     body?: Uint8Array,
     onWritten?: (error?: Error | null) => void,
   ): boolean {
-    const header = Buffer.allocUnsafe(FRAME_HEADER_BYTES); // from Node's small-buffer pool
     const bodyLength = body === undefined ? 0 : body.length;
-    writeFrameHeader(header, 0, type, flags, bodyLength, id, offset);
     if (!this.uncorkScheduled) {
       this.uncorkScheduled = true;
       this.socket.cork();
       setImmediate(this.uncork);
     }
     this.sentBytes += FRAME_HEADER_BYTES + bodyLength;
-    let flowing = this.socket.write(header, bodyLength > 0 ? undefined : onWritten);
-    if (bodyLength > 0) flowing = this.socket.write(body!, onWritten);
-    return flowing;
+    const inline = bodyLength <= INLINE_BODY_MAX_BYTES && onWritten === undefined;
+    const needBytes = FRAME_HEADER_BYTES + (inline ? bodyLength : 0);
+    if (this.batch.length - this.batchUsed < needBytes) {
+      // The old batch stays alive while the socket still holds views of it; it is never written into again.
+      this.flushBatch();
+      this.batch = Buffer.allocUnsafeSlow(BATCH_BYTES);
+      this.batchStart = this.batchUsed = 0;
+    }
+    writeFrameHeader(this.batch, this.batchUsed, type, flags, bodyLength, id, offset);
+    this.batchUsed += FRAME_HEADER_BYTES;
+    if (inline) {
+      if (bodyLength > 0) {
+        this.batch.set(body!, this.batchUsed);
+        this.batchUsed += bodyLength;
+      }
+      return this.socket.writableLength < this.socket.writableHighWaterMark;
+    }
+    if (bodyLength === 0) return this.flushBatch(onWritten);
+    this.flushBatch();
+    return this.socket.write(body!, onWritten);
+  }
+
+  /** Hands the batched frames to the socket (still corked). */
+  private flushBatch(onWritten?: (error?: Error | null) => void): boolean {
+    if (this.batchUsed === this.batchStart) return this.socket.writableLength < this.socket.writableHighWaterMark;
+    const chunk = this.batch.subarray(this.batchStart, this.batchUsed);
+    this.batchStart = this.batchUsed;
+    return this.socket.write(chunk, onWritten);
   }
 
   /** Sends whatever is corked now (before closing the socket). */
   flushNow(): void {
+    this.flushBatch();
     if (this.uncorkScheduled) {
       this.uncorkScheduled = false;
       this.socket.uncork();
     }
   }
 
-  /** Bytes handed to the socket but not yet to the kernel. */
+  /** Bytes handed to the writer but not yet to the kernel. */
   get queuedBytes(): number {
-    return this.socket.writableLength;
+    return this.socket.writableLength + (this.batchUsed - this.batchStart);
   }
 }
