@@ -47,26 +47,6 @@ export interface ReplicationCounters {
   resyncReceivedBytes: number;
 }
 
-interface PendingWrite {
-  seq: number;
-  offset: number;
-  lengthBytes: number;
-  /** Wait for the peer's WRITE_ACK before completing (protocol C, or FUA/flush on any protocol). */
-  needWritten: boolean;
-  needReceived: boolean;
-  needSent: boolean;
-  localDone: boolean;
-  sent: boolean;
-  received: boolean;
-  written: boolean;
-  /** The caller was answered (the write may still await its WRITE_ACK). */
-  completed: boolean;
-  alBegun: boolean;
-  failure: Error | null;
-  resolve: () => void;
-  reject: (error: Error) => void;
-}
-
 /** The seq space is u32 on the wire; ids wrap, pending entries never live that long. */
 const SEQ_MASK = 0xffff_ffff;
 
@@ -194,9 +174,48 @@ export class ReplicatedDevice implements BlockDevice {
   write(offset: number, data: Buffer, fua: boolean): Promise<void> {
     this.checkRange(offset, data.length);
     this.checkWritable();
-    return this.replicate(FrameType.DATA, offset, data.length, fua, data, 0, () =>
+    return this.writeFast(offset, data, fua) ?? this.replicate(FrameType.DATA, offset, data.length, fua, data, 0, () =>
       this.options.local.write(offset, data, fua),
     );
+  }
+
+  /**
+   * The common case of a write, without an await: a free slot, no overlap in flight, hot AL extents, room in
+   * the send queue, shipping with protocol B or C. Null (nothing done) when any of that does not hold: then
+   * replicate() takes the write, waiting where it must. Same steps and order as replicate(); the only promise
+   * is the one returned, the rest (the pending entry and its bound callbacks) is pooled.
+   */
+  private writeFast(offset: number, data: Buffer, fua: boolean): Promise<void> | null {
+    const connection = this.connection;
+    const protocol = this.options.protocol;
+    if (this.inFlight >= this.options.maxInFlightWrites || connection === null || !this.isShipping || protocol === 'A'
+      || data.length === 0 || connection.dataQueuedBytes >= this.options.sendQueueMaxBytes) return null;
+    const entry = this.gate.tryEnter(offset, data.length);
+    if (entry === null) return null;
+    const activityLog = this.options.activityLog;
+    if (activityLog !== undefined && !activityLog.tryBeginWrite(offset, data.length)) {
+      this.gate.leave(entry);
+      return null;
+    }
+    this.inFlight += 1;
+    const seq = this.nextSeq;
+    this.nextSeq = (this.nextSeq + 1) & SEQ_MASK || 1;
+    const pending = PendingWrite.take(this, seq, offset, data.length, protocol === 'C' || fua, protocol === 'B',
+      activityLog !== undefined, entry, true);
+    const promise = new Promise<void>(pending.capture);
+    this.pending.set(seq, pending);
+    // No write callback: completion waits for the peer's ack, which implies the kernel took the frame.
+    connection.send(CHANNEL_DATA, FrameType.DATA, fua ? FrameFlag.FUA : 0, seq, offset, data);
+    this.counters.networkSentBytes += data.length + 24;
+    if (connection.closedReason !== null) {
+      // The link broke between the check and the send: the peer will not get it.
+      this.options.bitmap.setRange(offset, data.length);
+      pending.sent = pending.received = pending.written = true;
+    }
+    const local = this.options.local;
+    if (local.writeWithCallback !== undefined) local.writeWithCallback(offset, data, fua, pending.onLocalDone);
+    else local.write(offset, data, fua).then(pending.onLocalOk, pending.onLocalDone);
+    return promise;
   }
 
   trim(offset: number, lengthBytes: number, fua: boolean): Promise<void> {
@@ -314,64 +333,31 @@ export class ReplicatedDevice implements BlockDevice {
       const protocol = this.options.protocol;
       const seq = this.nextSeq;
       this.nextSeq = (this.nextSeq + 1) & SEQ_MASK || 1;
-      const write = await new Promise<void>((resolve, reject) => {
-        const pending: PendingWrite = {
-          seq, offset, lengthBytes,
-          needWritten: protocol === 'C' || fua,
-          needReceived: protocol === 'B',
-          // Protocol A completes once the local write is done and the frame is queued for the peer: the
-          // payload is copied (once, into a pooled buffer) so the caller may reuse its buffer at once.
-          needSent: false,
-          localDone: false, sent: false, received: false, written: false, completed: false,
-          alBegun, failure: null, resolve, reject,
-        };
-        alBegun = false; // the pending entry ends the AL write when the peer confirms
-        this.pending.set(seq, pending);
-        const flags = (fua ? FrameFlag.FUA : 0) | extraFlags;
-        let body = payload ?? lengthBody(lengthBytes);
-        const copied = protocol === 'A' && payload !== null;
-        if (copied) {
-          body = receivePool.take(payload.length);
-          payload.copy(body);
-        }
-        connection.sendWithCallback(CHANNEL_DATA, type, flags, seq, offset, body, () => {
-          pending.sent = true;
-          if (copied) receivePool.release(body);
-          this.settle(pending);
-        });
-        this.counters.networkSentBytes += body.length + 24;
-        if (connection.closedReason !== null) {
-          // The link broke between the check and the send: the peer will not get it.
-          this.options.bitmap.setRange(offset, lengthBytes);
-          pending.sent = pending.received = pending.written = true;
-        }
-        writeLocal().then(
-          () => {
-            this.counters.diskWrittenBytes += payload === null ? 0 : lengthBytes;
-            pending.localDone = true;
-            // Later overlapping writes may go now: this one is on the local disk and already on the wire.
-            if (entry !== null) {
-              this.gate.leave(entry);
-              entry = null;
-            }
-            this.settle(pending);
-          },
-          (error: Error) => {
-            // The peer is sent (and may well write) what this disk failed to hold: the replicas now differ
-            // in these blocks, so they go into the bitmap for the next resync, whatever the caller is told.
-            this.options.bitmap.setRange(offset, lengthBytes);
-            this.options.logger.error({ err: error, offset, lengthBytes }, 'local write failed; blocks marked out of sync');
-            pending.failure = error;
-            pending.localDone = true;
-            if (entry !== null) {
-              this.gate.leave(entry);
-              entry = null;
-            }
-            this.settle(pending);
-          },
-        );
-      });
-      return write;
+      const pending = PendingWrite.take(this, seq, offset, lengthBytes, protocol === 'C' || fua, protocol === 'B',
+        alBegun, entry, false);
+      entry = null; // the pending entry leaves the gate once the local write finished
+      alBegun = false; // the pending entry ends the AL write when the peer confirms
+      const write = new Promise<void>(pending.capture);
+      this.pending.set(seq, pending);
+      const flags = (fua ? FrameFlag.FUA : 0) | extraFlags;
+      let body = payload ?? lengthBody(lengthBytes);
+      // Protocol A completes once the local write is done and the frame is queued for the peer: the payload is
+      // copied (once, into a pooled buffer) so the caller may reuse its buffer at once.
+      if (protocol === 'A' && payload !== null) {
+        body = receivePool.take(payload.length);
+        payload.copy(body);
+        pending.copiedBody = body;
+      }
+      connection.sendWithCallback(CHANNEL_DATA, type, flags, seq, offset, body, pending.onSent);
+      this.counters.networkSentBytes += body.length + 24;
+      if (connection.closedReason !== null) {
+        // The link broke between the check and the send: the peer will not get it.
+        this.options.bitmap.setRange(offset, lengthBytes);
+        pending.sent = pending.received = pending.written = true;
+      }
+      pending.dataWritten = payload !== null;
+      writeLocal().then(pending.onLocalOk, pending.onLocalDone);
+      await write;
     } finally {
       if (entry !== null) this.gate.leave(entry);
       if (alBegun) activityLog!.endWrite(offset, lengthBytes);
@@ -379,20 +365,44 @@ export class ReplicatedDevice implements BlockDevice {
     }
   }
 
+  /** PendingWrite: the local write finished (error null) or failed. */
+  localWriteDone(write: PendingWrite, error: Error | null): void {
+    if (error === null) {
+      if (write.dataWritten) this.counters.diskWrittenBytes += write.lengthBytes;
+    } else {
+      // The peer is sent (and may well write) what this disk failed to hold: the replicas now differ in these
+      // blocks, so they go into the bitmap for the next resync, whatever the caller is told.
+      this.options.bitmap.setRange(write.offset, write.lengthBytes);
+      this.options.logger.error({ err: error, offset: write.offset, lengthBytes: write.lengthBytes },
+        'local write failed; blocks marked out of sync');
+      write.failure = error;
+    }
+    write.localDone = true;
+    // Later overlapping writes may go now: this one is on the local disk and already on the wire.
+    if (write.entry !== null) {
+      this.gate.leave(write.entry);
+      write.entry = null;
+    }
+    this.settle(write);
+  }
+
   /** Completes the caller when the protocol's condition holds; forgets the write once the peer wrote it. */
-  private settle(write: PendingWrite): void {
+  settle(write: PendingWrite): void {
     if (!write.completed && write.localDone) {
-      const peerOk = (!write.needWritten || write.written) && (!write.needReceived || write.received || write.written)
-        && (!write.needSent || write.sent || write.received || write.written);
+      const peerOk = (!write.needWritten || write.written) && (!write.needReceived || write.received || write.written);
       if (peerOk) {
         write.completed = true;
-        if (write.failure !== null) write.reject(write.failure);
-        else write.resolve();
+        if (write.ownsSlot) this.releaseSlot();
+        if (write.failure !== null) write.reject!(write.failure);
+        else write.resolve!();
       }
     }
     if (write.completed && write.written && this.pending.get(write.seq) === write) {
       this.pending.delete(write.seq);
       if (write.alBegun) this.options.activityLog?.endWrite(write.offset, write.lengthBytes);
+      // Only writeFast's entries are reused: nothing else refers to them now. replicate()'s may still get their
+      // socket write callback (after a detach, say), so they are left to the GC.
+      if (write.ownsSlot) PendingWrite.give(write);
     }
   }
 
@@ -643,4 +653,90 @@ function lengthBody(lengthBytes: number): Buffer {
   const body = Buffer.allocUnsafe(4);
   body.writeUInt32BE(lengthBytes, 0);
   return body;
+}
+
+/**
+ * A write to the peer from its send until the peer confirmed it (and the caller was answered). Pooled, with
+ * its callbacks bound once, so the write path allocates no closures.
+ */
+class PendingWrite {
+  private static readonly pool: PendingWrite[] = [];
+  device!: ReplicatedDevice;
+  seq = 0;
+  offset = 0;
+  lengthBytes = 0;
+  /** Wait for the peer's WRITE_ACK before completing (protocol C, or FUA/flush on any protocol). */
+  needWritten = false;
+  needReceived = false;
+  localDone = false;
+  /** The socket's write callback ran (replicate() only; protocol A's copy is returned then). */
+  sent = false;
+  received = false;
+  written = false;
+  /** The caller was answered (the write may still await its WRITE_ACK). */
+  completed = false;
+  alBegun = false;
+  /** Payload bytes, counted as written to disk (not for TRIM and ZERO). */
+  dataWritten = true;
+  /** Taken by writeFast: the slot is released when the caller is answered. */
+  ownsSlot = false;
+  entry: GateEntry | null = null;
+  /** Protocol A's copy of the payload, returned to the pool once sent. */
+  copiedBody: Buffer | null = null;
+  failure: Error | null = null;
+  resolve: (() => void) | null = null;
+  reject: ((error: Error) => void) | null = null;
+
+  static take(
+    device: ReplicatedDevice, seq: number, offset: number, lengthBytes: number, needWritten: boolean,
+    needReceived: boolean, alBegun: boolean, entry: GateEntry | null, fast: boolean,
+  ): PendingWrite {
+    const write = PendingWrite.pool.pop() ?? new PendingWrite();
+    write.device = device;
+    write.seq = seq;
+    write.offset = offset;
+    write.lengthBytes = lengthBytes;
+    write.needWritten = needWritten;
+    write.needReceived = needReceived;
+    write.localDone = write.received = write.written = write.completed = false;
+    write.sent = false;
+    write.alBegun = alBegun;
+    write.dataWritten = true;
+    write.ownsSlot = fast;
+    write.entry = entry;
+    write.copiedBody = null;
+    write.failure = null;
+    return write;
+  }
+
+  static give(write: PendingWrite): void {
+    write.resolve = write.reject = null;
+    write.entry = null;
+    write.copiedBody = null;
+    write.failure = null;
+    if (PendingWrite.pool.length < 4096) PendingWrite.pool.push(write);
+  }
+
+  readonly capture = (resolve: () => void, reject: (error: Error) => void): void => {
+    this.resolve = resolve;
+    this.reject = reject;
+  };
+
+  readonly onLocalDone = (error: Error | null): void => {
+    this.device.localWriteDone(this, error);
+  };
+
+  readonly onLocalOk = (): void => {
+    this.device.localWriteDone(this, null);
+  };
+
+  /** The socket's write callback (replicate() only): the kernel took the frame. */
+  readonly onSent = (): void => {
+    this.sent = true;
+    if (this.copiedBody !== null) {
+      receivePool.release(this.copiedBody);
+      this.copiedBody = null;
+    }
+    this.device.settle(this);
+  };
 }
