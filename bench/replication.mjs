@@ -235,6 +235,9 @@ control = "${this.dir}/bob.ctl"
 async function startPerf(pids, output) {
   fs.mkdirSync(path.dirname(output), { recursive: true });
   const child = spawn('perf', ['record', '-g', '-F', '999', '-o', output, '-p', pids.join(',')], { stdio: ['ignore', 'ignore', 'pipe'] });
+  // Killed with the daemons if the run fails: a leftover perf would hold the benchmark lock's descriptor.
+  children.add(child);
+  child.on('exit', () => children.delete(child));
   let stderr = '';
   child.stderr.on('data', (chunk) => { stderr += chunk; });
   await sleep(300); // perf attaches to every thread before fio starts
