@@ -9,6 +9,7 @@
 //  - CPU time per write of every daemon (utime+stime from /proc/PID/stat around each fio job).
 // Usage: node bench/replication.mjs [--quick] [--rounds N] [--size 512m] [--out FILE] [--only standalone|replicated]
 //        [--no-resync] [--no-fio] [--cpu-prof DIR] (the daemons run with node --cpu-prof, profiles written to DIR at their exit)
+//        [--perf DIR] (perf record -g on the daemons' threads during each fio job: DIR/KIND-JOB-rROUND.data)
 import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
@@ -55,6 +56,8 @@ const cpuProfDir = option('--cpu-prof', null);
 const skipResync = flag('--no-resync');
 const skipFio = flag('--no-fio');
 const nodeArgs = cpuProfDir === null ? [] : ['--cpu-prof', `--cpu-prof-dir=${path.resolve(cpuProfDir)}`];
+/** --perf DIR: `perf record -g` on the daemons around every fio job, one perf.data per job and round in DIR. */
+const perfDir = option('--perf', null);
 
 const median = (values) => {
   const sorted = [...values].sort((a, b) => a - b);
@@ -228,6 +231,25 @@ control = "${this.dir}/bob.ctl"
 
 // ---- measurements ----
 
+/** perf record -g on every thread of `pids` until stop(); the daemons keep running. */
+async function startPerf(pids, output) {
+  fs.mkdirSync(path.dirname(output), { recursive: true });
+  const child = spawn('perf', ['record', '-g', '-F', '999', '-o', output, '-p', pids.join(',')], { stdio: ['ignore', 'ignore', 'pipe'] });
+  // Killed with the daemons if the run fails: a leftover perf would hold the benchmark lock's descriptor.
+  children.add(child);
+  child.on('exit', () => children.delete(child));
+  let stderr = '';
+  child.stderr.on('data', (chunk) => { stderr += chunk; });
+  await sleep(300); // perf attaches to every thread before fio starts
+  return {
+    async stop() {
+      child.kill('SIGINT');
+      await new Promise((resolve) => child.once('exit', resolve));
+      if (!fs.existsSync(output)) throw new Error(`perf record wrote nothing: ${stderr}`);
+    },
+  };
+}
+
 function runFio(name, lines, uri, dir) {
   const jobFile = path.join(dir, `${name}.fio`);
   const fioSize = Math.min(sizeMiB, quick ? 64 : 512);
@@ -368,8 +390,10 @@ async function main() {
       for (const kind of order) {
         const target = kind === 'standalone' ? await standalone(dir) : await replicated(dir);
         for (const job of fioJobs) {
+          const recorder = perfDir === null ? null : await startPerf(target.pids(), path.join(perfDir, `${kind}-${job.name}-r${round + 1}.data`));
           const before = target.pids().map(cpuSeconds);
           const result = runFio(job.name, job.lines, target.uri, dir);
+          if (recorder !== null) await recorder.stop();
           results[kind][job.name].push(result[job.metric]);
           const used = target.pids().map((pid, i) => ((cpuSeconds(pid) - before[i]) * 1e6) / result.writes);
           cpu[kind][job.name].push(used);

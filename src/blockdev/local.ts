@@ -331,6 +331,21 @@ export class LocalDisk implements BlockDevice {
     return promise;
   }
 
+  writeWithCallback(offset: number, data: Buffer, fua: boolean, done: (error: Error | null) => void): void {
+    const refusal = this.checkRange('write', offset, data.length, 'ENOSPC', true);
+    if (refusal !== null) {
+      done(refusal);
+      return;
+    }
+    if (data.length === 0) {
+      if (fua) this.flush().then(() => done(null), done);
+      else done(null);
+      return;
+    }
+    // No wrapper per write: a failure reaches `done` as the system error itself (the callers log it).
+    this.io.write(offset, data, fua, done);
+  }
+
   flush(): Promise<void> {
     if (this.closed) return Promise.reject(this.shutdownError('flush'));
     return this.flushQueued();

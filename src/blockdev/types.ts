@@ -79,6 +79,11 @@ export interface BlockDevice {
   /** Fills `target` entirely with the bytes at `offset`. */
   read(offset: number, target: Buffer): Promise<void>;
   write(offset: number, data: Buffer, fua: boolean): Promise<void>;
+  /**
+   * Optional: write() without a promise, for hot paths that would only turn it back into a callback. `done`
+   * gets null or the error, and may run before this returns (a page-cache hit).
+   */
+  writeWithCallback?(offset: number, data: Buffer, fua: boolean, done: (error: Error | null) => void): void;
   flush(): Promise<void>;
   trim(offset: number, lengthBytes: number, fua: boolean): Promise<void>;
   zero(offset: number, lengthBytes: number, options: ZeroOptions): Promise<void>;

@@ -79,28 +79,6 @@ interface TrackedWrite {
 /** Rejects a write attempt that the resolving peer asked us to make again (never reaches a caller). */
 const retryRequested = new Error('the peer asked for this write again (dual-primary conflict)');
 
-interface PendingWrite {
-  seq: number;
-  offset: number;
-  lengthBytes: number;
-  /** Wait for the peer's WRITE_ACK before completing (protocol C, or FUA/flush on any protocol). */
-  needWritten: boolean;
-  needReceived: boolean;
-  needSent: boolean;
-  localDone: boolean;
-  sent: boolean;
-  received: boolean;
-  written: boolean;
-  /** The caller was answered (the write may still await its WRITE_ACK). */
-  completed: boolean;
-  alBegun: boolean;
-  /** Dual-primary: the resolving peer answered RETRY_WRITE; the caller's write runs again. */
-  retry: boolean;
-  failure: Error | null;
-  resolve: () => void;
-  reject: (error: Error) => void;
-}
-
 /** The seq space is u32 on the wire; ids wrap, pending entries never live that long. */
 const SEQ_MASK = 0xffff_ffff;
 
@@ -130,8 +108,13 @@ export class ReplicatedDevice implements BlockDevice {
   private nextBarrier = 1;
   private inFlight = 0;
   private slotWaiters: Array<() => void> = [];
-  /** Peer-side state: writes received and not yet written, for barriers. */
-  private readonly applying = new Set<Promise<void>>();
+  /**
+   * Peer-side state, for barriers: writes received and not yet written, counted per epoch (the writes between
+   * two barriers, as in DRBD). The last epoch is the open one; a closed epoch is retired, and its waiters run,
+   * once it and every earlier one drained. Counting instead of a promise per write keeps the apply path free of
+   * allocations.
+   */
+  private epochs: Epoch[] = [newEpoch()];
   /** Payload bytes of peer writes received and not yet written: past the limit the data socket is paused. */
   private applyingBytes = 0;
   private dataPaused = false;
@@ -236,9 +219,49 @@ export class ReplicatedDevice implements BlockDevice {
   write(offset: number, data: Buffer, fua: boolean): Promise<void> {
     this.checkRange(offset, data.length);
     this.checkWritable();
-    return this.replicate(FrameType.DATA, offset, data.length, fua, data, 0, () =>
+    return this.writeFast(offset, data, fua) ?? this.replicate(FrameType.DATA, offset, data.length, fua, data, 0, () =>
       this.options.local.write(offset, data, fua),
     );
+  }
+
+  /**
+   * The common case of a write, without an await: a free slot, no overlap in flight, hot AL extents, room in
+   * the send queue, shipping with protocol B or C. Null (nothing done) when any of that does not hold: then
+   * replicate() takes the write, waiting where it must. Same steps and order as replicate(); the only promise
+   * is the one returned, the rest (the pending entry and its bound callbacks) is pooled.
+   */
+  private writeFast(offset: number, data: Buffer, fua: boolean): Promise<void> | null {
+    const connection = this.connection;
+    const protocol = this.options.protocol;
+    // Dual-primary writes take replicate(), which tracks them for conflict resolution.
+    if (this.inFlight >= this.options.maxInFlightWrites || connection === null || !this.isShipping || protocol === 'A'
+      || this.dualPrimary || data.length === 0 || connection.dataQueuedBytes >= this.options.sendQueueMaxBytes) return null;
+    const entry = this.gate.tryEnter(offset, data.length);
+    if (entry === null) return null;
+    const activityLog = this.options.activityLog;
+    if (activityLog !== undefined && !activityLog.tryBeginWrite(offset, data.length)) {
+      this.gate.leave(entry);
+      return null;
+    }
+    this.inFlight += 1;
+    const seq = this.nextSeq;
+    this.nextSeq = (this.nextSeq + 1) & SEQ_MASK || 1;
+    const pending = PendingWrite.take(this, seq, offset, data.length, protocol === 'C' || fua, protocol === 'B',
+      activityLog !== undefined, entry, true);
+    const promise = new Promise<void>(pending.capture);
+    this.pending.set(seq, pending);
+    // No write callback: completion waits for the peer's ack, which implies the kernel took the frame.
+    connection.send(CHANNEL_DATA, FrameType.DATA, fua ? FrameFlag.FUA : 0, seq, offset, data);
+    this.counters.networkSentBytes += data.length + 24;
+    if (connection.closedReason !== null) {
+      // The link broke between the check and the send: the peer will not get it.
+      this.options.bitmap.setRange(offset, data.length);
+      pending.sent = pending.received = pending.written = true;
+    }
+    const local = this.options.local;
+    if (local.writeWithCallback !== undefined) local.writeWithCallback(offset, data, fua, pending.onLocalDone);
+    else local.write(offset, data, fua).then(pending.onLocalOk, pending.onLocalDone);
+    return promise;
   }
 
   trim(offset: number, lengthBytes: number, fua: boolean): Promise<void> {
@@ -384,70 +407,37 @@ export class ReplicatedDevice implements BlockDevice {
       const protocol = this.options.protocol;
       const seq = this.nextSeq;
       this.nextSeq = (this.nextSeq + 1) & SEQ_MASK || 1;
-      const write = await new Promise<void>((resolve, reject) => {
-        const pending: PendingWrite = {
-          seq, offset, lengthBytes,
-          needWritten: protocol === 'C' || fua,
-          needReceived: protocol === 'B',
-          // Protocol A completes once the local write is done and the frame is queued for the peer: the
-          // payload is copied (once, into a pooled buffer) so the caller may reuse its buffer at once.
-          needSent: false,
-          localDone: false, sent: false, received: false, written: false, completed: false,
-          alBegun, retry: false, failure: null, resolve, reject,
-        };
-        alBegun = false; // the pending entry ends the AL write when the peer confirms
-        this.pending.set(seq, pending);
-        if (record !== null && this.tracked.has(record)) {
-          // From now on the peer's verdict (ack, SUPERSEDED, RETRY_WRITE) for this seq ends the tracking.
-          record.seq = seq;
-          this.trackedBySeq.set(seq, record);
-          record = null;
-        }
-        const flags = (fua ? FrameFlag.FUA : 0) | extraFlags;
-        let body = payload ?? lengthBody(lengthBytes);
-        const copied = protocol === 'A' && payload !== null;
-        if (copied) {
-          body = receivePool.take(payload.length);
-          payload.copy(body);
-        }
-        connection.sendWithCallback(CHANNEL_DATA, type, flags, seq, offset, body, () => {
-          pending.sent = true;
-          if (copied) receivePool.release(body);
-          this.settle(pending);
-        });
-        this.counters.networkSentBytes += body.length + 24;
-        if (connection.closedReason !== null) {
-          // The link broke between the check and the send: the peer will not get it.
-          this.options.bitmap.setRange(offset, lengthBytes);
-          pending.sent = pending.received = pending.written = true;
-        }
-        writeLocal().then(
-          () => {
-            this.counters.diskWrittenBytes += payload === null ? 0 : lengthBytes;
-            pending.localDone = true;
-            // Later overlapping writes may go now: this one is on the local disk and already on the wire.
-            if (entry !== null) {
-              this.gate.leave(entry);
-              entry = null;
-            }
-            this.settle(pending);
-          },
-          (error: Error) => {
-            // The peer is sent (and may well write) what this disk failed to hold: the replicas now differ
-            // in these blocks, so they go into the bitmap for the next resync, whatever the caller is told.
-            this.options.bitmap.setRange(offset, lengthBytes);
-            this.options.logger.error({ err: error, offset, lengthBytes }, 'local write failed; blocks marked out of sync');
-            pending.failure = error;
-            pending.localDone = true;
-            if (entry !== null) {
-              this.gate.leave(entry);
-              entry = null;
-            }
-            this.settle(pending);
-          },
-        );
-      });
-      return write;
+      const pending = PendingWrite.take(this, seq, offset, lengthBytes, protocol === 'C' || fua, protocol === 'B',
+        alBegun, entry, false);
+      entry = null; // the pending entry leaves the gate once the local write finished
+      alBegun = false; // the pending entry ends the AL write when the peer confirms
+      const write = new Promise<void>(pending.capture);
+      this.pending.set(seq, pending);
+      if (record !== null && this.tracked.has(record)) {
+        // From now on the peer's verdict (ack, SUPERSEDED, RETRY_WRITE) for this seq ends the tracking.
+        record.seq = seq;
+        this.trackedBySeq.set(seq, record);
+        record = null;
+      }
+      const flags = (fua ? FrameFlag.FUA : 0) | extraFlags;
+      let body = payload ?? lengthBody(lengthBytes);
+      // Protocol A completes once the local write is done and the frame is queued for the peer: the payload is
+      // copied (once, into a pooled buffer) so the caller may reuse its buffer at once.
+      if (protocol === 'A' && payload !== null) {
+        body = receivePool.take(payload.length);
+        payload.copy(body);
+        pending.copiedBody = body;
+      }
+      connection.sendWithCallback(CHANNEL_DATA, type, flags, seq, offset, body, pending.onSent);
+      this.counters.networkSentBytes += body.length + 24;
+      if (connection.closedReason !== null) {
+        // The link broke between the check and the send: the peer will not get it.
+        this.options.bitmap.setRange(offset, lengthBytes);
+        pending.sent = pending.received = pending.written = true;
+      }
+      pending.dataWritten = payload !== null;
+      writeLocal().then(pending.onLocalOk, pending.onLocalDone);
+      await write;
     } finally {
       if (entry !== null) this.gate.leave(entry);
       if (alBegun) activityLog!.endWrite(offset, lengthBytes);
@@ -469,21 +459,45 @@ export class ReplicatedDevice implements BlockDevice {
     if (record !== undefined) this.untrack(record);
   }
 
+  /** PendingWrite: the local write finished (error null) or failed. */
+  localWriteDone(write: PendingWrite, error: Error | null): void {
+    if (error === null) {
+      if (write.dataWritten) this.counters.diskWrittenBytes += write.lengthBytes;
+    } else {
+      // The peer is sent (and may well write) what this disk failed to hold: the replicas now differ in these
+      // blocks, so they go into the bitmap for the next resync, whatever the caller is told.
+      this.options.bitmap.setRange(write.offset, write.lengthBytes);
+      this.options.logger.error({ err: error, offset: write.offset, lengthBytes: write.lengthBytes },
+        'local write failed; blocks marked out of sync');
+      write.failure = error;
+    }
+    write.localDone = true;
+    // Later overlapping writes may go now: this one is on the local disk and already on the wire.
+    if (write.entry !== null) {
+      this.gate.leave(write.entry);
+      write.entry = null;
+    }
+    this.settle(write);
+  }
+
   /** Completes the caller when the protocol's condition holds; forgets the write once the peer wrote it. */
-  private settle(write: PendingWrite): void {
+  settle(write: PendingWrite): void {
     if (!write.completed && write.localDone) {
-      const peerOk = (!write.needWritten || write.written) && (!write.needReceived || write.received || write.written)
-        && (!write.needSent || write.sent || write.received || write.written);
+      const peerOk = (!write.needWritten || write.written) && (!write.needReceived || write.received || write.written);
       if (peerOk) {
         write.completed = true;
-        if (write.failure !== null) write.reject(write.failure);
-        else if (write.retry) write.reject(retryRequested);
-        else write.resolve();
+        if (write.ownsSlot) this.releaseSlot();
+        if (write.failure !== null) write.reject!(write.failure);
+        else if (write.retry) write.reject!(retryRequested);
+        else write.resolve!();
       }
     }
     if (write.completed && write.written && this.pending.get(write.seq) === write) {
       this.pending.delete(write.seq);
       if (write.alBegun) this.options.activityLog?.endWrite(write.offset, write.lengthBytes);
+      // Only writeFast's entries are reused: nothing else refers to them now. replicate()'s may still get their
+      // socket write callback (after a detach, say), so they are left to the GC.
+      if (write.ownsSlot) PendingWrite.give(write);
     }
   }
 
@@ -571,7 +585,6 @@ export class ReplicatedDevice implements BlockDevice {
     const connection = this.connection;
     this.lastApplicationIoMs = Date.now();
     const lengthBytes = type === FrameType.DATA ? body.length : body.readUInt32BE(0);
-    const fua = (flags & FrameFlag.FUA) !== 0;
     if (this.options.protocol === 'B' && connection !== null) {
       connection.send(CHANNEL_META, FrameType.RECV_ACK, 0, seq, 0);
     }
@@ -595,56 +608,92 @@ export class ReplicatedDevice implements BlockDevice {
       }
       if (verdicts !== null) this.counters.peerWritesDelayed += 1;
     }
-    // The resolver's writes are acked on the data socket, behind our own earlier data (see the top of the file).
-    const ackChannel = this.dualPrimary && !this.resolver ? CHANNEL_DATA : CHANNEL_META;
-    const admitted = this.gate.enter(offset, lengthBytes, 'peer');
+    const write = PeerWrite.take(this, type, flags, seq, offset, lengthBytes, body, connection, this.epochs[this.epochs.length - 1]!);
+    write.epoch.pending += 1;
     // Bounded memory on the Secondary: a slow local disk pauses the data socket instead of queueing without end.
     this.applyingBytes += body.length;
     if (!this.dataPaused && connection !== null && this.applyingBytes > this.options.sendQueueMaxBytes) {
       this.dataPaused = true;
       connection.pauseData();
     }
-    const run = async (): Promise<void> => {
-      const entry = admitted instanceof Promise ? await admitted : admitted;
-      let ok = true;
-      try {
-        // Dual-primary, not the resolver: our overlapping writes are answered first, then this one lands on top.
-        if (verdicts !== null) await Promise.all(verdicts);
-        if (offset + lengthBytes > this.sizeBytes) throw new Error(`peer write beyond the end (${offset}+${lengthBytes})`);
-        if (type === FrameType.DATA) {
-          await this.options.local.write(offset, body, fua);
-          this.counters.diskWrittenBytes += lengthBytes;
-        } else if (type === FrameType.TRIM) {
-          await this.options.local.trim(offset, lengthBytes, fua);
-        } else {
-          await this.options.local.zero(offset, lengthBytes, {
-            fua, noHole: (flags & FrameFlag.NO_HOLE) !== 0, fastZero: false,
-          });
-        }
-      } catch (error) {
-        ok = false;
-        this.options.bitmap.setRange(offset, lengthBytes);
-        this.options.logger.error({ err: error, offset, lengthBytes }, 'replicated write failed on this node');
-      } finally {
-        this.gate.leave(entry);
-        this.applyingBytes -= body.length;
-        receivePool.release(body);
-        if (this.dataPaused && this.applyingBytes <= this.options.sendQueueMaxBytes / 2) {
-          this.dataPaused = false;
-          connection?.resumeData();
-        }
+    const admitted = this.gate.enter(offset, lengthBytes, 'peer');
+    if (verdicts !== null) {
+      // Dual-primary, not the resolver: our overlapping writes are answered first, then this one lands on top.
+      void Promise.all([admitted, ...verdicts]).then(([entry]) => write.admitted(entry as GateEntry));
+    } else if (admitted instanceof Promise) void admitted.then(write.admitted);
+    else write.admitted(admitted);
+  }
+
+  /** PeerWrite: its turn in the gate came; write it locally. */
+  startPeerWrite(write: PeerWrite): void {
+    const { type, offset, lengthBytes, body } = write;
+    const fua = (write.flags & FrameFlag.FUA) !== 0;
+    if (offset + lengthBytes > this.sizeBytes) {
+      write.written(new Error(`peer write beyond the end (${offset}+${lengthBytes})`));
+      return;
+    }
+    const local = this.options.local;
+    try {
+      if (type === FrameType.DATA) {
+        if (local.writeWithCallback !== undefined) local.writeWithCallback(offset, body, fua, write.written);
+        else local.write(offset, body, fua).then(write.writtenOk, write.written);
+      } else if (type === FrameType.TRIM) {
+        local.trim(offset, lengthBytes, fua).then(write.writtenOk, write.written);
+      } else {
+        local.zero(offset, lengthBytes, { fua, noHole: (write.flags & FrameFlag.NO_HOLE) !== 0, fastZero: false })
+          .then(write.writtenOk, write.written);
       }
-      connection?.send(ackChannel, ok ? FrameType.WRITE_ACK : FrameType.NEG_ACK, 0, seq, 0);
-    };
-    const done = run();
-    this.applying.add(done);
-    void done.finally(() => this.applying.delete(done));
+    } catch (error) {
+      // A device that throws instead of rejecting; once finished (entry cleared) the error is not the write's.
+      if (write.entry === null) throw error;
+      write.written(error as Error);
+    }
+  }
+
+  /** PeerWrite: the local write finished (error null) or failed; leave the gate, acknowledge, count it done. */
+  finishPeerWrite(write: PeerWrite, error: Error | null): void {
+    const { type, offset, lengthBytes, body, connection, seq, epoch } = write;
+    if (error !== null) {
+      this.options.bitmap.setRange(offset, lengthBytes);
+      this.options.logger.error({ err: error, offset, lengthBytes }, 'replicated write failed on this node');
+    } else if (type === FrameType.DATA) {
+      this.counters.diskWrittenBytes += lengthBytes;
+    }
+    this.gate.leave(write.entry!);
+    this.applyingBytes -= body.length;
+    receivePool.release(body);
+    PeerWrite.give(write);
+    if (this.dataPaused && this.applyingBytes <= this.options.sendQueueMaxBytes / 2) {
+      this.dataPaused = false;
+      connection?.resumeData();
+    }
+    // Dual-primary: the resolver's writes are acked on the data socket, behind our own earlier data (see the top).
+    const ackChannel = this.dualPrimary && !this.resolver ? CHANNEL_DATA : CHANNEL_META;
+    connection?.send(ackChannel, error === null ? FrameType.WRITE_ACK : FrameType.NEG_ACK, 0, seq, 0);
+    epoch.pending -= 1;
+    if (epoch.pending === 0 && this.epochs[0] === epoch && this.epochs.length > 1) this.retireEpochs();
+  }
+
+  /** Closes the open epoch; resolves once every write received so far is on the local disk. */
+  private closeEpoch(): Promise<void> {
+    const closed = this.epochs[this.epochs.length - 1]!;
+    this.epochs.push(newEpoch());
+    const done = new Promise<void>((resolve) => closed.waiters.push(resolve));
+    this.retireEpochs();
+    return done;
+  }
+
+  private retireEpochs(): void {
+    while (this.epochs.length > 1 && this.epochs[0]!.pending === 0) {
+      const epoch = this.epochs.shift()!;
+      for (const waiter of epoch.waiters) waiter();
+    }
   }
 
   /** Secondary side: every write received before the barrier is written, then made durable, then acked. */
   private async applyBarrier(id: number): Promise<void> {
     const connection = this.connection;
-    await Promise.all([...this.applying]);
+    await this.closeEpoch();
     try {
       await this.options.local.flush();
     } catch (error) {
@@ -665,9 +714,77 @@ export class ReplicatedDevice implements BlockDevice {
 
   /** Waits until every peer write received so far is on the local disk. */
   async drainPeerWrites(): Promise<void> {
-    await Promise.all([...this.applying]);
+    await this.closeEpoch();
   }
 }
+
+interface Epoch {
+  /** Writes of this epoch received and not yet written. */
+  pending: number;
+  waiters: Array<() => void>;
+}
+
+function newEpoch(): Epoch {
+  return { pending: 0, waiters: [] };
+}
+
+/**
+ * One write received from the peer, from its arrival to its ack. Pooled, with its callbacks bound once, so
+ * applying a peer write allocates no closure and, on a LocalDisk, no promise.
+ */
+class PeerWrite {
+  private static readonly pool: PeerWrite[] = [];
+  device!: ReplicatedDevice;
+  type = 0;
+  flags = 0;
+  seq = 0;
+  offset = 0;
+  lengthBytes = 0;
+  body!: Buffer;
+  connection: PeerChannel | null = null;
+  epoch!: Epoch;
+  entry: GateEntry | null = null;
+
+  static take(
+    device: ReplicatedDevice, type: number, flags: number, seq: number, offset: number, lengthBytes: number,
+    body: Buffer, connection: PeerChannel | null, epoch: Epoch,
+  ): PeerWrite {
+    const write = PeerWrite.pool.pop() ?? new PeerWrite();
+    write.device = device;
+    write.type = type;
+    write.flags = flags;
+    write.seq = seq;
+    write.offset = offset;
+    write.lengthBytes = lengthBytes;
+    write.body = body;
+    write.connection = connection;
+    write.epoch = epoch;
+    return write;
+  }
+
+  /** Back to the pool once nothing refers to it (its fields were read). */
+  static give(write: PeerWrite): void {
+    write.body = emptyBuffer;
+    write.connection = null;
+    write.entry = null;
+    if (PeerWrite.pool.length < 4096) PeerWrite.pool.push(write);
+  }
+
+  readonly admitted = (entry: GateEntry): void => {
+    this.entry = entry;
+    this.device.startPeerWrite(this);
+  };
+
+  readonly written = (error: Error | null): void => {
+    this.device.finishPeerWrite(this, error);
+  };
+
+  readonly writtenOk = (): void => {
+    this.device.finishPeerWrite(this, null);
+  };
+}
+
+const emptyBuffer = Buffer.alloc(0);
 
 const resolvedLocal = (): Promise<void> => Promise.resolve();
 
@@ -675,4 +792,93 @@ function lengthBody(lengthBytes: number): Buffer {
   const body = Buffer.allocUnsafe(4);
   body.writeUInt32BE(lengthBytes, 0);
   return body;
+}
+
+/**
+ * A write to the peer from its send until the peer confirmed it (and the caller was answered). Pooled, with
+ * its callbacks bound once, so the write path allocates no closures.
+ */
+class PendingWrite {
+  private static readonly pool: PendingWrite[] = [];
+  device!: ReplicatedDevice;
+  seq = 0;
+  offset = 0;
+  lengthBytes = 0;
+  /** Wait for the peer's WRITE_ACK before completing (protocol C, or FUA/flush on any protocol). */
+  needWritten = false;
+  needReceived = false;
+  localDone = false;
+  /** The socket's write callback ran (replicate() only; protocol A's copy is returned then). */
+  sent = false;
+  received = false;
+  written = false;
+  /** The caller was answered (the write may still await its WRITE_ACK). */
+  completed = false;
+  alBegun = false;
+  /** Dual-primary: the resolving peer answered RETRY_WRITE; the caller's write runs again. */
+  retry = false;
+  /** Payload bytes, counted as written to disk (not for TRIM and ZERO). */
+  dataWritten = true;
+  /** Taken by writeFast: the slot is released when the caller is answered. */
+  ownsSlot = false;
+  entry: GateEntry | null = null;
+  /** Protocol A's copy of the payload, returned to the pool once sent. */
+  copiedBody: Buffer | null = null;
+  failure: Error | null = null;
+  resolve: (() => void) | null = null;
+  reject: ((error: Error) => void) | null = null;
+
+  static take(
+    device: ReplicatedDevice, seq: number, offset: number, lengthBytes: number, needWritten: boolean,
+    needReceived: boolean, alBegun: boolean, entry: GateEntry | null, fast: boolean,
+  ): PendingWrite {
+    const write = PendingWrite.pool.pop() ?? new PendingWrite();
+    write.device = device;
+    write.seq = seq;
+    write.offset = offset;
+    write.lengthBytes = lengthBytes;
+    write.needWritten = needWritten;
+    write.needReceived = needReceived;
+    write.localDone = write.received = write.written = write.completed = false;
+    write.sent = false;
+    write.alBegun = alBegun;
+    write.retry = false;
+    write.dataWritten = true;
+    write.ownsSlot = fast;
+    write.entry = entry;
+    write.copiedBody = null;
+    write.failure = null;
+    return write;
+  }
+
+  static give(write: PendingWrite): void {
+    write.resolve = write.reject = null;
+    write.entry = null;
+    write.copiedBody = null;
+    write.failure = null;
+    if (PendingWrite.pool.length < 4096) PendingWrite.pool.push(write);
+  }
+
+  readonly capture = (resolve: () => void, reject: (error: Error) => void): void => {
+    this.resolve = resolve;
+    this.reject = reject;
+  };
+
+  readonly onLocalDone = (error: Error | null): void => {
+    this.device.localWriteDone(this, error);
+  };
+
+  readonly onLocalOk = (): void => {
+    this.device.localWriteDone(this, null);
+  };
+
+  /** The socket's write callback (replicate() only): the kernel took the frame. */
+  readonly onSent = (): void => {
+    this.sent = true;
+    if (this.copiedBody !== null) {
+      receivePool.release(this.copiedBody);
+      this.copiedBody = null;
+    }
+    this.device.settle(this);
+  };
 }

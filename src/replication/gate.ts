@@ -44,6 +44,15 @@ export class IntervalGate {
     return Promise.all(blockers).then(() => entry);
   }
 
+  /** Admits [offset, offset+length) when nothing in flight overlaps it; null (nothing admitted) otherwise. */
+  tryEnter(offset: number, lengthBytes: number, tag = 'write'): GateEntry | null {
+    const end = offset + Math.max(1, lengthBytes);
+    for (const entry of this.entries) if (entry.start < end && offset < entry.end) return null;
+    const entry: GateEntry = { start: offset, end, done: null, release: null, tag };
+    this.entries.add(entry);
+    return entry;
+  }
+
   leave(entry: GateEntry): void {
     const removed = this.entries.delete(entry);
     assert.ok(removed, 'gate entry left twice');

@@ -65,19 +65,50 @@ interface QueuedFrame {
   body: Buffer;
 }
 
+/** Node's `onread` option: the socket reads into memory the decoder chooses, read by read. */
+interface DirectRead {
+  buffer: () => Buffer;
+  /** Returning false would stop reading; these always return true. */
+  callback: (bytes: number, buffer: Uint8Array) => boolean;
+}
+
+/** Whether `socket` has the internals takeOverSocket relies on (a handle that is not reading yet). */
+function takeOverPossible(socket: Socket): boolean {
+  const handle = (socket as unknown as { _handle?: { reading?: boolean; useUserBuffer?: unknown } | null })._handle;
+  return handle !== null && handle !== undefined && handle.reading !== true && typeof handle.useUserBuffer === 'function';
+}
+
+/**
+ * Re-creates an accepted socket (net.Server with pauseOnConnect, nothing read yet) with Node's `onread` option,
+ * which net.Server cannot pass itself (as the NBD server does for its connections). Null when this Node's
+ * internals do not allow it; the caller then reads 'data' chunks.
+ */
+function takeOverSocket(accepted: Socket, onread: DirectRead): Socket | null {
+  if (!takeOverPossible(accepted)) return null;
+  const internals = accepted as unknown as { _handle: unknown };
+  const handle = internals._handle;
+  internals._handle = null;
+  accepted.destroy(); // no handle any more: only the server's connection count is released
+  return new net.Socket({ handle, allowHalfOpen: false, readable: true, writable: true, onread } as net.SocketConstructorOpts);
+}
+
 /** One socket with its decoder and writer. Frames queue until a consumer takes them (handshake, then link). */
 class FrameSocket {
   readonly decoder: FrameDecoder;
   readonly writer: FrameWriter;
+  readonly socket: Socket;
   private queue: QueuedFrame[] = [];
   private waiter: ((frame: QueuedFrame | Error) => void) | null = null;
   private listener: ((type: number, flags: number, id: number, offset: number, body: Buffer) => void) | null = null;
   closedReason: string | null = null;
   onClose: ((reason: string) => void) | null = null;
 
-  constructor(readonly socket: Socket) {
-    socket.setNoDelay(true);
-    this.writer = new FrameWriter(socket);
+  /**
+   * `open` makes the socket, given the `onread` option that reads straight into the decoder's buffers (a large
+   * body lands in place, no 64 KiB chunk is allocated per read); it returns the socket and whether it used it.
+   * The decoder exists before the socket: Node asks for the first read buffer when the handle is set up.
+   */
+  constructor(open: (onread: DirectRead) => { socket: Socket; direct: boolean }) {
     const onFrame = (type: number, flags: number, id: number, offset: number, body: Buffer): void => {
       if (this.listener !== null) {
         this.listener(type, flags, id, offset, body);
@@ -93,13 +124,32 @@ class FrameSocket {
       }
     };
     this.decoder = new FrameDecoder(onFrame, null, (lengthBytes) => receivePool.take(lengthBytes));
-    socket.on('data', (chunk: Buffer) => {
-      try {
-        this.decoder.push(chunk);
-      } catch (error) {
-        this.close(error instanceof FrameError ? error.message : `receive failed: ${(error as Error).stack}`);
-      }
+    const failed = (error: unknown): void => {
+      this.close(error instanceof FrameError ? error.message : `receive failed: ${(error as Error).stack}`);
+    };
+    const { socket, direct } = open({
+      buffer: () => this.decoder.nextReadBuffer(),
+      callback: (bytes) => {
+        try {
+          this.decoder.onRead(bytes);
+        } catch (error) {
+          failed(error);
+        }
+        return true;
+      },
     });
+    this.socket = socket;
+    socket.setNoDelay(true);
+    this.writer = new FrameWriter(socket);
+    if (!direct) {
+      socket.on('data', (chunk: Buffer) => {
+        try {
+          this.decoder.push(chunk);
+        } catch (error) {
+          failed(error);
+        }
+      });
+    }
     socket.on('error', (error) => this.close(`socket error: ${error.message}`));
     socket.on('close', () => this.close('connection closed by peer'));
   }
@@ -327,7 +377,8 @@ export class PeerLink {
   /** Starts listening (acceptor side); does not connect yet. */
   async start(): Promise<void> {
     if (this.side !== 'acceptor') return;
-    const server = net.createServer((socket) => this.accept(socket));
+    // pauseOnConnect: nothing is read before accept() re-wraps the socket for direct reads.
+    const server = net.createServer({ pauseOnConnect: true }, (socket) => this.accept(socket));
     this.server = server;
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
@@ -415,20 +466,24 @@ export class PeerLink {
   private dial(): Promise<FrameSocket> {
     const { host, port } = this.options.peer;
     return new Promise((resolve, reject) => {
-      const socket = net.connect({ host, port });
+      const frameSocket = new FrameSocket((onread) => ({ socket: net.connect({ host, port, onread }), direct: true }));
+      const socket = frameSocket.socket;
+      const onError = (error: Error): void => {
+        clearTimeout(timer);
+        reject(error);
+      };
       const timer = setTimeout(() => {
+        socket.off('error', onError);
+        frameSocket.close(`connect to ${host}:${port} timed out`);
         socket.destroy();
         reject(new Error(`connect to ${host}:${port} timed out`));
       }, this.handshakeTimeoutMs);
       socket.once('connect', () => {
         clearTimeout(timer);
-        socket.removeAllListeners('error');
-        resolve(new FrameSocket(socket));
+        socket.off('error', onError);
+        resolve(frameSocket);
       });
-      socket.once('error', (error) => {
-        clearTimeout(timer);
-        reject(error);
-      });
+      socket.once('error', onError);
     });
   }
 
@@ -455,8 +510,13 @@ export class PeerLink {
   }
 
   private accept(raw: Socket): void {
-    const socket = new FrameSocket(raw);
     const remote = `${raw.remoteAddress}:${raw.remotePort}`;
+    const socket = new FrameSocket((onread) => {
+      const direct = takeOverSocket(raw, onread);
+      if (direct !== null) return { socket: direct, direct: true };
+      raw.resume(); // accepted paused (pauseOnConnect); 'data' chunks then
+      return { socket: raw, direct: false };
+    });
     this.acceptorHandshake(socket).catch((error: Error) => {
       this.reject(`from ${remote}: ${error.message}`);
       socket.close(error.message);

@@ -1,10 +1,11 @@
-// Receive buffers for frame bodies that span socket chunks (every 1 MiB write does): reused instead of
-// allocated per frame, because a fresh 1 MiB ArrayBuffer per write is external memory that drives V8 into
-// frequent garbage collections on the Secondary. Size classes are powers of two from 64 KiB; the free lists are
-// bounded, past that buffers are simply dropped to the GC. Bodies below 64 KiB are allocated normally.
+// Receive buffers for frame bodies: every body the peer link reads (straight into it, or copied out of the
+// decoder's reused slab) is one of these, reused instead of allocated per frame, because a fresh ArrayBuffer per
+// write is external memory that drives V8 into frequent garbage collections on the Secondary. Size classes are
+// powers of two from 4 KiB; the free lists are bounded in bytes, past that buffers are simply dropped to the GC.
+// Bodies below 4 KiB (acks carry none, control frames are small) are allocated normally.
 import assert from 'node:assert/strict';
 
-const CLASS_MIN_BYTES = 64 * 1024;
+const CLASS_MIN_BYTES = 4 * 1024;
 const CLASS_MAX_BYTES = 64 * 1024 * 1024;
 
 export class BodyPool {
@@ -43,7 +44,8 @@ export class BodyPool {
       list = [];
       this.free.set(size, list);
     }
-    assert.ok(!list.includes(slab), 'body released twice');
+    // A cheap double-release check (a full scan of a long list of 4 KiB buffers would cost more than the write).
+    assert.ok(list.length > 64 || !list.includes(slab), 'body released twice');
     list.push(slab);
     this.freeBytes += size;
   }

@@ -154,6 +154,22 @@ export class ActivityLog {
     this.#inFlight += 1;
   }
 
+  /**
+   * beginWrite's hot path without a promise: true when every extent is hot (they are referenced now, as by
+   * beginWrite); false, with nothing changed, when the caller must use beginWrite.
+   */
+  tryBeginWrite(offsetBytes: number, lengthBytes: number): boolean {
+    this.#checkRange(offsetBytes, lengthBytes);
+    const first = Math.floor(offsetBytes / AL_EXTENT_BYTES);
+    const last = Math.floor((offsetBytes + lengthBytes - 1) / AL_EXTENT_BYTES);
+    if (last - first + 1 > AL_WIDE_SPAN_EXTENTS || !this.#allHot(first, last)) return false;
+    const continuesStream = offsetBytes === this.#streamOffset;
+    this.#streamOffset = offsetBytes + lengthBytes;
+    this.#take(first, last);
+    if (continuesStream && !this.#persisting) this.#lookAhead(last + 1, offsetBytes + lengthBytes);
+    return true;
+  }
+
   beginWrite(offsetBytes: number, lengthBytes: number): Promise<void> {
     this.#checkRange(offsetBytes, lengthBytes);
     const first = Math.floor(offsetBytes / AL_EXTENT_BYTES);
