@@ -199,6 +199,33 @@ const KIND_OF_CODE: Record<number, EntryStat['kind']> = { [SCAN_FILE]: 'file', [
 /** A packed scan is not in the order comparePaths expects (never seen; the merge then falls back). */
 class ScanOrderError extends Error {}
 
+/**
+ * One side's packed scan records, walked in scan order (records past SCAN_SYMLINK, the problems, are skipped):
+ * `path` is the current record's path (undefined at the end), `offset` its first field. Throws ScanOrderError
+ * when a path does not sort after the one before it.
+ */
+class ScanCursor {
+  offset = -SCAN_RECORD_FIELDS;
+  path: string | undefined = undefined;
+
+  constructor(private readonly records: Float64Array, private readonly strings: Buffer) {}
+
+  next(): void {
+    const F = SCAN_RECORD_FIELDS;
+    const records = this.records;
+    const previous = this.path;
+    this.path = undefined;
+    for (this.offset += F; this.offset < records.length; this.offset += F) {
+      const o = this.offset;
+      const start = o === 0 ? 0 : records[o - F + 3]!;
+      if (records[o]! > SCAN_SYMLINK) continue;
+      this.path = utf8Slice.call(this.strings, start, records[o + 2]!);
+      if (previous !== undefined && comparePaths(previous, this.path) >= 0) throw new ScanOrderError();
+      return;
+    }
+  }
+}
+
 function conflictName(path: string, now: Date): string {
   const stamp = now.toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
   const slash = path.lastIndexOf('/');
@@ -600,38 +627,13 @@ export class SyncEngine {
   }
 
   private joinPacked(packed: [PackedScan, PackedScan], allowClean: boolean): void {
-    const F = SCAN_RECORD_FIELDS;
     const [s1, s2] = [packed[0].strings, packed[1].strings];
     const [r1, r2] = [packed[0].records, packed[1].records];
     const clean = new Set<ArchiveEntry>();
     this.clean = clean;
-    // Cursor per side: field offset of the current entry record and its path.
-    let o1 = -F;
-    let o2 = -F;
-    let p1: string | undefined;
-    let p2: string | undefined;
-    const next1 = (): void => {
-      const previous = p1;
-      p1 = undefined;
-      for (o1 += F; o1 < r1.length; o1 += F) {
-        const start = o1 === 0 ? 0 : r1[o1 - F + 3]!;
-        if (r1[o1]! > SCAN_SYMLINK) continue;
-        p1 = utf8Slice.call(s1, start, r1[o1 + 2]!);
-        if (previous !== undefined && comparePaths(previous, p1) >= 0) throw new ScanOrderError();
-        return;
-      }
-    };
-    const next2 = (): void => {
-      const previous = p2;
-      p2 = undefined;
-      for (o2 += F; o2 < r2.length; o2 += F) {
-        const start = o2 === 0 ? 0 : r2[o2 - F + 3]!;
-        if (r2[o2]! > SCAN_SYMLINK) continue;
-        p2 = utf8Slice.call(s2, start, r2[o2 + 2]!);
-        if (previous !== undefined && comparePaths(previous, p2) >= 0) throw new ScanOrderError();
-        return;
-      }
-    };
+    // A cursor per side over its records in scan order.
+    const c1 = new ScanCursor(r1, s1);
+    const c2 = new ScanCursor(r2, s2);
     const text = (strings: Buffer, records: Float64Array, o: number): string => {
       const pathEnd = records[o + 2]!;
       const textEnd = records[o + 3]!;
@@ -652,11 +654,11 @@ export class SyncEngine {
     const opened = new Set<string>();
     let lastParent = '';
     let lastParentOpened = false;
-    next1();
-    next2();
-    while (p1 !== undefined || p2 !== undefined) {
-      const order = p1 === undefined ? 1 : p2 === undefined ? -1 : comparePaths(p1, p2);
-      const path = (order <= 0 ? p1 : p2)!;
+    c1.next();
+    c2.next();
+    while (c1.path !== undefined || c2.path !== undefined) {
+      const order = c1.path === undefined ? 1 : c2.path === undefined ? -1 : comparePaths(c1.path, c2.path);
+      const path = (order <= 0 ? c1.path : c2.path)!;
       const has1 = order <= 0;
       const has2 = order >= 0;
       let underOpened = false;
@@ -671,13 +673,13 @@ export class SyncEngine {
         }
       }
       const a = has1 && has2 ? this.archive.get(path) : undefined;
-      if (allowClean && !underOpened && a !== undefined && sameAsArchive(s1, r1, o1, a, 1) && sameAsArchive(s2, r2, o2, a, 2)) {
+      if (allowClean && !underOpened && a !== undefined && sameAsArchive(s1, r1, c1.offset, a, 1) && sameAsArchive(s2, r2, c2.offset, a, 2)) {
         clean.add(a);
         if (a.kind === 'file') this.cleanSizes.add(a.sizeBytes);
       } else {
         const state = newState(path, undefined);
-        if (has1) state.e1 = packedEntry(r1, o1, path, text(s1, r1, o1));
-        if (has2) state.e2 = packedEntry(r2, o2, path, text(s2, r2, o2));
+        if (has1) state.e1 = packedEntry(r1, c1.offset, path, text(s1, r1, c1.offset));
+        if (has2) state.e2 = packedEntry(r2, c2.offset, path, text(s2, r2, c2.offset));
         this.states.set(path, state);
         // A directory that differs from the archive only in its stamps is "unchanged" on both sides: no decision
         // on it, nothing it could govern. Anything else keeps its subtree out of the clean set.
@@ -691,8 +693,8 @@ export class SyncEngine {
           state.e2.mode === a.mode;
         if (!stampsOnly) opened.add(path);
       }
-      if (has1) next1();
-      if (has2) next2();
+      if (has1) c1.next();
+      if (has2) c2.next();
     }
   }
 
