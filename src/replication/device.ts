@@ -66,16 +66,6 @@ export interface ReplicationCounters {
   peerWritesDelayed: number;
 }
 
-/** Dual-primary: a local write from its admission until the peer's verdict on it. */
-interface TrackedWrite {
-  readonly start: number;
-  readonly end: number;
-  /** Its peer sequence number once sent (0 before). */
-  seq: number;
-  done: Promise<void> | null;
-  release: (() => void) | null;
-}
-
 /** Rejects a write attempt that the resolving peer asked us to make again (never reaches a caller). */
 const retryRequested = new Error('the peer asked for this write again (dual-primary conflict)');
 
@@ -124,8 +114,9 @@ export class ReplicatedDevice implements BlockDevice {
   /** Dual-primary conflict handling for this connection (attach), and whether this node resolves. */
   private dualPrimary = false;
   private resolver = false;
-  private readonly tracked = new Set<TrackedWrite>();
-  private readonly trackedBySeq = new Map<number, TrackedWrite>();
+  /** Dual-primary: this node's writes from their gate entry until the peer's verdict; the sent ones by seq. */
+  private readonly tracked = new IntervalGate();
+  private readonly trackedBySeq = new Map<number, GateEntry>();
 
   constructor(private readonly options: ReplicatedDeviceOptions) {
     this.sizeBytes = options.bitmap.dataSizeBytes;
@@ -201,7 +192,8 @@ export class ReplicatedDevice implements BlockDevice {
     for (const barrier of this.barriers.values()) barrier.resolve();
     this.barriers.clear();
     // No verdict will come: peer writes waiting for one go ahead (both sides' bitmaps cover what differs).
-    for (const record of this.tracked) this.untrack(record);
+    this.tracked.leaveAll();
+    this.trackedBySeq.clear();
   }
 
   get isShipping(): boolean {
@@ -371,13 +363,12 @@ export class ReplicatedDevice implements BlockDevice {
     else await this.acquireSlot();
     let entry: GateEntry | null = null;
     let alBegun = false;
-    let record: TrackedWrite | null = null;
+    let record: GateEntry | null = null;
     const activityLog = this.options.activityLog;
     try {
       if (this.dualPrimary) {
         // Tracked from the same moment it enters the gate: a peer write arriving from now on conflicts with it.
-        record = { start: offset, end: offset + Math.max(1, lengthBytes), seq: 0, done: null, release: null };
-        this.tracked.add(record);
+        record = this.tracked.add(offset, lengthBytes);
       }
       const admitted = this.gate.enter(offset, lengthBytes);
       entry = admitted instanceof Promise ? await admitted : admitted;
@@ -413,9 +404,8 @@ export class ReplicatedDevice implements BlockDevice {
       alBegun = false; // the pending entry ends the AL write when the peer confirms
       const write = new Promise<void>(pending.capture);
       this.pending.set(seq, pending);
-      if (record !== null && this.tracked.has(record)) {
+      if (record !== null && this.tracked.contains(record)) {
         // From now on the peer's verdict (ack, SUPERSEDED, RETRY_WRITE) for this seq ends the tracking.
-        record.seq = seq;
         this.trackedBySeq.set(seq, record);
         record = null;
       }
@@ -442,21 +432,17 @@ export class ReplicatedDevice implements BlockDevice {
       if (entry !== null) this.gate.leave(entry);
       if (alBegun) activityLog!.endWrite(offset, lengthBytes);
       // Never sent (not shipping, or failed before the send): no verdict will come for it.
-      if (record !== null) this.untrack(record);
+      if (record !== null && this.tracked.contains(record)) this.tracked.leave(record);
       this.releaseSlot();
     }
   }
 
-  /** Dual-primary: the write's verdict is in (or never will be): peer writes waiting on it may go. */
-  private untrack(record: TrackedWrite): void {
-    if (!this.tracked.delete(record)) return;
-    if (record.seq !== 0 && this.trackedBySeq.get(record.seq) === record) this.trackedBySeq.delete(record.seq);
-    record.release?.();
-  }
-
+  /** Dual-primary: the write's verdict is in: peer writes waiting on it may go. */
   private verdictFor(seq: number): void {
     const record = this.trackedBySeq.get(seq);
-    if (record !== undefined) this.untrack(record);
+    if (record === undefined) return;
+    this.trackedBySeq.delete(seq);
+    this.tracked.leave(record);
   }
 
   /** PendingWrite: the local write finished (error null) or failed. */
@@ -589,24 +575,20 @@ export class ReplicatedDevice implements BlockDevice {
       connection.send(CHANNEL_META, FrameType.RECV_ACK, 0, seq, 0);
     }
     let verdicts: Array<Promise<void>> | null = null;
-    if (this.dualPrimary && this.tracked.size > 0) {
-      const end = offset + Math.max(1, lengthBytes);
-      let covered = false;
-      for (const record of this.tracked) {
-        if (record.start < end && offset < record.end) {
-          if (record.start <= offset && end <= record.end) covered = true;
-          (verdicts ??= []).push(this.doneOf(record));
-        }
-      }
-      if (verdicts !== null && this.resolver) {
+    const overlaps = this.dualPrimary ? this.tracked.overlapping(offset, lengthBytes) : null;
+    if (overlaps !== null) {
+      if (this.resolver) {
         // Our overlapping write is the later one: the peer's is not applied here.
+        const end = offset + Math.max(1, lengthBytes);
+        const covered = overlaps.some((record) => record.start <= offset && end <= record.end);
         if (covered) this.counters.conflictsSuperseded += 1;
         else this.counters.conflictsRetried += 1;
         receivePool.release(body);
         connection?.send(CHANNEL_META, covered ? FrameType.SUPERSEDED : FrameType.RETRY_WRITE, 0, seq, 0);
         return;
       }
-      if (verdicts !== null) this.counters.peerWritesDelayed += 1;
+      verdicts = overlaps.map((record) => this.tracked.whenLeft(record));
+      this.counters.peerWritesDelayed += 1;
     }
     const write = PeerWrite.take(this, type, flags, seq, offset, lengthBytes, body, connection, this.epochs[this.epochs.length - 1]!);
     write.epoch.pending += 1;
@@ -701,15 +683,6 @@ export class ReplicatedDevice implements BlockDevice {
       return; // no ack: the primary's flush waits until the link drops and the bitmap covers the writes
     }
     connection?.send(CHANNEL_META, FrameType.BARRIER_ACK, 0, id, 0);
-  }
-
-  private doneOf(record: TrackedWrite): Promise<void> {
-    if (record.done === null) {
-      record.done = new Promise<void>((resolve) => {
-        record.release = resolve;
-      });
-    }
-    return record.done;
   }
 
   /** Waits until every peer write received so far is on the local disk. */

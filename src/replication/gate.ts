@@ -2,7 +2,8 @@
 // admitted earlier waits until that one leaves, so overlapping writes are applied in arrival order. The primary
 // admits application writes (and resync reads) here; the secondary admits the writes it receives in the order
 // they came off the data socket, so both replicas apply overlapping writes in the same order and never diverge.
-// (Dual-primary conflicts between the two sides' writes are handled in device.ts, on top of this.)
+// Dual-primary also keeps a second gate of its own writes awaiting the peer's verdict (device.ts): entries added
+// without waiting (`add`), looked up by a peer write (`overlapping`), waited for (`whenLeft`).
 import assert from 'node:assert/strict';
 
 export interface GateEntry {
@@ -34,11 +35,10 @@ export class IntervalGate {
     for (const entry of this.entries) {
       if (entry.start < end && offset < entry.end) {
         blockers ??= [];
-        blockers.push(this.doneOf(entry));
+        blockers.push(this.whenLeft(entry));
       }
     }
-    const entry: GateEntry = { start: offset, end, done: null, release: null, tag };
-    this.entries.add(entry);
+    const entry = this.insert(offset, end, tag);
     if (blockers === null) return entry;
     this.waits += 1;
     return Promise.all(blockers).then(() => entry);
@@ -48,7 +48,28 @@ export class IntervalGate {
   tryEnter(offset: number, lengthBytes: number, tag = 'write'): GateEntry | null {
     const end = offset + Math.max(1, lengthBytes);
     for (const entry of this.entries) if (entry.start < end && offset < entry.end) return null;
-    const entry: GateEntry = { start: offset, end, done: null, release: null, tag };
+    return this.insert(offset, end, tag);
+  }
+
+  /** Adds [offset, offset+length) whatever overlaps it: a set of ranges, not an order. */
+  add(offset: number, lengthBytes: number, tag = 'write'): GateEntry {
+    return this.insert(offset, offset + Math.max(1, lengthBytes), tag);
+  }
+
+  /** The entries overlapping [offset, offset+length), or null when none does (no allocation then). */
+  overlapping(offset: number, lengthBytes: number): GateEntry[] | null {
+    const end = offset + Math.max(1, lengthBytes);
+    let found: GateEntry[] | null = null;
+    for (const entry of this.entries) if (entry.start < end && offset < entry.end) (found ??= []).push(entry);
+    return found;
+  }
+
+  contains(entry: GateEntry): boolean {
+    return this.entries.has(entry);
+  }
+
+  private insert(start: number, end: number, tag: string): GateEntry {
+    const entry: GateEntry = { start, end, done: null, release: null, tag };
     this.entries.add(entry);
     return entry;
   }
@@ -59,13 +80,19 @@ export class IntervalGate {
     entry.release?.();
   }
 
+  /** Every entry leaves (its waiters run). */
+  leaveAll(): void {
+    for (const entry of [...this.entries]) this.leave(entry);
+  }
+
   /** Resolves when every entry in the gate now has left (later entries are not waited for). */
   drain(): Promise<void> {
-    const pending = [...this.entries].map((entry) => this.doneOf(entry));
+    const pending = [...this.entries].map((entry) => this.whenLeft(entry));
     return pending.length === 0 ? Promise.resolve() : Promise.all(pending).then(() => undefined);
   }
 
-  private doneOf(entry: GateEntry): Promise<void> {
+  /** Resolves when `entry` leaves. */
+  whenLeft(entry: GateEntry): Promise<void> {
     if (entry.done === null) {
       entry.done = new Promise<void>((resolve) => {
         entry.release = resolve;
