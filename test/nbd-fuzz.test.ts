@@ -1,12 +1,17 @@
 // What this file proves: a live NBD server survives at least 10,000 random and mutated frames -- option
 // frames in the handshake and request frames (with and without payloads) in transmission -- without a crash,
-// a hang or a leaked connection, and then serves a well-behaved client correctly. How: an in-process
-// NbdServer on a unix socket (any uncaught exception fails the run), a seeded PRNG so a failure reproduces
-// from its seed, many short connections each flooded with frames and then half-closed, and a final
-// write/read-back of random data through a fresh connection.
+// a hang or a leaked connection, and then serves a well-behaved client correctly. Twice: over a MemoryDevice
+// (every request in JavaScript) and over a LocalDisk file, where READ, WRITE and FLUSH run on the native data
+// path and everything else is handed back to JavaScript mid-stream. How: an in-process NbdServer on a unix
+// socket (any uncaught exception fails the run), a seeded PRNG so a failure reproduces from its seed, many
+// short connections each flooded with frames and then half-closed, and a final write/read-back of random data
+// through a fresh connection.
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { LocalDisk } from '../src/blockdev/local.js';
+import type { BlockDevice } from '../src/blockdev/types.js';
 import { MemoryDevice } from './helpers/memory-device.js';
 import { makeTempDir, NBD, RawNbdClient, startServer, type InProcessServer } from './helpers/nbd.js';
 
@@ -27,18 +32,8 @@ function prng(initial: number): () => number {
 }
 
 let dir: string;
-let device: MemoryDevice;
+let device: BlockDevice;
 let served: InProcessServer;
-
-beforeAll(async () => {
-  dir = await makeTempDir('nbd-fuzz');
-  device = new MemoryDevice(sizeBytes);
-  served = await startServer(dir, device, { exportName: 'fuzz', limits: { handshakeTimeoutMs: 5000 } });
-});
-afterAll(async () => {
-  await served.server.close();
-  await fs.promises.rm(dir, { recursive: true, force: true });
-});
 
 /** Sends the frames, half-closes, and waits (bounded) for the server to close its side. */
 async function flood(frames: Buffer[], handshake: boolean, random: () => number): Promise<void> {
@@ -97,7 +92,20 @@ function requestFrame(random: () => number): Buffer {
   return frame;
 }
 
-describe('fuzz', () => {
+describe.each(['memory', 'file'] as const)('fuzz, %s device', (kind) => {
+  beforeAll(async () => {
+    dir = await makeTempDir('nbd-fuzz');
+    device = kind === 'memory'
+      ? new MemoryDevice(sizeBytes)
+      : await LocalDisk.open(path.join(dir, 'disk.img'), { createSizeBytes: sizeBytes });
+    served = await startServer(dir, device, { exportName: 'fuzz', limits: { handshakeTimeoutMs: 5000 } });
+  });
+  afterAll(async () => {
+    await served.server.close();
+    await device.close();
+    await fs.promises.rm(dir, { recursive: true, force: true });
+  });
+
   it('survives 10,000+ random and mutated frames and then serves a good client', async () => {
     const random = prng(seed);
     let frames = 0;
@@ -117,6 +125,7 @@ describe('fuzz', () => {
       await flood([junk], random() < 0.5, random);
     }
     expect(frames).toBeGreaterThanOrEqual(10_000);
+    const fuzzedNative = served.server.dataPathRequests;
 
     const good = await RawNbdClient.connect(served.socketPath);
     const { sizeBytes: size } = await good.handshake({ exportName: 'fuzz' });
@@ -137,5 +146,13 @@ describe('fuzz', () => {
       await new Promise((resolve) => setTimeout(resolve, 100));
     }
     expect(served.server.activeConnections).toBe(0);
+    // On the file export the native data path served fuzzed requests (a connection's first requests, until the
+    // first one it hands back) and every request of the good client; the memory device never offers it.
+    if (kind === 'file') {
+      expect(fuzzedNative).toBeGreaterThan(0);
+      expect(served.server.dataPathRequests - fuzzedNative).toBe(17);
+    } else {
+      expect(served.server.dataPathRequests).toBe(0);
+    }
   }, 120_000);
 });

@@ -9,6 +9,7 @@
 //   because one hop per 4 KiB request costs more than the copy itself (see bench/README.md)
 // - SO_SNDBUF/SO_RCVBUF on stream sockets (Node sets them only for UDP)
 // - the kernel NBD client (/dev/nbdX): socketpair, the configuration ioctls, NBD_DO_IT on a dedicated thread
+// - the NBD data path on native threads (READ/WRITE/FLUSH for LocalDisk exports): nbd_data_path.cc
 //
 // Errors reach JavaScript as Node-style errors: message "CODE: description, syscall", .code (errno name),
 // .errno (negative, as libuv reports it) and .syscall. The TypeScript wrapper (src/native/index.ts) validates
@@ -41,6 +42,7 @@
 void InitDirsyncScan(Napi::Env env, Napi::Object exports);  // dirsync_scan.cc
 void InitDirsyncJoin(Napi::Env env, Napi::Object exports);  // dirsync_join.cc
 void InitDirsyncHash(Napi::Env env, Napi::Object exports);  // dirsync_hash.cc
+void InitNbdDataPath(Napi::Env env, Napi::Object exports);  // nbd_data_path.cc
 
 namespace {
 
@@ -571,6 +573,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitDirsyncScan(env, exports);
   InitDirsyncJoin(env, exports);
   InitDirsyncHash(env, exports);
+  InitNbdDataPath(env, exports);
   return exports;
 }
 

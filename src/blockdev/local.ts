@@ -346,6 +346,11 @@ export class LocalDisk implements BlockDevice {
     this.io.write(offset, data, fua, done);
   }
 
+  /** Reads, writes and flushes are plain pread/pwrite/fdatasync on this.fd (FileIoQueue only batches them). */
+  directAccess(): { fd: number } | null {
+    return this.closed ? null : { fd: this.fd };
+  }
+
   flush(): Promise<void> {
     if (this.closed) return Promise.reject(this.shutdownError('flush'));
     return this.flushQueued();

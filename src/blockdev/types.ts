@@ -72,6 +72,10 @@ export class BlockDeviceError extends Error {
  *   device: protocol A, B or C); with `fua` it is durable before resolving.
  * - `flush` resolves when every write that resolved before flush() was called is durable.
  */
+export interface DirectAccess {
+  fd: number;
+}
+
 export interface BlockDevice {
   readonly sizeBytes: number;
   capabilities(): BlockDeviceCapabilities;
@@ -97,6 +101,15 @@ export interface BlockDevice {
    * The NBD server answers GO/EXPORT_NAME with this message as an error when it is not null.
    */
   exportRefusal?(): string | null;
+
+  /**
+   * Optional: the descriptor of a device whose read, write (with FUA: write then fdatasync) and flush are
+   * exactly pread, pwrite and fdatasync on it at the same offsets, with nothing to do around them (no
+   * replication, no accounting, no fault injection). The NBD server may then run those three commands on
+   * native threads of its own against the descriptor, never calling read/write/flush for them; everything
+   * else still comes here. null when the device cannot offer it now (closed, say).
+   */
+  directAccess?(): DirectAccess | null;
 
   close(): Promise<void>;
 }

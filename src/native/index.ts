@@ -40,6 +40,26 @@ interface NativeAddon {
   ): void;
   nbdDoIt(nbdFd: number): Promise<void>;
   nbdDisconnect(nbdFd: number): void;
+  NbdDataPath: new (
+    socketFd: number,
+    fileFd: number,
+    sizeBytes: number,
+    options: number,
+    requestBytesMax: number,
+    bufferBytesCap: number,
+    threads: number,
+    onStop: (reason: number, leftover: Buffer | undefined, errnoPositive: number, requests: number) => void,
+  ) => NativeDataPath;
+  nbdDataPathBufferBytes(): number;
+}
+
+interface NativeDataPath {
+  arm(): boolean;
+  stop(): void;
+  abort(): void;
+  destroy(): void;
+  requests(): number;
+  unref(): void;
 }
 
 /** Where the addon lives relative to this file, both as src/native/index.ts (vitest) and dist/native/index.js. */
@@ -584,4 +604,114 @@ export function nbdDoIt(nbdFd: number): Promise<void> {
 export function nbdDisconnect(nbdFd: number): void {
   checkFd(nbdFd);
   addon.nbdDisconnect(nbdFd);
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// The NBD data path on native threads (native/src/nbd_data_path.cc).
+
+/** Why a data path round ended. */
+export enum DataPathStop {
+  /** A request the path does not serve: its header bytes come back for the JavaScript parser. */
+  Handback = 0,
+  /** stop() took effect at a request boundary. */
+  Stopped = 1,
+  /** The client closed its side between requests. */
+  End = 2,
+  /** Receiving or sending failed: the connection is broken. */
+  SocketError = 3,
+  /** The client closed or failed in the middle of a request (a WRITE payload cut short). */
+  Torn = 4,
+  /** abort() took effect. */
+  Aborted = 5,
+}
+
+export interface DataPathOptions {
+  /** The connection's socket and the device's descriptor; the path works on its own duplicates of both. */
+  socketFd: number;
+  fileFd: number;
+  /** The export's size: requests past it go back to JavaScript (which answers EINVAL or ENOSPC). */
+  sizeBytes: number;
+  readOnly: boolean;
+  /** Structured replies negotiated: READ replies are OFFSET_DATA or ERROR chunks. */
+  structured: boolean;
+  fuaAllowed: boolean;
+  flushAllowed: boolean;
+  /** Larger READ/WRITE requests go back to JavaScript. */
+  requestBytesMax: number;
+  /** Payload buffers of every data path in the process together, at most; past it requests go back to JavaScript. */
+  bufferBytesCap: number;
+  /** Worker threads on this connection (each holds one request at a time). */
+  threads: number;
+}
+
+export interface DataPathResult {
+  reason: DataPathStop;
+  /** Bytes of the stream the path read but did not serve (a handed-back request's header). */
+  leftover: Buffer | undefined;
+  /** For SocketError: the errno that broke the socket, when known. */
+  errno: number;
+  /** Requests served by the path on this connection so far. */
+  requests: number;
+}
+
+/**
+ * Serves READ, WRITE and FLUSH of one NBD connection on native threads while armed (see the file comment of
+ * native/src/nbd_data_path.cc). `onStop` runs on the event loop once per arm(), after every worker is idle.
+ */
+export class NbdDataPath {
+  private readonly native: NativeDataPath;
+
+  constructor(options: DataPathOptions, onStop: (result: DataPathResult) => void) {
+    checkFd(options.socketFd);
+    checkFd(options.fileFd);
+    checkRange(0, options.sizeBytes, true);
+    if (!Number.isSafeInteger(options.requestBytesMax) || options.requestBytesMax < 1 || options.requestBytesMax > 0xffffffff) {
+      throw new RangeError(`NbdDataPath: requestBytesMax ${options.requestBytesMax} out of range`);
+    }
+    if (!Number.isSafeInteger(options.bufferBytesCap) || options.bufferBytesCap < 0) {
+      throw new RangeError(`NbdDataPath: bufferBytesCap ${options.bufferBytesCap} out of range`);
+    }
+    if (!Number.isInteger(options.threads) || options.threads < 1 || options.threads > 64) {
+      throw new RangeError(`NbdDataPath: threads must be 1-64, got ${options.threads}`);
+    }
+    const flags = (options.readOnly ? 1 : 0) | (options.structured ? 2 : 0) | (options.fuaAllowed ? 4 : 0) |
+      (options.flushAllowed ? 8 : 0);
+    this.native = new addon.NbdDataPath(
+      options.socketFd, options.fileFd, options.sizeBytes, flags, options.requestBytesMax, options.bufferBytesCap,
+      options.threads,
+      (reason, leftover, errnoPositive, requests) => {
+        this.native.unref();
+        onStop({ reason: reason as DataPathStop, leftover, errno: errnoPositive, requests });
+      },
+    );
+  }
+
+  /** Starts serving; false when a round is running or the path was aborted or destroyed. */
+  arm(): boolean {
+    return this.native.arm();
+  }
+
+  /** Ends the round at the next request boundary (a request being received or run still completes). */
+  stop(): void {
+    this.native.stop();
+  }
+
+  /** Ends the round now: a payload being received is dropped, blocked workers wake. */
+  abort(): void {
+    this.native.abort();
+  }
+
+  /** Aborts, joins the threads and closes the duplicates. A result still queued may arrive later; ignore it. */
+  destroy(): void {
+    this.native.destroy();
+  }
+
+  get requests(): number {
+    return this.native.requests();
+  }
+}
+
+/** Payload buffer bytes every data path in the process holds (for tests of the cap). */
+export function dataPathBufferBytes(): number {
+  return addon.nbdDataPathBufferBytes();
 }

@@ -26,6 +26,12 @@ export interface NbdServerOptions {
   tls?: { certPath: string; keyPath: string };
   logger?: Logger;
   limits?: Partial<NbdLimits>;
+  /**
+   * Where READ, WRITE and FLUSH run for a device that offers directAccess() (LocalDisk): 'native' (the default,
+   * or DRBDTS_NBD_DATA_PATH=js for 'javascript') serves them on native threads per connection
+   * (native/src/nbd_data_path.cc); 'javascript' keeps every request on the event loop.
+   */
+  dataPath?: 'native' | 'javascript';
 }
 
 /** How long close() lets connections finish their in-flight requests before cutting them. */
@@ -44,6 +50,7 @@ export class NbdServer {
   private readonly connections = new Set<NbdConnection>();
   private readonly waitingForBudget = new Set<NbdConnection>();
   private serverInFlightBytes = 0;
+  private closedConnectionsDataPathRequests = 0;
   private closed = false;
   private readonly host: ConnectionHost;
 
@@ -65,6 +72,7 @@ export class NbdServer {
     this.host = {
       limits: this.limits,
       pool: this.pool,
+      dataPathEnabled: (options.dataPath ?? (process.env.DRBDTS_NBD_DATA_PATH === 'js' ? 'javascript' : 'native')) === 'native',
       secureContext: this.secureContext,
       exportSettings: (): ExportSettings => ({
         exportName: server.exportName,
@@ -80,14 +88,24 @@ export class NbdServer {
       waitForServerBudget: (connection: NbdConnection): void => { server.waitingForBudget.add(connection); },
       connectionClosed: (connection: NbdConnection): void => {
         server.connections.delete(connection);
+        server.closedConnectionsDataPathRequests += connection.dataPathRequests;
         server.waitingForBudget.delete(connection);
-        server.logger.info({ connection: connection.id, connections: server.connections.size }, 'client disconnected');
+        server.logger.info({
+          connection: connection.id, connections: server.connections.size, nativeRequests: connection.dataPathRequests,
+        }, 'client disconnected');
       },
     };
   }
 
   get activeConnections(): number {
     return this.connections.size;
+  }
+
+  /** Requests the native data path has served, over every connection so far. */
+  get dataPathRequests(): number {
+    let requests = this.closedConnectionsDataPathRequests;
+    for (const connection of this.connections) requests += connection.dataPathRequests;
+    return requests;
   }
 
   /** The addresses actually bound (a TCP port 0 replaced by the port the OS chose). */

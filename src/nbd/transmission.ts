@@ -15,11 +15,14 @@ import { greeting, negotiate, HandshakeEnd, type ExportSettings, type Negotiated
 import type { NbdLimits } from './limits.js';
 import type { BufferPool } from './pool.js';
 import * as P from './protocol.js';
+import { DataPathStop, NbdDataPath, type DataPathResult } from '../native/index.js';
 
 /** What a connection needs from its server. */
 export interface ConnectionHost {
   readonly limits: NbdLimits;
   readonly pool: BufferPool;
+  /** READ, WRITE and FLUSH may run on the native data path for devices that offer directAccess(). */
+  readonly dataPathEnabled: boolean;
   readonly secureContext: tls.SecureContext | undefined;
   exportSettings(): ExportSettings;
   /** Adds to (or, negative, takes from) the server-wide in-flight bytes. */
@@ -53,6 +56,24 @@ const blockStatusExtentsMax = 65536;
 const twoTo32 = 4294967296;
 
 let nextConnectionId = 1;
+
+/**
+ * The native data path (native/src/nbd_data_path.cc) serves READ, WRITE and FLUSH of an idle connection to a
+ * device that offers directAccess(), when the server enables it (NbdServerOptions.dataPath).
+ * DRBDTS_NBD_DATA_PATH_THREADS sets its workers per connection.
+ */
+const dataPathThreads = parseDataPathThreads(process.env.DRBDTS_NBD_DATA_PATH_THREADS);
+/** Larger requests stay in JavaScript, whose budgets bound them; below it the path keeps one buffer per worker. */
+const dataPathRequestBytesMax = 8 * 1024 * 1024;
+
+function parseDataPathThreads(value: string | undefined): number {
+  if (value === undefined || value === '') return 4;
+  const threads = Number(value);
+  if (!Number.isInteger(threads) || threads < 1 || threads > 64) {
+    throw new Error(`DRBDTS_NBD_DATA_PATH_THREADS must be a whole number from 1 to 64, got "${value}"`);
+  }
+  return threads;
+}
 
 export class NbdConnection {
   readonly id = nextConnectionId++;
@@ -112,6 +133,14 @@ export class NbdConnection {
   private slab: Buffer = emptyBuffer;
   private slabUsedBytes = 0;
   private readIntoPayload = false;
+  /** The socket was re-created for direct reads: pause() then stops libuv's reads at once. */
+  private directReads = false;
+
+  // The native data path: created at the first arm, counted as one request in flight while armed.
+  private dataPathPossible = false;
+  private dataPath: NbdDataPath | null = null;
+  private dataPathArmed = false;
+  private dataPathServed = 0;
 
   /**
    * `socket` is the connection; or, for a plain socket accepted with pauseOnConnect, pass `direct: true` and
@@ -122,6 +151,7 @@ export class NbdConnection {
     this.logger = logger.child({ connection: this.id });
     if (options.direct === true && socket instanceof net.Socket && takeOverPossible(socket)) {
       socket = this.takeOverSocket(socket);
+      this.directReads = true;
     }
     this.socket = socket;
     this.attach(socket);
@@ -234,7 +264,13 @@ export class NbdConnection {
 
   destroy(): void {
     this.readingStopped = true;
+    if (this.dataPathArmed) this.dataPath!.abort();
     this.socket.destroy();
+  }
+
+  /** Requests the native data path served on this connection. */
+  get dataPathRequests(): number {
+    return this.dataPath !== null ? this.dataPath.requests : this.dataPathServed;
   }
 
   /** Called by the host when the server-wide budget has room again. */
@@ -313,6 +349,7 @@ export class NbdConnection {
     this.head = 0;
     this.queuedBytes = 0;
     if (this.pausedForBudget) this.pausedForBudget = false;
+    if (this.dataPath !== null && !this.dataPathArmed) this.destroyDataPath();
     this.host.connectionClosed(this);
     this.checkSettled();
   }
@@ -432,8 +469,99 @@ export class NbdConnection {
     this.readOnly = (negotiated.transmissionFlags & P.NBD_FLAG_READ_ONLY) !== 0;
     this.structured = negotiated.structuredReplies;
     this.phase = 'transmission';
+    this.dataPathPossible = this.host.dataPathEnabled && this.directReads && !this.tlsActive &&
+      this.device.directAccess?.() != null && socketFd(this.socket) >= 0;
+    this.pump();
+    this.considerDataPath();
+  }
+
+  // ---------------------------------------------------------------- transmission: the native data path
+
+  /**
+   * Hands the connection to the native data path when it is idle: nothing queued or in flight, between
+   * requests, no reply waiting to leave, reading not stopped. libuv's reads stop first (pause() of a socket
+   * with direct reads stops them at once), so only the path reads the socket until it hands the connection back.
+   */
+  private considerDataPath(): void {
+    if (!this.dataPathPossible || this.dataPathArmed) return;
+    if (this.phase !== 'transmission' || this.readingStopped || this.closing || this.pausedForBudget) return;
+    if (this.receiveState !== ReceiveState.Header || this.queuedBytes !== 0 || this.inFlightRequests !== 0) return;
+    const socket = this.socket as net.Socket;
+    if (this.corked || socket.destroyed || socket.writableLength !== 0) return;
+    if (this.dataPath === null) {
+      const access = this.device.directAccess?.() ?? null;
+      const fd = socketFd(socket);
+      if (access === null || fd < 0) {
+        this.dataPathPossible = false;
+        return;
+      }
+      const flagsOffered = this.negotiated!.transmissionFlags;
+      try {
+        this.dataPath = new NbdDataPath({
+          socketFd: fd,
+          fileFd: access.fd,
+          sizeBytes: this.exportSizeBytes,
+          readOnly: this.readOnly,
+          structured: this.structured,
+          fuaAllowed: (flagsOffered & P.NBD_FLAG_SEND_FUA) !== 0,
+          flushAllowed: (flagsOffered & P.NBD_FLAG_SEND_FLUSH) !== 0,
+          requestBytesMax: Math.min(dataPathRequestBytesMax, this.host.limits.payloadMaxBytes),
+          bufferBytesCap: this.host.limits.serverInFlightBytesMax,
+          threads: dataPathThreads,
+        }, (result) => this.onDataPathStop(result));
+      } catch (error) {
+        this.logger.warn({ err: error }, 'native data path unavailable; serving in JavaScript');
+        this.dataPathPossible = false;
+        return;
+      }
+    }
+    socket.pause();
+    if (!this.dataPath.arm()) {
+      this.dataPathPossible = false;
+      socket.resume();
+      return;
+    }
+    this.dataPathArmed = true;
+    this.beginAccounting(0);
+  }
+
+  private onDataPathStop(result: DataPathResult): void {
+    if (!this.dataPathArmed) return; // a late result after destroyDataPath
+    this.dataPathArmed = false;
+    this.dataPathServed = result.requests;
+    if (result.leftover !== undefined) {
+      this.chunks.push(result.leftover);
+      this.queuedBytes += result.leftover.length;
+    }
+    switch (result.reason) {
+      case DataPathStop.Handback:
+        // The JavaScript parser takes the handed-back request (and whatever follows) from here.
+        if (!this.readingStopped && !this.pausedForBudget) this.socket.resume();
+        break;
+      case DataPathStop.Stopped:
+        break;
+      case DataPathStop.End:
+        this.logger.debug('client closed its side');
+        this.stopReadingThenEnd();
+        break;
+      default:
+        this.logger.debug({ reason: DataPathStop[result.reason], errno: result.errno }, 'native data path: connection broken');
+        this.destroy();
+    }
+    if (this.phase === 'closed') this.destroyDataPath();
+    this.endRequest(0);
     this.pump();
   }
+
+  private destroyDataPath(): void {
+    const path = this.dataPath;
+    if (path === null) return;
+    this.dataPath = null;
+    this.dataPathPossible = false;
+    this.dataPathServed = path.requests;
+    path.destroy();
+  }
+
 
   private overBudget(): boolean {
     const limits = this.host.limits;
@@ -445,6 +573,7 @@ export class NbdConnection {
 
   /** Parses and starts every complete request in the queue, until the budget or the queue runs out. */
   private pump(): void {
+    if (this.dataPathArmed) return;
     for (;;) {
       if (this.phase !== 'transmission') return;
       if (this.receiveState === ReceiveState.Header) {
@@ -859,12 +988,14 @@ export class NbdConnection {
     if (this.inFlightRequests === 0) {
       if (this.closing) this.endSocketWhenDrained();
       this.checkSettled();
+      this.considerDataPath();
     }
   }
 
   private stopReadingThenEnd(): void {
     this.readingStopped = true;
     this.closing = true;
+    if (this.dataPathArmed) this.dataPath!.stop();
     if (this.receiveState === ReceiveState.Header) this.socket.pause();
     if (this.inFlightRequests === 0) this.endSocketWhenDrained();
   }
@@ -896,4 +1027,9 @@ export class NbdConnection {
     this.settledWaiters = [];
     for (const resolve of waiters) resolve();
   }
+}
+
+function socketFd(socket: Duplex): number {
+  const fd = (socket as unknown as { _handle?: { fd?: number } | null })._handle?.fd;
+  return typeof fd === 'number' ? fd : -1;
 }
