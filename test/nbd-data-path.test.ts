@@ -3,8 +3,9 @@
 // answers exactly as the protocol requires, however requests of both kinds interleave on one connection.
 // How: one seeded stream of pipelined requests (reads, writes with and without FUA, flushes, trims, zeroes,
 // block status, cache, and invalid requests of every kind, including payloads too large for the native path)
-// runs against an in-process NbdServer over a real file three ways (native with structured replies, native with
-// simple replies, and all-JavaScript), and every reply is checked against an in-memory model of the disk: its
+// runs against an in-process NbdServer over a real file four ways (native with structured replies, native with
+// simple replies, native copying through buffers instead of splicing through pipes, and all-JavaScript), and
+// every reply is checked against an in-memory model of the disk: its
 // error code, and for a READ every byte. At the end the file itself must equal the model. Then the edges:
 // a client that dies in the middle of a WRITE payload (nothing of it may land), DISC, closing the server under
 // an idle native connection, a client that stops reading its replies, and a full filesystem (ENOSPC, after
@@ -46,10 +47,10 @@ interface ServedDisk {
   close(): Promise<void>;
 }
 
-async function serveFile(name: string, dataPath: 'native' | 'javascript'): Promise<ServedDisk> {
+async function serveFile(name: string, dataPath: 'native' | 'javascript', dataPathSplice = true): Promise<ServedDisk> {
   const file = path.join(dir, `${name}.img`);
   const disk = await LocalDisk.open(file, { createSizeBytes: sizeBytes });
-  const served = await startServer(dir, disk, { dataPath }, `${name}.sock`);
+  const served = await startServer(dir, disk, { dataPath, dataPathSplice }, `${name}.sock`);
   return {
     served, disk, file,
     async close() {
@@ -192,8 +193,9 @@ async function runStream(target: ServedDisk, structured: boolean, batches: numbe
       cookie += 1n;
     }
     client.write(Buffer.concat(frames));
-    // Reads see the model before this batch's changes: nothing they overlap changes within the batch.
-    const before = Buffer.from(model);
+    // Reads see the model before this batch's changes (nothing they overlap changes within the batch), so the
+    // changes are applied once every reply is in.
+    const succeeded: Planned[] = [];
     for (let index = 0; index < planned.length; index += 1) {
       const reply = await readAnyReply(client, pending);
       const request = pending.get(reply.cookie)!;
@@ -202,10 +204,12 @@ async function runStream(target: ServedDisk, structured: boolean, batches: numbe
       expect(reply.error, what).toBe(request.expectedError);
       if (request.type === NBD.CMD_READ && request.expectedError === 0) {
         expect(reply.data.length, what).toBe(request.lengthBytes);
-        expect(reply.data.equals(before.subarray(request.offset, request.offset + request.lengthBytes)), `${what}: data`).toBe(true);
+        expect(reply.data.equals(model.subarray(request.offset, request.offset + request.lengthBytes)), `${what}: data`).toBe(true);
       }
       if (request.type === NBD.CMD_BLOCK_STATUS) expect(reply.chunkType, what).toBe(5);
-      if (request.expectedError !== 0) continue;
+      if (request.expectedError === 0) succeeded.push(request);
+    }
+    for (const request of succeeded) {
       if (request.type === NBD.CMD_WRITE) request.payload!.copy(model, request.offset);
       if (request.type === NBD.CMD_TRIM || request.type === NBD.CMD_WRITE_ZEROES) model.fill(0, request.offset, request.offset + request.lengthBytes);
     }
@@ -218,13 +222,14 @@ async function runStream(target: ServedDisk, structured: boolean, batches: numbe
 }
 
 describe('native data path, one seeded stream against a model', () => {
-  for (const [name, dataPath, structured] of [
-    ['native-structured', 'native', true],
-    ['native-simple', 'native', false],
-    ['javascript-structured', 'javascript', true],
+  for (const [name, dataPath, structured, splice] of [
+    ['native-structured', 'native', true, true],
+    ['native-simple', 'native', false, true],
+    ['native-copying', 'native', true, false],
+    ['javascript-structured', 'javascript', true, true],
   ] as const) {
     it(`${name}: every reply and the final file match the model`, async () => {
-      const target = await serveFile(name, dataPath);
+      const target = await serveFile(name, dataPath, splice);
       try {
         const { requests, model } = await runStream(target, structured, 120);
         const native = target.served.server.dataPathRequests;
@@ -233,6 +238,10 @@ describe('native data path, one seeded stream against a model', () => {
           // path serves a good share; the rest (and whatever follows a handback in a batch) is JavaScript's.
           expect(native).toBeGreaterThan(requests * 0.15);
           expect(native).toBeLessThan(requests);
+          // Spliced: every READ and WRITE the path served (all fit a pipe here); else none.
+          const spliced = target.served.server.dataPathSplicedRequests;
+          if (splice) expect(spliced).toBeGreaterThan(native * 0.5);
+          else expect(spliced).toBe(0);
         } else {
           expect(native).toBe(0);
         }

@@ -110,19 +110,46 @@ struct Request {
   uint16_t type;
   uint64_t offset;
   uint32_t lengthBytes;
+  /** The payload (WRITE) or the data read (READ) sits in the worker's pipe, not in its buffer. */
+  bool inPipe;
 };
 
 // One worker's payload buffer, grown on demand and kept for the connection's life.
+// and its pipe for zero-copy transfers (splice): socket -> pipe -> file for a WRITE, file -> pipe -> socket for
+// a READ, so the server itself copies a WRITE payload once (into the page cache) and a READ not at all, where
+// recv + pwrite and pread + send copy everything twice. A pipe holds page references, counted in slots.
 struct WorkerBuffer {
   uint8_t* data = nullptr;
   size_t capacity = 0;
+  int pipeRead = -1;
+  int pipeWrite = -1;
+  size_t pipeSlots = 0;
+  bool pipeTried = false;
   ~WorkerBuffer() {
     if (data != nullptr) {
       free(data);
       gBufferBytes.fetch_sub(static_cast<int64_t>(capacity));
     }
+    ClosePipe();
+  }
+  void ClosePipe() {
+    if (pipeRead >= 0) close(pipeRead);
+    if (pipeWrite >= 0) close(pipeWrite);
+    pipeRead = pipeWrite = -1;
+    pipeSlots = 0;
   }
 };
+
+constexpr size_t kPageBytes = 4096;
+/** Pipes of this many bytes are asked for (the kernel may cap it: /proc/sys/fs/pipe-max-size, 1 MiB by default). */
+constexpr int kPipeBytesWanted = 2 * 1024 * 1024;
+/** Below this a pipe is not worth the extra system calls; the worker then uses its buffer only. */
+constexpr size_t kPipeSlotsMin = 64;
+
+// Page slots a byte range can take in a pipe at most (page-cache folios of at least a page).
+size_t SlotsFor(uint64_t offset, uint32_t lengthBytes) {
+  return (offset % kPageBytes + lengthBytes + kPageBytes - 1) / kPageBytes;
+}
 
 struct Finished {
   int reason;
@@ -137,7 +164,8 @@ class DataPath {
            int threads)
       : socketFd_(socketFd), fileFd_(fileFd), sizeBytes_(sizeBytes), readOnly_((options & 1) != 0),
         structured_((options & 2) != 0), fuaAllowed_((options & 4) != 0), flushAllowed_((options & 8) != 0),
-        requestBytesMax_(requestBytesMax), bufferBytesCap_(bufferBytesCap), threadCount_(threads) {
+        spliceAllowed_((options & 16) != 0), requestBytesMax_(requestBytesMax), bufferBytesCap_(bufferBytesCap),
+        threadCount_(threads) {
     stopFd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     abortFd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   }
@@ -200,6 +228,7 @@ class DataPath {
   }
 
   uint64_t Requests() const { return requests_.load(); }
+  uint64_t Spliced() const { return spliced_.load(); }
 
  private:
   static void Wake(int fd) {
@@ -260,6 +289,7 @@ class DataPath {
       }
       uint32_t error = Execute(request, buffer);
       requests_.fetch_add(1);
+      if (request.inPipe) spliced_.fetch_add(1);
       std::lock_guard<std::mutex> lock(writeMutex_);
       int err = SendReply(request, error, buffer);
       if (err != 0) {
@@ -301,6 +331,89 @@ class DataPath {
       *err = errno;
       return kSocketError;
     }
+    return 0;
+  }
+
+  // The worker's pipe, made on first use; false when splicing is off or no useful pipe could be had.
+  bool PipeReady(WorkerBuffer& buffer) {
+    if (buffer.pipeRead >= 0) return true;
+    if (!spliceAllowed_ || buffer.pipeTried) return false;
+    buffer.pipeTried = true;
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) return false;
+    buffer.pipeRead = fds[0];
+    buffer.pipeWrite = fds[1];
+    int bytes = -1;
+    for (int wanted = kPipeBytesWanted; wanted >= 256 * 1024 && bytes < 0; wanted /= 2) bytes = fcntl(fds[1], F_SETPIPE_SZ, wanted);
+    if (bytes < 0) bytes = fcntl(fds[1], F_GETPIPE_SZ);
+    buffer.pipeSlots = bytes > 0 ? static_cast<size_t>(bytes) / kPageBytes : 0;
+    if (buffer.pipeSlots < kPipeSlotsMin) {
+      buffer.ClosePipe();
+      return false;
+    }
+    return true;
+  }
+
+  // Empties the pipe into the buffer from `into` on (the bytes are kept) or, with into == nullptr, discards them.
+  // The pipe is closed if that fails, so a later request never sees stale bytes in it.
+  static bool DrainPipe(WorkerBuffer& buffer, uint8_t* into, size_t room) {
+    uint8_t* scratch = buffer.data;
+    for (;;) {
+      ssize_t n = into != nullptr ? read(buffer.pipeRead, into, room) : read(buffer.pipeRead, scratch, buffer.capacity);
+      if (n > 0) {
+        if (into != nullptr) {
+          into += n;
+          room -= static_cast<size_t>(n);
+          if (room == 0) return true;
+        }
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && into == nullptr) return true;
+      buffer.ClosePipe();
+      return false;
+    }
+  }
+
+  // Moves a WRITE payload from the socket into the pipe, whole, before anything is written: a client that dies
+  // halfway leaves nothing on disk. Returns 0 with request.inPipe set, 0 with the payload in the buffer instead
+  // (the pipe filled up before the payload ended: small socket fragments), or a reason to end the round.
+  int ReceiveIntoPipe(Request& request, WorkerBuffer& buffer, int* err) {
+    size_t got = 0;
+    size_t length = request.lengthBytes;
+    while (got < length) {
+      ssize_t n = splice(socketFd_, nullptr, buffer.pipeWrite, nullptr, length - got, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+      if (n > 0) {
+        got += static_cast<size_t>(n);
+        continue;
+      }
+      if (n == 0) {
+        DrainPipe(buffer, nullptr, 0);
+        return kTorn;
+      }
+      if (errno == EINTR) continue;
+      bool full = false;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        struct pollfd ready = {socketFd_, POLLIN, 0};
+        full = poll(&ready, 1, 0) == 1;  // data waiting, yet nothing moved: the pipe has no free slot
+        if (!full) {
+          if (!WaitSocket(POLLIN, false)) {
+            DrainPipe(buffer, nullptr, 0);
+            return kAborted;
+          }
+          continue;
+        }
+      }
+      // A full pipe, or a socket splice does not serve: what arrived so far moves to the buffer, recv does the rest.
+      if (got > 0 && !DrainPipe(buffer, buffer.data, got)) {
+        *err = EIO;
+        return kSocketError;
+      }
+      if (!full) buffer.ClosePipe();  // splice itself failed: do not try again on this worker
+      request.inPipe = false;
+      return Receive(buffer.data + got, length - got, err);
+    }
+    request.inPipe = true;
     return 0;
   }
 
@@ -362,9 +475,12 @@ class DataPath {
       EndRound(kHandback, 0, header, kRequestHeaderBytes);
       return false;
     }
+    request.inPipe = false;
     if (request.type == kCmdWrite) {
       int err = 0;
-      int reason = Receive(buffer.data, request.lengthBytes, &err);
+      int reason = PipeReady(buffer) && SlotsFor(0, request.lengthBytes) <= buffer.pipeSlots
+                       ? ReceiveIntoPipe(request, buffer, &err)
+                       : Receive(buffer.data, request.lengthBytes, &err);
       if (reason != 0) {
         EndRound(reason, err, nullptr, 0);
         return false;
@@ -401,10 +517,16 @@ class DataPath {
   }
 
   // The system calls; the NBD error to answer with (0 for success).
-  uint32_t Execute(const Request& request, WorkerBuffer& buffer) {
+  uint32_t Execute(Request& request, WorkerBuffer& buffer) {
     if (request.type == kCmdFlush) {
       int err = Fdatasync(fileFd_);
       return err == 0 ? 0 : NbdError(err);
+    }
+    if (request.type == kCmdWrite && request.inPipe) return WriteFromPipe(request, buffer);
+    if (request.type == kCmdRead && PipeReady(buffer) && SlotsFor(request.offset, request.lengthBytes) <= buffer.pipeSlots) {
+      uint32_t error = 0;
+      if (ReadIntoPipe(request, buffer, &error)) return error;
+      // Not all of it came into the pipe (a slot count off, a file splice does not serve): read it plainly.
     }
     size_t done = 0;
     while (done < request.lengthBytes) {
@@ -425,6 +547,53 @@ class DataPath {
       if (err != 0) return NbdError(err);
     }
     return 0;
+  }
+
+  uint32_t WriteFromPipe(const Request& request, WorkerBuffer& buffer) {
+    loff_t at = static_cast<loff_t>(request.offset);
+    size_t left = request.lengthBytes;
+    uint32_t error = 0;
+    while (left > 0) {
+      ssize_t n = splice(buffer.pipeRead, nullptr, fileFd_, &at, left, SPLICE_F_MOVE);
+      if (n > 0) {
+        left -= static_cast<size_t>(n);
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      error = NbdError(n == 0 ? EIO : errno);
+      DrainPipe(buffer, nullptr, 0);  // what the file did not take must not stay for the next request
+      return error;
+    }
+    if ((request.flags & kCmdFlagFua) != 0) {
+      int err = Fdatasync(fileFd_);
+      if (err != 0) return NbdError(err);
+    }
+    return 0;
+  }
+
+  // Splices the whole READ range into the pipe (page references, no copy) before the reply: an error reading the
+  // file still becomes an error reply. True when done (*error set for a failed read); false to fall back to pread
+  // with the pipe empty.
+  bool ReadIntoPipe(Request& request, WorkerBuffer& buffer, uint32_t* error) {
+    loff_t at = static_cast<loff_t>(request.offset);
+    size_t got = 0;
+    while (got < request.lengthBytes) {
+      ssize_t n = splice(fileFd_, &at, buffer.pipeWrite, nullptr, request.lengthBytes - got, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+      if (n > 0) {
+        got += static_cast<size_t>(n);
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      DrainPipe(buffer, nullptr, 0);
+      if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINVAL) {
+        *error = NbdError(errno);
+        return true;
+      }
+      if (n < 0 && errno == EINVAL) buffer.ClosePipe();  // this file cannot be spliced from
+      return false;
+    }
+    request.inPipe = true;
+    return true;
   }
 
   // Sends the reply under the write lock. 0, or the errno that broke the socket (ECANCELED when aborted).
@@ -454,14 +623,15 @@ class DataPath {
       memcpy(header + 8, request.header + 8, 8);
       headerBytes = 16;
     }
-    struct iovec iov[2] = {{header, headerBytes}, {buffer.data, withData ? request.lengthBytes : 0}};
-    int count = withData ? 2 : 1;
+    bool fromPipe = withData && request.inPipe;
+    struct iovec iov[2] = {{header, headerBytes}, {buffer.data, withData && !fromPipe ? request.lengthBytes : 0}};
+    int count = withData && !fromPipe ? 2 : 1;
     struct iovec* next = iov;
     while (count > 0) {
       struct msghdr message = {};
       message.msg_iov = next;
       message.msg_iovlen = static_cast<size_t>(count);
-      ssize_t n = sendmsg(socketFd_, &message, MSG_NOSIGNAL);
+      ssize_t n = sendmsg(socketFd_, &message, MSG_NOSIGNAL | (fromPipe ? MSG_MORE : 0));
       if (n < 0) {
         if (errno == EINTR) continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK) {
@@ -481,6 +651,23 @@ class DataPath {
         next->iov_len -= sent;
       }
     }
+    if (!fromPipe) return 0;
+    size_t left = request.lengthBytes;
+    while (left > 0) {
+      ssize_t n = splice(buffer.pipeRead, nullptr, socketFd_, nullptr, left, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+      if (n > 0) {
+        left -= static_cast<size_t>(n);
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        if (!WaitSocket(POLLOUT, false)) return ECANCELED;
+        continue;
+      }
+      int err = n == 0 ? EIO : errno;
+      buffer.ClosePipe();
+      return err;
+    }
     return 0;
   }
 
@@ -491,6 +678,7 @@ class DataPath {
   const bool structured_;
   const bool fuaAllowed_;
   const bool flushAllowed_;
+  const bool spliceAllowed_;
   const uint32_t requestBytesMax_;
   const int64_t bufferBytesCap_;
   const int threadCount_;
@@ -513,6 +701,7 @@ class DataPath {
   std::atomic<bool> ending_{false};
   std::atomic<bool> aborted_{false};
   std::atomic<uint64_t> requests_{0};
+  std::atomic<uint64_t> spliced_{0};
 };
 
 void DeliverFinished(Napi::Env env, Napi::Function callback, Finished* finished);
@@ -527,6 +716,7 @@ class NbdDataPath : public Napi::ObjectWrap<NbdDataPath> {
                         InstanceMethod("abort", &NbdDataPath::AbortMethod),
                         InstanceMethod("destroy", &NbdDataPath::DestroyMethod),
                         InstanceMethod("requests", &NbdDataPath::RequestsMethod),
+                        InstanceMethod("splicedRequests", &NbdDataPath::SplicedMethod),
                         InstanceMethod("unref", &NbdDataPath::UnrefMethod)});
   }
 
@@ -603,6 +793,10 @@ class NbdDataPath : public Napi::ObjectWrap<NbdDataPath> {
 
   Napi::Value RequestsMethod(const Napi::CallbackInfo& info) {
     return Napi::Number::New(info.Env(), path_ == nullptr ? 0 : static_cast<double>(path_->Requests()));
+  }
+
+  Napi::Value SplicedMethod(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), path_ == nullptr ? 0 : static_cast<double>(path_->Spliced()));
   }
 
   // Called by JavaScript once a round's result arrived: an idle path must not keep the process alive.

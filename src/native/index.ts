@@ -59,6 +59,7 @@ interface NativeDataPath {
   abort(): void;
   destroy(): void;
   requests(): number;
+  splicedRequests(): number;
   unref(): void;
 }
 
@@ -642,6 +643,11 @@ export interface DataPathOptions {
   bufferBytesCap: number;
   /** Worker threads on this connection (each holds one request at a time). */
   threads: number;
+  /**
+   * Move payloads with splice through a pipe per worker (a WRITE copied once, into the page cache; a READ not at
+   * all) instead of recv + pwrite and pread + send.
+   */
+  splice: boolean;
 }
 
 export interface DataPathResult {
@@ -675,7 +681,7 @@ export class NbdDataPath {
       throw new RangeError(`NbdDataPath: threads must be 1-64, got ${options.threads}`);
     }
     const flags = (options.readOnly ? 1 : 0) | (options.structured ? 2 : 0) | (options.fuaAllowed ? 4 : 0) |
-      (options.flushAllowed ? 8 : 0);
+      (options.flushAllowed ? 8 : 0) | (options.splice ? 16 : 0);
     this.native = new addon.NbdDataPath(
       options.socketFd, options.fileFd, options.sizeBytes, flags, options.requestBytesMax, options.bufferBytesCap,
       options.threads,
@@ -708,6 +714,11 @@ export class NbdDataPath {
 
   get requests(): number {
     return this.native.requests();
+  }
+
+  /** Of those, the ones whose payload or data went through the pipe (splice) rather than the buffer. */
+  get splicedRequests(): number {
+    return this.native.splicedRequests();
   }
 }
 

@@ -32,6 +32,11 @@ export interface NbdServerOptions {
    * (native/src/nbd_data_path.cc); 'javascript' keeps every request on the event loop.
    */
   dataPath?: 'native' | 'javascript';
+  /**
+   * The native data path moves payloads with splice through a pipe per worker (default true, or
+   * DRBDTS_NBD_SPLICE=0 for false): a WRITE is copied once, into the page cache, a READ not at all.
+   */
+  dataPathSplice?: boolean;
 }
 
 /** How long close() lets connections finish their in-flight requests before cutting them. */
@@ -51,6 +56,7 @@ export class NbdServer {
   private readonly waitingForBudget = new Set<NbdConnection>();
   private serverInFlightBytes = 0;
   private closedConnectionsDataPathRequests = 0;
+  private closedConnectionsDataPathSpliced = 0;
   private closed = false;
   private readonly host: ConnectionHost;
 
@@ -72,6 +78,7 @@ export class NbdServer {
     this.host = {
       limits: this.limits,
       pool: this.pool,
+      dataPathSplice: options.dataPathSplice ?? process.env.DRBDTS_NBD_SPLICE !== '0',
       dataPathEnabled: (options.dataPath ?? (process.env.DRBDTS_NBD_DATA_PATH === 'js' ? 'javascript' : 'native')) === 'native',
       secureContext: this.secureContext,
       exportSettings: (): ExportSettings => ({
@@ -89,9 +96,11 @@ export class NbdServer {
       connectionClosed: (connection: NbdConnection): void => {
         server.connections.delete(connection);
         server.closedConnectionsDataPathRequests += connection.dataPathRequests;
+        server.closedConnectionsDataPathSpliced += connection.dataPathSplicedRequests;
         server.waitingForBudget.delete(connection);
         server.logger.info({
           connection: connection.id, connections: server.connections.size, nativeRequests: connection.dataPathRequests,
+          splicedRequests: connection.dataPathSplicedRequests,
         }, 'client disconnected');
       },
     };
@@ -105,6 +114,13 @@ export class NbdServer {
   get dataPathRequests(): number {
     let requests = this.closedConnectionsDataPathRequests;
     for (const connection of this.connections) requests += connection.dataPathRequests;
+    return requests;
+  }
+
+  /** Of those, the ones whose payload was spliced through a pipe. */
+  get dataPathSplicedRequests(): number {
+    let requests = this.closedConnectionsDataPathSpliced;
+    for (const connection of this.connections) requests += connection.dataPathSplicedRequests;
     return requests;
   }
 

@@ -23,6 +23,8 @@ export interface ConnectionHost {
   readonly pool: BufferPool;
   /** READ, WRITE and FLUSH may run on the native data path for devices that offer directAccess(). */
   readonly dataPathEnabled: boolean;
+  /** The native data path splices payloads through pipes (else it copies them through buffers). */
+  readonly dataPathSplice: boolean;
   readonly secureContext: tls.SecureContext | undefined;
   exportSettings(): ExportSettings;
   /** Adds to (or, negative, takes from) the server-wide in-flight bytes. */
@@ -141,6 +143,7 @@ export class NbdConnection {
   private dataPath: NbdDataPath | null = null;
   private dataPathArmed = false;
   private dataPathServed = 0;
+  private dataPathSpliced = 0;
 
   /**
    * `socket` is the connection; or, for a plain socket accepted with pauseOnConnect, pass `direct: true` and
@@ -271,6 +274,11 @@ export class NbdConnection {
   /** Requests the native data path served on this connection. */
   get dataPathRequests(): number {
     return this.dataPath !== null ? this.dataPath.requests : this.dataPathServed;
+  }
+
+  /** Of those, the ones whose payload was spliced (zero-copy) rather than copied through a buffer. */
+  get dataPathSplicedRequests(): number {
+    return this.dataPath !== null ? this.dataPath.splicedRequests : this.dataPathSpliced;
   }
 
   /** Called by the host when the server-wide budget has room again. */
@@ -508,6 +516,7 @@ export class NbdConnection {
           requestBytesMax: Math.min(dataPathRequestBytesMax, this.host.limits.payloadMaxBytes),
           bufferBytesCap: this.host.limits.serverInFlightBytesMax,
           threads: dataPathThreads,
+          splice: this.host.dataPathSplice,
         }, (result) => this.onDataPathStop(result));
       } catch (error) {
         this.logger.warn({ err: error }, 'native data path unavailable; serving in JavaScript');
@@ -559,6 +568,7 @@ export class NbdConnection {
     this.dataPath = null;
     this.dataPathPossible = false;
     this.dataPathServed = path.requests;
+    this.dataPathSpliced = path.splicedRequests;
     path.destroy();
   }
 
