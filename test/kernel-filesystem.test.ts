@@ -88,7 +88,7 @@ describe.skipIf(!kernelClientAvailable)(`ext3 on the kernel NBD client (skipped 
     const image = path.join(dir, 'disk.img');
     const serve: ChildProcess = spawn(process.execPath, [cli, 'serve', image, '--size', '128MiB', '--listen',
       `unix:${dir}/serve.sock`, '--device', device!], { stdio: ['ignore', 'ignore', 'pipe'],
-      env: { ...process.env, DRBDTS_LOG_LEVEL: 'warn' } });
+      env: { ...process.env, DRBDTS_LOG_LEVEL: 'info' } });
     let stderr = '';
     serve.stderr!.on('data', (chunk) => (stderr += chunk));
     cleanups.push(async () => { if (serve.exitCode === null) serve.kill('SIGKILL'); });
@@ -113,6 +113,10 @@ describe.skipIf(!kernelClientAvailable)(`ext3 on the kernel NBD client (skipped 
     const code = await new Promise<number | null>((resolve) => serve.once('exit', (exitCode) => resolve(exitCode)));
     expect(code, stderr).toBe(0);
     expect(attached(device!)).toBe(false);
+    // The kernel's requests ran on the native data path (its READ/WRITE/FLUSH), as they do for any client.
+    const nativeRequests = stderr.split('\n').filter((line) => line.includes('"client disconnected"'))
+      .reduce((sum, line) => sum + Number((JSON.parse(line) as { nativeRequests?: number }).nativeRequests ?? 0), 0);
+    expect(nativeRequests, stderr.slice(-2000)).toBeGreaterThan(100);
     // The backing file is the filesystem: clean, and its big file reads back from the image itself.
     await mustRun('e2fsck', ['-fn', image]);
     const extracted = path.join(dir, 'big.out');

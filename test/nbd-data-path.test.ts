@@ -15,7 +15,10 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import * as net from 'node:net';
 import { LocalDisk } from '../src/blockdev/local.js';
+import { NbdServer } from '../src/nbd/server.js';
+import { socketPair } from '../src/native/index.js';
 import { makeTempDir, NBD, RawNbdClient, startServer, type InProcessServer } from './helpers/nbd.js';
 import { mulberry32 } from './helpers/prng.js';
 
@@ -338,6 +341,48 @@ describe('native data path, edges', () => {
     await other.close();
     await client.closed;
     expect(Date.now() - started).toBeLessThan(5000);
+  });
+});
+
+describe('native data path on a socket adopted past the handshake (the kernel client\'s socketpair)', () => {
+  it('serves READ/WRITE/FLUSH natively with simple replies, and the rest in JavaScript', async () => {
+    const file = path.join(dir, 'adopted.img');
+    const disk = await LocalDisk.open(file, { createSizeBytes: sizeBytes });
+    const server = new NbdServer({ device: disk });
+    const [clientEnd, serverEnd] = socketPair();
+    // As src/nbd/kernel.ts makes it: not reading yet, so the connection can take it over for direct reads.
+    const serverSocket = new net.Socket({ fd: serverEnd, readable: true, writable: true, pauseOnCreate: true } as net.SocketConstructorOpts);
+    const transport = server.adoptTransmissionSocket(serverSocket);
+    expect(transport).not.toBe(serverSocket);
+    const client = RawNbdClient.over(new net.Socket({ fd: clientEnd, readable: true, writable: true }));
+    try {
+      const data = crypto.randomBytes(1024 * 1024);
+      client.write(Buffer.concat([
+        RawNbdClient.requestBytes(NBD.CMD_WRITE, 0, 1n, 4096n, data.length, data),
+        RawNbdClient.requestBytes(NBD.CMD_FLUSH, 0, 2n, 0n, 0),
+      ]));
+      const done = [await client.readReply(), await client.readReply()];
+      expect(done.map((reply) => reply.error)).toEqual([0, 0]);
+      client.request(NBD.CMD_READ, 0, 3n, 4096, data.length);
+      const back = await client.readReply(data.length);
+      expect(back.structured).toBe(false);
+      expect(back.data.equals(data)).toBe(true);
+      // A TRIM goes back to JavaScript, and the path takes over again afterwards.
+      client.request(NBD.CMD_TRIM, 0, 4n, 4096, 65536);
+      expect((await client.readReply()).error).toBe(0);
+      client.request(NBD.CMD_READ, 0, 5n, 4096, 65536);
+      expect((await client.readReply(65536)).data.equals(Buffer.alloc(65536))).toBe(true);
+      expect(server.dataPathRequests).toBe(4);
+    } finally {
+      // What kernel.ts does on detach: end the socket the server returned. The connection must then close at
+      // once (not at the server's 30 s grace), though the path, not libuv, read the client's EOF.
+      const closing = Date.now();
+      transport.end();
+      await client.closed;
+      await server.close();
+      expect(Date.now() - closing).toBeLessThan(5000);
+      await disk.close();
+    }
   });
 });
 

@@ -7,6 +7,7 @@
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
+import type { Duplex } from 'node:stream';
 import { promisify } from 'node:util';
 import type { Logger } from 'pino';
 import { closeFd, nbdConfigure, nbdDisconnect, nbdDoIt, socketPair } from '../native/index.js';
@@ -159,17 +160,18 @@ export async function attachKernelClient(options: KernelAttachOptions): Promise<
   }
 
   const kernelFds: number[] = [];
-  const serverSockets: net.Socket[] = [];
+  const serverSockets: Duplex[] = [];
   let doIt: Promise<void> | null = null;
   try {
     for (let i = 0; i < connections; i++) {
       const [kernelEnd, serverEnd] = socketPair();
       kernelFds.push(kernelEnd);
-      serverSockets.push(new net.Socket({ fd: serverEnd, readable: true, writable: true }));
+      // Not reading yet (pauseOnCreate), so the server can re-create it for direct reads and the native data path.
+      serverSockets.push(new net.Socket({ fd: serverEnd, readable: true, writable: true, pauseOnCreate: true } as net.SocketConstructorOpts));
     }
     nbdConfigure(nbdFd, { blockSizeBytes, sizeBytes, timeoutSeconds, flags, kernelSocketFds: kernelFds });
     // Serve before NBD_DO_IT: the kernel reads the partition table as soon as the device comes up.
-    for (const socket of serverSockets) server.adoptTransmissionSocket(socket);
+    for (let i = 0; i < serverSockets.length; i++) serverSockets[i] = server.adoptTransmissionSocket(serverSockets[i]!);
     doIt = nbdDoIt(nbdFd);
     await waitUntilConnected(devicePath, doIt);
   } catch (error) {

@@ -161,15 +161,20 @@ export class NbdServer {
     this.logger.info({ address: this.addresses[this.addresses.length - 1], export: this.exportName }, 'listening');
   }
 
-  /** Serves a socket that is already past the handshake (the kernel client): simple replies only. */
-  adoptTransmissionSocket(socket: net.Socket | Duplex): void {
+  /**
+   * Serves a socket that is already past the handshake (the kernel client): simple replies only. A net.Socket
+   * made with `pauseOnCreate` (not reading yet) is re-created for direct reads, which the native data path needs;
+   * the socket returned is the one the connection uses (end or destroy that one).
+   */
+  adoptTransmissionSocket(socket: net.Socket | Duplex): Duplex {
     if (this.closed) {
       socket.destroy();
-      return;
+      return socket;
     }
-    const connection = new NbdConnection(this.host, socket, this.logger);
+    const connection = new NbdConnection(this.host, socket, this.logger, { direct: socket instanceof net.Socket });
     this.connections.add(connection);
     connection.adoptTransmission(this.device, transmissionFlagsFor(this.device, this.readOnly, false));
+    return connection.transport;
   }
 
   /** Stops accepting, lets in-flight requests finish, flushes the device and closes every connection. */

@@ -143,6 +143,8 @@ export class NbdConnection {
   private dataPath: NbdDataPath | null = null;
   private dataPathArmed = false;
   private dataPathServed = 0;
+  /** The path saw the client's EOF: never arm again; libuv reads on to see it too. */
+  private dataPathSawEnd = false;
   private dataPathSpliced = 0;
 
   /**
@@ -271,6 +273,11 @@ export class NbdConnection {
     this.socket.destroy();
   }
 
+  /** The socket this connection reads and writes (a re-created one when it took over an accepted socket). */
+  get transport(): Duplex {
+    return this.socket;
+  }
+
   /** Requests the native data path served on this connection. */
   get dataPathRequests(): number {
     return this.dataPath !== null ? this.dataPath.requests : this.dataPathServed;
@@ -357,7 +364,10 @@ export class NbdConnection {
     this.head = 0;
     this.queuedBytes = 0;
     if (this.pausedForBudget) this.pausedForBudget = false;
-    if (this.dataPath !== null && !this.dataPathArmed) this.destroyDataPath();
+    // Closed under an armed path (the socket destroyed from outside): its workers still hold a duplicate of the
+    // socket, so they are told to stop now; destroyDataPath follows when their result arrives.
+    if (this.dataPathArmed) this.dataPath!.abort();
+    else if (this.dataPath !== null) this.destroyDataPath();
     this.host.connectionClosed(this);
     this.checkSettled();
   }
@@ -491,7 +501,7 @@ export class NbdConnection {
    * with direct reads stops them at once), so only the path reads the socket until it hands the connection back.
    */
   private considerDataPath(): void {
-    if (!this.dataPathPossible || this.dataPathArmed) return;
+    if (!this.dataPathPossible || this.dataPathArmed || this.dataPathSawEnd) return;
     if (this.phase !== 'transmission' || this.readingStopped || this.closing || this.pausedForBudget) return;
     if (this.receiveState !== ReceiveState.Header || this.queuedBytes !== 0 || this.inFlightRequests !== 0) return;
     const socket = this.socket as net.Socket;
@@ -550,8 +560,10 @@ export class NbdConnection {
       case DataPathStop.Stopped:
         break;
       case DataPathStop.End:
-        this.logger.debug('client closed its side');
-        this.stopReadingThenEnd();
+        // The client closed its side between requests. libuv reads again to see that EOF itself, so that the
+        // usual end path runs (finish, end our side, close once both sides are done).
+        this.dataPathSawEnd = true;
+        this.socket.resume();
         break;
       default:
         this.logger.debug({ reason: DataPathStop[result.reason], errno: result.errno }, 'native data path: connection broken');

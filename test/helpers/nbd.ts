@@ -178,6 +178,11 @@ export class RawNbdClient {
     }));
   }
 
+  /** A client over a socket already connected (a socketpair end, say), in whatever phase it is. */
+  static over(socket: net.Socket): RawNbdClient {
+    return new RawNbdClient(socket);
+  }
+
   static connect(socketPath: string): Promise<RawNbdClient> {
     return new Promise((resolve, reject) => {
       const socket = net.createConnection(socketPath, () => resolve(new RawNbdClient(socket)));
