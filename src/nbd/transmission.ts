@@ -122,6 +122,7 @@ export class NbdConnection {
   private inFlightBytes = 0;
   private corked = false;
   private closing = false;
+  private endingSocket = false;
   private settledWaiters: Array<() => void> = [];
 
   private readonly onDataBound = (chunk: Buffer): void => this.onData(chunk);
@@ -324,6 +325,7 @@ export class NbdConnection {
   }
 
   private onEnd(): void {
+    this.logger.trace({ receiveState: this.receiveState, inFlight: this.inFlightRequests }, 'client EOF');
     // The client closed its sending side: like DISC, finish what is in flight and then close.
     if (this.phase === 'handshake') {
       this.failWaiter(new Error('client closed the connection during the handshake'));
@@ -542,11 +544,13 @@ export class NbdConnection {
     }
     this.dataPathArmed = true;
     this.beginAccounting(0);
+    this.logger.trace('native data path armed');
   }
 
   private onDataPathStop(result: DataPathResult): void {
     if (!this.dataPathArmed) return; // a late result after destroyDataPath
     this.dataPathArmed = false;
+    this.logger.trace({ reason: DataPathStop[result.reason], leftoverBytes: result.leftover?.length ?? 0 }, 'native data path stopped');
     this.dataPathServed = result.requests;
     if (result.leftover !== undefined) {
       this.chunks.push(result.leftover);
@@ -1023,14 +1027,17 @@ export class NbdConnection {
   }
 
   private endSocketWhenDrained(): void {
-    if (this.phase === 'closed' || this.socket.writableEnded) return;
+    if (this.phase === 'closed' || this.endingSocket) return;
+    this.endingSocket = true;
     if (this.receiveState !== ReceiveState.Header) {
       // A WRITE payload is half received: it cannot finish, so the connection goes now.
       this.destroy();
       return;
     }
     if (this.corked) this.uncork();
-    this.socket.end();
+    // Our side may be ended already (kernel.ts ends the kernel's sockets itself on detach); the reads below and
+    // the timer still have to run, or nothing would ever see the client's EOF and close the socket.
+    if (!this.socket.writableEnded) this.socket.end();
     // Read on (discarding) so the client's EOF arrives and the half-open socket closes fully.
     this.socket.resume();
     // A client that never closes its side must not keep the connection open for ever.
