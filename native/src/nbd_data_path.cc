@@ -164,7 +164,7 @@ class DataPath {
            int threads)
       : socketFd_(socketFd), fileFd_(fileFd), sizeBytes_(sizeBytes), readOnly_((options & 1) != 0),
         structured_((options & 2) != 0), fuaAllowed_((options & 4) != 0), flushAllowed_((options & 8) != 0),
-        spliceAllowed_((options & 16) != 0), requestBytesMax_(requestBytesMax), bufferBytesCap_(bufferBytesCap),
+        spliceWrites_((options & 16) != 0), spliceReads_((options & 32) != 0), requestBytesMax_(requestBytesMax), bufferBytesCap_(bufferBytesCap),
         threadCount_(threads) {
     stopFd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     abortFd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -337,7 +337,7 @@ class DataPath {
   // The worker's pipe, made on first use; false when splicing is off or no useful pipe could be had.
   bool PipeReady(WorkerBuffer& buffer) {
     if (buffer.pipeRead >= 0) return true;
-    if (!spliceAllowed_ || buffer.pipeTried) return false;
+    if (!(spliceWrites_ || spliceReads_) || buffer.pipeTried) return false;
     buffer.pipeTried = true;
     int fds[2];
     if (pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) return false;
@@ -478,7 +478,7 @@ class DataPath {
     request.inPipe = false;
     if (request.type == kCmdWrite) {
       int err = 0;
-      int reason = PipeReady(buffer) && SlotsFor(0, request.lengthBytes) <= buffer.pipeSlots
+      int reason = spliceWrites_ && PipeReady(buffer) && SlotsFor(0, request.lengthBytes) <= buffer.pipeSlots
                        ? ReceiveIntoPipe(request, buffer, &err)
                        : Receive(buffer.data, request.lengthBytes, &err);
       if (reason != 0) {
@@ -523,7 +523,7 @@ class DataPath {
       return err == 0 ? 0 : NbdError(err);
     }
     if (request.type == kCmdWrite && request.inPipe) return WriteFromPipe(request, buffer);
-    if (request.type == kCmdRead && PipeReady(buffer) && SlotsFor(request.offset, request.lengthBytes) <= buffer.pipeSlots) {
+    if (request.type == kCmdRead && spliceReads_ && PipeReady(buffer) && SlotsFor(request.offset, request.lengthBytes) <= buffer.pipeSlots) {
       uint32_t error = 0;
       if (ReadIntoPipe(request, buffer, &error)) return error;
       // Not all of it came into the pipe (a slot count off, a file splice does not serve): read it plainly.
@@ -678,7 +678,8 @@ class DataPath {
   const bool structured_;
   const bool fuaAllowed_;
   const bool flushAllowed_;
-  const bool spliceAllowed_;
+  const bool spliceWrites_;
+  const bool spliceReads_;
   const uint32_t requestBytesMax_;
   const int64_t bufferBytesCap_;
   const int threadCount_;

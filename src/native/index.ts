@@ -643,11 +643,10 @@ export interface DataPathOptions {
   bufferBytesCap: number;
   /** Worker threads on this connection (each holds one request at a time). */
   threads: number;
-  /**
-   * Move payloads with splice through a pipe per worker (a WRITE copied once, into the page cache; a READ not at
-   * all) instead of recv + pwrite and pread + send.
-   */
-  splice: boolean;
+  /** Move WRITE payloads socket -> pipe -> file with splice (copied once, into the page cache), not recv + pwrite. */
+  spliceWrites: boolean;
+  /** Move READ data file -> pipe -> socket with splice (not copied by us at all), not pread + send. */
+  spliceReads: boolean;
 }
 
 export interface DataPathResult {
@@ -681,7 +680,7 @@ export class NbdDataPath {
       throw new RangeError(`NbdDataPath: threads must be 1-64, got ${options.threads}`);
     }
     const flags = (options.readOnly ? 1 : 0) | (options.structured ? 2 : 0) | (options.fuaAllowed ? 4 : 0) |
-      (options.flushAllowed ? 8 : 0) | (options.splice ? 16 : 0);
+      (options.flushAllowed ? 8 : 0) | (options.spliceWrites ? 16 : 0) | (options.spliceReads ? 32 : 0);
     this.native = new addon.NbdDataPath(
       options.socketFd, options.fileFd, options.sizeBytes, flags, options.requestBytesMax, options.bufferBytesCap,
       options.threads,
