@@ -67,32 +67,19 @@ async function serveFile(name: string, dataPath: 'native' | 'javascript', dataPa
 async function readAnyReply(
   client: RawNbdClient, pending: Map<bigint, Planned>,
 ): Promise<{ cookie: bigint; error: number; data: Buffer; chunkType: number }> {
-  const head = await client.read(4);
-  const magic = head.readUInt32BE(0);
-  if (magic === NBD.SIMPLE_REPLY_MAGIC) {
-    const rest = await client.read(12);
-    const error = rest.readUInt32BE(0);
-    const cookie = rest.readBigUInt64BE(4);
+  const reply = await client.readReply((cookie) => {
     const request = pending.get(cookie);
     if (request === undefined) throw new Error(`reply for unknown cookie ${cookie}`);
-    const data = request.type === NBD.CMD_READ && error === 0 ? await client.read(request.lengthBytes) : Buffer.alloc(0);
-    return { cookie, error, data, chunkType: -1 };
-  }
-  if (magic !== NBD.STRUCTURED_REPLY_MAGIC) throw new Error(`bad reply magic 0x${magic.toString(16)}`);
-  const rest = await client.read(16);
-  const chunkFlags = rest.readUInt16BE(0);
-  const chunkType = rest.readUInt16BE(2);
-  const cookie = rest.readBigUInt64BE(4);
-  const lengthBytes = rest.readUInt32BE(12);
-  expect(chunkFlags & 1, 'every chunk here is the last of its reply').toBe(1);
-  const data = lengthBytes === 0 ? Buffer.alloc(0) : await client.read(lengthBytes);
-  if ((chunkType & 0x8000) !== 0) return { cookie, error: data.readUInt32BE(0), data: Buffer.alloc(0), chunkType };
-  if (chunkType === 1) {
+    return request.type === NBD.CMD_READ ? request.lengthBytes : 0;
+  });
+  if (!reply.structured) return { cookie: reply.cookie, error: reply.error, data: reply.data, chunkType: -1 };
+  expect(reply.chunkFlags & 1, 'every chunk here is the last of its reply').toBe(1);
+  if (reply.chunkType === 1) {
     // OFFSET_DATA: the offset, then the data.
-    expect(Number(data.readBigUInt64BE(0))).toBe(pending.get(cookie)!.offset);
-    return { cookie, error: 0, data: data.subarray(8), chunkType };
+    expect(Number(reply.data.readBigUInt64BE(0))).toBe(pending.get(reply.cookie)!.offset);
+    return { cookie: reply.cookie, error: 0, data: reply.data.subarray(8), chunkType: 1 };
   }
-  return { cookie, error: 0, data, chunkType };
+  return { cookie: reply.cookie, error: reply.error, data: (reply.chunkType & 0x8000) !== 0 ? Buffer.alloc(0) : reply.data, chunkType: reply.chunkType };
 }
 
 /**

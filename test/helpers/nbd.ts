@@ -335,16 +335,19 @@ export class RawNbdClient {
   }
 
   /**
-   * Reads one reply. A simple reply to a READ carries `readLengthBytes` of data (pass it when a READ is
-   * expected to succeed); a structured chunk carries its own length.
+   * Reads one reply. A simple reply to a READ carries `readLengthBytes` of data (pass it, or a lookup by cookie,
+   * when a READ is expected to succeed); a structured chunk carries its own length.
    */
-  async readReply(readLengthBytes = 0): Promise<Reply> {
+  async readReply(readLengthBytes: number | ((cookie: bigint) => number) = 0): Promise<Reply> {
     const magic = (await this.read(4)).readUInt32BE(0);
     if (magic === NBD.SIMPLE_REPLY_MAGIC) {
       const rest = await this.read(12);
       const error = rest.readUInt32BE(0);
-      const data = error === 0 && readLengthBytes > 0 ? await this.read(readLengthBytes) : Buffer.alloc(0);
-      return { structured: false, error, cookie: rest.readBigUInt64BE(4), data, chunkType: 0, chunkFlags: 0 };
+      const cookie = rest.readBigUInt64BE(4);
+      // With replies out of order, the caller may look the length up by the cookie it answers.
+      const dataBytes = typeof readLengthBytes === 'function' ? readLengthBytes(cookie) : readLengthBytes;
+      const data = error === 0 && dataBytes > 0 ? await this.read(dataBytes) : Buffer.alloc(0);
+      return { structured: false, error, cookie, data, chunkType: 0, chunkFlags: 0 };
     }
     if (magic !== NBD.STRUCTURED_REPLY_MAGIC) throw new Error(`bad reply magic 0x${magic.toString(16)}`);
     const rest = await this.read(16);
