@@ -197,6 +197,12 @@ describe('drbdts serve with real NBD clients', () => {
     expect(badSize.stderr).toContain('--size');
     const halfTls = await runCommand(process.execPath, [cli, 'serve', path.join(dir, 'disk.img'), '--listen', 'unix:/tmp/x', '--tls-cert', 'a.pem']);
     expect(halfTls.stderr).toContain('--tls-cert and --tls-key go together');
+    for (const [name, value] of [['DRBDTS_NBD_DATA_PATH', 'fast'], ['DRBDTS_NBD_SPLICE', 'yes'], ['DRBDTS_NBD_DATA_PATH_THREADS', '0']]) {
+      const badEnv = await runCommand(process.execPath, [cli, 'serve', path.join(dir, 'disk.img'), '--listen', `unix:${path.join(dir, 'env.sock')}`],
+        { env: { ...process.env, [name!]: value } });
+      expect(badEnv.code, badEnv.stderr).toBe(2);
+      expect(badEnv.stderr).toContain(`${name} must be`);
+    }
   });
 
   it('fails clearly when --device names a missing /dev/nbdN (the kernel attach itself needs the nbd module)', async (context) => {

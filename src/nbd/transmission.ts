@@ -25,6 +25,8 @@ export interface ConnectionHost {
   readonly dataPathEnabled: boolean;
   /** The native data path splices payloads through pipes (else it copies them through buffers). */
   readonly dataPathSplice: boolean;
+  /** Workers per connection on the native data path. */
+  readonly dataPathThreads: number;
   readonly secureContext: tls.SecureContext | undefined;
   exportSettings(): ExportSettings;
   /** Adds to (or, negative, takes from) the server-wide in-flight bytes. */
@@ -62,20 +64,9 @@ let nextConnectionId = 1;
 /**
  * The native data path (native/src/nbd_data_path.cc) serves READ, WRITE and FLUSH of an idle connection to a
  * device that offers directAccess(), when the server enables it (NbdServerOptions.dataPath).
- * DRBDTS_NBD_DATA_PATH_THREADS sets its workers per connection.
+ * Larger requests stay in JavaScript, whose budgets bound them; below it the path keeps one buffer per worker.
  */
-const dataPathThreads = parseDataPathThreads(process.env.DRBDTS_NBD_DATA_PATH_THREADS);
-/** Larger requests stay in JavaScript, whose budgets bound them; below it the path keeps one buffer per worker. */
 const dataPathRequestBytesMax = 8 * 1024 * 1024;
-
-function parseDataPathThreads(value: string | undefined): number {
-  if (value === undefined || value === '') return 4;
-  const threads = Number(value);
-  if (!Number.isInteger(threads) || threads < 1 || threads > 64) {
-    throw new Error(`DRBDTS_NBD_DATA_PATH_THREADS must be a whole number from 1 to 64, got "${value}"`);
-  }
-  return threads;
-}
 
 export class NbdConnection {
   readonly id = nextConnectionId++;
@@ -527,7 +518,7 @@ export class NbdConnection {
           flushAllowed: (flagsOffered & P.NBD_FLAG_SEND_FLUSH) !== 0,
           requestBytesMax: Math.min(dataPathRequestBytesMax, this.host.limits.payloadMaxBytes),
           bufferBytesCap: this.host.limits.serverInFlightBytesMax,
-          threads: dataPathThreads,
+          threads: this.host.dataPathThreads,
           spliceWrites: this.host.dataPathSplice,
           // Measured: on TCP, READ replies of page-cache pages spliced into the socket cost less CPU but came out
           // slower (0.74-0.83x nbdkit against 0.94-1.01x copying, same run); on unix sockets 2.6-2.8x.
