@@ -7,7 +7,8 @@
 // simple replies, native copying through buffers instead of splicing through pipes, and all-JavaScript), and
 // every reply is checked against an in-memory model of the disk: its
 // error code, and for a READ every byte. At the end the file itself must equal the model. Then the edges:
-// a client that dies in the middle of a WRITE payload (nothing of it may land), DISC, closing the server under
+// a client that dies in the middle of a WRITE payload (nothing of it may land), DISC, SIGTERM to `drbdts serve`
+// mid-stream (exit 0, every acknowledged write in the file), closing the server under
 // an idle native connection, a client that stops reading its replies, and a full filesystem (ENOSPC, after
 // which the connection still serves).
 import * as crypto from 'node:crypto';
@@ -19,7 +20,7 @@ import * as net from 'node:net';
 import { LocalDisk } from '../src/blockdev/local.js';
 import { NbdServer } from '../src/nbd/server.js';
 import { socketPair } from '../src/native/index.js';
-import { makeTempDir, NBD, RawNbdClient, startServer, type InProcessServer } from './helpers/nbd.js';
+import { makeTempDir, NBD, RawNbdClient, spawnServe, startServer, type InProcessServer } from './helpers/nbd.js';
 import { mulberry32 } from './helpers/prng.js';
 
 const sizeBytes = 16 * 1024 * 1024;
@@ -370,6 +371,55 @@ describe('native data path on a socket adopted past the handshake (the kernel cl
       expect(Date.now() - closing).toBeLessThan(5000);
       await disk.close();
     }
+  });
+});
+
+describe('drbdts serve stopped by SIGTERM in the middle of a stream of writes on the native path', () => {
+  it('exits 0 at a request boundary, and every write it acknowledged is in the file', async () => {
+    const disk = path.join(dir, 'term.img');
+    const socket = path.join(dir, 'term.sock');
+    const serve = await spawnServe([disk, '--size', '64M', '--listen', `unix:${socket}`]);
+    const client = await RawNbdClient.connect(socket);
+    await client.handshake({});
+    const blockBytes = 256 * 1024;
+    const blocks = 256;
+    const contentOf = (index: number): Buffer => Buffer.alloc(blockBytes, (index * 7 + 1) & 0xff);
+    const acknowledged: number[] = [];
+    // Keep 8 writes in flight; SIGTERM after the first 40 acknowledgements.
+    let next = 0;
+    const send = (): void => {
+      if (next < blocks) client.request(NBD.CMD_WRITE, 0, BigInt(next), next * blockBytes, blockBytes, contentOf(next));
+      next += 1;
+    };
+    for (let index = 0; index < 8; index += 1) send();
+    let terminated = false;
+    for (;;) {
+      let reply;
+      try {
+        reply = await client.readReply();
+      } catch {
+        break; // the server closed the connection
+      }
+      expect(reply.error).toBe(0);
+      acknowledged.push(Number(reply.cookie));
+      if (acknowledged.length === 40 && !terminated) {
+        terminated = true;
+        serve.child.kill('SIGTERM');
+      }
+      if (acknowledged.length === blocks) break;
+      send();
+    }
+    const { code } = await serve.exited;
+    expect(code, serve.stderr().slice(-2000)).toBe(0);
+    expect(terminated).toBe(true);
+    expect(acknowledged.length).toBeGreaterThanOrEqual(40);
+    expect(acknowledged.length, 'the server stopped before the client had sent everything').toBeLessThan(blocks);
+    const file = await fs.promises.readFile(disk);
+    for (const index of acknowledged) {
+      expect(file.subarray(index * blockBytes, (index + 1) * blockBytes).equals(contentOf(index)), `block ${index}`).toBe(true);
+    }
+    expect(serve.stderr()).toMatch(/"nativeRequests":[1-9]/);
+    client.close();
   });
 });
 
