@@ -239,10 +239,10 @@ function dataPathFromEnv(): 'native' | 'javascript' {
   throw new Error(`DRBDTS_NBD_DATA_PATH must be "native" or "js", got "${value}"`);
 }
 
-/** DRBDTS_NBD_DATA_PATH_THREADS: the native data path's workers per connection (default 4, measured best here). */
+/** DRBDTS_NBD_DATA_PATH_THREADS: the native data path's workers per connection (default 2: one receives while one writes; bench/README.md). */
 function dataPathThreadsFromEnv(): number {
   const value = process.env.DRBDTS_NBD_DATA_PATH_THREADS;
-  if (value === undefined || value === '') return 4;
+  if (value === undefined || value === '') return 2;
   const threads = Number(value);
   if (!Number.isInteger(threads) || threads < 1 || threads > 64) {
     throw new Error(`DRBDTS_NBD_DATA_PATH_THREADS must be a whole number from 1 to 64, got "${value}"`);
