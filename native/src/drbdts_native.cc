@@ -41,6 +41,7 @@
 void InitDirsyncScan(Napi::Env env, Napi::Object exports);  // dirsync_scan.cc
 void InitDirsyncJoin(Napi::Env env, Napi::Object exports);  // dirsync_join.cc
 void InitDirsyncHash(Napi::Env env, Napi::Object exports);  // dirsync_hash.cc
+void InitDirsyncCopy(Napi::Env env, Napi::Object exports);  // dirsync_copy.cc
 
 namespace {
 
@@ -571,6 +572,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitDirsyncScan(env, exports);
   InitDirsyncJoin(env, exports);
   InitDirsyncHash(env, exports);
+  InitDirsyncCopy(env, exports);
   return exports;
 }
 
