@@ -3,10 +3,12 @@
 // small-change sync (10 files edited, 1 added, 1 deleted), and each process's peak RSS (GNU time's %M).
 //
 //   node bench/dirsync-local.mjs [--trees big,small] [--rounds N] [--quick] [--out FILE] [--keep DIR]
-//                                [--baseline DIR] [--no-extra-ca]
+//                                [--baseline DIR] [--no-extra-ca] [--first-round K]
 //   trees: big = 10,000 files / ~260 MB, small = 100,000 small files; --quick = 1,000 / 2,000 files, 1 round.
 //   --baseline DIR: also run DIR/bin/drbdts.js (another build, e.g. a checkout of the previous commit with its
 //     dist/ and native/build) as a third tool in the same rounds, so before/after come from one run.
+//   --first-round K: number the rounds from K (which tool starts a round follows its number), so that a long
+//     run split into several shorter ones (one round each, under the shared lock) still alternates the tools.
 //   --no-extra-ca: run every tool without NODE_EXTRA_CA_CERTS. Node 20 reads that file eagerly at every start
 //     (on the machine this was written on, ~38 ms of a 60 ms `node -e 0`); unison does not read it. The table
 //     says which environment it was measured in.
@@ -29,6 +31,7 @@ const option = (name, fallback) => {
 };
 const quick = args.includes('--quick');
 const rounds = Number(option('--rounds', quick ? '1' : '3'));
+const firstRound = Number(option('--first-round', '0'));
 const treeNames = option('--trees', 'big,small').split(',');
 const outFile = option('--out', undefined);
 const baseline = option('--baseline', undefined);
@@ -118,7 +121,7 @@ try {
     const totalBytes = generate(source, spec, 1234);
     process.stderr.write(`tree ${treeName}: ${spec.files} files, ${(totalBytes / 1e6).toFixed(0)} MB\n`);
     process.stderr.write(`  load average ${os.loadavg().map((x) => x.toFixed(2)).join(' ')} at ${new Date().toISOString()}\n`);
-    for (let round = 0; round < rounds; round++) {
+    for (let round = firstRound; round < firstRound + rounds; round++) {
       // Alternating: each round starts with the next tool (unison first in round 0).
       const order = toolNames.map((_, k) => toolNames[(toolNames.length - 1 + k + round) % toolNames.length]);
       for (const tool of order) {

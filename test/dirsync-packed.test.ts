@@ -233,7 +233,7 @@ describe.skipIf(!nativeScanAvailable())('packed scans decide as the object path 
     const roots = { root1Id: id(tree.a), root2Id: id(tree.b) };
     const { file, swapped } = await archivePathFor(tree.archive, roots.root1Id, roots.root2Id);
     const entries = await loadArchive(file, swapped);
-    const builder = new ArchiveBuilder();
+    const builder = new ArchiveBuilder(swapped);
     for (const [p, e] of entries) builder.add(p, e);
     builder.add('two', entries.get('two')!);
     await saveArchiveBuilder(file, swapped, roots, builder);

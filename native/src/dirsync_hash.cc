@@ -12,6 +12,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "dirsync_hash.h"
+
 namespace {
 
 constexpr uint64_t kPrime1 = 11400714785074694791ULL;
@@ -95,7 +97,48 @@ struct State {
   uint32_t unused;
 };
 constexpr size_t kStateBytes = sizeof(State);
-static_assert(kStateBytes == 80, "state layout");
+static_assert(kStateBytes == 80 && kStateBytes == kDirsyncH64StateBytes, "state layout");
+
+}  // namespace
+
+// The streaming hash for the other native files (dirsync_copy.cc): `state` is kStateBytes (80) of any memory.
+void DirsyncH64Init(void* memory) {
+  State* state = static_cast<State*>(memory);
+  memset(state, 0, kStateBytes);
+  state->v[0] = kPrime1 + kPrime2;
+  state->v[1] = kPrime2;
+  state->v[2] = 0;
+  state->v[3] = 0 - kPrime1;
+}
+
+void DirsyncH64Update(void* memory, const unsigned char* p, size_t length) {
+  State* state = static_cast<State*>(memory);
+  const unsigned char* end = p + length;
+  state->total += length;
+  if (state->buffered + length < 32) {
+    memcpy(state->buffer + state->buffered, p, length);
+    state->buffered += static_cast<uint32_t>(length);
+    return;
+  }
+  if (state->buffered > 0) {
+    size_t fill = 32 - state->buffered;
+    memcpy(state->buffer + state->buffered, p, fill);
+    Stripes(state->v, state->buffer, state->buffer + 32);
+    p += fill;
+    state->buffered = 0;
+  }
+  p = Stripes(state->v, p, end);
+  memcpy(state->buffer, p, static_cast<size_t>(end - p));
+  state->buffered = static_cast<uint32_t>(end - p);
+}
+
+uint64_t DirsyncH64Digest(const void* memory) {
+  const State* state = static_cast<const State*>(memory);
+  uint64_t h = state->total >= 32 ? Converge(state->v) : kPrime5;
+  return Finish(h + state->total, state->buffer, state->buffer + state->buffered);
+}
+
+namespace {
 
 Napi::Uint8Array BytesArg(const Napi::CallbackInfo& info, size_t index, const char* what) {
   if (info.Length() <= index || !info[index].IsTypedArray() || info[index].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
@@ -125,43 +168,19 @@ Napi::Value H64(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value H64Init(const Napi::CallbackInfo& info) {
-  State* state = StateArg(info);
-  memset(state, 0, kStateBytes);
-  state->v[0] = kPrime1 + kPrime2;
-  state->v[1] = kPrime2;
-  state->v[2] = 0;
-  state->v[3] = 0 - kPrime1;
+  DirsyncH64Init(StateArg(info));
   return info.Env().Undefined();
 }
 
 Napi::Value H64Update(const Napi::CallbackInfo& info) {
   State* state = StateArg(info);
   Napi::Uint8Array bytes = BytesArg(info, 1, "dirsyncH64Update");
-  const unsigned char* p = bytes.Data();
-  const unsigned char* end = p + bytes.ElementLength();
-  state->total += bytes.ElementLength();
-  if (state->buffered + bytes.ElementLength() < 32) {
-    memcpy(state->buffer + state->buffered, p, bytes.ElementLength());
-    state->buffered += static_cast<uint32_t>(bytes.ElementLength());
-    return info.Env().Undefined();
-  }
-  if (state->buffered > 0) {
-    size_t fill = 32 - state->buffered;
-    memcpy(state->buffer + state->buffered, p, fill);
-    Stripes(state->v, state->buffer, state->buffer + 32);
-    p += fill;
-    state->buffered = 0;
-  }
-  p = Stripes(state->v, p, end);
-  memcpy(state->buffer, p, static_cast<size_t>(end - p));
-  state->buffered = static_cast<uint32_t>(end - p);
+  DirsyncH64Update(state, bytes.Data(), bytes.ElementLength());
   return info.Env().Undefined();
 }
 
 Napi::Value H64Digest(const Napi::CallbackInfo& info) {
-  State* state = StateArg(info);
-  uint64_t h = state->total >= 32 ? Converge(state->v) : kPrime5;
-  return Napi::BigInt::New(info.Env(), Finish(h + state->total, state->buffer, state->buffer + state->buffered));
+  return Napi::BigInt::New(info.Env(), DirsyncH64Digest(StateArg(info)));
 }
 
 }  // namespace

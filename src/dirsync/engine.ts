@@ -26,7 +26,15 @@ import {
 import type { EarlyStart } from './early.js';
 import { executeFileOp, type FileOp, type FileOpResult } from './fileop.js';
 import { LocalReplica, packedEntry } from './local.js';
-import { joinPacked as nativeJoin, problemOffsets, SCAN_DIR, SCAN_FILE, SCAN_RECORD_FIELDS, SCAN_SYMLINK, type JoinResult, type PackedScan } from '../native/scan.js';
+import {
+  COPY_DONE,
+  COPY_FAILURE_CODES,
+  COPY_IN_FIELDS,
+  COPY_OUT_FIELDS,
+  nativeCopier,
+  type CopyBatchResult,
+  joinPacked as nativeJoin,
+  problemOffsets, SCAN_DIR, SCAN_FILE, SCAN_RECORD_FIELDS, SCAN_SYMLINK, type JoinResult, type PackedScan } from '../native/scan.js';
 import {
   ReplicaError,
   sameStat,
@@ -121,6 +129,8 @@ interface PathState {
   unknown: boolean;
   /** Unchanged on both sides: the archive entry is kept, with refreshed stamps if they moved. */
   refresh?: boolean;
+  /** The path's action, when reconcile made one (the archive is built from it). */
+  action: Action | undefined;
 }
 
 interface Action {
@@ -134,6 +144,13 @@ interface Action {
   target?: ScanEntry;
   /** The target holds a different kind that must be removed before the create. */
   removeTargetFirst?: boolean;
+  /** After a successful propagation: the target side's final stat, and (files) the installed content's
+   * fingerprint, for the archive. Fields of the action rather than maps keyed by it: one fewer hash-table entry
+   * per path (every path of an initial sync has an action). */
+  resultStat: EntryStat | undefined;
+  resultFingerprint: string | undefined;
+  /** A native copy's result instead (its row in SyncEngine.copyResults, -1 for none): numbers, not objects. */
+  resultRow: number;
 }
 
 const HASH_BATCH_PATHS = 256;
@@ -144,6 +161,11 @@ const PARALLEL_TRANSFERS = 16;
 const WORKER_MIN_FILES = 256;
 const WORKER_SLICE_OPS = 64;
 const DEFAULT_COPY_WORKERS = 3;
+/** Operations per native copy job (one thread-pool hop): enough to amortise the hop, few enough to spread. */
+const NATIVE_COPY_BATCH_OPS = 64;
+/** A native copy's result row: the installed file's kind, size, mtimeMs, ctimeMs, inode, mode (COPY_OUT_FIELDS
+ * without the status). */
+const COPY_ROW_FIELDS = COPY_OUT_FIELDS - 1;
 const WORKER_YOUNG_GENERATION_MB = 4;
 const DEFAULT_DELTA_THRESHOLD_BYTES = 256 * 1024;
 /** Modification-time differences below this are not changes (FAT, some network file systems: 1-2 s granularity). */
@@ -152,7 +174,7 @@ const TIME_TOLERANCE_MS = 1000;
 /** Every field present from the start: one object shape for all paths, no property store added per path later
  * (fp1, fp2 and refresh are set on most paths after the scan). */
 function newState(path: string, a: ArchiveEntry | undefined): PathState {
-  return { path, e1: undefined, e2: undefined, a, fp1: undefined, fp2: undefined, change1: 'absent', change2: 'absent', unknown: false, refresh: false };
+  return { path, e1: undefined, e2: undefined, a, fp1: undefined, fp2: undefined, change1: 'absent', change2: 'absent', unknown: false, refresh: false, action: undefined };
 }
 
 function other(side: Side): Side {
@@ -398,11 +420,19 @@ export class SyncEngine {
         // Nothing changed (the common cron case): skip building the new archive, the write and its two fsyncs.
         if (!this.archiveUnchanged(actions)) {
           const roots = { root1Id: id1, root2Id: id2 };
+          for (const action of actions) action.state.action = action;
           if (this.flags !== undefined) {
             // Table mode: clean entries are copied as they are from the loaded file; an identical result is not written.
-            await saveArchiveBuilder(file, swapped, roots, this.buildArchiveTable(actions), this.table);
+            await saveArchiveBuilder(file, swapped, roots, this.buildArchiveTable(swapped), this.table);
+          } else if (this.archive.size === 0) {
+            // No archive before (a first sync): the entries go straight to the encoder, no map of them; an empty
+            // result is an unchanged (absent) archive, as archivesEqual would find.
+            const builder = new ArchiveBuilder(swapped);
+            this.buildArchive((path, entry) => builder.add(path, entry));
+            if (builder.count > 0) await saveArchiveBuilder(file, swapped, roots, builder);
           } else {
-            const newArchive = this.buildArchive(actions);
+            const newArchive = new Map<string, ArchiveEntry>();
+            this.buildArchive((path, entry) => void newArchive.set(path, entry));
             if (!archivesEqual(this.archive, newArchive)) await saveArchive(file, swapped, roots, newArchive);
           }
         }
@@ -885,16 +915,31 @@ export class SyncEngine {
         state.refresh = true;
         continue;
       }
+      // Every field that decideFrom and the propagation set on most paths is there from the start (undefined is
+      // left out of the JSON output): a property added later moves the object's fields to a separate store,
+      // ~40 bytes more per path (100,000 of them on an initial sync).
       const item: PlanItem = {
         path,
         action: 'equal',
+        from: undefined,
         change1: state.change1,
         change2: state.change2,
         kind1: state.e1?.kind,
         kind2: state.e2?.kind,
         status: 'planned',
+        transfer: undefined,
       };
-      const action: Action = { item, state, from: 1 };
+      const action: Action = {
+        item,
+        state,
+        from: 1,
+        keepLoserAs: undefined,
+        target: undefined,
+        removeTargetFirst: undefined,
+        resultStat: undefined,
+        resultFingerprint: undefined,
+        resultRow: -1,
+      };
       if (governed !== undefined) {
         // Inside a conflict resolved in favour of `governed`: that side's state is imposed on the whole subtree.
         if (!this.decideFrom(action, governed)) continue;
@@ -1190,12 +1235,13 @@ export class SyncEngine {
       report();
     }
 
-    // Phase 2b: files and symlinks: several in flight (a remote replica multiplexes them), or, between two local
-    // roots with enough work, in copy workers so that more than one core does the file-system work.
+    // Phase 2b: files and symlinks. Between two local roots the addon copies files on the thread pool (more than
+    // one core does the file-system work, no V8 isolate per thread); without it, copy workers when there is enough
+    // work; otherwise (a remote replica multiplexes them) several in flight on this thread.
     const fileWork = creates.filter((action) => entryOf(action.state, action.from)!.kind !== 'dir');
-    const ops = fileWork.map((action) => this.planFileOp(action, targetIndex));
-    const fileDone = (action: Action, result: FileOpResult): void => {
-      this.recordFileResult(action, result);
+    const fileDone = (action: Action, result: FileOpResult | undefined): void => {
+      if (result !== undefined) this.recordFileResult(action, result); // else a native copy recorded its row
+
       action.item.status = 'done';
       progress.bytesDone += entryOf(action.state, action.from)!.sizeBytes;
       report();
@@ -1205,9 +1251,14 @@ export class SyncEngine {
       report();
     };
     const roots = this.localRoots();
-    if (roots !== undefined && fileWork.length >= WORKER_MIN_FILES && process.env.DRBDTS_DIRSYNC_WORKERS !== '0') {
+    const copier = roots !== undefined && process.env.DRBDTS_DIRSYNC_WORKERS !== '0' ? nativeCopier() : undefined;
+    if (copier !== undefined) {
+      await this.runNativeCopies(copier, roots!, fileWork, targetIndex, fileDone, fileFailed);
+    } else if (roots !== undefined && fileWork.length >= WORKER_MIN_FILES && process.env.DRBDTS_DIRSYNC_WORKERS !== '0') {
+      const ops = fileWork.map((action) => this.planFileOp(action, targetIndex));
       await this.runInWorkers(roots, fileWork, ops, fileDone, fileFailed);
     } else {
+      const ops = fileWork.map((action) => this.planFileOp(action, targetIndex));
       let next = 0;
       const worker = async (): Promise<void> => {
         while (next < fileWork.length && this.connectionLost === undefined) {
@@ -1312,11 +1363,23 @@ export class SyncEngine {
     }
   }
 
-  /** Final target-side stats of successful actions, for the archive. */
-  private readonly resultStats = new Map<Action, EntryStat>();
+  /** Native copies' results (runNativeCopies): COPY_ROW_FIELDS numbers and 16 hex digits per row. */
+  private copyResults: Float64Array | undefined;
+  private copyDigests: Buffer | undefined;
+
+  private copyResultStat(row: number): EntryStat | undefined {
+    if (row < 0) return undefined;
+    const r = this.copyResults!;
+    const o = row * COPY_ROW_FIELDS;
+    return { kind: KIND_OF_CODE[r[o]!]!, sizeBytes: r[o + 1]!, mtimeMs: r[o + 2]!, ctimeMs: r[o + 3]!, inode: r[o + 4]!, mode: r[o + 5]! };
+  }
+
+  private copyResultFingerprint(row: number): string | undefined {
+    return row < 0 ? undefined : this.copyDigests!.toString('latin1', row * 16, row * 16 + 16);
+  }
+
   /** Final stamps of directories whose contents this run changed, per side. */
   private readonly finalDirStats: [Map<string, EntryStat>, Map<string, EntryStat>] = [new Map(), new Map()];
-  private readonly resultFingerprints = new Map<Action, string>();
 
   /** A file or symlink turning into a directory, on a replica that can swap one in atomically. */
   private swapsInDir(action: Action): boolean {
@@ -1326,7 +1389,7 @@ export class SyncEngine {
   }
 
   private setResultStat(action: Action, stat: EntryStat): void {
-    this.resultStats.set(action, stat);
+    action.resultStat = stat;
   }
 
   private async applyProps(action: Action): Promise<void> {
@@ -1370,8 +1433,8 @@ export class SyncEngine {
   private recordFileResult(action: Action, result: FileOpResult): void {
     if (result.transfer !== 'link') action.item.transfer = result.transfer;
     this.bytesTransferred += result.bytesSent;
-    this.resultStats.set(action, result.stat);
-    if (result.fingerprint !== undefined) this.resultFingerprints.set(action, result.fingerprint);
+    action.resultStat = result.stat;
+    if (result.fingerprint !== undefined) action.resultFingerprint = result.fingerprint;
   }
 
   /** Both roots are plain local directories: file work can run in copy workers (copy-worker.ts). */
@@ -1379,6 +1442,123 @@ export class SyncEngine {
     const [r1, r2] = this.replicas;
     if (r1.constructor !== LocalReplica || r2.constructor !== LocalReplica) return undefined;
     return [(r1 as LocalReplica).rootPath, (r2 as LocalReplica).rootPath];
+  }
+
+  /**
+   * File operations between two local roots with the addon: full-content copies of files (to an absent path or
+   * over the file the scan saw) go to native/src/dirsync_copy.cc in batches of NATIVE_COPY_BATCH_OPS, at most
+   * `jobs` batches on the thread pool at once; the rest (symlinks, local copies of content the target already
+   * has, replacing a symlink) run here meanwhile through executeFileOp. Each operation is planned when its batch
+   * is made, so no FileOp is kept for the whole list.
+   */
+  private async runNativeCopies(
+    copier: NonNullable<ReturnType<typeof nativeCopier>>,
+    roots: [string, string],
+    fileWork: Action[],
+    targetIndex: [Map<string, PathState>, Map<string, PathState>],
+    done: (action: Action, result: FileOpResult | undefined) => void,
+    failed: (action: Action, error: ReplicaError) => void,
+  ): Promise<void> {
+    const fsync = (this.replicas[0] as LocalReplica).fsyncFiles;
+    this.copyResults = new Float64Array(fileWork.length * COPY_ROW_FIELDS);
+    this.copyDigests = Buffer.alloc(fileWork.length * 16);
+    let rows = 0;
+    const jobs = Math.max(1, Number(process.env.DRBDTS_DIRSYNC_WORKERS ?? DEFAULT_COPY_WORKERS) || DEFAULT_COPY_WORKERS);
+    const onThread: Array<{ action: Action; op: FileOp }> = [];
+    let next = 0;
+    let threadWaiting: (() => void) | undefined;
+    /** The next batch: consecutive native operations of one direction (the rest are queued for this thread). */
+    const takeBatch = (): { from: Side; actions: Action[]; paths: string[]; numbers: Float64Array } | undefined => {
+      let from: Side | undefined;
+      const actions: Action[] = [];
+      const paths: string[] = [];
+      const numbers = new Float64Array(NATIVE_COPY_BATCH_OPS * COPY_IN_FIELDS);
+      for (; next < fileWork.length && actions.length < NATIVE_COPY_BATCH_OPS; next++) {
+        const action = fileWork[next]!;
+        if (from !== undefined && action.from !== from) break;
+        const op = this.planFileOp(action, targetIndex);
+        const { precondition } = op;
+        if (op.source.kind !== 'file' || op.local !== undefined || op.delta === true || (precondition !== 'absent' && precondition.kind !== 'file')) {
+          onThread.push({ action, op });
+          threadWaiting?.();
+          continue;
+        }
+        from = action.from;
+        const n = actions.length * COPY_IN_FIELDS;
+        numbers[n] = op.source.sizeBytes;
+        numbers[n + 1] = op.source.mtimeMs;
+        numbers[n + 2] = op.source.inode;
+        if (precondition !== 'absent') {
+          numbers[n + 3] = 1;
+          numbers[n + 4] = precondition.sizeBytes;
+          numbers[n + 5] = precondition.mtimeMs;
+          numbers[n + 6] = precondition.inode;
+        }
+        numbers[n + 7] = op.mode;
+        numbers[n + 8] = op.mtimeMs ?? NaN;
+        actions.push(action);
+        paths.push(op.path);
+      }
+      if (from === undefined) return undefined;
+      return { from, actions, paths, numbers: numbers.subarray(0, actions.length * COPY_IN_FIELDS) };
+    };
+    const copyJob = async (): Promise<void> => {
+      for (let batch = takeBatch(); batch !== undefined; batch = takeBatch()) {
+        const { from, actions, paths } = batch;
+        const ends = new Uint32Array(new ArrayBuffer(paths.length * 4));
+        let bytes = 0;
+        for (let k = 0; k < paths.length; k++) ends[k] = bytes += Buffer.byteLength(paths[k]!);
+        const joined = Buffer.from(paths.join(''));
+        const source = roots[from - 1]!;
+        const target = roots[2 - from]!;
+        // Every failure of an operation comes back as its status; a rejection is a bug (bad arguments) and ends the run.
+        const { results, fingerprints, messages }: CopyBatchResult = await copier(source, target, joined, ends, batch.numbers, fsync);
+        for (let k = 0; k < actions.length; k++) {
+          const action = actions[k]!;
+          const o = k * COPY_OUT_FIELDS;
+          const status = results[o]!;
+          if (status !== COPY_DONE) {
+            failed(action, new ReplicaError(COPY_FAILURE_CODES[status - 1] ?? 'EIO', messages[k]!, action.item.path));
+            continue;
+          }
+          // The result stays packed (an EntryStat and a fingerprint string per file were 17 MB of a 100,000-file
+          // initial sync): recordPath makes them for the archive entry, one at a time.
+          const row = rows++;
+          this.copyResults!.set(results.subarray(o + 1, o + COPY_OUT_FIELDS), row * COPY_ROW_FIELDS);
+          fingerprints.copy(this.copyDigests!, row * 16, k * 16, k * 16 + 16);
+          action.resultRow = row;
+          action.item.transfer = 'full';
+          this.bytesTransferred += entryOf(action.state, from)!.sizeBytes;
+          done(action, undefined);
+        }
+      }
+    };
+    let copying = true;
+    const threadJob = async (): Promise<void> => {
+      for (;;) {
+        const work = onThread.shift();
+        if (work === undefined) {
+          if (!copying) return;
+          await new Promise<void>((resolve) => (threadWaiting = resolve));
+          threadWaiting = undefined;
+          continue;
+        }
+        const { action, op } = work;
+        try {
+          done(action, await executeFileOp(op, this.replica(action.from), this.replica(other(action.from))));
+        } catch (error) {
+          failed(action, error instanceof ReplicaError ? error : new ReplicaError('EIO', String(error), action.item.path));
+        }
+      }
+    };
+    const thread = threadJob();
+    try {
+      await Promise.all(Array.from({ length: jobs }, copyJob));
+    } finally {
+      copying = false;
+      threadWaiting?.();
+    }
+    await thread;
   }
 
   /**
@@ -1466,30 +1646,27 @@ export class SyncEngine {
     return true;
   }
 
-  private buildArchive(actions: Action[]): Map<string, ArchiveEntry> {
-    const decided = new Map<string, Action>();
-    for (const action of actions) decided.set(action.item.path, action);
-    const next = new Map<string, ArchiveEntry>();
-    const put = (path: string, entry: ArchiveEntry): void => void next.set(path, entry);
+  /** The new archive's entries, in order, given to `put` (each path once). */
+  private buildArchive(put: (path: string, entry: ArchiveEntry) => void): void {
     const { clean } = this;
     if (clean === undefined) {
-      for (const [path, state] of this.states) this.recordPath(path, state, decided.get(path), put);
-      return next;
+      for (const [path, state] of this.states) this.recordPath(path, state, state.action, put);
+      return;
     }
     // Packed scans: the old archive's order (parents first) with clean entries kept as they are, then the paths
     // the archive did not know, in state order (parents first; a new path's parent is new or in the archive).
     for (const [path, a] of this.archive) {
       if (!clean.has(a)) {
         const state = this.states.get(path)!;
-        this.recordPath(path, state, decided.get(path), put);
+        this.recordPath(path, state, state.action, put);
         continue;
       }
       // A clean directory the propagation wrote into has new stamps on that side.
       const final1 = a.kind === 'dir' ? this.finalDirStats[0].get(path) : undefined;
       const final2 = a.kind === 'dir' ? this.finalDirStats[1].get(path) : undefined;
-      if (final1 === undefined && final2 === undefined) next.set(path, a);
+      if (final1 === undefined && final2 === undefined) put(path, a);
       else {
-        next.set(
+        put(
           path,
           refreshed(
             a,
@@ -1499,8 +1676,7 @@ export class SyncEngine {
         );
       }
     }
-    for (const [path, state] of this.states) if (state.a === undefined) this.recordPath(path, state, decided.get(path), put);
-    return next;
+    for (const [path, state] of this.states) if (state.a === undefined) this.recordPath(path, state, state.action, put);
   }
 
   /**
@@ -1508,12 +1684,10 @@ export class SyncEngine {
    * bytes, no object), a clean directory the propagation wrote into with its new stamps, every other entry from
    * its state; then the paths the archive did not know, in state order.
    */
-  private buildArchiveTable(actions: Action[]): ArchiveBuilder {
-    const decided = new Map<string, Action>();
-    for (const action of actions) decided.set(action.item.path, action);
+  private buildArchiveTable(swapped: boolean): ArchiveBuilder {
     const table = this.table!;
     const flags = this.flags!;
-    const builder = new ArchiveBuilder();
+    const builder = new ArchiveBuilder(swapped);
     const put = (path: string, entry: ArchiveEntry): void => builder.add(path, entry);
     const [finals1, finals2] = this.finalDirStats;
     const dirsTouched = finals1.size > 0 || finals2.size > 0;
@@ -1521,7 +1695,8 @@ export class SyncEngine {
     for (let index = 0; index < count; index++) {
       if (flags[index] !== 1) {
         const path = table.path(index);
-        this.recordPath(path, this.states.get(path)!, decided.get(path), put);
+        const state = this.states.get(path)!;
+        this.recordPath(path, state, state.action, put);
         continue;
       }
       if (dirsTouched && kinds[index] === 0x64) {
@@ -1548,7 +1723,7 @@ export class SyncEngine {
       builder.copyRun(table, index, end);
       index = end - 1;
     }
-    for (const [path, state] of this.states) if (state.a === undefined) this.recordPath(path, state, decided.get(path), put);
+    for (const [path, state] of this.states) if (state.a === undefined) this.recordPath(path, state, state.action, put);
     return builder;
   }
 
@@ -1586,12 +1761,12 @@ export class SyncEngine {
     } else {
       const winner = entryOf(state, action.from);
       if (winner === undefined) return; // deletion propagated: gone from both sides
-      const targetStat = this.resultStats.get(action) ?? entryOf(state, other(action.from));
+      const targetStat = action.resultStat ?? this.copyResultStat(action.resultRow) ?? entryOf(state, other(action.from));
       if (targetStat === undefined) {
         if (state.a !== undefined) put(path, state.a); // keep what the archive knew
         return;
       }
-      fingerprint = this.resultFingerprints.get(action) ?? fingerprintOf(state, action.from);
+      fingerprint = action.resultFingerprint ?? this.copyResultFingerprint(action.resultRow) ?? fingerprintOf(state, action.from);
       if (winner.kind === 'file' && fingerprint === undefined) {
         if (state.a !== undefined) put(path, state.a); // keep what the archive knew
         return;

@@ -46,6 +46,14 @@ interface ScanAddon {
   dirsyncH64Digest?(state: Uint8Array): bigint;
   dirsyncProblemRecords?(records: Float64Array): Int32Array;
   dirsyncArchiveStarts?(numbers: Float64Array, lengths: Uint32Array, kinds: Uint8Array, stringBytes: number): Uint32Array | [number, number];
+  dirsyncCopyFiles?(
+    sourceRoot: string,
+    targetRoot: string,
+    paths: Buffer,
+    pathEnds: Uint32Array,
+    numbers: Float64Array,
+    fsync: boolean,
+  ): Promise<[Float64Array, Buffer, string[]]>;
 }
 
 /** The archive load's native helpers (native/src/dirsync_join.cc), or undefined (archive.ts then uses xxhash-wasm
@@ -144,6 +152,42 @@ export function joinPacked(scan1: PackedScan, scan2: PackedScan, archive: Packed
   if (result === null) return { kind: 'order' };
   if (typeof result === 'number') return { kind: 'duplicate', index: result };
   return { kind: 'joined', triples: result[0], flags: result[1] };
+}
+
+/** Per operation of copyFiles: source size, mtimeMs, inode; precondition kind (0 absent, 1 file), size, mtimeMs,
+ * inode; mode; mtimeMs to set (NaN: none). See native/src/dirsync_copy.cc. */
+export const COPY_IN_FIELDS = 9;
+/** Per result: status (COPY_DONE or a failure), installed kind (SCAN_FILE...), size, mtimeMs, ctimeMs, inode, mode. */
+export const COPY_OUT_FIELDS = 7;
+export const COPY_DONE = 0;
+/** Failure statuses of copyFiles, in order from 1: the ReplicaErrorCode each stands for. */
+export const COPY_FAILURE_CODES = ['EGONE', 'ECHANGED', 'EHASH', 'EACCES', 'EIO'] as const;
+
+export interface CopyBatchResult {
+  /** COPY_OUT_FIELDS per operation. */
+  results: Float64Array;
+  /** 16 hex digits per operation (latin1): the installed content's xxh64. */
+  fingerprints: Buffer;
+  /** '' for a done operation, else its error message. */
+  messages: string[];
+}
+
+/** Full-content copies of files between two local roots on the thread pool (native/src/dirsync_copy.cc), or
+ * undefined when the addon lacks it (or DRBDTS_DIRSYNC_NATIVE_COPY=0): the caller then copies in JavaScript. */
+export function nativeCopier():
+  | ((sourceRoot: string, targetRoot: string, paths: Buffer, pathEnds: Uint32Array, numbers: Float64Array, fsync: boolean) => Promise<CopyBatchResult>)
+  | undefined {
+  const native = process.env.DRBDTS_DIRSYNC_NATIVE_COPY === '0' ? null : load();
+  const copy = native?.dirsyncCopyFiles;
+  if (copy === undefined) return undefined;
+  return async (sourceRoot, targetRoot, paths, pathEnds, numbers, fsync) => {
+    if (numbers.length !== pathEnds.length * COPY_IN_FIELDS) throw new TypeError(`copyFiles: ${numbers.length} numbers for ${pathEnds.length} paths`);
+    const [results, fingerprints, messages] = await copy(sourceRoot, targetRoot, paths, pathEnds, numbers, fsync);
+    if (results.length !== pathEnds.length * COPY_OUT_FIELDS || fingerprints.length !== pathEnds.length * 16 || messages.length !== pathEnds.length) {
+      throw new Error(`native copy returned ${results.length} fields, ${fingerprints.length} digest bytes, ${messages.length} messages for ${pathEnds.length} paths`);
+    }
+    return { results, fingerprints, messages };
+  };
 }
 
 let addon: ScanAddon | null | undefined;
