@@ -155,7 +155,6 @@ struct Finished {
   int reason;
   std::vector<uint8_t> leftover;
   int err;
-  uint64_t requests;
 };
 
 class DataPath {
@@ -254,7 +253,7 @@ class DataPath {
         std::lock_guard<std::mutex> lock(stateMutex_);
         active_ -= 1;
         if (active_ == 0) {
-          finished = new Finished{reason_ == kRunning ? kStopped : reason_, std::move(leftover_), err_, requests_.load()};
+          finished = new Finished{reason_ == kRunning ? kStopped : reason_, std::move(leftover_), err_};
           finish = std::move(finish_);
           finish_ = nullptr;
         }
@@ -381,10 +380,12 @@ class DataPath {
   int ReceiveIntoPipe(Request& request, WorkerBuffer& buffer, int* err) {
     size_t got = 0;
     size_t length = request.lengthBytes;
+    bool woke = false;  // the last wait reported the socket readable
     while (got < length) {
       ssize_t n = splice(socketFd_, nullptr, buffer.pipeWrite, nullptr, length - got, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
       if (n > 0) {
         got += static_cast<size_t>(n);
+        woke = false;
         continue;
       }
       if (n == 0) {
@@ -394,13 +395,15 @@ class DataPath {
       if (errno == EINTR) continue;
       bool full = false;
       if (errno == EAGAIN || errno == EWOULDBLOCK) {
-        struct pollfd ready = {socketFd_, POLLIN, 0};
-        full = poll(&ready, 1, 0) == 1;  // data waiting, yet nothing moved: the pipe has no free slot
+        // Right after a wait reported data, nothing moved: the pipe has no free slot. Otherwise the socket is
+        // empty for now (no extra poll per wait to tell the two apart).
+        full = woke;
         if (!full) {
           if (!WaitSocket(POLLIN, false)) {
             DrainPipe(buffer, nullptr, 0);
             return kAborted;
           }
+          woke = true;
           continue;
         }
       }
@@ -815,8 +818,7 @@ void DeliverFinished(Napi::Env env, Napi::Function callback, Finished* finished)
     Napi::Value leftover = finished->leftover.empty()
                                ? env.Undefined()
                                : Napi::Buffer<uint8_t>::Copy(env, finished->leftover.data(), finished->leftover.size()).As<Napi::Value>();
-    callback.Call({Napi::Number::New(env, finished->reason), leftover, Napi::Number::New(env, finished->err),
-                   Napi::Number::New(env, static_cast<double>(finished->requests))});
+    callback.Call({Napi::Number::New(env, finished->reason), leftover, Napi::Number::New(env, finished->err)});
   }
   delete finished;
 }

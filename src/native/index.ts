@@ -48,7 +48,7 @@ interface NativeAddon {
     requestBytesMax: number,
     bufferBytesCap: number,
     threads: number,
-    onStop: (reason: number, leftover: Buffer | undefined, errnoPositive: number, requests: number) => void,
+    onStop: (reason: number, leftover: Buffer | undefined, errnoPositive: number) => void,
   ) => NativeDataPath;
   nbdDataPathBufferBytes(): number;
 }
@@ -655,8 +655,6 @@ export interface DataPathResult {
   leftover: Buffer | undefined;
   /** For SocketError: the errno that broke the socket, when known. */
   errno: number;
-  /** Requests served by the path on this connection so far. */
-  requests: number;
 }
 
 /**
@@ -684,9 +682,9 @@ export class NbdDataPath {
     this.native = new addon.NbdDataPath(
       options.socketFd, options.fileFd, options.sizeBytes, flags, options.requestBytesMax, options.bufferBytesCap,
       options.threads,
-      (reason, leftover, errnoPositive, requests) => {
+      (reason, leftover, errnoPositive) => {
         this.native.unref();
-        onStop({ reason: reason as DataPathStop, leftover, errno: errnoPositive, requests });
+        onStop({ reason: reason as DataPathStop, leftover, errno: errnoPositive });
       },
     );
   }

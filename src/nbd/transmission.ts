@@ -480,8 +480,9 @@ export class NbdConnection {
     this.readOnly = (negotiated.transmissionFlags & P.NBD_FLAG_READ_ONLY) !== 0;
     this.structured = negotiated.structuredReplies;
     this.phase = 'transmission';
+    // Whether the path can be had is settled at the first arm (directAccess(), the socket's descriptor).
     this.dataPathPossible = this.host.dataPathEnabled && this.directReads && !this.tlsActive &&
-      this.device.directAccess?.() != null && socketFd(this.socket) >= 0;
+      this.device.directAccess !== undefined;
     this.pump();
     this.considerDataPath();
   }
@@ -522,7 +523,7 @@ export class NbdConnection {
           spliceWrites: this.host.dataPathSplice,
           // Measured: on TCP, READ replies of page-cache pages spliced into the socket cost less CPU but came out
           // slower (0.74-0.83x nbdkit against 0.94-1.01x copying, same run); on unix sockets 2.6-2.8x.
-          spliceReads: this.host.dataPathSplice && (socket as net.Socket).remoteAddress === undefined,
+          spliceReads: this.host.dataPathSplice && socket.remoteAddress === undefined,
         }, (result) => this.onDataPathStop(result));
       } catch (error) {
         this.logger.warn({ err: error }, 'native data path unavailable; serving in JavaScript');
@@ -545,7 +546,6 @@ export class NbdConnection {
     if (!this.dataPathArmed) return; // a late result after destroyDataPath
     this.dataPathArmed = false;
     this.logger.trace({ reason: DataPathStop[result.reason], leftoverBytes: result.leftover?.length ?? 0 }, 'native data path stopped');
-    this.dataPathServed = result.requests;
     if (result.leftover !== undefined) {
       this.chunks.push(result.leftover);
       this.queuedBytes += result.leftover.length;
