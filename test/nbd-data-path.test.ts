@@ -300,9 +300,10 @@ describe('native data path, edges', () => {
     const splicedBefore = target.served.server.dataPathSplicedRequests;
     client.write(RawNbdClient.requestBytes(NBD.CMD_WRITE, 0, 1n, 3n * 1024n * 1024n, data.length));
     for (let offset = 0; offset < data.length; offset += 1024) {
-      client.write(data.subarray(offset, offset + 1024));
-      // Let each piece leave as its own send, so it becomes its own fragment on the server's side.
-      if (offset % (64 * 1024) === 0) await new Promise((resolve) => setImmediate(resolve));
+      // Wait for each piece to leave before the next, so it is its own send and so its own fragment on the
+      // server's side: pieces queued behind a pending write would go out together in one writev.
+      await new Promise<void>((resolve, reject) =>
+        client.socket.write(data.subarray(offset, offset + 1024), (error) => (error ? reject(error) : resolve())));
     }
     expect((await client.readReply()).error).toBe(0);
     client.close();
