@@ -321,6 +321,16 @@ function archivesEqual(before: Map<string, ArchiveEntry>, after: Map<string, Arc
   return true;
 }
 
+/** DRBDTS_DIRSYNC_TRACE=1: one line per phase on stderr, time and memory (docs/dirsync.md, "Performance"). */
+const TRACE = process.env.DRBDTS_DIRSYNC_TRACE === '1';
+const traceStart = performance.now();
+function trace(phase: string): void {
+  if (!TRACE) return;
+  const m = process.memoryUsage();
+  const mib = (n: number): string => (n / 1048576).toFixed(0);
+  process.stderr.write(`trace ${phase} ${(performance.now() - traceStart).toFixed(0)} ms rss ${mib(m.rss)} heapTotal ${mib(m.heapTotal)} heapUsed ${mib(m.heapUsed)} external ${mib(m.external)} arrayBuffers ${mib(m.arrayBuffers)}\n`);
+}
+
 export class SyncEngine {
   private readonly options: SyncOptions;
   private readonly replicas: [Replica, Replica];
@@ -401,10 +411,14 @@ export class SyncEngine {
       const scanned = await scanning;
       if (loaded instanceof ArchiveTable && !Array.isArray(scanned)) this.table = loaded;
       else this.archive = loaded instanceof ArchiveTable ? loaded.toMap() : loaded;
+      trace('scanned');
       const problems = Array.isArray(scanned) ? scanned : this.mergePacked(scanned.packed);
+      trace('joined');
       this.mergeArchive();
       await this.detectUpdates(problems);
+      trace('detected');
       const actions = this.reconcile();
+      trace('reconciled');
       result.items = actions.map((action) => action.item);
       const warnings = this.deletionSafety(actions);
       if (warnings.length > 0 && this.options.batch && !this.options.dryRun) {
@@ -417,6 +431,7 @@ export class SyncEngine {
       }
       if (proceed) {
         await this.propagate(actions);
+        trace('propagated');
         // Nothing changed (the common cron case): skip building the new archive, the write and its two fsyncs.
         if (!this.archiveUnchanged(actions)) {
           const roots = { root1Id: id1, root2Id: id2 };
@@ -436,6 +451,7 @@ export class SyncEngine {
             if (!archivesEqual(this.archive, newArchive)) await saveArchive(file, swapped, roots, newArchive);
           }
         }
+        trace('archived');
         if (this.connectionLost !== undefined) throw this.connectionLost;
       } else if (!this.options.dryRun) {
         // The user declined: everything planned is skipped (exit 1). A dry run leaves items 'planned'.
