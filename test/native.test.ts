@@ -3,6 +3,7 @@
 // block device ioctls (size, discard, zero-out), the batched pread/pwrite queue under concurrency, and that
 // every failure arrives as a Node-style error with .code, .errno and .syscall.
 import { execFileSync } from 'node:child_process';
+import { createRequire } from 'node:module';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -377,5 +378,19 @@ describe('block device ioctls on a real loop device', () => {
     expect(allocatedBytes(backingFd)).toBeLessThan(allocatedBefore);
     // Misaligned ranges are the kernel's to refuse; the error says so.
     await expect(blockDiscard(fd, 100, 4096)).rejects.toMatchObject({ code: 'EINVAL', syscall: 'ioctl(BLKDISCARD)' });
+  });
+});
+
+describe('malloc arenas', () => {
+  // Loaded the way dirsync's wrapper loads it (src/native/scan.ts calls mallocArenaMax when it loads the addon).
+  const addon = createRequire(import.meta.url)('../native/build/Release/drbdts_native.node') as {
+    mallocArenaMax(count: unknown): boolean;
+  };
+
+  it('mallocArenaMax sets glibc M_ARENA_MAX and refuses counts it cannot mean', () => {
+    expect(addon.mallocArenaMax(8)).toBe(true);
+    expect(() => addon.mallocArenaMax(0)).toThrow(/arena count must be 1\.\.1024/);
+    expect(() => addon.mallocArenaMax(4096)).toThrow(/arena count must be 1\.\.1024/);
+    expect(() => addon.mallocArenaMax('2')).toThrow(/arena count must be a number/);
   });
 });
