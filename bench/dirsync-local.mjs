@@ -11,7 +11,8 @@
 //     run split into several shorter ones (one round each, under the shared lock) still alternates the tools.
 //   --no-extra-ca: run every tool without NODE_EXTRA_CA_CERTS. Node 20 reads that file eagerly at every start
 //     (on the machine this was written on, ~38 ms of a 60 ms `node -e 0`); unison does not read it. The table
-//     says which environment it was measured in.
+//     says which environment it was measured in. Each drbdts build runs as its executable (bin/drbdts.js), the
+//     way an operator runs it; since the launcher of 2026-12-02 that starts Node without the variable anyway.
 //
 // Prints one markdown table (medians, ratio = dirsync / unison; a ratio below 1 means dirsync is faster) and
 // writes the raw samples as JSON when --out is given.
@@ -94,13 +95,14 @@ function smallChange(root, spec, round) {
 }
 
 const tools = {
-  dirsync: (a, b, work) => [process.execPath, [cli, 'dirsync', a, b, '--batch', '--archive-dir', path.join(work, 'archive')], {}],
+  // The `drbdts` executable, as an operator runs it (its #! line decides how Node starts, see bin/drbdts.js).
+  dirsync: (a, b, work) => [cli, ['dirsync', a, b, '--batch', '--archive-dir', path.join(work, 'archive')], {}],
   unison: (a, b, work) => ['unison', [a, b, '-batch', '-ui', 'text', '-terse'], { UNISON: path.join(work, 'unison-home'), HOME: work }],
 };
 if (baseline !== undefined) {
   const baselineCli = path.join(path.resolve(baseline), 'bin', 'drbdts.js');
   if (!fs.existsSync(baselineCli)) throw new Error(`--baseline ${baseline}: no ${baselineCli}`);
-  tools.before = (a, b, work) => [process.execPath, [baselineCli, 'dirsync', a, b, '--batch', '--archive-dir', path.join(work, 'archive')], {}];
+  tools.before = (a, b, work) => [baselineCli, ['dirsync', a, b, '--batch', '--archive-dir', path.join(work, 'archive')], {}];
 }
 const toolNames = Object.keys(tools);
 

@@ -16,9 +16,19 @@ export interface ServerProcess {
   stop(): Promise<void>;
 }
 
-/** Starts `drbdts dirsync-server --listen 127.0.0.1:PORT` (port 0 unless given) and waits for "listening on". */
-export async function startServerProcess(rootDir: string, args: string[], env: NodeJS.ProcessEnv = {}, listenPort = 0): Promise<ServerProcess> {
-  const child = spawn(process.execPath, [drbdtsBin, 'dirsync-server', '--listen', `127.0.0.1:${listenPort}`, '--root', rootDir, ...args], {
+/** Starts `drbdts dirsync-server --listen 127.0.0.1:PORT` (port 0 unless given) and waits for "listening on".
+ * By default as `node bin/drbdts.js`; `executable` runs that file itself instead (its #! line, as an operator's
+ * `drbdts` runs). */
+export async function startServerProcess(
+  rootDir: string,
+  args: string[],
+  env: NodeJS.ProcessEnv = {},
+  listenPort = 0,
+  executable?: string,
+): Promise<ServerProcess> {
+  const command = executable ?? process.execPath;
+  const commandArgs = [...(executable === undefined ? [drbdtsBin] : []), 'dirsync-server', '--listen', `127.0.0.1:${listenPort}`, '--root', rootDir, ...args];
+  const child = spawn(command, commandArgs, {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, DRBDTS_LOG_LEVEL: 'warn', ...env },
   });

@@ -323,12 +323,11 @@ function archivesEqual(before: Map<string, ArchiveEntry>, after: Map<string, Arc
 
 /** DRBDTS_DIRSYNC_TRACE=1: one line per phase on stderr, time and memory (docs/dirsync.md, "Performance"). */
 const TRACE = process.env.DRBDTS_DIRSYNC_TRACE === '1';
-const traceStart = performance.now();
 function trace(phase: string): void {
   if (!TRACE) return;
   const m = process.memoryUsage();
   const mib = (n: number): string => (n / 1048576).toFixed(0);
-  process.stderr.write(`trace ${phase} ${(performance.now() - traceStart).toFixed(0)} ms rss ${mib(m.rss)} heapTotal ${mib(m.heapTotal)} heapUsed ${mib(m.heapUsed)} external ${mib(m.external)} arrayBuffers ${mib(m.arrayBuffers)}\n`);
+  process.stderr.write(`trace ${phase} ${performance.now().toFixed(0)} ms rss ${mib(m.rss)} heapTotal ${mib(m.heapTotal)} heapUsed ${mib(m.heapUsed)} external ${mib(m.external)} arrayBuffers ${mib(m.arrayBuffers)}\n`);
 }
 
 export class SyncEngine {
