@@ -381,8 +381,9 @@ export class SyncEngine {
    * directory of that side. A directory that is a state and not listed here is not safe; one that is neither
    * a state nor listed is clean. */
   private readonly newParents = new Map<string, number>();
-  /** Sizes of the archive's files (a superset of the copy-local candidates' sizes), when the archive has any. */
-  private archiveFileSizes: Set<number> | undefined;
+  /** Sizes of the archive's files, sorted (a superset of the copy-local candidates' sizes): made at the first
+   * new file that asks. */
+  private archiveFileSizes: Float64Array | undefined;
   /** mkdir results of packed new directories, by their index in newPaths (directories are few). */
   private readonly newDirStats = new Map<number, EntryStat>();
   private newParentCache = '';
@@ -749,7 +750,7 @@ export class SyncEngine {
     const kind = records[o]!;
     if (kind !== SCAN_FILE && kind !== SCAN_DIR) return false;
     // A file of a size some archive file has may be a rename or copy of it: hashed, a state.
-    if (kind === SCAN_FILE && records[o + 5]! > 0 && this.archiveFileSizes?.has(records[o + 5]!) === true) return false;
+    if (kind === SCAN_FILE && records[o + 5]! > 0 && this.archiveHasFileSize(records[o + 5]!)) return false;
     const parent = this.newParentOf(path);
     if (parent !== 0 && parent !== side) return false;
     this.newPaths!.add(side, o / SCAN_RECORD_FIELDS, this.states.size);
@@ -804,14 +805,31 @@ export class SyncEngine {
     }
     this.packedScans = packed;
     this.newPaths = new NewPaths((packed[0].records.length + packed[1].records.length) / SCAN_RECORD_FIELDS);
-    let sizes: Set<number> | undefined;
-    if (this.table !== undefined) {
-      const { count, kinds, numbers } = this.table;
-      for (let index = 0; index < count; index++) if (kinds[index] === 0x66) (sizes ??= new Set()).add(numbers[index * 8]!);
-    } else {
-      for (const a of this.archive.values()) if (a.kind === 'file') (sizes ??= new Set()).add(a.sizeBytes);
+    this.archiveFileSizes = undefined;
+  }
+
+  /** Does some file of the archive have this size? */
+  private archiveHasFileSize(size: number): boolean {
+    let sizes = this.archiveFileSizes;
+    if (sizes === undefined) {
+      const found: number[] = [];
+      if (this.table !== undefined) {
+        const { count, kinds, numbers } = this.table;
+        for (let index = 0; index < count; index++) if (kinds[index] === 0x66) found.push(numbers[index * 8]!);
+      } else {
+        for (const a of this.archive.values()) if (a.kind === 'file') found.push(a.sizeBytes);
+      }
+      sizes = Float64Array.from(found).sort();
+      this.archiveFileSizes = sizes;
     }
-    this.archiveFileSizes = sizes;
+    let low = 0;
+    let high = sizes.length;
+    while (low < high) {
+      const middle = (low + high) >>> 1;
+      if (sizes[middle]! < size) low = middle + 1;
+      else high = middle;
+    }
+    return low < sizes.length && sizes[low] === size;
   }
 
   /** The plan's order: every state (whose action, if any, is an item) and packed new path (its index). */

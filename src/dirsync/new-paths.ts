@@ -26,30 +26,42 @@ export class NewPaths {
   /** How many are on side 1 and side 2 (deletion safety counts what each side holds). */
   readonly perSide: [number, number] = [0, 0];
   /** Side (1 or 2) holding the path. */
-  readonly sides: Uint8Array;
+  sides = new Uint8Array(0);
   /** The path's record index (not offset) in that side's packed scan. */
-  readonly records: Uint32Array;
+  records = new Uint32Array(0);
   /** How many states were made before it: its place in the path order, between states. */
-  readonly before: Uint32Array;
+  before = new Uint32Array(0);
   /** NEW_PLANNED, NEW_DONE, NEW_FAILED or NEW_SKIPPED. */
-  readonly status: Uint8Array;
+  status = new Uint8Array(0);
   /** A copied file's row in the engine's copy results, -1 for none. */
-  readonly rows: Int32Array;
+  rows = new Int32Array(0);
   /** Why a path failed or was skipped (its plan line and JSON say it). Only the few that failed. */
   readonly errors = new Map<number, string>();
 
-  /** `capacity`: the most paths there can be (the records of both scans). */
-  constructor(capacity: number) {
-    this.sides = new Uint8Array(capacity);
-    this.records = new Uint32Array(capacity);
-    this.before = new Uint32Array(capacity);
-    this.status = new Uint8Array(capacity);
-    this.rows = new Int32Array(capacity).fill(-1);
+  /** `capacity`: the most paths there can be (the records of both scans). The arrays grow as paths are added
+   * (a run with none, a no-change rescan, allocates nothing). */
+  constructor(private readonly capacity: number) {}
+
+  private grow(): void {
+    const size = Math.min(this.capacity, Math.max(1024, this.sides.length * 2));
+    if (size <= this.sides.length) throw new Error(`NewPaths: more than ${this.capacity} paths`);
+    const grown = <T extends Uint8Array | Uint32Array | Int32Array>(old: T, make: (n: number) => T): T => {
+      const array = make(size);
+      array.set(old);
+      return array;
+    };
+    this.sides = grown(this.sides, (n) => new Uint8Array(n));
+    this.records = grown(this.records, (n) => new Uint32Array(n));
+    this.before = grown(this.before, (n) => new Uint32Array(n));
+    this.status = grown(this.status, (n) => new Uint8Array(n));
+    const rows = new Int32Array(size).fill(-1);
+    rows.set(this.rows);
+    this.rows = rows;
   }
 
   add(side: 1 | 2, record: number, statesBefore: number): void {
     const k = this.count;
-    if (k >= this.sides.length) throw new Error(`NewPaths: more than ${this.sides.length} paths`);
+    if (k >= this.sides.length) this.grow();
     if (k > 0 && statesBefore < this.before[k - 1]!) throw new Error('NewPaths: added out of order');
     this.sides[k] = side;
     this.records[k] = record;
