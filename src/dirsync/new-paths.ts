@@ -18,6 +18,7 @@ export function packedNewEnabled(): boolean {
   const value = process.env.DRBDTS_DIRSYNC_PACKED_NEW;
   if (value === undefined || value === '' || value === '1') return true;
   if (value === '0') return false;
+  // ENOROOT as for the engine's other reasons not to run at all: a fatal result, exit 3, nothing touched.
   throw new ReplicaError('ENOROOT', `DRBDTS_DIRSYNC_PACKED_NEW must be 0 or 1, got "${value}"`);
 }
 
