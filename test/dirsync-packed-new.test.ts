@@ -6,6 +6,7 @@
 // modes conflict (its subtree must not be packed), and a copy that fails (a file the syncing user cannot read:
 // it must stay out of the archive and be retried). The runs are real CLI runs as user nobody (so the file is
 // really unreadable); the archive is compared entry by entry, in order, and each side's stamps against lstat.
+// Interactive runs (the prompt gets the whole plan, declined or accepted) are compared the same way.
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -151,6 +152,31 @@ describe.skipIf(!canRun)('packed new paths decide, copy and archive as the objec
       });
     }
   }
+
+  it('interactive runs (no --batch): the same prompt, plan and outcome whether the user declines or accepts', async () => {
+    const packed = makeTree('interactive-packed');
+    const objects = makeTree('interactive-objects');
+    const ask = (tree: Tree, answer: string, env: NodeJS.ProcessEnv) =>
+      spawnSync(process.execPath, [cliPath, 'dirsync', tree.a, tree.b, '--archive-dir', tree.archive], {
+        input: `${answer}\n`,
+        encoding: 'utf8',
+        env: { ...process.env, ...env },
+      });
+    for (const answer of ['n', 'y']) {
+      const p = ask(packed, answer, {});
+      const o = ask(objects, answer, { DRBDTS_DIRSYNC_PACKED_NEW: '0' });
+      expect(p.status, p.stderr).toBe(1); // declined: skipped; accepted: the conflicts are skipped
+      expect(o.status).toBe(1);
+      expect(normalised(packed, p.stdout)).toBe(normalised(objects, o.stdout));
+      expect(normalised(packed, p.stderr)).toBe(normalised(objects, o.stderr));
+      expect(p.stderr).toMatch(/Propagate \d+ change\(s\) \(2 conflict\(s\) will be skipped\)\? \[y\/N\]/);
+      expect(snapshot(packed.a)).toEqual(snapshot(objects.a));
+      expect(snapshot(packed.b)).toEqual(snapshot(objects.b));
+      if (answer === 'n') expect(fs.existsSync(path.join(packed.b, 'top.txt'))).toBe(false);
+    }
+    expect(fs.readFileSync(path.join(packed.b, 'n1/n2/n3/deep.txt'), 'utf8')).toBe('deep\n');
+    expect(await archiveRecords(packed)).toEqual(await archiveRecords(objects));
+  });
 
   it('packs what it may and no more: states only for the paths that need a decision', async () => {
     const tree = makeTree('internals');
