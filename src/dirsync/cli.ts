@@ -209,10 +209,17 @@ function planLine(item: PlanItem): string {
 /** The plan written to stdout in pieces of PLAN_WRITE_LINES lines: an initial sync of 100,000 paths otherwise
  * holds every line and their 6 MB join at once, at the run's memory peak. */
 const PLAN_WRITE_LINES = 2048;
-function writePlan(items: PlanItem[]): void {
-  for (let start = 0; start < items.length; start += PLAN_WRITE_LINES) {
-    process.stdout.write(formatPlan(items.slice(start, start + PLAN_WRITE_LINES)));
+function writePlan(result: SyncResult, onlyFailed: boolean): void {
+  // The engine's chunks are made as they are written (packed new paths have no PlanItem otherwise).
+  const chunks: Iterable<PlanItem[]> = result.itemChunks?.(PLAN_WRITE_LINES) ?? sliced(result.items, PLAN_WRITE_LINES);
+  for (const chunk of chunks) {
+    const shown = onlyFailed ? chunk.filter((item) => item.status === 'failed') : chunk;
+    if (shown.length > 0) process.stdout.write(formatPlan(shown));
   }
+}
+
+function* sliced(items: PlanItem[], size: number): Generator<PlanItem[]> {
+  for (let start = 0; start < items.length; start += size) yield items.slice(start, start + size);
 }
 
 function summary(result: SyncResult): string {
@@ -290,8 +297,7 @@ async function syncOnce(args: ParsedArgs): Promise<number> {
     if (args.json) {
       process.stdout.write(JSON.stringify(result) + '\n');
     } else {
-      const shown = args.batch || args.dryRun || result.fatal !== undefined ? result.items : result.items.filter((item) => item.status === 'failed');
-      writePlan(shown);
+      writePlan(result, !(args.batch || args.dryRun || result.fatal !== undefined));
       if (result.fatal !== undefined) process.stderr.write(`drbdts dirsync: ${result.fatal}\n`);
       process.stderr.write(summary(result));
     }

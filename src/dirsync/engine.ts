@@ -26,6 +26,7 @@ import {
 import type { EarlyStart } from './early.js';
 import { executeFileOp, type FileOp, type FileOpResult } from './fileop.js';
 import { LocalReplica, packedEntry } from './local.js';
+import { NEW_DONE, NEW_FAILED, NEW_PLANNED, NEW_SKIPPED, NewPaths, packedNewEnabled } from './new-paths.js';
 import {
   COPY_DONE,
   COPY_FAILURE_CODES,
@@ -107,7 +108,11 @@ export interface SyncResult {
   exitCode: 0 | 1 | 2 | 3;
   root1: string;
   root2: string;
+  /** The plan, in path order. With packed new paths (new-paths.ts) a getter that makes the array when asked. */
   items: PlanItem[];
+  /** The same items, `size` at a time, made as they are given (not part of the JSON output): printing the plan
+   * of an initial sync this way never holds 100,000 PlanItems at once. */
+  itemChunks?: (size: number) => Iterable<PlanItem[]>;
   counts: { propagated: number; skipped: number; failed: number; equal: number };
   bytesTransferred: number;
   fatal?: string;
@@ -154,6 +159,7 @@ interface Action {
 }
 
 const HASH_BATCH_PATHS = 256;
+const PLAN_CHUNK_ITEMS = 4096;
 /** Errors meaning the link to a remote root is gone or unusable: the run stops instead of failing path by path. */
 const CONNECTION_FATAL = new Set(['ECONN', 'EPROTO', 'EAUTH']);
 const PARALLEL_TRANSFERS = 16;
@@ -359,6 +365,28 @@ export class SyncEngine {
    */
   private flags: Uint8Array | undefined;
   private cleanInTable = 0;
+  /** DRBDTS_DIRSYNC_PACKED_NEW (read once per run: a bad value is a fatal error before anything is done). */
+  private packedNewWanted = true;
+  /**
+   * Packed scans only: the paths new on one side that never become states (new-paths.ts). A path is one when it
+   * has no archive entry, is absent on the other side, is a file or a directory, is no copy-local candidate (no
+   * archive file has its size), and each of its ancestors is a clean path, a directory on both sides whose
+   * modes cannot conflict, or itself such a new directory of the same side: then no decision above it can govern
+   * it, and its own decision is "copy from its side, target absent", a mkdir or a native copy.
+   */
+  private newPaths: NewPaths | undefined;
+  private packedScans: [PackedScan, PackedScan] | undefined;
+  /** Directories below which a new path may be packed: 0 = on both sides (safe), 1 or 2 = a packed new
+   * directory of that side. A directory that is a state and not listed here is not safe; one that is neither
+   * a state nor listed is clean. */
+  private readonly newParents = new Map<string, number>();
+  /** Sizes of the archive's files, sorted (a superset of the copy-local candidates' sizes): made at the first
+   * new file that asks. */
+  private archiveFileSizes: Float64Array | undefined;
+  /** mkdir results of packed new directories, by their index in newPaths (directories are few). */
+  private readonly newDirStats = new Map<number, EntryStat>();
+  private newParentCache = '';
+  private newParentCacheValue: number | undefined = undefined;
 
   constructor(replica1: Replica, replica2: Replica, options: SyncOptions) {
     this.replicas = [replica1, replica2];
@@ -382,6 +410,7 @@ export class SyncEngine {
     // An early start's lock is this run's from here on: released in `finally` whatever happens.
     let lock: PairLock | undefined = early?.lock;
     try {
+      this.packedNewWanted = packedNewEnabled();
       this.infos = [await this.replicas[0].open(), await this.replicas[1].open()];
       result.root1 = this.infos[0].rootId;
       result.root2 = this.infos[1].rootId;
@@ -418,14 +447,15 @@ export class SyncEngine {
       trace('detected');
       const actions = this.reconcile();
       trace('reconciled');
-      result.items = actions.map((action) => action.item);
+      for (const action of actions) action.state.action = action;
+      this.exposeItems(result, actions);
       const warnings = this.deletionSafety(actions);
       if (warnings.length > 0 && this.options.batch && !this.options.dryRun) {
         throw new ReplicaError('ENOROOT', warnings.join('; ') + '; refusing to propagate in batch mode (run without --batch to confirm)');
       }
       const toPropagate = actions.filter((action) => action.item.action !== 'conflict' && action.item.status === 'planned');
       let proceed = !this.options.dryRun;
-      if (proceed && this.options.confirm !== undefined && toPropagate.some((a) => a.item.action !== 'equal')) {
+      if (proceed && this.options.confirm !== undefined && (this.newCount() > 0 || toPropagate.some((a) => a.item.action !== 'equal'))) {
         proceed = await this.options.confirm(result.items, warnings);
       }
       if (proceed) {
@@ -434,7 +464,6 @@ export class SyncEngine {
         // Nothing changed (the common cron case): skip building the new archive, the write and its two fsyncs.
         if (!this.archiveUnchanged(actions)) {
           const roots = { root1Id: id1, root2Id: id2 };
-          for (const action of actions) action.state.action = action;
           if (this.flags !== undefined) {
             // Table mode: clean entries are copied as they are from the loaded file; an identical result is not written.
             await saveArchiveBuilder(file, swapped, roots, this.buildArchiveTable(swapped), this.table);
@@ -455,12 +484,21 @@ export class SyncEngine {
       } else if (!this.options.dryRun) {
         // The user declined: everything planned is skipped (exit 1). A dry run leaves items 'planned'.
         for (const action of actions) if (action.item.status === 'planned' && action.item.action !== 'equal') action.item.status = 'skipped';
+        const status = this.newPaths?.status;
+        for (let k = 0; k < this.newCount(); k++) if (status![k] === NEW_PLANNED) status![k] = NEW_SKIPPED;
       }
-      for (const item of result.items) {
+      for (const { item } of actions) {
         if ((item.action === 'conflict' && item.resolvedBy === undefined) || item.status === 'skipped') result.counts.skipped++;
         else if (item.status === 'failed') result.counts.failed++;
         else if (item.action === 'equal') result.counts.equal++;
         else if (item.status === 'done') result.counts.propagated++;
+      }
+      // Packed new paths: copies, counted as their items would be.
+      for (let k = 0; k < this.newCount(); k++) {
+        const status = this.newPaths!.status[k];
+        if (status === NEW_SKIPPED) result.counts.skipped++;
+        else if (status === NEW_FAILED) result.counts.failed++;
+        else if (status === NEW_DONE) result.counts.propagated++;
       }
       // Paths that could not be read at all (unlistable directories, unreadable files) are failures too: they
       // were not synced, and the next run retries them.
@@ -557,6 +595,7 @@ export class SyncEngine {
       }
     }
     const allowClean = problems[0].size === 0 && problems[1].size === 0 && !this.options.alwaysHash;
+    this.startPackingNew(packed, allowClean);
     if (this.table !== undefined) {
       const joined = nativeJoin(packed[0], packed[1], this.table, allowClean);
       if (joined?.kind === 'duplicate') throw this.table.duplicatePath();
@@ -567,6 +606,7 @@ export class SyncEngine {
       // No native join (or a scan out of order): the archive as a map, and the JavaScript join below.
       this.archive = this.table.toMap();
       this.table = undefined;
+      this.startPackingNew(packed, allowClean);
       if (joined?.kind === 'order') {
         this.statePerPath(packed);
         return problems;
@@ -587,6 +627,7 @@ export class SyncEngine {
     this.states.clear();
     this.clean = undefined;
     this.cleanSizes.clear();
+    this.startPackingNew(packed, false);
     for (const side of [1, 2] as const) {
       const { strings, records } = packed[side - 1];
       for (let o = 0, textStart = 0; o < records.length; textStart = records[o + 3]!, o += F) {
@@ -615,6 +656,7 @@ export class SyncEngine {
     const F = SCAN_RECORD_FIELDS;
     const table = this.table!;
     const { triples, flags } = joined;
+    const packing = this.newPaths !== undefined;
     const [s1, s2] = [packed[0].strings, packed[1].strings];
     const [r1, r2] = [packed[0].records, packed[1].records];
     const pathOf = (strings: Buffer, records: Float64Array, o: number): string =>
@@ -629,10 +671,12 @@ export class SyncEngine {
       const o2 = triples[t + 1]! * F;
       const index = triples[t + 2]!;
       const path = o1 >= 0 ? pathOf(s1, r1, o1) : pathOf(s2, r2, o2);
+      if (packing && index < 0 && (o1 < 0) !== (o2 < 0) && (o1 >= 0 ? this.packNew(1, r1, o1, path) : this.packNew(2, r2, o2, path))) continue;
       const state = newState(path, index >= 0 ? table.entry(index) : undefined);
       if (o1 >= 0) state.e1 = packedEntry(r1, o1, path, textOf(s1, r1, o1));
       if (o2 >= 0) state.e2 = packedEntry(r2, o2, path, textOf(s2, r2, o2));
       this.states.set(path, state);
+      if (packing && state.e1 !== undefined && state.e2 !== undefined) this.noteBothSides(path, state.e1, state.e2);
     }
     let clean = 0;
     for (let index = 0; index < table.count; index++) {
@@ -671,11 +715,197 @@ export class SyncEngine {
     return found;
   }
 
+  // ---- packed new paths (new-paths.ts) ----------------------------------------------------------------------
+
+  private newCount(): number {
+    return this.newPaths?.count ?? 0;
+  }
+
+  /** Offset of packed new path `k`'s scan record in its side's records. */
+  private newOffset(k: number): number {
+    return this.newPaths!.records[k]! * SCAN_RECORD_FIELDS;
+  }
+
+  private newRecords(k: number): Float64Array {
+    return this.packedScans![this.newPaths!.sides[k]! - 1].records;
+  }
+
+  private newPath(k: number): string {
+    const { strings, records } = this.packedScans![this.newPaths!.sides[k]! - 1];
+    const o = this.newOffset(k);
+    return utf8Slice.call(strings, o === 0 ? 0 : records[o - SCAN_RECORD_FIELDS + 3]!, records[o + 2]!);
+  }
+
+  /** Packed new path `k` as the ScanEntry the object path would have made (for the few uses that need one). */
+  private newEntry(k: number): ScanEntry {
+    return packedEntry(this.newRecords(k), this.newOffset(k), this.newPath(k), '');
+  }
+
+  /**
+   * Try to keep a path new on `side` only (no archive entry, the other side has nothing) as a packed new path
+   * instead of a state; `o` is its record's offset. Called in path order, as its state would have been made.
+   */
+  private packNew(side: Side, records: Float64Array, o: number, path: string): boolean {
+    const kind = records[o]!;
+    if (kind !== SCAN_FILE && kind !== SCAN_DIR) return false;
+    // A file of a size some archive file has may be a rename or copy of it: hashed, a state.
+    if (kind === SCAN_FILE && records[o + 5]! > 0 && this.archiveHasFileSize(records[o + 5]!)) return false;
+    const parent = this.newParentOf(path);
+    if (parent !== 0 && parent !== side) return false;
+    this.newPaths!.add(side, o / SCAN_RECORD_FIELDS, this.states.size);
+    if (kind === SCAN_DIR) this.newParents.set(path, side);
+    return true;
+  }
+
+  /** A state was made for a path present on both sides: a directory on both with modes that cannot conflict
+   * (and a safe parent) may hold packed new paths. */
+  private noteBothSides(path: string, e1: ScanEntry, e2: ScanEntry): void {
+    if (e1.kind !== 'dir' || e2.kind !== 'dir' || (this.options.perms && e1.mode !== e2.mode)) return;
+    if (this.newParentOf(path) === 0) this.newParents.set(path, 0);
+  }
+
+  /** What the parent of `path` allows below it: 0 (safe: clean, root, or a directory on both sides), the side of
+   * a packed new directory, or -1 (a state that may govern its subtree). */
+  private newParentOf(path: string): number {
+    const slash = path.lastIndexOf('/');
+    if (slash === -1) return 0;
+    // A directory's entries come together: one lookup per directory.
+    const cache = this.newParentCache;
+    if (slash !== cache.length || !path.startsWith(cache)) {
+      this.newParentCache = path.slice(0, slash);
+      this.newParentCacheValue = undefined;
+    }
+    if (this.newParentCacheValue === undefined) {
+      const parent = this.newParentCache;
+      this.newParentCacheValue = this.newParents.get(parent) ?? (this.states.has(parent) ? -1 : 0);
+    }
+    return this.newParentCacheValue;
+  }
+
+  /** Set up packing for a join (or turn it off): only when the whole run can take the packed path. */
+  private startPackingNew(packed: [PackedScan, PackedScan], allowed: boolean): void {
+    this.newPaths = undefined;
+    this.packedScans = undefined;
+    this.newParents.clear();
+    this.newParentCache = '';
+    this.newParentCacheValue = undefined;
+    // Everything a packed path skips must be known not to apply: no unknown subtree, no hash of every file, a
+    // run that propagates on its own (no dry run), and native copies between two local roots for its files.
+    const roots = this.localRoots();
+    if (
+      !allowed ||
+      !this.packedNewWanted ||
+      this.options.dryRun ||
+      roots === undefined ||
+      process.env.DRBDTS_DIRSYNC_WORKERS === '0' ||
+      nativeCopier() === undefined
+    ) {
+      return;
+    }
+    this.packedScans = packed;
+    this.newPaths = new NewPaths((packed[0].records.length + packed[1].records.length) / SCAN_RECORD_FIELDS);
+    this.archiveFileSizes = undefined;
+  }
+
+  /** Does some file of the archive have this size? */
+  private archiveHasFileSize(size: number): boolean {
+    let sizes = this.archiveFileSizes;
+    if (sizes === undefined) {
+      const found: number[] = [];
+      if (this.table !== undefined) {
+        const { count, kinds, numbers } = this.table;
+        for (let index = 0; index < count; index++) if (kinds[index] === 0x66) found.push(numbers[index * 8]!);
+      } else {
+        for (const a of this.archive.values()) if (a.kind === 'file') found.push(a.sizeBytes);
+      }
+      sizes = Float64Array.from(found).sort();
+      this.archiveFileSizes = sizes;
+    }
+    let low = 0;
+    let high = sizes.length;
+    while (low < high) {
+      const middle = (low + high) >>> 1;
+      if (sizes[middle]! < size) low = middle + 1;
+      else high = middle;
+    }
+    return low < sizes.length && sizes[low] === size;
+  }
+
+  /** The plan's order: every state (whose action, if any, is an item) and packed new path (its index). */
+  private *planOrder(): Generator<PathState | number> {
+    const newPaths = this.newPaths;
+    const count = this.newCount();
+    let k = 0;
+    let n = 0;
+    for (const state of this.states.values()) {
+      for (; k < count && newPaths!.before[k]! <= n; k++) yield k;
+      yield state;
+      n++;
+    }
+    for (; k < count; k++) yield k;
+  }
+
+  /** Packed new path `k`'s plan item, as reconcile and the propagation would have left it. */
+  private newItem(k: number): PlanItem {
+    const newPaths = this.newPaths!;
+    const side = newPaths.sides[k] as Side;
+    const kind = KIND_OF_CODE[this.newRecords(k)[this.newOffset(k)]!]!;
+    const status = newPaths.status[k]!;
+    const item: PlanItem = {
+      path: this.newPath(k),
+      action: 'copy',
+      from: side,
+      change1: side === 1 ? 'new' : 'absent',
+      change2: side === 2 ? 'new' : 'absent',
+      kind1: side === 1 ? kind : undefined,
+      kind2: side === 2 ? kind : undefined,
+      status: status === NEW_DONE ? 'done' : status === NEW_FAILED ? 'failed' : status === NEW_SKIPPED ? 'skipped' : 'planned',
+      transfer: status === NEW_DONE && kind === 'file' ? 'full' : undefined,
+    };
+    const error = newPaths.errors.get(k);
+    if (error !== undefined) item.error = error;
+    return item;
+  }
+
+  private *itemChunks(size: number): Generator<PlanItem[]> {
+    let chunk: PlanItem[] = [];
+    for (const next of this.planOrder()) {
+      if (typeof next === 'number') chunk.push(this.newItem(next));
+      else if (next.action !== undefined) chunk.push(next.action.item);
+      else continue;
+      if (chunk.length >= size) {
+        yield chunk;
+        chunk = [];
+      }
+    }
+    if (chunk.length > 0) yield chunk;
+  }
+
+  /** result.items and result.itemChunks: the actions' items, with packed new paths' made only when asked. */
+  private exposeItems(result: SyncResult, actions: Action[]): void {
+    Object.defineProperty(result, 'itemChunks', { value: (size: number) => this.itemChunks(size), enumerable: false });
+    if (this.newCount() === 0) {
+      result.items = actions.map((action) => action.item);
+      return;
+    }
+    // Same key, same place in the object: JSON.stringify(result) gives the bytes it gave with an array.
+    Object.defineProperty(result, 'items', {
+      get: () => {
+        const items: PlanItem[] = [];
+        for (const chunk of this.itemChunks(PLAN_CHUNK_ITEMS)) for (const item of chunk) items.push(item);
+        return items;
+      },
+      enumerable: true,
+      configurable: true,
+    });
+  }
+
   private joinPacked(packed: [PackedScan, PackedScan], allowClean: boolean): void {
     const [s1, s2] = [packed[0].strings, packed[1].strings];
     const [r1, r2] = [packed[0].records, packed[1].records];
     const clean = new Set<ArchiveEntry>();
     this.clean = clean;
+    const packing = this.newPaths !== undefined;
     // A cursor per side over its records in scan order.
     const c1 = new ScanCursor(r1, s1);
     const c2 = new ScanCursor(r2, s2);
@@ -721,11 +951,15 @@ export class SyncEngine {
       if (allowClean && !underOpened && a !== undefined && sameAsArchive(s1, r1, c1.offset, a, 1) && sameAsArchive(s2, r2, c2.offset, a, 2)) {
         clean.add(a);
         if (a.kind === 'file') this.cleanSizes.add(a.sizeBytes);
-      } else {
+      } else if (
+        !(packing && has1 !== has2 && !this.archive.has(path) && (has1 ? this.packNew(1, r1, c1.offset, path) : this.packNew(2, r2, c2.offset, path)))
+      ) {
+        // (A packed new path needs nothing in `opened`: nothing below it is on the other side, so nothing is clean.)
         const state = newState(path, undefined);
         if (has1) state.e1 = packedEntry(r1, c1.offset, path, text(s1, r1, c1.offset));
         if (has2) state.e2 = packedEntry(r2, c2.offset, path, text(s2, r2, c2.offset));
         this.states.set(path, state);
+        if (packing && state.e1 !== undefined && state.e2 !== undefined) this.noteBothSides(path, state.e1, state.e2);
         // A directory that differs from the archive only in its stamps is "unchanged" on both sides: no decision
         // on it, nothing it could govern. Anything else keeps its subtree out of the clean set.
         const stampsOnly =
@@ -1096,7 +1330,7 @@ export class SyncEngine {
       if (deletes.length === 0) continue;
       // Emptied root: the side holds nothing any more while the archive remembers content (a missing mount, a
       // wiped disk): propagating would delete everything on the other side.
-      let remaining = this.cleanCount(); // a clean path is present on both sides
+      let remaining = this.cleanCount() + (this.newPaths?.perSide[side - 1] ?? 0); // a clean path is present on both sides
       for (const state of this.states.values()) if (entryOf(state, side) !== undefined) remaining++;
       if (remaining === 0) {
         warnings.push(`root ${side} (${this.infos[side - 1].rootId}) was emptied: it would delete ${deletes.length} paths on the other side`);
@@ -1109,11 +1343,18 @@ export class SyncEngine {
 
   private async propagate(actions: Action[]): Promise<void> {
     const work = actions.filter((action) => action.item.action !== 'equal' && (action.item.action !== 'conflict' || action.item.resolvedBy !== undefined));
-    if (work.length === 0) return; // nothing to propagate (a no-change run): no index of every file to build
-    const progress: ProgressState = { itemsDone: 0, itemsTotal: work.length, bytesDone: 0, bytesTotal: 0 };
+    const newPaths = this.newPaths;
+    const newCount = this.newCount();
+    if (work.length === 0 && newCount === 0) return; // nothing to propagate (a no-change run): no index of every file to build
+    const progress: ProgressState = { itemsDone: 0, itemsTotal: work.length + newCount, bytesDone: 0, bytesTotal: 0 };
     for (const action of work) {
       const entry = entryOf(action.state, action.from);
       if (entry?.kind === 'file' && (action.item.action === 'copy' || action.item.action === 'conflict')) progress.bytesTotal += entry.sizeBytes;
+    }
+    for (let k = 0; k < newCount; k++) {
+      const records = this.newRecords(k);
+      const o = this.newOffset(k);
+      if (records[o] === SCAN_FILE) progress.bytesTotal += records[o + 5]!;
     }
     const report = (): void => {
       progress.itemsDone++;
@@ -1134,6 +1375,22 @@ export class SyncEngine {
       action.item.status = 'failed';
       action.item.error = error instanceof Error ? error.message : String(error);
       this.options.warn(`failed: ${action.item.path}: ${action.item.error}`);
+    };
+    // fail() for a packed new path: the same outcome, kept as its status and message.
+    const failNew = (k: number, error: unknown): void => {
+      if (this.connectionLost === undefined && error instanceof ReplicaError && CONNECTION_FATAL.has(error.code)) {
+        this.connectionLost = error;
+        this.options.warn(`connection to a remote root lost: ${error.message}; stopping`);
+      }
+      if (this.connectionLost !== undefined) {
+        newPaths!.status[k] = NEW_SKIPPED;
+        newPaths!.errors.set(k, this.connectionLost.message);
+        return;
+      }
+      const message = error instanceof Error ? error.message : String(error);
+      newPaths!.status[k] = NEW_FAILED;
+      newPaths!.errors.set(k, message);
+      this.options.warn(`failed: ${this.newPath(k)}: ${message}`);
     };
     const isCreate = (action: Action): boolean => entryOf(action.state, action.from) !== undefined;
 
@@ -1228,9 +1485,26 @@ export class SyncEngine {
 
     // Phase 2a: directories, parents first (the path order puts a parent before its children).
     const creates = work.filter((action) => action.item.status === 'planned' && isCreate(action));
-    for (const action of creates) {
+    // With packed new paths, the directories are created in the plan's order (a packed directory may hold
+    // states, a state directory packed paths): the creates that are directories, and the packed directories.
+    const dirCreates = creates.filter((action) => entryOf(action.state, action.from)!.kind === 'dir');
+    const dirOrder: Iterable<Action | number> =
+      newCount === 0 ? dirCreates : this.inPlanOrder(new Set(dirCreates), (k) => this.newRecords(k)[this.newOffset(k)] === SCAN_DIR);
+    for (const next of dirOrder) {
+      if (typeof next === 'number') {
+        const side = newPaths!.sides[next] as Side;
+        const path = this.newPath(next);
+        try {
+          this.newDirStats.set(next, await this.replica(other(side)).mkdir(path, this.newRecords(next)[this.newOffset(next) + 4]!));
+          newPaths!.status[next] = NEW_DONE;
+        } catch (error) {
+          failNew(next, error);
+        }
+        report();
+        continue;
+      }
+      const action = next;
       const source = entryOf(action.state, action.from)!;
-      if (source.kind !== 'dir') continue;
       try {
         if (this.swapsInDir(action)) {
           // A file or symlink becomes a directory in one swap: the path is never absent (see replaceWithDir).
@@ -1267,8 +1541,19 @@ export class SyncEngine {
     };
     const roots = this.localRoots();
     const copier = roots !== undefined && process.env.DRBDTS_DIRSYNC_WORKERS !== '0' ? nativeCopier() : undefined;
+    const newDone = (k: number, sizeBytes: number): void => {
+      newPaths!.status[k] = NEW_DONE;
+      progress.bytesDone += sizeBytes;
+      report();
+    };
+    const newFailed = (k: number, error: unknown): void => {
+      failNew(k, error);
+      report();
+    };
+    // A packed new path is made only when its files can be copied natively (startPackingNew).
+    if (newCount > 0 && copier === undefined) throw new Error('dirsync: packed new paths without the native copy');
     if (copier !== undefined) {
-      await this.runNativeCopies(copier, roots!, fileWork, targetIndex, fileDone, fileFailed);
+      await this.runNativeCopies(copier, roots!, fileWork, targetIndex, fileDone, fileFailed, newDone, newFailed);
     } else if (roots !== undefined && fileWork.length >= WORKER_MIN_FILES && process.env.DRBDTS_DIRSYNC_WORKERS !== '0') {
       const ops = fileWork.map((action) => this.planFileOp(action, targetIndex));
       await this.runInWorkers(roots, fileWork, ops, fileDone, fileFailed);
@@ -1315,6 +1600,7 @@ export class SyncEngine {
       report();
     }
     for (const action of work) if (action.item.status === 'planned') action.item.status = 'done';
+    for (let k = 0; k < newCount; k++) if (newPaths!.status[k] === NEW_PLANNED) newPaths!.status[k] = NEW_DONE;
 
     // Directories whose contents changed have new mtimes on the changed side: record their final stamps now, or
     // the next run would see every such directory as touched and rewrite the archive for nothing.
@@ -1326,6 +1612,14 @@ export class SyncEngine {
       if (parent !== '') touched[side - 1].add(parent);
       if (entryOf(action.state, action.from)?.kind === 'dir') touched[side - 1].add(action.item.path);
     }
+    for (let k = 0; k < newCount; k++) {
+      if (newPaths!.status[k] !== NEW_DONE) continue;
+      const side = other(newPaths!.sides[k] as Side);
+      const path = this.newPath(k);
+      const parent = parentOf(path);
+      if (parent !== '') touched[side - 1].add(parent);
+      if (this.newRecords(k)[this.newOffset(k)] === SCAN_DIR) touched[side - 1].add(path);
+    }
     for (const side of [1, 2] as const) {
       for (const dir of touched[side - 1]) {
         try {
@@ -1335,6 +1629,15 @@ export class SyncEngine {
           // Only a stamp refresh: without it the next run re-records the directory.
         }
       }
+    }
+  }
+
+  /** Of the plan's order, the actions in `actions` and the packed new paths `takeNew` accepts. */
+  private *inPlanOrder(actions: Set<Action>, takeNew: (k: number) => boolean): Generator<Action | number> {
+    for (const next of this.planOrder()) {
+      if (typeof next === 'number') {
+        if (takeNew(next)) yield next;
+      } else if (next.action !== undefined && actions.has(next.action)) yield next.action;
     }
   }
 
@@ -1473,11 +1776,77 @@ export class SyncEngine {
     targetIndex: [Map<string, PathState>, Map<string, PathState>],
     done: (action: Action, result: FileOpResult | undefined) => void,
     failed: (action: Action, error: ReplicaError) => void,
+    newDone: (k: number, sizeBytes: number) => void,
+    newFailed: (k: number, error: ReplicaError) => void,
   ): Promise<void> {
     const fsync = (this.replicas[0] as LocalReplica).fsyncFiles;
-    this.copyResults = new Float64Array(fileWork.length * COPY_ROW_FIELDS);
-    this.copyDigests = Buffer.alloc(fileWork.length * 16);
+    // After the states' files, the packed new files (every one a full copy to an absent path), fed to the addon
+    // from their scan records: paths as the scan's bytes, numbers from the record, no object per file.
+    const newPaths = this.newPaths;
+    const newCount = this.newCount();
+    let newFiles = 0;
+    for (let k = 0; k < newCount; k++) if (this.newRecords(k)[this.newOffset(k)] === SCAN_FILE) newFiles++;
+    this.copyResults = new Float64Array((fileWork.length + newFiles) * COPY_ROW_FIELDS);
+    this.copyDigests = Buffer.alloc((fileWork.length + newFiles) * 16);
     let rows = 0;
+    let nextNew = 0;
+    const takeNewBatch = (): { from: Side; indexes: number[]; paths: Buffer; ends: Uint32Array; numbers: Float64Array } | undefined => {
+      let from: Side | undefined;
+      const indexes: number[] = [];
+      const numbers = new Float64Array(NATIVE_COPY_BATCH_OPS * COPY_IN_FIELDS);
+      const pieces: Buffer[] = [];
+      const ends = new Uint32Array(NATIVE_COPY_BATCH_OPS);
+      let bytes = 0;
+      for (; nextNew < newCount && indexes.length < NATIVE_COPY_BATCH_OPS; nextNew++) {
+        const k = nextNew;
+        const records = this.newRecords(k);
+        const o = this.newOffset(k);
+        if (records[o] !== SCAN_FILE || newPaths!.status[k] !== NEW_PLANNED) continue;
+        const side = newPaths!.sides[k] as Side;
+        if (from !== undefined && side !== from) break;
+        from = side;
+        const { strings } = this.packedScans![side - 1];
+        const start = o === 0 ? 0 : records[o - SCAN_RECORD_FIELDS + 3]!;
+        const piece = strings.subarray(start, records[o + 2]!);
+        pieces.push(piece);
+        bytes += piece.length;
+        // As planFileOp would: the source's size, mtime and inode to re-check, target absent, the source's mode
+        // (no target file whose bits to keep), its mtime with --times.
+        const n = indexes.length * COPY_IN_FIELDS;
+        numbers[n] = records[o + 5]!;
+        numbers[n + 1] = records[o + 6]!;
+        numbers[n + 2] = records[o + 8]!;
+        numbers[n + 7] = records[o + 4]!;
+        numbers[n + 8] = this.options.times ? records[o + 6]! : NaN;
+        ends[indexes.length] = bytes;
+        indexes.push(k);
+      }
+      if (from === undefined) return undefined;
+      const count = indexes.length;
+      return { from, indexes, paths: Buffer.concat(pieces, bytes), ends: ends.slice(0, count), numbers: numbers.subarray(0, count * COPY_IN_FIELDS) };
+    };
+    const copyNewJob = async (): Promise<void> => {
+      for (let batch = takeNewBatch(); batch !== undefined; batch = takeNewBatch()) {
+        const { from, indexes } = batch;
+        const { results, fingerprints, messages }: CopyBatchResult = await copier(roots[from - 1]!, roots[2 - from]!, batch.paths, batch.ends, batch.numbers, fsync);
+        for (let j = 0; j < indexes.length; j++) {
+          const k = indexes[j]!;
+          const o = j * COPY_OUT_FIELDS;
+          const status = results[o]!;
+          if (status !== COPY_DONE) {
+            newFailed(k, new ReplicaError(COPY_FAILURE_CODES[status - 1] ?? 'EIO', messages[j]!, this.newPath(k)));
+            continue;
+          }
+          const row = rows++;
+          this.copyResults!.set(results.subarray(o + 1, o + COPY_OUT_FIELDS), row * COPY_ROW_FIELDS);
+          fingerprints.copy(this.copyDigests!, row * 16, j * 16, j * 16 + 16);
+          newPaths!.rows[k] = row;
+          const sizeBytes = batch.numbers[j * COPY_IN_FIELDS]!;
+          this.bytesTransferred += sizeBytes;
+          newDone(k, sizeBytes);
+        }
+      }
+    };
     const jobs = Math.max(1, Number(process.env.DRBDTS_DIRSYNC_WORKERS ?? DEFAULT_COPY_WORKERS) || DEFAULT_COPY_WORKERS);
     const onThread: Array<{ action: Action; op: FileOp }> = [];
     let next = 0;
@@ -1518,6 +1887,10 @@ export class SyncEngine {
       return { from, actions, paths, numbers: numbers.subarray(0, actions.length * COPY_IN_FIELDS) };
     };
     const copyJob = async (): Promise<void> => {
+      await copyStatesJob();
+      await copyNewJob();
+    };
+    const copyStatesJob = async (): Promise<void> => {
       for (let batch = takeBatch(); batch !== undefined; batch = takeBatch()) {
         const { from, actions, paths } = batch;
         const ends = new Uint32Array(new ArrayBuffer(paths.length * 4));
@@ -1643,7 +2016,7 @@ export class SyncEngine {
   /** With no action at all, the new archive would be the old one unless some unchanged path's stamps moved
    * (buildArchive then keeps every other entry as it was): checked without building it. */
   private archiveUnchanged(actions: Action[]): boolean {
-    if (actions.length > 0) return false;
+    if (actions.length > 0 || this.newCount() > 0) return false;
     for (const state of this.states.values()) {
       const { a, e1, e2 } = state;
       if (state.refresh !== true || a === undefined || e1 === undefined || e2 === undefined) continue;
@@ -1665,6 +2038,7 @@ export class SyncEngine {
   private buildArchive(put: (path: string, entry: ArchiveEntry) => void): void {
     const { clean } = this;
     if (clean === undefined) {
+      // (Every path a state: nothing was packed, and every state's path is either archived or not.)
       for (const [path, state] of this.states) this.recordPath(path, state, state.action, put);
       return;
     }
@@ -1691,7 +2065,7 @@ export class SyncEngine {
         );
       }
     }
-    for (const [path, state] of this.states) if (state.a === undefined) this.recordPath(path, state, state.action, put);
+    this.recordUnarchived(put);
   }
 
   /**
@@ -1738,8 +2112,58 @@ export class SyncEngine {
       builder.copyRun(table, index, end);
       index = end - 1;
     }
-    for (const [path, state] of this.states) if (state.a === undefined) this.recordPath(path, state, state.action, put);
+    this.recordUnarchived(put);
     return builder;
+  }
+
+  /** The new archive's entries of the paths the old archive did not have: states and packed new paths, in the
+   * plan's order (as the object path would record their states). */
+  private recordUnarchived(put: (path: string, entry: ArchiveEntry) => void): void {
+    if (this.newCount() === 0) {
+      for (const [path, state] of this.states) if (state.a === undefined) this.recordPath(path, state, state.action, put);
+      return;
+    }
+    for (const next of this.planOrder()) {
+      if (typeof next === 'number') this.recordNew(next, put);
+      else if (next.a === undefined) this.recordPath(next.path, next, next.action, put);
+    }
+  }
+
+  /** The archive entry of packed new path `k`, as recordPath makes it for a copy to an absent path: only when it
+   * synced (a failed or skipped path had no archive entry, and gets none). */
+  private recordNew(k: number, put: (path: string, entry: ArchiveEntry) => void): void {
+    const newPaths = this.newPaths!;
+    if (newPaths.status[k] !== NEW_DONE) return;
+    const from = newPaths.sides[k] as Side;
+    const path = this.newPath(k);
+    const winner: EntryStat = this.newEntry(k);
+    let targetStat: EntryStat | undefined;
+    let fingerprint = '';
+    if (winner.kind === 'dir') targetStat = this.newDirStats.get(k);
+    else {
+      const row = newPaths.rows[k]!;
+      targetStat = this.copyResultStat(row);
+      fingerprint = this.copyResultFingerprint(row) ?? '';
+      if (targetStat === undefined || fingerprint === '') throw new Error(`dirsync: ${path} was copied without a result`);
+    }
+    if (targetStat === undefined) throw new Error(`dirsync: ${path} was created without a result`);
+    let [s1, s2] = from === 1 ? [winner, targetStat] : [targetStat, winner];
+    if (s1.kind === 'dir') s1 = this.finalDirStats[0].get(path) ?? s1;
+    if (s2.kind === 'dir') s2 = this.finalDirStats[1].get(path) ?? s2;
+    const source = from === 2 ? s2 : s1;
+    put(path, {
+      kind: source.kind,
+      sizeBytes: source.kind === 'file' ? source.sizeBytes : 0,
+      fingerprint: source.kind === 'file' ? fingerprint : '',
+      mode: source.mode,
+      linkTarget: '',
+      mtime1Ms: s1.mtimeMs,
+      ctime1Ms: s1.ctimeMs,
+      inode1: s1.inode,
+      mtime2Ms: s2.mtimeMs,
+      ctime2Ms: s2.ctimeMs,
+      inode2: s2.inode,
+    });
   }
 
   /** The new archive's entry of one path (a state), if it has one. */
