@@ -9,6 +9,8 @@
 //     dist/ and native/build) as a third tool in the same rounds, so before/after come from one run.
 //   --first-round K: number the rounds from K (which tool starts a round follows its number), so that a long
 //     run split into several shorter ones (one round each, under the shared lock) still alternates the tools.
+//     Leave two minutes between such runs on ext4: each deletes its copies at its end, and file creation right
+//     after a large deletion is slow (see where the copies are deleted below).
 //   --no-extra-ca: run every tool without NODE_EXTRA_CA_CERTS. Node 20 reads that file eagerly at every start
 //     (on the machine this was written on, ~38 ms of a 60 ms `node -e 0`); unison does not read it. The table
 //     says which environment it was measured in. Each drbdts build runs as its executable (bin/drbdts.js), the
@@ -114,6 +116,7 @@ function median(values) {
 
 const base = fs.mkdtempSync(path.join(os.tmpdir(), 'drbdts-bench-dirsync-'));
 const samples = [];
+const finished = [];
 try {
   execFileSync('unison', ['-version'], { stdio: 'ignore' });
   for (const treeName of treeNames) {
@@ -145,9 +148,14 @@ try {
           `  ${treeName} ${tool} round ${round}: initial ${initial.wallMs.toFixed(0)} ms (cpu ${initial.cpuMs.toFixed(0)}), ` +
             `rescan ${rescan.wallMs.toFixed(0)} ms (cpu ${rescan.cpuMs.toFixed(0)}), change ${change.wallMs.toFixed(0)} ms (cpu ${change.cpuMs.toFixed(0)}), peak RSS ${(Math.max(initial.rssKiB, rescan.rssKiB, change.rssKiB) / 1024).toFixed(0)} MiB\n`,
         );
-        fs.rmSync(work, { recursive: true, force: true });
+        // Not deleted here: on this machine's ext4, creating files shortly after many were deleted is slow (the
+        // inode allocator skips recently freed inodes, ext4 ialloc.c recently_deleted), so whichever tool ran
+        // right after a deletion of 100,000 files paid seconds of system time for it. Every tool's copies stay
+        // until the tree's rounds are over.
+        finished.push(work);
       }
     }
+    for (const work of finished.splice(0)) fs.rmSync(work, { recursive: true, force: true });
     process.stderr.write(`  load average ${os.loadavg().map((x) => x.toFixed(2)).join(' ')} at ${new Date().toISOString()}\n`);
   }
 } finally {
