@@ -2147,23 +2147,29 @@ export class SyncEngine {
       if (targetStat === undefined || fingerprint === '') throw new Error(`dirsync: ${path} was copied without a result`);
     }
     if (targetStat === undefined) throw new Error(`dirsync: ${path} was created without a result`);
-    let [s1, s2] = from === 1 ? [winner, targetStat] : [targetStat, winner];
+    const [s1, s2] = from === 1 ? [winner, targetStat] : [targetStat, winner];
+    put(path, this.syncedEntry(path, from, s1, s2, fingerprint));
+  }
+
+  /** The archive entry of a path synced to stats s1 and s2 (a directory's final stamps, when its contents changed
+   * after it was created, replace its stat), with `from`'s kind, size, mode and link target. */
+  private syncedEntry(path: string, from: Side | undefined, s1: EntryStat, s2: EntryStat, fingerprint: string | undefined): ArchiveEntry {
     if (s1.kind === 'dir') s1 = this.finalDirStats[0].get(path) ?? s1;
     if (s2.kind === 'dir') s2 = this.finalDirStats[1].get(path) ?? s2;
     const source = from === 2 ? s2 : s1;
-    put(path, {
+    return {
       kind: source.kind,
       sizeBytes: source.kind === 'file' ? source.sizeBytes : 0,
-      fingerprint: source.kind === 'file' ? fingerprint : '',
+      fingerprint: source.kind === 'file' ? fingerprint ?? '' : '',
       mode: source.mode,
-      linkTarget: '',
+      linkTarget: source.linkTarget ?? '',
       mtime1Ms: s1.mtimeMs,
       ctime1Ms: s1.ctimeMs,
       inode1: s1.inode,
       mtime2Ms: s2.mtimeMs,
       ctime2Ms: s2.ctimeMs,
       inode2: s2.inode,
-    });
+    };
   }
 
   /** The new archive's entry of one path (a state), if it has one. */
@@ -2212,21 +2218,6 @@ export class SyncEngine {
       }
       [s1, s2] = action.from === 1 ? [winner, targetStat] : [targetStat, winner];
     }
-    if (s1.kind === 'dir') s1 = this.finalDirStats[0].get(path) ?? s1;
-    if (s2.kind === 'dir') s2 = this.finalDirStats[1].get(path) ?? s2;
-    const source = item.from === 2 ? s2 : s1;
-    put(path, {
-      kind: source.kind,
-      sizeBytes: source.kind === 'file' ? source.sizeBytes : 0,
-      fingerprint: source.kind === 'file' ? fingerprint ?? '' : '',
-      mode: source.mode,
-      linkTarget: source.linkTarget ?? '',
-      mtime1Ms: s1.mtimeMs,
-      ctime1Ms: s1.ctimeMs,
-      inode1: s1.inode,
-      mtime2Ms: s2.mtimeMs,
-      ctime2Ms: s2.ctimeMs,
-      inode2: s2.inode,
-    });
+    put(path, this.syncedEntry(path, item.from, s1, s2, fingerprint));
   }
 }
