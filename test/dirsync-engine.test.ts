@@ -10,10 +10,10 @@ import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { SyncEngine, type SyncOptions } from '../src/dirsync/engine.js';
+import { SyncEngine } from '../src/dirsync/engine.js';
 import { LocalReplica } from '../src/dirsync/local.js';
 import type { ContentSource, Replica, WriteFileRequest, WriteFileResult, EntryStat } from '../src/dirsync/replica.js';
-import { cliPath, dirsync, exists, mkTemp, read, run, snapshot, write, type Pair } from './dirsync-helpers.js';
+import { cliPath, dirsync, engineOptions, exists, mkTemp, read, run, snapshot, write, type Pair } from './dirsync-helpers.js';
 
 let base: string;
 let counter = 0;
@@ -35,21 +35,6 @@ function makePair(): Pair {
   return { dir, a, b, archive: path.join(dir, 'archive'), rootA: a, rootB: b, extraArgs: [] };
 }
 
-function engineOptions(pair: Pair): SyncOptions {
-  return {
-    batch: true,
-    copyOnConflict: false,
-    ignore: [],
-    times: false,
-    perms: true,
-    alwaysHash: false,
-    archiveDir: pair.archive,
-    dryRun: false,
-    local: [true, true],
-    warn: () => undefined,
-  };
-}
-
 /** A real LocalReplica with hooks that let a test act at precise points of propagation (fault injection). */
 class HookedReplica extends LocalReplica {
   onReadFile?: (path: string) => void;
@@ -68,7 +53,7 @@ class HookedReplica extends LocalReplica {
 }
 
 async function syncWith(pair: Pair, replica1: Replica, replica2: Replica) {
-  return new SyncEngine(replica1, replica2, engineOptions(pair)).run();
+  return new SyncEngine(replica1, replica2, engineOptions(pair.archive)).run();
 }
 
 describe('scenario 23: file modified during the sync', () => {

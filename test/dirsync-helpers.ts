@@ -5,9 +5,28 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import type { SyncOptions } from '../src/dirsync/engine.js';
 
 export const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 export const cliPath = path.join(repoRoot, 'bin', 'drbdts.js');
+
+/** Options for an in-process SyncEngine run between two local roots: batch mode, unison's defaults (perms on,
+ * times off), warnings dropped; `overrides` on top. */
+export function engineOptions(archiveDir: string, overrides: Partial<SyncOptions> = {}): SyncOptions {
+  return {
+    batch: true,
+    copyOnConflict: false,
+    ignore: [],
+    times: false,
+    perms: true,
+    alwaysHash: false,
+    archiveDir,
+    dryRun: false,
+    local: [true, true],
+    warn: () => undefined,
+    ...overrides,
+  };
+}
 
 export interface RunResult {
   code: number;

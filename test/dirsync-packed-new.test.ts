@@ -13,10 +13,10 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { archivePathFor, loadArchive } from '../src/dirsync/archive.js';
-import { SyncEngine, type SyncOptions } from '../src/dirsync/engine.js';
+import { SyncEngine } from '../src/dirsync/engine.js';
 import { LocalReplica } from '../src/dirsync/local.js';
 import { nativeCopier, nativeScanAvailable } from '../src/native/scan.js';
-import { cliPath, mkTemp, run, snapshot, write, type RunResult } from './dirsync-helpers.js';
+import { cliPath, engineOptions, mkTemp, run, snapshot, write, type RunResult } from './dirsync-helpers.js';
 
 let base: string;
 
@@ -181,18 +181,7 @@ describe.skipIf(!canRun)('packed new paths decide, copy and archive as the objec
   it('packs what it may and no more: states only for the paths that need a decision', async () => {
     const tree = makeTree('internals');
     spawnSync('chown', ['root:root', path.join(tree.a, 'n1/secret.txt')]);
-    const options: SyncOptions = {
-      batch: true,
-      copyOnConflict: false,
-      ignore: [],
-      times: false,
-      perms: true,
-      alwaysHash: false,
-      archiveDir: tree.archive,
-      dryRun: false,
-      local: [true, true],
-      warn: () => undefined,
-    };
+    const options = engineOptions(tree.archive);
     const engine = new SyncEngine(new LocalReplica(tree.a), new LocalReplica(tree.b), options);
     const result = await engine.run();
     expect(result.exitCode).toBe(1); // the two conflicts are skipped; as root the "unreadable" file is readable

@@ -14,7 +14,7 @@ import { startEarly } from '../src/dirsync/early.js';
 import { SyncEngine, type SyncOptions, type SyncResult } from '../src/dirsync/engine.js';
 import { LocalReplica } from '../src/dirsync/local.js';
 import { nativeScanAvailable } from '../src/native/scan.js';
-import { mkTemp } from './dirsync-helpers.js';
+import { engineOptions, mkTemp } from './dirsync-helpers.js';
 import { mulberry32 } from './helpers/prng.js';
 
 let base: string;
@@ -42,19 +42,7 @@ function makeTree(name: string): Tree {
 }
 
 function options(tree: Tree, prefer: SyncOptions['prefer']): SyncOptions {
-  return {
-    batch: true,
-    prefer,
-    copyOnConflict: false,
-    ignore: [],
-    times: false,
-    perms: true,
-    alwaysHash: false,
-    archiveDir: tree.archive,
-    dryRun: false,
-    local: [true, true],
-    warn: () => undefined,
-  };
+  return engineOptions(tree.archive, { prefer });
 }
 
 /** Every path under root: kind, content or link target, permission bits. */
