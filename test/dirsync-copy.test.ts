@@ -4,9 +4,8 @@
 // must never leak one file's bytes into another (the fingerprint check would refuse it, the run would fail).
 import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
-import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { dirsync, mkTemp, snapshot, write, type Pair } from './dirsync-helpers.js';
+import { dirsync, localPair, mkTemp, snapshot, write, type Pair } from './dirsync-helpers.js';
 
 const temps: string[] = [];
 afterEach(() => {
@@ -16,11 +15,7 @@ afterEach(() => {
 function pair(): Pair {
   const dir = mkTemp('drbdts-copy-');
   temps.push(dir);
-  const a = path.join(dir, 'a');
-  const b = path.join(dir, 'b');
-  fs.mkdirSync(a);
-  fs.mkdirSync(b);
-  return { dir, a, b, archive: path.join(dir, 'archive'), rootA: a, rootB: b, extraArgs: [] };
+  return localPair(dir);
 }
 
 const MiB = 1 << 20;

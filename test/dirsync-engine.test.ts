@@ -13,7 +13,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SyncEngine } from '../src/dirsync/engine.js';
 import { LocalReplica } from '../src/dirsync/local.js';
 import type { ContentSource, Replica, WriteFileRequest, WriteFileResult, EntryStat } from '../src/dirsync/replica.js';
-import { cliPath, dirsync, engineOptions, exists, mkTemp, read, run, snapshot, write, type Pair } from './dirsync-helpers.js';
+import { cliPath, dirsync, engineOptions, exists, localPair, mkTemp, read, run, snapshot, write, type Pair } from './dirsync-helpers.js';
 
 let base: string;
 let counter = 0;
@@ -27,12 +27,7 @@ afterAll(() => {
 });
 
 function makePair(): Pair {
-  const dir = path.join(base, `e${++counter}`);
-  const a = path.join(dir, 'a');
-  const b = path.join(dir, 'b');
-  fs.mkdirSync(a, { recursive: true });
-  fs.mkdirSync(b);
-  return { dir, a, b, archive: path.join(dir, 'archive'), rootA: a, rootB: b, extraArgs: [] };
+  return localPair(path.join(base, `e${++counter}`));
 }
 
 /** A real LocalReplica with hooks that let a test act at precise points of propagation (fault injection). */

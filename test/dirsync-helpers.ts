@@ -71,6 +71,15 @@ export interface Pair {
   extraArgs: string[];
 }
 
+/** Two empty local roots, `dir`/a and `dir`/b (made, with `dir`), and the archive directory `dir`/archive. */
+export function localPair(dir: string): Pair {
+  const a = path.join(dir, 'a');
+  const b = path.join(dir, 'b');
+  fs.mkdirSync(a, { recursive: true });
+  fs.mkdirSync(b);
+  return { dir, a, b, archive: path.join(dir, 'archive'), rootA: a, rootB: b, extraArgs: [] };
+}
+
 export function write(root: string, rel: string, content: string | Buffer, options: { mtimeMs?: number; mode?: number } = {}): void {
   const file = path.join(root, rel);
   fs.mkdirSync(path.dirname(file), { recursive: true });

@@ -10,7 +10,7 @@ import { fingerprintOf } from '../src/dirsync/hash.js';
 import { statToEntry } from '../src/dirsync/local.js';
 import type { EntryStat } from '../src/dirsync/replica.js';
 import { COPY_DONE, COPY_FAILURE_CODES, COPY_IN_FIELDS, COPY_OUT_FIELDS, nativeCopier } from '../src/native/scan.js';
-import { mkTemp } from './dirsync-helpers.js';
+import { localPair, mkTemp } from './dirsync-helpers.js';
 
 const temps: string[] = [];
 afterEach(() => {
@@ -20,11 +20,7 @@ afterEach(() => {
 function roots(): { a: string; b: string } {
   const dir = mkTemp('drbdts-native-copy-');
   temps.push(dir);
-  const a = path.join(dir, 'a');
-  const b = path.join(dir, 'b');
-  fs.mkdirSync(a);
-  fs.mkdirSync(b);
-  return { a, b };
+  return localPair(dir);
 }
 
 function lstat(file: string): EntryStat {

@@ -6,7 +6,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { mkTemp, unison, type Pair } from './dirsync-helpers.js';
+import { localPair, mkTemp, unison, type Pair } from './dirsync-helpers.js';
 import { scenarios } from './dirsync-scenarios.js';
 
 let base: string;
@@ -20,12 +20,7 @@ afterAll(() => {
 });
 
 function makePair(): Pair {
-  const dir = path.join(base, `u${++counter}`);
-  const a = path.join(dir, 'a');
-  const b = path.join(dir, 'b');
-  fs.mkdirSync(a, { recursive: true });
-  fs.mkdirSync(b);
-  return { dir, a, b, archive: path.join(dir, 'archive'), rootA: a, rootB: b, extraArgs: [] };
+  return localPair(path.join(base, `u${++counter}`));
 }
 
 describe('unison 2.52 on the same scenarios', () => {
