@@ -791,17 +791,7 @@ export class SyncEngine {
     this.newParentCacheValue = undefined;
     // Everything a packed path skips must be known not to apply: no unknown subtree, no hash of every file, a
     // run that propagates on its own (no dry run), and native copies between two local roots for its files.
-    const roots = this.localRoots();
-    if (
-      !allowed ||
-      !this.packedNewWanted ||
-      this.options.dryRun ||
-      roots === undefined ||
-      process.env.DRBDTS_DIRSYNC_WORKERS === '0' ||
-      nativeCopier() === undefined
-    ) {
-      return;
-    }
+    if (!allowed || !this.packedNewWanted || this.options.dryRun || this.localCopier() === undefined) return;
     this.packedScans = packed;
     this.newPaths = new NewPaths((packed[0].records.length + packed[1].records.length) / SCAN_RECORD_FIELDS);
     this.archiveFileSizes = undefined;
@@ -1540,7 +1530,7 @@ export class SyncEngine {
       report();
     };
     const roots = this.localRoots();
-    const copier = roots !== undefined && process.env.DRBDTS_DIRSYNC_WORKERS !== '0' ? nativeCopier() : undefined;
+    const copier = this.localCopier();
     const newDone = (k: number, sizeBytes: number): void => {
       newPaths!.status[k] = NEW_DONE;
       progress.bytesDone += sizeBytes;
@@ -1756,6 +1746,12 @@ export class SyncEngine {
   }
 
   /** Both roots are plain local directories: file work can run in copy workers (copy-worker.ts). */
+  /** The addon's copy, when propagation between two local roots uses it (not with DRBDTS_DIRSYNC_WORKERS=0,
+   * which keeps every file operation on this thread): packing new paths depends on it being there. */
+  private localCopier(): ReturnType<typeof nativeCopier> {
+    return this.localRoots() !== undefined && process.env.DRBDTS_DIRSYNC_WORKERS !== '0' ? nativeCopier() : undefined;
+  }
+
   private localRoots(): [string, string] | undefined {
     const [r1, r2] = this.replicas;
     if (r1.constructor !== LocalReplica || r2.constructor !== LocalReplica) return undefined;
