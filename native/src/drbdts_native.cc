@@ -44,6 +44,7 @@ void InitDirsyncScan(Napi::Env env, Napi::Object exports);  // dirsync_scan.cc
 void InitDirsyncJoin(Napi::Env env, Napi::Object exports);  // dirsync_join.cc
 void InitDirsyncHash(Napi::Env env, Napi::Object exports);  // dirsync_hash.cc
 void InitNbdDataPath(Napi::Env env, Napi::Object exports);  // nbd_data_path.cc
+void InitReplPlane(Napi::Env env, Napi::Object exports);  // repl_plane.cc
 void InitDirsyncCopy(Napi::Env env, Napi::Object exports);  // dirsync_copy.cc
 
 namespace {
@@ -588,6 +589,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitDirsyncJoin(env, exports);
   InitDirsyncHash(env, exports);
   InitNbdDataPath(env, exports);
+  InitReplPlane(env, exports);
   InitDirsyncCopy(env, exports);
   return exports;
 }

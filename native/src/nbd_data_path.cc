@@ -19,6 +19,8 @@
 
 #include <napi.h>
 
+#include "repl_plane.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -112,6 +114,8 @@ struct Request {
   uint32_t lengthBytes;
   /** The payload (WRITE) or the data read (READ) sits in the worker's pipe, not in its buffer. */
   bool inPipe;
+  /** A replicated WRITE or FLUSH admitted into the replication plane (repl_plane.cc), else null. */
+  drbdts_repl::Ticket* ticket;
 };
 
 // One worker's payload buffer, grown on demand and kept for the connection's life.
@@ -125,6 +129,9 @@ struct WorkerBuffer {
   int pipeWrite = -1;
   size_t pipeSlots = 0;
   bool pipeTried = false;
+  /** A replicated WRITE's second pipe: a tee of the payload, spliced to the peer's data socket. */
+  int teeRead = -1;
+  int teeWrite = -1;
   ~WorkerBuffer() {
     if (data != nullptr) {
       free(data);
@@ -135,12 +142,16 @@ struct WorkerBuffer {
   void ClosePipe() {
     if (pipeRead >= 0) close(pipeRead);
     if (pipeWrite >= 0) close(pipeWrite);
-    pipeRead = pipeWrite = -1;
+    if (teeRead >= 0) close(teeRead);
+    if (teeWrite >= 0) close(teeWrite);
+    pipeRead = pipeWrite = teeRead = teeWrite = -1;
     pipeSlots = 0;
   }
 };
 
 constexpr size_t kPageBytes = 4096;
+/** Replicated WRITE payloads up to this size are received into the buffer, not spliced (see ReadRequest). */
+constexpr uint32_t kReplicatedBufferMaxBytes = 64 * 1024;
 /** Pipes of this many bytes are asked for (the kernel may cap it: /proc/sys/fs/pipe-max-size, 1 MiB by default). */
 constexpr int kPipeBytesWanted = 2 * 1024 * 1024;
 /** Below this a pipe is not worth the extra system calls; the worker then uses its buffer only. */
@@ -157,11 +168,11 @@ struct Finished {
   int err;
 };
 
-class DataPath {
+class DataPath : public drbdts_repl::ReplySink {
  public:
   DataPath(int socketFd, int fileFd, uint64_t sizeBytes, uint32_t options, uint32_t requestBytesMax, int64_t bufferBytesCap,
-           int threads)
-      : socketFd_(socketFd), fileFd_(fileFd), sizeBytes_(sizeBytes), readOnly_((options & 1) != 0),
+           int threads, std::shared_ptr<drbdts_repl::Plane> plane)
+      : plane_(std::move(plane)), socketFd_(socketFd), fileFd_(fileFd), sizeBytes_(sizeBytes), readOnly_((options & 1) != 0),
         structured_((options & 2) != 0), fuaAllowed_((options & 4) != 0), flushAllowed_((options & 8) != 0),
         spliceWrites_((options & 16) != 0), spliceReads_((options & 32) != 0), requestBytesMax_(requestBytesMax), bufferBytesCap_(bufferBytesCap),
         threadCount_(threads) {
@@ -169,7 +180,7 @@ class DataPath {
     abortFd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   }
 
-  ~DataPath() {
+  ~DataPath() override {
     Join();
     if (stopFd_ >= 0) close(stopFd_);
     if (abortFd_ >= 0) close(abortFd_);
@@ -250,8 +261,10 @@ class DataPath {
       std::function<void(Finished*)> finish;
       Finished* finished = nullptr;
       {
-        std::lock_guard<std::mutex> lock(stateMutex_);
+        std::unique_lock<std::mutex> lock(stateMutex_);
         active_ -= 1;
+        // Replicated writes still waiting for the peer are answered (by the plane) before the round ends.
+        if (active_ == 0) outstandingCv_.wait(lock, [&] { return outstanding_ == 0; });
         if (active_ == 0) {
           finished = new Finished{reason_ == kRunning ? kStopped : reason_, std::move(leftover_), err_};
           finish = std::move(finish_);
@@ -289,8 +302,19 @@ class DataPath {
       uint32_t error = Execute(request, buffer);
       requests_.fetch_add(1);
       if (request.inPipe) spliced_.fetch_add(1);
-      std::lock_guard<std::mutex> lock(writeMutex_);
-      int err = SendReply(request, error, buffer);
+      if (request.ticket != nullptr) {
+        replicated_.fetch_add(1);
+        // The plane answers once the peer's part is in too (from the thread reading the acks), or now.
+        uint32_t replyError = 0;
+        if (!drbdts_repl::LocalDone(*plane_, request.ticket, error, &replyError)) continue;
+        error = replyError;
+      }
+      int err;
+      {
+        std::lock_guard<std::mutex> lock(writeMutex_);
+        err = SendReply(request, error, buffer);
+      }
+      if (request.ticket != nullptr) OutstandingDone(1);
       if (err != 0) {
         EndRound(aborted_.load() ? kAborted : kSocketError, err, nullptr, 0);
         return;
@@ -479,12 +503,31 @@ class DataPath {
       return false;
     }
     request.inPipe = false;
+    request.ticket = nullptr;
+    if (plane_ != nullptr && request.type != kCmdRead) {
+      // A replicated device: the plane takes the write or flush while its conditions hold; else JavaScript does.
+      request.ticket = drbdts_repl::Admit(*plane_, this, request.header + 8, request.type == kCmdFlush, request.offset,
+                                          request.lengthBytes, (request.flags & kCmdFlagFua) != 0);
+      if (request.ticket == nullptr) {
+        EndRound(kHandback, 0, header, kRequestHeaderBytes);
+        return false;
+      }
+      std::lock_guard<std::mutex> lock(stateMutex_);
+      outstanding_ += 1;
+    }
     if (request.type == kCmdWrite) {
       int err = 0;
-      int reason = spliceWrites_ && PipeReady(buffer) && SlotsFor(0, request.lengthBytes) <= buffer.pipeSlots
+      // A small replicated payload goes through the buffer: it is batched with other frames into one send to the
+      // peer, where a pipe would cost a tee and two splices per write.
+      bool small = request.ticket != nullptr && request.lengthBytes <= kReplicatedBufferMaxBytes;
+      int reason = !small && spliceWrites_ && PipeReady(buffer) && SlotsFor(0, request.lengthBytes) <= buffer.pipeSlots
                        ? ReceiveIntoPipe(request, buffer, &err)
                        : Receive(buffer.data, request.lengthBytes, &err);
       if (reason != 0) {
+        if (request.ticket != nullptr) {
+          drbdts_repl::Abandon(*plane_, request.ticket);
+          OutstandingDone(1);
+        }
         EndRound(reason, err, nullptr, 0);
         return false;
       }
@@ -521,6 +564,7 @@ class DataPath {
 
   // The system calls; the NBD error to answer with (0 for success).
   uint32_t Execute(Request& request, WorkerBuffer& buffer) {
+    if (request.ticket != nullptr) Ship(request, buffer);
     if (request.type == kCmdFlush) {
       int err = Fdatasync(fileFd_);
       return err == 0 ? 0 : NbdError(err);
@@ -550,6 +594,110 @@ class DataPath {
       if (err != 0) return NbdError(err);
     }
     return 0;
+  }
+
+  // A replicated request goes to the peer before its local part starts: the BARRIER of a FLUSH, or the DATA frame
+  // of a WRITE once every earlier overlapping write is on the local disk. A payload in the pipe is tee'd into a
+  // second pipe (page references, no copy) that is spliced to the peer's socket, so it is copied once in all,
+  // into the page cache by the local splice; one in the buffer is sent from there (small ones batched).
+  void Ship(Request& request, WorkerBuffer& buffer) {
+    drbdts_repl::Ticket* ticket = request.ticket;
+    if (request.type == kCmdFlush) {
+      drbdts_repl::ShipBarrier(*plane_, ticket);
+      return;
+    }
+    drbdts_repl::WaitTurn(*plane_, ticket);
+    if (request.inPipe) {
+      if (TeeReady(buffer) && Tee(buffer, request.lengthBytes)) {
+        if (!drbdts_repl::ShipPipe(*plane_, ticket, buffer.teeRead)) DrainFd(buffer.teeRead, buffer);
+        return;
+      }
+      // No tee: the payload moves to the buffer and goes from there.
+      if (!DrainPipe(buffer, buffer.data, request.lengthBytes)) {
+        request.inPipe = false;
+        drbdts_repl::ShipBuffer(*plane_, ticket, buffer.data);  // the pipe broke: what went wrong is the local write's
+        return;
+      }
+      request.inPipe = false;
+    }
+    drbdts_repl::ShipBuffer(*plane_, ticket, buffer.data);
+  }
+
+  bool TeeReady(WorkerBuffer& buffer) {
+    if (buffer.teeRead >= 0) return true;
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) return false;
+    int bytes = fcntl(fds[1], F_SETPIPE_SZ, static_cast<int>(buffer.pipeSlots * kPageBytes));
+    if (bytes < 0 || static_cast<size_t>(bytes) / kPageBytes < buffer.pipeSlots) {
+      close(fds[0]);
+      close(fds[1]);
+      return false;
+    }
+    buffer.teeRead = fds[0];
+    buffer.teeWrite = fds[1];
+    return true;
+  }
+
+  // Duplicates the whole payload into the tee pipe in one call (tee always starts at the pipe's head).
+  static bool Tee(WorkerBuffer& buffer, size_t length) {
+    for (;;) {
+      ssize_t n = tee(buffer.pipeRead, buffer.teeWrite, length, SPLICE_F_NONBLOCK);
+      if (n < 0 && errno == EINTR) continue;
+      if (n == static_cast<ssize_t>(length)) return true;
+      if (n > 0) DrainFd(buffer.teeRead, buffer);
+      return false;
+    }
+  }
+
+  // Empties a pipe of whatever is left in it.
+  static void DrainFd(int fd, WorkerBuffer& buffer) {
+    for (;;) {
+      ssize_t n = read(fd, buffer.data, buffer.capacity);
+      if (n > 0) continue;
+      if (n < 0 && errno == EINTR) continue;
+      return;
+    }
+  }
+
+  // The plane's thread answers writes whose peer part came last: one writev of simple replies.
+  void SendCompletions(const drbdts_repl::Completion* completions, size_t count) override {
+    std::vector<uint8_t> replies(count * 16);
+    for (size_t i = 0; i < count; i += 1) {
+      uint8_t* reply = replies.data() + i * 16;
+      Put32(reply, kSimpleReplyMagic);
+      Put32(reply + 4, completions[i].error);
+      memcpy(reply + 8, completions[i].cookie, 8);
+    }
+    int err = 0;
+    {
+      std::lock_guard<std::mutex> lock(writeMutex_);
+      size_t done = 0;
+      while (done < replies.size()) {
+        ssize_t n = send(socketFd_, replies.data() + done, replies.size() - done, MSG_NOSIGNAL);
+        if (n > 0) {
+          done += static_cast<size_t>(n);
+          continue;
+        }
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+          if (!WaitSocket(POLLOUT, false)) {
+            err = ECANCELED;
+            break;
+          }
+          continue;
+        }
+        err = n == 0 ? EIO : errno;
+        break;
+      }
+    }
+    if (err != 0) EndRound(aborted_.load() ? kAborted : kSocketError, err, nullptr, 0);
+    OutstandingDone(count);
+  }
+
+  void OutstandingDone(size_t count) {
+    std::lock_guard<std::mutex> lock(stateMutex_);
+    outstanding_ -= count;
+    if (outstanding_ == 0) outstandingCv_.notify_all();
   }
 
   uint32_t WriteFromPipe(const Request& request, WorkerBuffer& buffer) {
@@ -674,6 +822,7 @@ class DataPath {
     return 0;
   }
 
+  const std::shared_ptr<drbdts_repl::Plane> plane_;
   const int socketFd_;
   const int fileFd_;
   const uint64_t sizeBytes_;
@@ -706,6 +855,13 @@ class DataPath {
   std::atomic<bool> aborted_{false};
   std::atomic<uint64_t> requests_{0};
   std::atomic<uint64_t> spliced_{0};
+  std::atomic<uint64_t> replicated_{0};
+  /** Replicated requests admitted and not answered yet. */
+  size_t outstanding_ = 0;
+  std::condition_variable outstandingCv_;
+
+ public:
+  uint64_t Replicated() const { return replicated_.load(); }
 };
 
 void DeliverFinished(Napi::Env env, Napi::Function callback, Finished* finished);
@@ -721,6 +877,7 @@ class NbdDataPath : public Napi::ObjectWrap<NbdDataPath> {
                         InstanceMethod("destroy", &NbdDataPath::DestroyMethod),
                         InstanceMethod("requests", &NbdDataPath::RequestsMethod),
                         InstanceMethod("splicedRequests", &NbdDataPath::SplicedMethod),
+                        InstanceMethod("replicatedRequests", &NbdDataPath::ReplicatedMethod),
                         InstanceMethod("unref", &NbdDataPath::UnrefMethod)});
   }
 
@@ -747,7 +904,17 @@ class NbdDataPath : public Napi::ObjectWrap<NbdDataPath> {
       close(socketDup);
       throw Napi::Error::New(env, std::string("NbdDataPath: dup of the file: ") + strerror(errno));
     }
-    path_ = new DataPath(socketDup, fileDup, static_cast<uint64_t>(sizeBytes), options, requestBytesMax, bufferBytesCap, threads);
+    std::shared_ptr<drbdts_repl::Plane> plane;
+    if (info.Length() > 8 && !info[8].IsUndefined() && !info[8].IsNull()) {
+      plane = drbdts_repl::PlaneFromValue(info[8]);
+      if (plane == nullptr) {
+        close(socketDup);
+        close(fileDup);
+        throw Napi::TypeError::New(env, "NbdDataPath: argument 8 must be a ReplPlane");
+      }
+    }
+    path_ = new DataPath(socketDup, fileDup, static_cast<uint64_t>(sizeBytes), options, requestBytesMax, bufferBytesCap, threads,
+                         std::move(plane));
     if (!path_->Ok()) {
       delete path_;
       path_ = nullptr;
@@ -797,6 +964,10 @@ class NbdDataPath : public Napi::ObjectWrap<NbdDataPath> {
 
   Napi::Value RequestsMethod(const Napi::CallbackInfo& info) {
     return Napi::Number::New(info.Env(), path_ == nullptr ? 0 : static_cast<double>(path_->Requests()));
+  }
+
+  Napi::Value ReplicatedMethod(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), path_ == nullptr ? 0 : static_cast<double>(path_->Replicated()));
   }
 
   Napi::Value SplicedMethod(const Napi::CallbackInfo& info) {

@@ -1,5 +1,6 @@
 // The one interface the NBD server talks to. A local disk and a replicated device implement it, and so do
 // test wrappers (fault injection, delay, statistics). Nothing here knows about NBD wire formats.
+import type { ReplPlane } from '../native/index.js';
 
 /** What a device can do; the NBD server turns this into transmission flags and BLOCK_SIZE info. */
 export interface BlockDeviceCapabilities {
@@ -74,6 +75,12 @@ export class BlockDeviceError extends Error {
  */
 export interface DirectAccess {
   fd: number;
+  /**
+   * A replicated device on the native replication plane: WRITE and FLUSH go through it (repl_plane.cc) while
+   * `replicationOpen()` says it admits writes; otherwise the data path serves only READ and JavaScript the rest.
+   */
+  replicationPlane?: ReplPlane;
+  replicationOpen?: () => boolean;
 }
 
 export interface BlockDevice {

@@ -49,8 +49,47 @@ interface NativeAddon {
     bufferBytesCap: number,
     threads: number,
     onStop: (reason: number, leftover: Buffer | undefined, errnoPositive: number) => void,
+    plane?: NativeReplPlane,
   ) => NativeDataPath;
   nbdDataPathBufferBytes(): number;
+  ReplPlane: new (onEvents: (events: ReplEvent[]) => void) => NativeReplPlane;
+  ReplTransport: new (
+    plane: NativeReplPlane,
+    dataFd: number,
+    metaFd: number,
+    fileFd: number,
+    sizeBytes: number,
+    validTypes: Buffer,
+    dataLeftover: Buffer | undefined,
+    metaLeftover: Buffer | undefined,
+  ) => NativeReplTransport;
+}
+
+interface NativeReplPlane {
+  open(protocol: 'B' | 'C', maxInFlight: number, pinnedExtents: Buffer): boolean;
+  close(): boolean;
+  pin(extent: number): void;
+  releaseMarks(token: number): void;
+  inFlight(): number;
+  counters(): ReplPlaneCounters;
+  destroy(): void;
+}
+
+interface NativeReplTransport {
+  readonly id: number;
+  start(): void;
+  sendFrame(channel: number, type: number, flags: number, id: number, offset: number, body?: Uint8Array): boolean;
+  close(reason: string): void;
+  destroy(): void;
+  setPaused(paused: boolean): void;
+  queuedBytes(channel: number): number;
+  wantDrain(): void;
+  lastMetaReceivedMs(): number;
+  sentBytes(): number;
+  receivedBytes(): number;
+  armSecondary(protocol: string, forwardedSeen: number): boolean;
+  disarmSecondary(): void;
+  forwardedModifying(): number;
 }
 
 interface NativeDataPath {
@@ -61,6 +100,7 @@ interface NativeDataPath {
   requests(): number;
   splicedRequests(): number;
   unref(): void;
+  replicatedRequests(): number;
 }
 
 /** Where the addon lives relative to this file, both as src/native/index.ts (vitest) and dist/native/index.js. */
@@ -647,6 +687,8 @@ export interface DataPathOptions {
   spliceWrites: boolean;
   /** Move READ data file -> pipe -> socket with splice (not copied by us at all), not pread + send. */
   spliceReads: boolean;
+  /** A replicated device: WRITE and FLUSH go through this replication plane (or back to JavaScript). */
+  plane?: ReplPlane;
 }
 
 export interface DataPathResult {
@@ -686,7 +728,13 @@ export class NbdDataPath {
         this.native.unref();
         onStop({ reason: reason as DataPathStop, leftover, errno: errnoPositive });
       },
+      options.plane?.native,
     );
+  }
+
+  /** Of the requests, the WRITE and FLUSH requests replicated through the plane. */
+  get replicatedRequests(): number {
+    return this.native.replicatedRequests();
   }
 
   /** Starts serving; false when a round is running or the path was aborted or destroyed. */
@@ -722,4 +770,149 @@ export class NbdDataPath {
 /** Payload buffer bytes every data path in the process holds (for tests of the cap). */
 export function dataPathBufferBytes(): number {
   return addon.nbdDataPathBufferBytes();
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// The native replication data plane (native/src/repl_plane.cc).
+
+/** What the plane tells JavaScript, in order (ReplEventKind says which fields are set). */
+export interface ReplEvent {
+  kind: ReplEventKind;
+  /** The transport it concerns (frames, closed, drained, peer write failed). */
+  transport: number;
+  channel?: number;
+  type?: number;
+  flags?: number;
+  id?: number;
+  offset?: number;
+  body?: Buffer;
+  reason?: string;
+  token?: number;
+  /** offset, length pairs. */
+  ranges?: number[];
+}
+
+export enum ReplEventKind {
+  /** A frame the plane does not handle itself, for the JavaScript receiver. */
+  Frame = 0,
+  /** The transport broke (reason). */
+  Closed = 1,
+  /** The data socket's send queue emptied (after wantDrain). */
+  Drained = 2,
+  /** Native writes the peer did not confirm: set the ranges in the bitmap, then releaseMarks(token). */
+  Mark = 3,
+  /** close() found writes in flight; now none are. */
+  Quiesced = 4,
+  /** A peer write failed on this node's disk (NEG_ACK sent): set the range in the bitmap, log the reason. */
+  PeerWriteFailed = 5,
+}
+
+export interface ReplPlaneCounters {
+  /** Application writes (as Primary) and their bytes, replicated on the plane. */
+  writes: number;
+  writeBytes: number;
+  /** Peer writes (as Secondary) and their bytes, applied on the plane. */
+  peerWrites: number;
+  peerWriteBytes: number;
+}
+
+/** One replicated device's native data plane: admission of NBD writes, their acks, events to JavaScript. */
+export class ReplPlane {
+  /** @internal */
+  readonly native: NativeReplPlane;
+
+  constructor(onEvents: (events: ReplEvent[]) => void) {
+    this.native = new addon.ReplPlane(onEvents);
+  }
+
+  /** Lets NBD data paths admit writes into the pinned extents (one byte per 4 MiB extent); false if no transport. */
+  open(protocol: 'B' | 'C', maxInFlight: number, pinnedExtents: Buffer): boolean {
+    return this.native.open(protocol, maxInFlight, pinnedExtents);
+  }
+
+  /** Stops admission; true when nothing is in flight, else a Quiesced event follows. */
+  close(): boolean {
+    return this.native.close();
+  }
+
+  releaseMarks(token: number): void {
+    this.native.releaseMarks(token);
+  }
+
+  get inFlight(): number {
+    return this.native.inFlight();
+  }
+
+  counters(): ReplPlaneCounters {
+    return this.native.counters();
+  }
+}
+
+/** One peer connection's two sockets, owned by native threads once started (see repl_plane.cc). */
+export class ReplTransport {
+  private readonly native: NativeReplTransport;
+
+  constructor(plane: ReplPlane, options: {
+    dataFd: number; metaFd: number; fileFd: number; sizeBytes: number; validTypes: Buffer;
+    dataLeftover?: Buffer; metaLeftover?: Buffer;
+  }) {
+    checkFd(options.dataFd);
+    checkFd(options.metaFd);
+    checkFd(options.fileFd);
+    checkRange(0, options.sizeBytes, true);
+    this.native = new addon.ReplTransport(plane.native, options.dataFd, options.metaFd, options.fileFd,
+      options.sizeBytes, options.validTypes, options.dataLeftover, options.metaLeftover);
+  }
+
+  get id(): number {
+    return this.native.id;
+  }
+
+  start(): void {
+    this.native.start();
+  }
+
+  sendFrame(channel: number, type: number, flags: number, id: number, offset: number, body?: Uint8Array): boolean {
+    return this.native.sendFrame(channel, type, flags, id >>> 0, offset, body);
+  }
+
+  close(reason: string): void {
+    this.native.close(reason);
+  }
+
+  destroy(): void {
+    this.native.destroy();
+  }
+
+  setPaused(paused: boolean): void {
+    this.native.setPaused(paused);
+  }
+
+  queuedBytes(channel: number): number {
+    return this.native.queuedBytes(channel);
+  }
+
+  wantDrain(): void {
+    this.native.wantDrain();
+  }
+
+  get lastMetaReceivedMs(): number {
+    return this.native.lastMetaReceivedMs();
+  }
+
+  get sentBytes(): number {
+    return this.native.sentBytes();
+  }
+
+  get receivedBytes(): number {
+    return this.native.receivedBytes();
+  }
+
+  armSecondary(protocol: 'A' | 'B' | 'C', forwardedSeen: number): boolean {
+    return this.native.armSecondary(protocol, forwardedSeen);
+  }
+
+  disarmSecondary(): void {
+    this.native.disarmSecondary();
+  }
 }

@@ -136,6 +136,11 @@ export class NbdServer {
     });
   }
 
+  /** The device's replication plane opened: idle connections go (back) to the native data path. */
+  replicationOpened(): void {
+    for (const connection of this.connections) connection.replicationOpened();
+  }
+
   /** Swaps the device for new connections (a role change); connections already open keep theirs. */
   setDevice(device: BlockDevice): void {
     this.device = device;

@@ -138,6 +138,8 @@ export class NbdConnection {
   /** The path saw the client's EOF: never arm again; libuv reads on to see it too. */
   private dataPathSawEnd = false;
   private dataPathSpliced = 0;
+  /** A replicated device's plane: the path is armed only while it admits writes (else every WRITE bounces). */
+  private replicationOpen: (() => boolean) | null = null;
 
   /**
    * `socket` is the connection; or, for a plain socket accepted with pauseOnConnect, pass `direct: true` and
@@ -500,6 +502,7 @@ export class NbdConnection {
     if (this.receiveState !== ReceiveState.Header || this.queuedBytes !== 0 || this.inFlightRequests !== 0) return;
     const socket = this.socket as net.Socket;
     if (this.corked || socket.destroyed || socket.writableLength !== 0) return;
+    if (this.replicationOpen !== null && !this.replicationOpen()) return;
     if (this.dataPath === null) {
       const access = this.device.directAccess?.() ?? null;
       const fd = socketFd(socket);
@@ -524,7 +527,10 @@ export class NbdConnection {
           // Measured: on TCP, READ replies of page-cache pages spliced into the socket cost less CPU but came out
           // slower (0.74-0.83x nbdkit against 0.94-1.01x copying, same run); on unix sockets 2.6-2.8x.
           spliceReads: this.host.dataPathSplice && socket.remoteAddress === undefined,
+          plane: access.replicationPlane,
         }, (result) => this.onDataPathStop(result));
+        this.replicationOpen = access.replicationOpen ?? null;
+        if (this.replicationOpen !== null && !this.replicationOpen()) return;
       } catch (error) {
         this.logger.warn({ err: error }, 'native data path unavailable; serving in JavaScript');
         this.dataPathPossible = false;
@@ -570,6 +576,11 @@ export class NbdConnection {
     if (this.phase === 'closed') this.destroyDataPath();
     this.endRequest(0);
     this.pump();
+  }
+
+  /** The device's replication plane opened: an idle connection goes (back) to the native data path. */
+  replicationOpened(): void {
+    if (this.phase === 'transmission' && !this.dataPathArmed) this.considerDataPath();
   }
 
   private destroyDataPath(): void {

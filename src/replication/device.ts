@@ -24,7 +24,7 @@
 // sends its write acks on the data socket; the resolver's acks and verdicts stay on the meta socket, since the
 // other node's waits depend on them and its data socket may be paused for flow control.
 import assert from 'node:assert/strict';
-import type { BlockDevice, BlockDeviceCapabilities, Extent, ZeroOptions } from '../blockdev/types.js';
+import type { BlockDevice, BlockDeviceCapabilities, DirectAccess, Extent, ZeroOptions } from '../blockdev/types.js';
 import { BlockDeviceError } from '../blockdev/types.js';
 import type { Logger } from '../util/log.js';
 import type { Bitmap } from '../resource/bitmap.js';
@@ -33,6 +33,8 @@ import { FrameFlag, FrameType } from './frame.js';
 import { IntervalGate, type GateEntry } from './gate.js';
 import { receivePool } from './pool.js';
 import { CHANNEL_DATA, CHANNEL_META, type PeerChannel } from './link.js';
+import type { NativePlaneHub } from './native-plane.js';
+import { AL_EXTENT_BYTES } from '../resource/activity-log.js';
 
 export type ReplicationProtocol = 'A' | 'B' | 'C';
 
@@ -48,6 +50,11 @@ export interface ReplicatedDeviceOptions {
   logger: Logger;
   /** Text for NBD clients of a Secondary. */
   describe(): string;
+  /**
+   * The native data plane (DRBDTS_REPL_DATA_PATH=native), and the daemon's part of its conditions: true while no
+   * resync or verify runs on the connection (the plane's writes bypass the gate those order themselves by).
+   */
+  native?: { hub: NativePlaneHub; allowed: () => boolean };
 }
 
 export interface ReplicationCounters {
@@ -69,12 +76,12 @@ export interface ReplicationCounters {
 /** Rejects a write attempt that the resolving peer asked us to make again (never reaches a caller). */
 const retryRequested = new Error('the peer asked for this write again (dual-primary conflict)');
 
-/** The seq space is u32 on the wire; ids wrap, pending entries never live that long. */
-const SEQ_MASK = 0xffff_ffff;
+/** Ids of JavaScript's writes and barriers; the native plane's have the top bit set (repl_plane.cc). */
+const SEQ_MASK = 0x7fff_ffff;
 
 export class ReplicatedDevice implements BlockDevice {
   readonly sizeBytes: number;
-  role: 'Primary' | 'Secondary' = 'Secondary';
+  #role: 'Primary' | 'Secondary' = 'Secondary';
   /** Operator may read/write (UpToDate, or forced). */
   readonly gate = new IntervalGate();
   readonly counters: ReplicationCounters = {
@@ -117,11 +124,178 @@ export class ReplicatedDevice implements BlockDevice {
   /** Dual-primary: this node's writes from their gate entry until the peer's verdict; the sent ones by seq. */
   private readonly tracked = new IntervalGate();
   private readonly trackedBySeq = new Map<number, GateEntry>();
+  // ---- the native plane (docs/replication.md, "The native data plane") ----
+  private readonly hub: NativePlaneHub | null;
+  /** NBD writes are admitted natively (the Primary side). */
+  private planeOpen = false;
+  /** close() found native writes in flight: resolves (and unpins) once none are. */
+  private planeQuiesce: { promise: Promise<void>; resolve: () => void } | null = null;
+  /** Activity-log extents held hot for the open plane (a write reference each). */
+  private pinned: number[] = [];
+  /** Writes and flushes on JavaScript's path while a plane exists: the plane stays closed while any runs. */
+  private jsOps = 0;
+  /** Peer writes JavaScript applies now (received, not yet written): the native Secondary waits for none. */
+  private peerWritesInFlight = 0;
+  private nativeUpdateScheduled = false;
+  private nativeTimer: NodeJS.Timeout | null = null;
+  /** The NBD server re-arms its connections' data paths when the plane opens. */
+  onNativeOpen: (() => void) | null = null;
 
   constructor(private readonly options: ReplicatedDeviceOptions) {
     this.sizeBytes = options.bitmap.dataSizeBytes;
     assert.ok(options.local.sizeBytes >= this.sizeBytes, 'local disk smaller than the data area');
+    this.hub = options.native?.hub ?? null;
+    if (this.hub !== null) {
+      const hub = this.hub;
+      hub.onMark = (ranges) => {
+        for (let i = 0; i < ranges.length; i += 2) {
+          if (ranges[i + 1]! > 0) this.options.bitmap.setRange(ranges[i]!, ranges[i + 1]!);
+        }
+      };
+      hub.onQuiesced = () => this.planeQuiesce?.resolve();
+      hub.onPeerWriteFailed = (ranges, reason) => {
+        for (let i = 0; i < ranges.length; i += 2) {
+          if (ranges[i + 1]! > 0) this.options.bitmap.setRange(ranges[i]!, ranges[i + 1]!);
+        }
+        this.options.logger.error({ reason, ranges }, 'replicated write failed on this node (native plane)');
+      };
+      // Conditions the daemon does not announce (a resync ending, say) are picked up within this period.
+      this.nativeTimer = setInterval(() => this.updateNative(), 200);
+      this.nativeTimer.unref();
+    }
   }
+
+  get role(): 'Primary' | 'Secondary' {
+    return this.#role;
+  }
+
+  set role(role: 'Primary' | 'Secondary') {
+    this.#role = role;
+    this.updateNative();
+  }
+
+  /** The native plane in use, for the NBD data path (null on the JavaScript path). */
+  get nativePlane(): NativePlaneHub | null {
+    return this.hub;
+  }
+
+  /** Native plane counters (zeros on the JavaScript path). */
+  nativeCounters(): { writes: number; writeBytes: number; peerWrites: number; peerWriteBytes: number } {
+    return this.hub?.plane.counters() ?? { writes: 0, writeBytes: 0, peerWrites: 0, peerWriteBytes: 0 };
+  }
+
+  /** Re-evaluates the native plane's conditions soon (after the current turn's changes). */
+  scheduleNativeUpdate(): void {
+    if (this.hub === null || this.nativeUpdateScheduled) return;
+    this.nativeUpdateScheduled = true;
+    setImmediate(() => {
+      this.nativeUpdateScheduled = false;
+      this.updateNative();
+    });
+  }
+
+  /**
+   * Opens or closes the native plane (Primary) and arms or disarms the native Secondary, as the conditions
+   * say. Closing is immediate for new writes; a caller that must not overlap native writes awaits closePlane().
+   */
+  private updateNative(): void {
+    const hub = this.hub;
+    if (hub === null) return;
+    const connection = this.connection;
+    const transport = connection?.nativeTransport ?? null;
+    const base = transport !== null && connection!.closedReason === null && !this.closed && !this.dualPrimary
+      && this.options.native!.allowed();
+    const primary = base && this.#role === 'Primary' && this.isShipping && this.options.protocol !== 'A'
+      && this.jsOps === 0 && this.barriers.size === 0;
+    if (primary && !this.planeOpen && this.planeQuiesce === null) {
+      const pinned = this.pin();
+      if (hub.plane.open(this.options.protocol as 'B' | 'C', this.options.maxInFlightWrites, pinned)) {
+        this.planeOpen = true;
+        this.onNativeOpen?.();
+      } else {
+        this.unpin();
+      }
+    } else if (!primary && this.planeOpen) {
+      void this.closePlane();
+    }
+    if (transport !== null) {
+      const secondary = base && this.#role === 'Secondary' && this.peerWritesInFlight === 0;
+      if (secondary) transport.armSecondary(this.options.protocol, connection!.nativeForwarded ?? 0);
+      else transport.disarmSecondary();
+    }
+  }
+
+  /** Holds every hot activity-log extent for the plane (one byte per extent: 1 = the plane may write there). */
+  private pin(): Buffer {
+    const activityLog = this.options.activityLog;
+    const extents = Math.ceil(this.sizeBytes / AL_EXTENT_BYTES);
+    const pinned = Buffer.alloc(extents);
+    if (activityLog === undefined) return pinned.fill(1);
+    for (const extent of activityLog.hotExtents()) {
+      const offset = extent * AL_EXTENT_BYTES;
+      const length = Math.min(AL_EXTENT_BYTES, this.sizeBytes - offset);
+      if (length > 0 && activityLog.tryBeginWrite(offset, length)) {
+        pinned[extent] = 1;
+        this.pinned.push(extent);
+      }
+    }
+    return pinned;
+  }
+
+  private unpin(): void {
+    const activityLog = this.options.activityLog;
+    for (const extent of this.pinned) {
+      const offset = extent * AL_EXTENT_BYTES;
+      activityLog?.endWrite(offset, Math.min(AL_EXTENT_BYTES, this.sizeBytes - offset));
+    }
+    this.pinned = [];
+  }
+
+  /** Stops native admission; resolves once no native write is in flight (each acked, or marked in the bitmap). */
+  closePlane(): Promise<void> {
+    if (this.planeQuiesce !== null) return this.planeQuiesce.promise;
+    if (!this.planeOpen) return Promise.resolve();
+    this.planeOpen = false;
+    if (this.hub!.plane.close()) {
+      this.unpin();
+      return Promise.resolve();
+    }
+    let resolve!: () => void;
+    const promise = new Promise<void>((r) => (resolve = r));
+    this.planeQuiesce = {
+      promise,
+      resolve: () => {
+        this.planeQuiesce = null;
+        this.unpin();
+        resolve();
+        this.scheduleNativeUpdate();
+      },
+    };
+    return promise;
+  }
+
+  /**
+   * Resync and verify I/O enters the gate only with the native plane closed and its writes done (they bypass the
+   * gate); the native Secondary is disarmed at once (it writes in arrival order, one frame at a time).
+   */
+  enterBackground(offset: number, lengthBytes: number, tag: string): GateEntry | Promise<GateEntry> {
+    if (this.hub === null) return this.gate.enter(offset, lengthBytes, tag);
+    this.connection?.nativeTransport?.disarmSecondary();
+    if (!this.planeOpen && this.planeQuiesce === null) return this.gate.enter(offset, lengthBytes, tag);
+    return this.closePlane().then(() => this.gate.enter(offset, lengthBytes, tag));
+  }
+
+  /** Runs a write or flush on JavaScript's path: the native plane is closed (and drained) first. */
+  private viaJs(run: () => Promise<void>): Promise<void> {
+    this.jsOps += 1;
+    if (this.planeOpen || this.planeQuiesce !== null) return this.closePlane().then(run).finally(this.jsOpDone);
+    return run().finally(this.jsOpDone);
+  }
+
+  private readonly jsOpDone = (): void => {
+    this.jsOps -= 1;
+    if (this.jsOps === 0) this.scheduleNativeUpdate();
+  };
 
   get protocol(): ReplicationProtocol {
     return this.options.protocol;
@@ -166,6 +340,7 @@ export class ReplicatedDevice implements BlockDevice {
     this.dataPaused = false;
     this.shipping = false;
     this.ahead = false;
+    this.scheduleNativeUpdate();
   }
 
   /** The sync decision is made: from now on application writes go to the peer instead of into the bitmap. */
@@ -173,6 +348,7 @@ export class ReplicatedDevice implements BlockDevice {
     assert.ok(this.connection !== null, 'startShipping without a connection');
     this.shipping = true;
     this.unreplicatedHookDone = false;
+    this.scheduleNativeUpdate();
   }
 
   get attachedConnection(): PeerChannel | null {
@@ -194,6 +370,8 @@ export class ReplicatedDevice implements BlockDevice {
     // No verdict will come: peer writes waiting for one go ahead (both sides' bitmaps cover what differs).
     this.tracked.leaveAll();
     this.trackedBySeq.clear();
+    // Native writes in flight are marked by the plane (its transport broke too) before they are answered.
+    this.updateNative();
   }
 
   get isShipping(): boolean {
@@ -211,6 +389,11 @@ export class ReplicatedDevice implements BlockDevice {
   write(offset: number, data: Buffer, fua: boolean): Promise<void> {
     this.checkRange(offset, data.length);
     this.checkWritable();
+    if (this.hub !== null) return this.viaJs(() => this.writeJs(offset, data, fua));
+    return this.writeJs(offset, data, fua);
+  }
+
+  private writeJs(offset: number, data: Buffer, fua: boolean): Promise<void> {
     return this.writeFast(offset, data, fua) ?? this.replicate(FrameType.DATA, offset, data.length, fua, data, 0, () =>
       this.options.local.write(offset, data, fua),
     );
@@ -259,9 +442,10 @@ export class ReplicatedDevice implements BlockDevice {
   trim(offset: number, lengthBytes: number, fua: boolean): Promise<void> {
     this.checkRange(offset, lengthBytes);
     this.checkWritable();
-    return this.replicate(FrameType.TRIM, offset, lengthBytes, fua, null, 0, () =>
+    const run = (): Promise<void> => this.replicate(FrameType.TRIM, offset, lengthBytes, fua, null, 0, () =>
       this.options.local.trim(offset, lengthBytes, fua),
     );
+    return this.hub !== null ? this.viaJs(run) : run();
   }
 
   async zero(offset: number, lengthBytes: number, options: ZeroOptions): Promise<void> {
@@ -270,12 +454,18 @@ export class ReplicatedDevice implements BlockDevice {
     const flags = options.noHole ? FrameFlag.NO_HOLE : 0;
     // With FAST_ZERO only the local disk decides whether zeroing is fast; it runs first so that a refusal
     // (ENOTSUP) reaches the client before the peer zeroed anything. The peer then zeroes however it can.
-    return this.replicate(FrameType.ZERO, offset, lengthBytes, options.fua, null, flags, () =>
+    const run = (): Promise<void> => this.replicate(FrameType.ZERO, offset, lengthBytes, options.fua, null, flags, () =>
       this.options.local.zero(offset, lengthBytes, options), options.fastZero,
     );
+    return this.hub !== null ? this.viaJs(run) : run();
   }
 
-  async flush(): Promise<void> {
+  flush(): Promise<void> {
+    if (this.hub !== null) return this.viaJs(() => this.flushJs());
+    return this.flushJs();
+  }
+
+  private async flushJs(): Promise<void> {
     const connection = this.isShipping ? this.connection : null;
     let barrier: Promise<void> | null = null;
     if (connection !== null) {
@@ -285,6 +475,14 @@ export class ReplicatedDevice implements BlockDevice {
       connection.send(CHANNEL_DATA, FrameType.BARRIER, 0, id, 0);
     }
     await Promise.all([this.options.local.flush(), barrier]);
+  }
+
+  /** On the native plane: the local file for the NBD data path's READs, and the plane for its WRITEs and FLUSHes. */
+  directAccess(): DirectAccess | null {
+    if (this.hub === null || this.closed) return null;
+    const local = this.options.local.directAccess?.() ?? null;
+    if (local === null) return null;
+    return { fd: local.fd, replicationPlane: this.hub.plane, replicationOpen: () => this.planeOpen };
   }
 
   cache(offset: number, lengthBytes: number): Promise<void> {
@@ -297,6 +495,9 @@ export class ReplicatedDevice implements BlockDevice {
 
   async close(): Promise<void> {
     this.closed = true;
+    if (this.nativeTimer !== null) clearInterval(this.nativeTimer);
+    this.nativeTimer = null;
+    await this.closePlane();
     // The local disk belongs to the daemon, which closes it after the NBD server and the link.
   }
 
@@ -592,6 +793,7 @@ export class ReplicatedDevice implements BlockDevice {
     }
     const write = PeerWrite.take(this, type, flags, seq, offset, lengthBytes, body, connection, this.epochs[this.epochs.length - 1]!);
     write.epoch.pending += 1;
+    this.peerWritesInFlight += 1;
     // Bounded memory on the Secondary: a slow local disk pauses the data socket instead of queueing without end.
     this.applyingBytes += body.length;
     if (!this.dataPaused && connection !== null && this.applyingBytes > this.options.sendQueueMaxBytes) {
@@ -654,6 +856,8 @@ export class ReplicatedDevice implements BlockDevice {
     connection?.send(ackChannel, error === null ? FrameType.WRITE_ACK : FrameType.NEG_ACK, 0, seq, 0);
     epoch.pending -= 1;
     if (epoch.pending === 0 && this.epochs[0] === epoch && this.epochs.length > 1) this.retireEpochs();
+    this.peerWritesInFlight -= 1;
+    if (this.peerWritesInFlight === 0) this.scheduleNativeUpdate();
   }
 
   /** Closes the open epoch; resolves once every write received so far is on the local disk. */

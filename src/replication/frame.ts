@@ -60,6 +60,13 @@ export const FrameType = {
 export type FrameTypeValue = (typeof FrameType)[keyof typeof FrameType];
 
 const frameTypeNames = new Map<number, string>(Object.entries(FrameType).map(([name, value]) => [value, name]));
+
+/** One byte per frame type number, 1 for the types this protocol has (the native transport's check). */
+export function frameTypeTable(): Buffer {
+  const table = Buffer.alloc(256);
+  for (const type of frameTypeNames.keys()) table[type] = 1;
+  return table;
+}
 export function frameTypeName(type: number): string {
   return frameTypeNames.get(type) ?? `unknown(${type})`;
 }
@@ -209,6 +216,22 @@ export class FrameDecoder {
         this.onFrame(this.type, this.flags, this.id, this.offset, body);
       }
     }
+  }
+
+  /**
+   * Ends decoding here (a native transport reads the socket from now on) and returns the raw bytes of a frame
+   * begun but not finished, for the new reader to start with; undefined at a frame boundary.
+   */
+  takePartial(): Buffer | undefined {
+    this.failed = true;
+    if (this.inBody) {
+      const header = Buffer.alloc(FRAME_HEADER_BYTES);
+      writeFrameHeader(header, 0, this.type, this.flags, this.bodyLength, this.id, this.offset);
+      const body = this.body === null ? Buffer.alloc(0) : this.body.subarray(0, this.bodyFilled);
+      return Buffer.concat([header, body]);
+    }
+    if (this.headerFilled > 0) return Buffer.from(this.headerScratch.subarray(0, this.headerFilled));
+    return undefined;
   }
 
   private parseHeader(source: Buffer, at: number): void {

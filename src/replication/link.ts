@@ -11,7 +11,9 @@ import net, { type Socket } from 'node:net';
 import type { Logger } from '../util/log.js';
 import { authResponse, newChallenge, responseMatches } from './auth.js';
 import { receivePool } from './pool.js';
-import { FrameDecoder, FrameError, FrameType, FrameWriter, frameTypeName } from './frame.js';
+import { FrameDecoder, FrameError, FrameType, FrameWriter, frameTypeName, frameTypeTable } from './frame.js';
+import { ReplEventKind, ReplTransport, type ReplEvent } from '../native/index.js';
+import type { NativePlaneHub } from './native-plane.js';
 import {
   PROTOCOL_VERSION,
   Messages,
@@ -46,6 +48,11 @@ export interface PeerLinkOptions {
   /** Default: the node whose name sorts first connects. */
   side?: 'connector' | 'acceptor';
   logger: Logger;
+  /**
+   * The native data plane: after authentication both sockets are handed to a native transport of this plane,
+   * which writes peer writes to `fileFd()` itself. Without it (DRBDTS_REPL_DATA_PATH=js) JavaScript reads both.
+   */
+  native?: { hub: NativePlaneHub; fileFd: () => number; sizeBytes: number };
 }
 
 export type FrameListener = (
@@ -220,6 +227,20 @@ export interface PeerChannel {
   pauseData(): void;
   resumeData(): void;
   waitDataDrain(): Promise<void>;
+  /** The native transport carrying this connection, if any (the device arms and disarms its Secondary side). */
+  readonly nativeTransport?: ReplTransport | null;
+  /** Frames that change the disk (peer writes, resync data, barriers) the native transport handed to JavaScript. */
+  readonly nativeForwarded?: number;
+}
+
+/** Data-channel frames that change this node's disk: the native Secondary stops at each until JavaScript re-arms. */
+const modifyingTypes: ReadonlySet<number> = new Set([FrameType.DATA, FrameType.TRIM, FrameType.ZERO, FrameType.RS_REPLY,
+  FrameType.BARRIER]);
+
+/** The socket's descriptor, or -1 (the handle's internals). */
+function socketFd(socket: Socket): number {
+  const fd = (socket as unknown as { _handle?: { fd?: number } | null })._handle?.fd;
+  return typeof fd === 'number' ? fd : -1;
 }
 
 export class PeerConnection implements PeerChannel {
@@ -229,6 +250,9 @@ export class PeerConnection implements PeerChannel {
   lastMetaReceivedMs = Date.now();
   private readonly pingTimer: NodeJS.Timeout;
   private drainWaiters: Array<() => void> = [];
+  nativeForwarded = 0;
+  /** Native events that came before start(). */
+  private early: ReplEvent[] | null = [];
 
   constructor(
     private readonly data: FrameSocket,
@@ -236,7 +260,16 @@ export class PeerConnection implements PeerChannel {
     readonly peerNode: string,
     private readonly pingIntervalMs: number,
     private readonly pingTimeoutMs: number,
+    /** The native transport that owns both sockets from now on, and the hub routing its events. */
+    readonly nativeTransport: ReplTransport | null = null,
+    private readonly hub: NativePlaneHub | null = null,
   ) {
+    if (nativeTransport !== null) {
+      hub!.register(nativeTransport.id, (event) => {
+        if (this.early !== null) this.early.push(event);
+        else this.onNativeEvent(event);
+      });
+    }
     data.onClose = (reason) => this.close(`data socket: ${reason}`);
     meta.onClose = (reason) => this.close(`meta socket: ${reason}`);
     data.socket.on('drain', () => {
@@ -251,6 +284,16 @@ export class PeerConnection implements PeerChannel {
   /** Starts delivering frames (queued ones first) to `listener`. Call once, after setting onClose. */
   start(listener: FrameListener): void {
     this.onFrame = listener;
+    if (this.nativeTransport !== null) {
+      // Frames JavaScript decoded before the hand-off come first; the native reader starts after them.
+      this.data.setListener((type, flags, id, offset, body) => this.onFrame(CHANNEL_DATA, type, flags, id, offset, body));
+      this.meta.setListener((type, flags, id, offset, body) => this.onMetaFrame(type, flags, id, offset, body));
+      const early = this.early!;
+      this.early = null;
+      for (const event of early) this.onNativeEvent(event);
+      if (this.closedReason === null) this.nativeTransport.start();
+      return;
+    }
     this.data.setListener((type, flags, id, offset, body) => this.onFrame(CHANNEL_DATA, type, flags, id, offset, body));
     this.meta.setListener((type, flags, id, offset, body) => {
       this.lastMetaReceivedMs = Date.now();
@@ -263,17 +306,58 @@ export class PeerConnection implements PeerChannel {
     });
   }
 
+  private onMetaFrame(type: number, flags: number, id: number, offset: number, body: Buffer): void {
+    this.lastMetaReceivedMs = Date.now();
+    if (type === FrameType.PING) {
+      this.send(CHANNEL_META, FrameType.PING_ACK, 0, id, 0);
+      return;
+    }
+    if (type === FrameType.PING_ACK) return;
+    this.onFrame(CHANNEL_META, type, flags, id, offset, body);
+  }
+
+  private onNativeEvent(event: ReplEvent): void {
+    switch (event.kind) {
+      case ReplEventKind.Frame: {
+        const channel = event.channel as Channel;
+        if (this.closedReason !== null) return;
+        if (channel === CHANNEL_META) {
+          this.onMetaFrame(event.type!, event.flags!, event.id!, event.offset!, event.body!);
+          return;
+        }
+        if (modifyingTypes.has(event.type!)) this.nativeForwarded += 1;
+        this.onFrame(CHANNEL_DATA, event.type!, event.flags!, event.id!, event.offset!, event.body!);
+        return;
+      }
+      case ReplEventKind.Closed:
+        this.close(event.reason ?? 'closed');
+        return;
+      case ReplEventKind.Drained: {
+        const waiters = this.drainWaiters;
+        this.drainWaiters = [];
+        for (const waiter of waiters) waiter();
+        return;
+      }
+      default:
+        return;
+    }
+  }
+
   private keepalive(): void {
+    if (this.nativeTransport !== null) {
+      this.lastMetaReceivedMs = Math.max(this.lastMetaReceivedMs, this.nativeTransport.lastMetaReceivedMs);
+    }
     const silentMs = Date.now() - this.lastMetaReceivedMs;
     if (silentMs > this.pingTimeoutMs) {
       this.close(`ping timeout: nothing from ${this.peerNode} for ${silentMs} ms (limit ${this.pingTimeoutMs} ms)`);
       return;
     }
-    this.meta.writer.send(FrameType.PING, 0, 0, 0);
+    this.send(CHANNEL_META, FrameType.PING, 0, 0, 0);
   }
 
   send(channel: Channel, type: number, flags: number, id: number, offset: number, body?: Uint8Array): boolean {
     if (this.closedReason !== null) return false;
+    if (this.nativeTransport !== null) return this.nativeTransport.sendFrame(channel, type, flags, id, offset, body);
     return (channel === CHANNEL_DATA ? this.data : this.meta).writer.send(type, flags, id, offset, body);
   }
 
@@ -288,6 +372,12 @@ export class PeerConnection implements PeerChannel {
     onWritten: () => void,
   ): void {
     if (this.closedReason !== null) return;
+    if (this.nativeTransport !== null) {
+      // The transport copied the frame (or wrote it): the caller's buffer is free, the frame is on its way.
+      this.nativeTransport.sendFrame(channel, type, flags, id, offset, body);
+      process.nextTick(onWritten);
+      return;
+    }
     (channel === CHANNEL_DATA ? this.data : this.meta).writer.send(type, flags, id, offset, body, () => onWritten());
   }
 
@@ -300,36 +390,51 @@ export class PeerConnection implements PeerChannel {
    * peer's writes still to apply; the meta socket keeps flowing, so acks and pings are unaffected.
    */
   pauseData(): void {
-    this.data.socket.pause();
+    if (this.nativeTransport !== null) this.nativeTransport.setPaused(true);
+    else this.data.socket.pause();
   }
 
   resumeData(): void {
-    if (this.closedReason === null) this.data.socket.resume();
+    if (this.closedReason !== null) return;
+    if (this.nativeTransport !== null) this.nativeTransport.setPaused(false);
+    else this.data.socket.resume();
   }
 
   /** Bytes written to the data socket that the kernel has not taken yet (the send queue toward the peer). */
   get dataQueuedBytes(): number {
-    return this.data.writer.queuedBytes;
+    return this.nativeTransport !== null ? this.nativeTransport.queuedBytes(CHANNEL_DATA) : this.data.writer.queuedBytes;
   }
 
   /** Resolves when the data socket's user-space queue drained (or the connection closed). */
   waitDataDrain(): Promise<void> {
-    if (this.closedReason !== null || this.data.writer.queuedBytes === 0) return Promise.resolve();
-    return new Promise((resolve) => this.drainWaiters.push(resolve));
+    if (this.closedReason !== null || this.dataQueuedBytes === 0) return Promise.resolve();
+    const drained = new Promise<void>((resolve) => this.drainWaiters.push(resolve));
+    this.nativeTransport?.wantDrain();
+    return drained;
   }
 
   get sentBytes(): number {
-    return this.data.writer.sentBytes + this.meta.writer.sentBytes;
+    return this.data.writer.sentBytes + this.meta.writer.sentBytes + (this.nativeTransport?.sentBytes ?? 0);
   }
 
   get receivedBytes(): number {
-    return this.data.decoder.receivedBytes + this.meta.decoder.receivedBytes;
+    return this.data.decoder.receivedBytes + this.meta.decoder.receivedBytes + (this.nativeTransport?.receivedBytes ?? 0);
   }
 
   close(reason: string): void {
     if (this.closedReason !== null) return;
     this.closedReason = reason;
     clearInterval(this.pingTimer);
+    const transport = this.nativeTransport;
+    if (transport !== null) {
+      // Its threads stop now; the plane marks what the peer did not confirm (events that still come are routed
+      // until the threads are joined, a turn later).
+      transport.close(reason);
+      setImmediate(() => {
+        transport.destroy();
+        this.hub!.unregister(transport.id);
+      });
+    }
     this.data.close(reason);
     this.meta.close(reason);
     const waiters = this.drainWaiters;
@@ -581,9 +686,44 @@ export class PeerLink {
     this.establish(data, meta);
   }
 
+  /**
+   * Hands both authenticated sockets to a native transport: JavaScript stops reading them (what it decoded stays
+   * queued for the connection, a frame it began goes along as raw bytes) and writes nothing more to them. Null
+   * (JavaScript keeps them) when that cannot be done cleanly.
+   */
+  private handOff(data: FrameSocket, meta: FrameSocket): ReplTransport | null {
+    const native = this.options.native;
+    if (native === undefined) return null;
+    for (const socket of [data, meta]) {
+      socket.writer.flushNow();
+      if (socket.socket.writableLength !== 0 || socketFd(socket.socket) < 0) return null;
+    }
+    try {
+      const stop = (socket: Socket): void => {
+        socket.pause();
+        (socket as unknown as { _handle?: { readStop?: () => void } | null })._handle?.readStop?.();
+      };
+      stop(data.socket);
+      stop(meta.socket);
+      const transport = new ReplTransport(native.hub.plane, {
+        dataFd: socketFd(data.socket), metaFd: socketFd(meta.socket), fileFd: native.fileFd(),
+        sizeBytes: native.sizeBytes, validTypes: frameTypeTable(),
+        dataLeftover: data.decoder.takePartial(), metaLeftover: meta.decoder.takePartial(),
+      });
+      return transport;
+    } catch (error) {
+      this.log.error({ err: error }, 'native transport unavailable: this connection stays in JavaScript');
+      data.socket.resume();
+      meta.socket.resume();
+      return null;
+    }
+  }
+
   private establish(data: FrameSocket, meta: FrameSocket): void {
+    const transport = this.handOff(data, meta);
     const connection = new PeerConnection(
       data, meta, this.options.peerNode, this.options.pingIntervalMs, this.options.pingTimeoutMs,
+      transport, transport === null ? null : this.options.native!.hub,
     );
     this.connection = connection;
     this.state = 'Connected';
@@ -597,7 +737,8 @@ export class PeerLink {
         this.scheduleAttempt(this.connectRetryMs);
       }
     };
-    this.log.info({ peer: this.options.peerNode, side: this.side }, 'connected to peer');
+    this.log.info({ peer: this.options.peerNode, side: this.side, dataPath: transport === null ? 'js' : 'native' },
+      'connected to peer');
     this.onConnected(connection);
   }
 }

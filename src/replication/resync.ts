@@ -284,7 +284,7 @@ export class ResyncTarget {
       connection.close(`resync reply at ${offset} has ${data.length} bytes, expected ${lengthBytes}`);
       return;
     }
-    const admitted = device.gate.enter(offset, lengthBytes, 'resync');
+    const admitted = device.enterBackground(offset, lengthBytes, 'resync');
     void (async () => {
       const entry = admitted instanceof Promise ? await admitted : admitted;
       try {
@@ -381,7 +381,7 @@ export class ResyncSource {
       return;
     }
     const peerDigest = (flags & FrameFlag.CSUM) !== 0 ? Buffer.from(body) : null;
-    const admitted = device.gate.enter(offset, lengthBytes, 'resync-read');
+    const admitted = device.enterBackground(offset, lengthBytes, 'resync-read');
     void (async () => {
       const entry = admitted instanceof Promise ? await admitted : admitted;
       // A pooled read buffer, given back once the socket has taken the reply (or at once when not sent).
@@ -471,7 +471,7 @@ export class VerifyInitiator {
       }
       await this.rate.take(lengthBytes);
       const data = Buffer.allocUnsafe(lengthBytes);
-      const admitted = this.device.gate.enter(offset, lengthBytes, 'verify');
+      const admitted = this.device.enterBackground(offset, lengthBytes, 'verify');
       const entry = admitted instanceof Promise ? await admitted : admitted;
       try {
         await this.device.local.read(offset, data);
@@ -511,7 +511,7 @@ export function answerVerify(device: ReplicatedDevice, connection: PeerConnectio
     connection.close(`bad verify request ${offset}+${lengthBytes}`);
     return;
   }
-  const admitted = device.gate.enter(offset, lengthBytes, 'verify');
+  const admitted = device.enterBackground(offset, lengthBytes, 'verify');
   void (async () => {
     const entry = admitted instanceof Promise ? await admitted : admitted;
     const data = Buffer.allocUnsafe(lengthBytes);

@@ -44,6 +44,8 @@ export interface ResourceStatus {
   connection: ConnectionState;
   peer: { node: string; role: RoleState; disk: DiskState };
   outOfSyncBytes: number;
+  /** Where replicated writes run: 'native' threads or 'js' (DRBDTS_REPL_DATA_PATH). */
+  replicationDataPath: 'js' | 'native';
   resync: null | ResyncStatus;
   verify?: null | { doneBytes: number; totalBytes: number; outOfSyncBlocks: number };
   protocol: Protocol;
@@ -63,6 +65,9 @@ export interface ResourceStatus {
     writesSupersededByPeer: number;
     writesRetried: number;
     peerWritesDelayed: number;
+    /** Application writes replicated on the native plane (as Primary); peer writes applied on it (as Secondary). */
+    nativeWrites: number;
+    nativePeerWrites: number;
   };
   pending: number;
   unacked: number;

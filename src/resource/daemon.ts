@@ -25,6 +25,7 @@ import { ControlServer, type ConnectionState, type DiskState, type ResourceStatu
 import { Metadata } from './metadata.js';
 import { decideSync, formatUuid, newUuid, type SyncDecision, type SyncView } from './uuids.js';
 import { ReplicatedDevice } from '../replication/device.js';
+import { NativePlaneHub, replicationDataPathFromEnv, type ReplicationDataPath } from '../replication/native-plane.js';
 import { FrameType } from '../replication/frame.js';
 import { CHANNEL_DATA, CHANNEL_META, PeerLink, type PeerConnection } from '../replication/link.js';
 import {
@@ -84,6 +85,9 @@ export class NodeDaemon {
   private resolveStopped!: () => void;
   readonly stopped: Promise<void>;
   private readonly peerName: string;
+  /** DRBDTS_REPL_DATA_PATH: replicated writes on native threads (default) or in JavaScript. */
+  private readonly dataPath: ReplicationDataPath;
+  private hub: NativePlaneHub | null = null;
 
   constructor(
     private readonly config: ResourceConfig,
@@ -91,6 +95,7 @@ export class NodeDaemon {
     private readonly logger: Logger,
   ) {
     this.peerName = peerOf(config, nodeName).name;
+    this.dataPath = replicationDataPathFromEnv();
     this.rate = new RateController(
       { maxBytesPerSecond: config.resyncRateMaxBytesPerSecond, minBytesPerSecond: config.resyncRateMinBytesPerSecond },
       () => this.device.lastApplicationIoMs,
@@ -114,6 +119,7 @@ export class NodeDaemon {
           'previous run did not shut down cleanly: activity-log extents are marked out of sync');
       }
       this.local = await LocalDisk.open(node.disk, { sizeBytes: this.metadata.dataSizeBytes });
+      if (this.dataPath === 'native') this.hub = new NativePlaneHub(this.logger);
       this.device = new ReplicatedDevice({
         local: this.local,
         protocol: this.config.protocol,
@@ -125,6 +131,7 @@ export class NodeDaemon {
         logger: this.logger,
         describe: () => `resource ${this.config.name} on node ${this.nodeName} is ${this.role}`
           + (this.role === 'Secondary' ? `: promote it with "drbdts primary ${this.config.name}"` : ''),
+        native: this.hub === null ? undefined : { hub: this.hub, allowed: () => this.nativeAllowed() },
       });
       this.device.onFirstUnreplicatedWrite = async () => {
         // A Primary writes without its peer: a new data generation starts (DRBD's new current UUID).
@@ -145,6 +152,15 @@ export class NodeDaemon {
         pingTimeoutMs: this.config.pingTimeoutMs,
         connectRetryMs: this.config.connectRetryMs,
         logger: this.logger,
+        native: this.hub === null ? undefined : {
+          hub: this.hub,
+          fileFd: () => {
+            const access = this.local.directAccess();
+            if (access === null) throw new Error('the local disk is closed');
+            return access.fd;
+          },
+          sizeBytes: this.metadata.dataSizeBytes,
+        },
       });
       this.link.onConnected = (connection) => this.onConnected(connection);
       this.link.onDisconnected = (reason) => this.onDisconnected(reason);
@@ -156,6 +172,7 @@ export class NodeDaemon {
         description: `drbdts resource ${this.config.name} (node ${this.nodeName})`,
         logger: this.logger,
       });
+      this.device.onNativeOpen = () => this.nbd.replicationOpened();
       await this.nbd.listen(parseListenAddress(node.nbd));
       this.control = new ControlServer(node.control, (command, args) => this.handle(command, args), this.logger);
       await this.control.listen();
@@ -256,6 +273,7 @@ export class NodeDaemon {
         disk: session?.peerDisk ?? 'DUnknown',
       },
       outOfSyncBytes: this.outOfSyncBytes(),
+      replicationDataPath: this.dataPath,
       resync,
       verify: verify !== null
         ? { doneBytes: verify.progress.doneBytes, totalBytes: verify.progress.totalBytes,
@@ -270,6 +288,8 @@ export class NodeDaemon {
         resyncSentBytes: counters.resyncSentBytes,
         resyncReceivedBytes: counters.resyncReceivedBytes,
         // Dual-primary conflicts: resolved here (peer writes superseded / sent back), and met by our writes.
+        nativeWrites: this.device.nativeCounters().writes,
+        nativePeerWrites: this.device.nativeCounters().peerWrites,
         conflictsSuperseded: counters.conflictsSuperseded,
         conflictsRetried: counters.conflictsRetried,
         writesSupersededByPeer: counters.writesSupersededByPeer,
@@ -289,6 +309,16 @@ export class NodeDaemon {
   }
 
   // ---- connection ----
+
+  /**
+   * The daemon's part of the native plane's conditions: connected, the sync decision made and no resync, bitmap
+   * exchange or verify running (their I/O orders itself through the gate, which the plane bypasses).
+   */
+  private nativeAllowed(): boolean {
+    const session = this.session;
+    return session !== null && session.decision !== null && !session.expectBitmap && session.source === null
+      && session.target === null && session.verify === null && !session.verifyPeerActive;
+  }
 
   private onConnected(connection: PeerConnection): void {
     const session: Session = {
