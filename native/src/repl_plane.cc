@@ -426,10 +426,10 @@ class Plane : public std::enable_shared_from_this<Plane> {
           object.Set("flags", event.flags);
           object.Set("id", event.id);
           object.Set("offset", static_cast<double>(event.offset));
+          // The body read for it becomes the Buffer itself (freed by its finalizer): no copy.
           Napi::Buffer<uint8_t> body = event.body == nullptr
               ? Napi::Buffer<uint8_t>::New(env, 0)
-              : Napi::Buffer<uint8_t>::Copy(env, event.body, event.bodyBytes);
-          free(event.body);
+              : Napi::Buffer<uint8_t>::New(env, event.body, event.bodyBytes, [](Napi::Env, uint8_t* data) { free(data); });
           event.body = nullptr;
           object.Set("body", body);
           break;
@@ -736,8 +736,20 @@ class Transport : public std::enable_shared_from_this<Transport> {
     if (!paused) Wake(pauseFd_);
   }
 
-  // JavaScript closes the connection (or the transport is destroyed).
-  void Shutdown(const std::string& reason) { Break(reason); }
+  // JavaScript closes the connection (or the transport is destroyed): what is queued (a refusal telling the peer
+  // why, say) goes out first if the socket takes it now.
+  void Shutdown(const std::string& reason) {
+    if (!broken_.load()) {
+      for (int channel = 0; channel < 2; channel += 1) {
+        Sender& sender = senders_[channel];
+        std::lock_guard<std::mutex> lock(sender.mutex);
+        if (sender.busy || sender.queue.empty()) continue;
+        ssize_t n = send(sender.fd, sender.queue.data(), sender.queue.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+        (void)n;
+      }
+    }
+    Break(reason);
+  }
 
  private:
   static void Wake(int fd) {

@@ -152,7 +152,9 @@ export class NodeDaemon {
         pingTimeoutMs: this.config.pingTimeoutMs,
         connectRetryMs: this.config.connectRetryMs,
         logger: this.logger,
-        native: this.hub === null ? undefined : {
+        // Dual-primary writes are tracked for conflict resolution in JavaScript: such a resource keeps its
+        // connection there (docs/replication.md).
+        native: this.hub === null || this.config.allowTwoPrimaries ? undefined : {
           hub: this.hub,
           fileFd: () => {
             const access = this.local.directAccess();
