@@ -201,6 +201,13 @@ function cpuSeconds(pid) {
   }
 }
 
+/** CPU seconds of this process's children that have been waited for (fio: spawnSync waits for it). */
+function waitedChildrenCpuSeconds() {
+  const stat = fs.readFileSync('/proc/self/stat', 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[13]) + Number(fields[14])) / clockTicksPerSecond; // cutime, cstime (fields 16, 17)
+}
+
 /** Per-cpu [busy, total] jiffies from /proc/stat (busy: all but idle and iowait). */
 function cpuTimes() {
   return fs.readFileSync('/proc/stat', 'utf8').split('\n').filter((line) => /^cpu\d+ /.test(line)).map((line) => {
@@ -452,9 +459,13 @@ function runFio(job, target, dir) {
     `runtime=${runtimeSeconds}`, `[${job.name}]`, ...job.lines, ''].join('\n'));
   const cpuBefore = target.pids().map(cpuSeconds);
   const coresBefore = cpuTimes();
+  const fioBefore = waitedChildrenCpuSeconds();
+  const start = process.hrtime.bigint();
   const output = sh('taskset', ['-c', '0', 'fio', '--output-format=json', jobFile]);
+  const seconds = Number(process.hrtime.bigint() - start) / 1e9;
   const busy = busyPercent(coresBefore, cpuTimes());
   const cpuAfter = target.pids().map(cpuSeconds);
+  const fioSeconds = waitedChildrenCpuSeconds() - fioBefore;
   const result = JSON.parse(output.slice(output.indexOf('{'))).jobs[0];
   if (result.error !== 0) throw new Error(`fio ${job.name} failed: error ${result.error}`);
   const writes = result.write.total_ios;
@@ -464,6 +475,9 @@ function runFio(job, target, dir) {
     writes,
     cpuUsPerWrite: cpuAfter.map((after, i) => ((after - cpuBefore[i]) * 1e6) / writes),
     busy,
+    // Each program's share of its own core: /proc/stat's busy also counts whatever else runs on the machine.
+    daemonPercent: cpuAfter.map((after, i) => (100 * (after - cpuBefore[i])) / seconds),
+    fioPercent: (100 * fioSeconds) / seconds,
   };
 }
 
@@ -598,7 +612,7 @@ async function main() {
           const result = runFio(job, target, dir);
           if (recorder !== null) await recorder.stop();
           samples[target.kind][job.name].push(result);
-          console.error(`  r${round + 1} ${target.kind} ${job.name}: ${result[job.metric].toFixed(0)} ${job.unit}, CPU per write ${result.cpuUsPerWrite.map((us) => us.toFixed(0)).join(' + ')} us, cores ${result.busy.map((b) => b.toFixed(0)).join('% / ')}%`);
+          console.error(`  r${round + 1} ${target.kind} ${job.name}: ${result[job.metric].toFixed(0)} ${job.unit}, CPU per write ${result.cpuUsPerWrite.map((us) => us.toFixed(0)).join(' + ')} us, cores ${result.busy.map((b) => b.toFixed(0)).join('% / ')}% (daemons ${result.daemonPercent.map((b) => b.toFixed(0)).join('% / ')}%, fio ${result.fioPercent.toFixed(0)}%)`);
           target.sampleRss();
         }
         samples[target.kind].fua.push(fuaLatency(target.uri));
@@ -662,9 +676,13 @@ async function main() {
       row([`${job.title}: Primary CPU per write (us)`, fixed(value('baseline', job.name, primary)), ...cells, '<= 1.3x']);
     }
     for (const job of fioJobs) {
-      const busy = (kind) => [0, 1].map((core) => value(kind, job.name, (sample) => sample.busy[core]));
-      const text = (kind) => busy(kind).map((b, core) => `${core === 0 ? 'core 0 ' : 'core 1 '}${fixed(b)}%`).join(', ');
-      row([`${job.title}: busy (core 0: Primary + fio, core 1: Secondary)`, text('baseline'), ...labels.flatMap((label) => [text(label), '']), '']);
+      const share = (kind, metric) => `${fixed(value(kind, job.name, metric))}%`;
+      const text = (kind) => {
+        const core0 = `core 0 ${share(kind, (sample) => sample.busy[0])} (${kind === 'baseline' ? 'serve' : 'Primary'} ${share(kind, (sample) => sample.daemonPercent[0])}, fio ${share(kind, (sample) => sample.fioPercent)})`;
+        const core1 = `core 1 ${share(kind, (sample) => sample.busy[1])}${kind === 'baseline' ? '' : ` (Secondary ${share(kind, (sample) => sample.daemonPercent[1])})`}`;
+        return `${core0}, ${core1}`;
+      };
+      row([`${job.title}: core busy (of it: each program)`, text('baseline'), ...labels.flatMap((label) => [text(label), '']), '']);
     }
     const fua = (kind, key) => median(samples[kind].fua.map((sample) => sample[key]));
     const bound = (fua('baseline', 'p50Us') + rtt.p50Us) * 1.1;
