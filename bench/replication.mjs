@@ -11,6 +11,7 @@
 // QD1 4 KiB FUA write latency p50/p99 (qemu-io `write -f`) vs baseline + the veth round trip; full resync throughput
 // vs min(tmpfs write, TCP across the veth); bitmap resync bytes sent vs dirty bytes; the daemons' peak RSS.
 // Usage: node bench/replication.mjs [--quick] [--rounds N] [--size 512m] [--runtime S] [--out FILE.json]
+//        (defaults: 4 rounds, 512 MiB, 4 s; --quick: 1 round, 64 MiB, 1 s, for CI's smoke test)
 //        [--data-path js|native|both] (DRBDTS_REPL_DATA_PATH for the daemons; both: a pair of each, same rounds;
 //        without it the variable is passed through as set, or not at all) [--no-fio] [--no-resync]
 //        [--cpu-prof DIR] (daemons under node --cpu-prof) [--perf DIR] (perf record -g on the daemons per fio job)
@@ -630,7 +631,10 @@ async function main() {
   const resync = {};
   let limits = null;
   if (!skipResync) {
-    limits = { tmpfsMiBps: tmpfsWriteMiBps(mounts.b, net.b.core), tcpMiBps: (await probeLink(net, dir, 'send', tcpMiB)).MiBps };
+    const tcpSamples = [];
+    for (let i = 0; i < 3; i += 1) tcpSamples.push((await probeLink(net, dir, 'send', tcpMiB)).MiBps);
+    limits = { tmpfsMiBps: tmpfsWriteMiBps(mounts.b, net.b.core), tcpMiBps: median(tcpSamples) };
+    console.error(`limits: tmpfs write ${limits.tmpfsMiBps.toFixed(0)} MiB/s (dd on core 1, median of 3), veth TCP ${tcpSamples.map((v) => v.toFixed(0)).join(', ')} MiB/s (Node.js, core 0 -> core 1)`);
     limits.limitMiBps = Math.min(limits.tmpfsMiBps, limits.tcpMiBps);
     for (const [i, dataPath] of dataPaths.entries()) {
       resync[dataPathLabel(dataPath)] = await measureResync(dir, net, mounts, dataPath, 7795 + i);
