@@ -140,6 +140,8 @@ export class NbdConnection {
   private dataPathSpliced = 0;
   /** A replicated device's plane: the path is armed only while it admits writes (else every WRITE bounces). */
   private replicationOpen: (() => boolean) | null = null;
+  /** Reading stopped until the requests in flight finish, to arm the native data path (yieldToNative). */
+  private yielding = false;
 
   /**
    * `socket` is the connection; or, for a plain socket accepted with pauseOnConnect, pass `direct: true` and
@@ -497,12 +499,22 @@ export class NbdConnection {
    * with direct reads stops them at once), so only the path reads the socket until it hands the connection back.
    */
   private considerDataPath(): void {
-    if (!this.dataPathPossible || this.dataPathArmed || this.dataPathSawEnd) return;
-    if (this.phase !== 'transmission' || this.readingStopped || this.closing || this.pausedForBudget) return;
+    if (!this.dataPathPossible || this.dataPathArmed || this.dataPathSawEnd ||
+      this.phase !== 'transmission' || this.readingStopped || this.closing || this.pausedForBudget) {
+      this.stopYielding();
+      return;
+    }
     if (this.receiveState !== ReceiveState.Header || this.queuedBytes !== 0 || this.inFlightRequests !== 0) return;
     const socket = this.socket as net.Socket;
-    if (this.corked || socket.destroyed || socket.writableLength !== 0) return;
-    if (this.replicationOpen !== null && !this.replicationOpen()) return;
+    if (this.corked || socket.destroyed || socket.writableLength !== 0) {
+      // Replies still leaving: a connection that stopped reading to yield tries again next turn.
+      if (this.yielding && !socket.destroyed) setImmediate(() => this.considerDataPath());
+      return;
+    }
+    if (this.replicationOpen !== null && !this.replicationOpen()) {
+      this.stopYielding();
+      return;
+    }
     if (this.dataPath === null) {
       const access = this.device.directAccess?.() ?? null;
       const fd = socketFd(socket);
@@ -530,7 +542,10 @@ export class NbdConnection {
           plane: access.replicationPlane,
         }, (result) => this.onDataPathStop(result));
         this.replicationOpen = access.replicationOpen ?? null;
-        if (this.replicationOpen !== null && !this.replicationOpen()) return;
+        if (this.replicationOpen !== null && !this.replicationOpen()) {
+          this.stopYielding();
+          return;
+        }
       } catch (error) {
         this.logger.warn({ err: error }, 'native data path unavailable; serving in JavaScript');
         this.dataPathPossible = false;
@@ -544,6 +559,7 @@ export class NbdConnection {
       return;
     }
     this.dataPathArmed = true;
+    this.yielding = false;
     this.beginAccounting(0);
     this.logger.trace('native data path armed');
   }
@@ -583,6 +599,28 @@ export class NbdConnection {
     if (this.phase === 'transmission' && !this.dataPathArmed) this.considerDataPath();
   }
 
+  /**
+   * A busy connection of a replicated device whose plane is open goes back to the native data path: at a request
+   * boundary with nothing buffered it stops reading, lets its requests in flight finish, and arms (endRequest ->
+   * considerDataPath). Without this, a client that keeps its queue full would stay on JavaScript's path after
+   * the first write handed back. True when reading stopped for that.
+   */
+  private yieldToNative(): boolean {
+    if (this.replicationOpen === null || !this.dataPathPossible || this.dataPathArmed || this.yielding) return false;
+    if (this.pausedForBudget || this.closing || !this.replicationOpen()) return false;
+    this.yielding = true;
+    this.socket.pause();
+    if (this.inFlightRequests === 0) this.considerDataPath();
+    return true;
+  }
+
+  /** Reading stopped to yield to the native path, which cannot be armed now: JavaScript reads on. */
+  private stopYielding(): void {
+    if (!this.yielding) return;
+    this.yielding = false;
+    if (!this.readingStopped && !this.pausedForBudget && !this.dataPathArmed) this.socket.resume();
+  }
+
   private destroyDataPath(): void {
     const path = this.dataPath;
     if (path === null) return;
@@ -610,6 +648,7 @@ export class NbdConnection {
       if (this.receiveState === ReceiveState.Header) {
         // Stopping takes effect between requests, so a WRITE whose payload is arriving still completes.
         if (this.readingStopped) return;
+        if (this.queuedBytes === 0 && this.yieldToNative()) return;
         if (this.queuedBytes < P.REQUEST_HEADER_BYTES) return;
         if (this.overBudget()) {
           this.pauseForBudget(false);
