@@ -30,6 +30,8 @@ export interface ClusterOptions {
   devices?: Partial<Record<NodeName, string>>;
   /** Where a node's backing file lives (default: the cluster's temp dir), e.g. a small tmpfs to fill up. */
   diskDirs?: Partial<Record<NodeName, string>>;
+  /** Extra environment of a node's daemon (over the test process's own), e.g. its DRBDTS_REPL_DATA_PATH. */
+  env?: Partial<Record<NodeName, NodeJS.ProcessEnv>>;
 }
 
 export interface RunResult {
@@ -140,13 +142,14 @@ ${this.options.devices?.bob === undefined ? '' : `device = "${this.options.devic
     });
   }
 
-  async start(node: NodeName): Promise<ChildProcess> {
+  /** Starts `drbdts up` for `node`; `env` adds to (or, with undefined values, removes from) its environment. */
+  async start(node: NodeName, env: NodeJS.ProcessEnv = {}): Promise<ChildProcess> {
     const logPath = path.join(this.dir, `${node}.log`);
     const { openSync } = await import('node:fs');
     const log = openSync(logPath, 'a');
     const child = spawn('node', [cli, 'up', 'r0', '--config', this.configPath(node), '--node', node], {
       stdio: ['ignore', log, log],
-      env: { ...process.env, DRBDTS_LOG_LEVEL: process.env.DRBDTS_TEST_LOG_LEVEL ?? 'info' },
+      env: { ...process.env, DRBDTS_LOG_LEVEL: process.env.DRBDTS_TEST_LOG_LEVEL ?? 'info', ...this.options.env?.[node], ...env },
     });
     this.processes.set(node, child);
     await waitFor(`${node} to come up`, async () => {
