@@ -63,6 +63,12 @@ interface Session {
   peerUuids: { current: bigint; bitmap: bigint; history: [bigint, bigint] };
   /** Set while the resync is paused (on either side). */
   resyncPaused: boolean;
+  /**
+   * A SyncTarget recorded the source's sync UUID (RESYNC_START). It comes on the meta socket, the bitmap on the
+   * data socket, in either order: the target starts resyncing only once it has both, or a resync with nothing
+   * to do could end before the sync UUID arrives, which would then make this node Inconsistent for good.
+   */
+  syncUuidRecorded: boolean;
 }
 
 export class NodeDaemon {
@@ -327,7 +333,7 @@ export class NodeDaemon {
       connection, localStateSent: false, peerState: null, decision: null, peerBitmap: null,
       peerBitmapComplete: false, expectBitmap: false, source: null, target: null, verify: null,
       verifyPeerActive: false, peerRole: 'Unknown', peerDisk: 'DUnknown',
-      peerUuids: { current: 0n, bitmap: 0n, history: [0n, 0n] }, resyncPaused: false,
+      peerUuids: { current: 0n, bitmap: 0n, history: [0n, 0n] }, resyncPaused: false, syncUuidRecorded: false,
     };
     this.session = session;
     // With allow-two-primaries, overlapping writes from both sides are resolved by the connecting node.
@@ -397,6 +403,7 @@ export class NodeDaemon {
     this.logger.info({ why }, 'renegotiating with the peer');
     session.decision = null;
     session.peerState = null;
+    session.syncUuidRecorded = false;
     this.sendNodeState(session);
   }
 
@@ -459,7 +466,11 @@ export class NodeDaemon {
         return;
       case FrameType.RESYNC_START: {
         const start = decodeMessage<{ syncUuid: bigint }>(Messages.ResyncStart, body);
-        void this.metadata.beginSyncTarget(start.syncUuid).catch((error: Error) => {
+        void this.metadata.beginSyncTarget(start.syncUuid).then(() => {
+          if (this.session !== session) return;
+          session.syncUuidRecorded = true;
+          this.maybeStartResync(session);
+        }, (error: Error) => {
           this.logger.error({ err: error }, 'recording the sync UUID failed');
           connection.close(`metadata write failed: ${error.message}`);
         });
@@ -611,6 +622,8 @@ export class NodeDaemon {
 
   private maybeStartResync(session: Session): void {
     if (!session.expectBitmap || !session.peerBitmapComplete || session.decision === null) return;
+    const decided = session.decision.kind;
+    if ((decided === 'target' || decided === 'full-target') && !session.syncUuidRecorded) return;
     session.expectBitmap = false;
     session.peerBitmapComplete = false;
     const peerBitmap = Bitmap.fromBuffer(this.metadata.dataSizeBytes, session.peerBitmap!);
