@@ -28,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -258,6 +259,7 @@ class DataPath : public drbdts_repl::ReplySink {
         seen = generation_;
       }
       ServeRound(buffer);
+      if (plane_ != nullptr) drbdts_repl::Flush(*plane_);
       std::function<void(Finished*)> finish;
       Finished* finished = nullptr;
       {
@@ -324,6 +326,8 @@ class DataPath : public drbdts_repl::ReplySink {
 
   // Waits until the socket is ready (POLLIN or POLLOUT); false when aborted, or stopped if `stoppable`.
   bool WaitSocket(short events, bool stoppable) {
+    // Frames a worker left batched for the next request go to the peer before anyone waits for the client.
+    if (plane_ != nullptr && (events & POLLIN) != 0) drbdts_repl::Flush(*plane_);
     for (;;) {
       if (aborted_.load()) return false;
       if (stoppable && (stopRequested_.load() || ending_.load())) return false;
@@ -615,12 +619,15 @@ class DataPath : public drbdts_repl::ReplySink {
       // No tee: the payload moves to the buffer and goes from there.
       if (!DrainPipe(buffer, buffer.data, request.lengthBytes)) {
         request.inPipe = false;
-        drbdts_repl::ShipBuffer(*plane_, ticket, buffer.data);  // the pipe broke: what went wrong is the local write's
+        drbdts_repl::ShipBuffer(*plane_, ticket, buffer.data, false);  // the pipe broke: the local write says what went wrong
         return;
       }
       request.inPipe = false;
     }
-    drbdts_repl::ShipBuffer(*plane_, ticket, buffer.data);
+    // Another request already waiting: this frame may go in the same send as its (see WaitSocket's flush).
+    int pending = 0;
+    bool more = ioctl(socketFd_, FIONREAD, &pending) == 0 && pending >= static_cast<int>(kRequestHeaderBytes);
+    drbdts_repl::ShipBuffer(*plane_, ticket, buffer.data, more);
   }
 
   bool TeeReady(WorkerBuffer& buffer) {

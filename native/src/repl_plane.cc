@@ -37,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -71,6 +72,18 @@ constexpr uint32_t kBatchPayloadMax = 64 * 1024;
 /** A worker adding to a batch this full waits for the socket (backpressure toward the NBD client). */
 constexpr size_t kQueueBytesMax = 8 * 1024 * 1024;
 constexpr size_t kReadBufferBytes = 256 * 1024;
+constexpr int kSocketBufferBytes = 8 * 1024 * 1024;
+/** A deferred batch is sent once it holds this much, whatever comes next. */
+constexpr size_t kDeferBytesMax = 256 * 1024;
+/** Acks (and NBD replies) wait for the rest of a read burst, up to this many frames. */
+constexpr size_t kAckBatchMax = 128;
+
+// Bytes waiting in a socket's receive queue (0 when unknown).
+int PendingBytes(int fd) {
+  int pending = 0;
+  if (ioctl(fd, FIONREAD, &pending) != 0) return 0;
+  return pending;
+}
 
 void Put16(uint8_t* p, uint16_t v) { p[0] = v >> 8; p[1] = v & 0xff; }
 void Put32(uint8_t* p, uint32_t v) { p[0] = v >> 24; p[1] = (v >> 16) & 0xff; p[2] = (v >> 8) & 0xff; p[3] = v & 0xff; }
@@ -239,14 +252,23 @@ class Plane : public std::enable_shared_from_this<Plane> {
     MarkLocked(unacked);
   }
 
+  std::shared_ptr<Transport> CurrentTransport() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return transport_;
+  }
+
   void Detach(Transport* transport) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (transport_.get() == transport) transport_.reset();
   }
 
-  // An ack for one of our ids (meta socket reader). Completions are collected until FlushCompletions.
-  void OnAck(uint16_t type, uint32_t id) {
+  // Acks for our ids (meta socket reader), under one lock. Completions are collected until FlushCompletions.
+  void OnAcks(const std::vector<std::pair<uint16_t, uint32_t>>& acks) {
     std::lock_guard<std::mutex> lock(mutex_);
+    for (const auto& ack : acks) OnAckLocked(ack.first, ack.second);
+  }
+
+  void OnAckLocked(uint16_t type, uint32_t id) {
     auto found = bySeq_.find(id);
     if (found == bySeq_.end()) return;  // after a break: already marked
     Ticket* ticket = found->second;
@@ -607,6 +629,19 @@ class Transport : public std::enable_shared_from_this<Transport> {
   bool Ok() const { return abortFd_ >= 0 && pauseFd_ >= 0; }
 
   void Start() {
+    // JavaScript no longer reads or writes these sockets: native threads block in recv and send themselves
+    // (no poll per wait); a thread that must not block (JavaScript's) sends with MSG_DONTWAIT.
+    for (int channel = 0; channel < 2; channel += 1) {
+      int fd = senders_[channel].fd;
+      int flags = fcntl(fd, F_GETFL);
+      if (flags >= 0) fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+    }
+    // Room for a burst of large writes in flight on the data socket: a 1 MiB payload spliced into a socket with a
+    // small send buffer waits (a sleep and a wake-up) once per window update. Root may exceed the sysctl limits.
+    int bytes = kSocketBufferBytes;
+    int fd = senders_[kChannelData].fd;
+    if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &bytes, sizeof bytes) != 0) setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes);
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &bytes, sizeof bytes) != 0) setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof bytes);
     auto self = shared_from_this();
     for (int channel = 0; channel < 2; channel += 1) {
       senders_[channel].pump = std::thread([this, channel] { Pump(channel); });
@@ -634,7 +669,7 @@ class Transport : public std::enable_shared_from_this<Transport> {
   // Appends bytes (whole frames) to a socket's batch and writes if nobody is. `mayBlock`: a native thread that may
   // wait for the socket (and, past kQueueBytesMax, for room in the batch). False once the transport broke.
   bool Enqueue(int channel, const uint8_t* header, size_t headerBytes, const uint8_t* body, size_t bodyBytes,
-               bool mayBlock) {
+               bool mayBlock, bool defer = false) {
     Sender& sender = senders_[channel];
     std::unique_lock<std::mutex> lock(sender.mutex);
     if (mayBlock && sender.queue.size() >= kQueueBytesMax) {
@@ -645,9 +680,20 @@ class Transport : public std::enable_shared_from_this<Transport> {
     if (bodyBytes > 0) sender.queue.insert(sender.queue.end(), body, body + bodyBytes);
     sender.queuedBytes.fetch_add(headerBytes + bodyBytes);
     if (sender.busy) return true;
+    // More of the same burst is on its way (the caller saw another request waiting): it goes in the same send.
+    if (defer && sender.queue.size() < kDeferBytesMax) return true;
     sender.busy = true;
     DrainLocked(channel, lock, mayBlock);
     return true;
+  }
+
+  // Sends what deferred enqueues left in the data socket's batch (a worker about to wait for its client).
+  void FlushData() {
+    Sender& sender = senders_[kChannelData];
+    std::unique_lock<std::mutex> lock(sender.mutex);
+    if (sender.broken || sender.busy || sender.queue.empty()) return;
+    sender.busy = true;
+    DrainLocked(kChannelData, lock, true);
   }
 
   // Sends one frame whose payload stays where it is (memory, or a pipe with `length` bytes), in order after the
@@ -839,7 +885,7 @@ class Transport : public std::enable_shared_from_this<Transport> {
     int fd = senders_[channel].fd;
     size_t done = 0;
     while (done < length) {
-      ssize_t n = send(fd, data + done, length - done, MSG_NOSIGNAL | (more ? MSG_MORE : 0));
+      ssize_t n = send(fd, data + done, length - done, MSG_NOSIGNAL | (more ? MSG_MORE : 0) | (mayBlock ? 0 : MSG_DONTWAIT));
       if (n > 0) {
         done += static_cast<size_t>(n);
         continue;
@@ -1012,6 +1058,7 @@ class Transport : public std::enable_shared_from_this<Transport> {
     std::vector<uint8_t> buffer(kReadBufferBytes);
     std::vector<uint8_t> payload;
     std::vector<uint8_t> acks;
+    std::vector<std::pair<uint16_t, uint32_t>> ackBatch;
     size_t start = 0;
     size_t end = 0;
     std::vector<uint8_t>& leftover = leftover_[channel];
@@ -1051,7 +1098,7 @@ class Transport : public std::enable_shared_from_this<Transport> {
         if (channel == kChannelMeta) {
           if (length == 0 && (id & kNativeIdBit) != 0 &&
               (type == kWriteAck || type == kRecvAck || type == kNegAck || type == kBarrierAck)) {
-            plane_->OnAck(type, id);
+            ackBatch.emplace_back(type, id);
             start += kHeaderBytes;
             continue;
           }
@@ -1151,9 +1198,17 @@ class Transport : public std::enable_shared_from_this<Transport> {
         }
         plane_->Post(std::move(event));
       }
-      // Nothing complete left: what this read produced leaves now (acks in one write, NBD replies per connection).
-      FlushAcks(acks);
-      if (channel == kChannelMeta) plane_->FlushCompletions();
+      // Nothing complete left: what this read produced leaves now (acks in one write, NBD replies per connection),
+      // unless more of the burst is already in the socket (then it goes with the rest, up to a bound).
+      bool more = acks.size() / kHeaderBytes + ackBatch.size() < kAckBatchMax && PendingBytes(fd) > 0;
+      if (!ackBatch.empty()) {
+        plane_->OnAcks(ackBatch);
+        ackBatch.clear();
+      }
+      if (!more) {
+        FlushAcks(acks);
+        if (channel == kChannelMeta) plane_->FlushCompletions();
+      }
       if (start > 0) {
         memmove(buffer.data(), buffer.data() + start, end - start);
         end -= start;
@@ -1220,13 +1275,13 @@ Ticket* Admit(Plane& plane, ReplySink* sink, const uint8_t cookie[8], bool flush
 
 void WaitTurn(Plane& plane, Ticket* ticket) { plane.WaitTurnImpl(ticket); }
 
-void ShipBuffer(Plane& plane, Ticket* ticket, const uint8_t* data) {
+void ShipBuffer(Plane& plane, Ticket* ticket, const uint8_t* data, bool more) {
   std::shared_ptr<Transport> transport;
   if (!plane.Register(ticket, &transport)) return;
   uint8_t header[kHeaderBytes];
   PutHeader(header, kData, ticket->fua ? kFlagFua : 0, ticket->length, ticket->seq, ticket->offset);
   if (ticket->length <= kBatchPayloadMax) {
-    transport->Enqueue(kChannelData, header, kHeaderBytes, data, ticket->length, true);
+    transport->Enqueue(kChannelData, header, kHeaderBytes, data, ticket->length, true, more && !ticket->fua);
   } else {
     transport->SendLarge(header, data, -1, ticket->length);
   }
@@ -1247,6 +1302,11 @@ void ShipBarrier(Plane& plane, Ticket* ticket) {
   uint8_t header[kHeaderBytes];
   PutHeader(header, kBarrier, 0, 0, ticket->seq, 0);
   transport->Enqueue(kChannelData, header, kHeaderBytes, nullptr, 0, true);
+}
+
+void Flush(Plane& plane) {
+  std::shared_ptr<Transport> transport = plane.CurrentTransport();
+  if (transport != nullptr) transport->FlushData();
 }
 
 bool LocalDone(Plane& plane, Ticket* ticket, uint32_t nbdError, uint32_t* replyError) {

@@ -42,10 +42,13 @@ void WaitTurn(Plane& plane, Ticket* ticket);
 // Sends the DATA frame with the payload from memory, or with the payload spliced from a pipe (a tee of the one
 // the local write splices from), or the BARRIER of a FLUSH. A broken link is not an error here: the plane marks
 // the write out of sync before it answers.
-void ShipBuffer(Plane& plane, Ticket* ticket, const uint8_t* data);
+// `more`: another request is already waiting; a small frame may wait in the batch for it (see Flush).
+void ShipBuffer(Plane& plane, Ticket* ticket, const uint8_t* data, bool more);
 // ShipPipe: false when bytes may be left in the pipe (the link broke), which the caller then empties.
 bool ShipPipe(Plane& plane, Ticket* ticket, int pipeRead);
 void ShipBarrier(Plane& plane, Ticket* ticket);
+// Sends frames a ShipBuffer(more) left in the batch: called before a worker waits for its client.
+void Flush(Plane& plane);
 // The local part is done with `nbdError` (0: success). True: the caller replies now with *replyError; false: the
 // plane replies through the sink later.
 bool LocalDone(Plane& plane, Ticket* ticket, uint32_t nbdError, uint32_t* replyError);
