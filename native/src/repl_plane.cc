@@ -45,6 +45,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <string>
@@ -252,6 +253,12 @@ class Plane : public std::enable_shared_from_this<Plane> {
     MarkLocked(unacked);
   }
 
+  // Frames registered and not acked yet (on the wire, or still in a batch).
+  size_t Registered() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return bySeq_.size();
+  }
+
   std::shared_ptr<Transport> CurrentTransport() {
     std::lock_guard<std::mutex> lock(mutex_);
     return transport_;
@@ -332,6 +339,7 @@ class Plane : public std::enable_shared_from_this<Plane> {
 
   void WaitTurnImpl(Ticket* ticket) {
     std::unique_lock<std::mutex> lock(mutex_);
+    turnWaiters_ += 1;
     turnCv_.wait(lock, [&] {
       for (Ticket* other : active_) {
         if (other == ticket) return true;  // active_ is in admission order: nothing earlier overlaps
@@ -339,10 +347,11 @@ class Plane : public std::enable_shared_from_this<Plane> {
       }
       return true;
     });
+    turnWaiters_ -= 1;
   }
 
   // Registers the ticket for its ack before the frame can leave; false when the link is gone (then marked).
-  bool Register(Ticket* ticket, std::shared_ptr<Transport>* transport) {
+  bool Register(Ticket* ticket, std::shared_ptr<Transport>* transport, size_t* awaiting = nullptr) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (transport_ == nullptr || transportBroken_) {
       std::vector<Ticket*> one{ticket};
@@ -350,6 +359,7 @@ class Plane : public std::enable_shared_from_this<Plane> {
       return false;
     }
     *transport = transport_;
+    if (awaiting != nullptr) *awaiting = bySeq_.size();
     bySeq_[ticket->seq] = ticket;
     ticket->registered = true;
     return true;
@@ -366,7 +376,7 @@ class Plane : public std::enable_shared_from_this<Plane> {
       if (!ticket->flush) {
         auto at = std::find(active_.begin(), active_.end(), ticket);
         if (at != active_.end()) active_.erase(at);
-        turnCv_.notify_all();
+        if (turnWaiters_ > 0) turnCv_.notify_all();
       }
       if (nbdError != 0 && !ticket->flush && !ticket->marking && !ticket->marked) {
         // The peer has (or will have) what this disk failed to hold: the blocks differ, the bitmap must say so.
@@ -558,6 +568,7 @@ class Plane : public std::enable_shared_from_this<Plane> {
 
   std::mutex mutex_;
   std::condition_variable turnCv_;
+  int turnWaiters_ = 0;
   bool open_ = false;
   bool quiesceWanted_ = false;
   int protocol_ = 'C';
@@ -598,6 +609,11 @@ struct Sender {
   bool broken = false;
   bool stop = false;
   bool drainWanted = false;
+  /** The pump waits on its own condition; `cv` is for threads waiting for room or for the socket to be free. */
+  std::condition_variable pumpCv;
+  int waiters = 0;
+  /** Native DATA frames in the batch not handed to the socket yet. */
+  std::atomic<size_t> queuedFrames{0};
   std::atomic<uint64_t> queuedBytes{0};
   std::atomic<uint64_t> sentBytes{0};
   std::thread pump;
@@ -656,6 +672,7 @@ class Transport : public std::enable_shared_from_this<Transport> {
         std::lock_guard<std::mutex> lock(sender.mutex);
         sender.stop = true;
         sender.cv.notify_all();
+        sender.pumpCv.notify_all();
       }
       if (sender.pump.joinable()) sender.pump.join();
       if (readers_[channel].joinable()) readers_[channel].join();
@@ -669,25 +686,33 @@ class Transport : public std::enable_shared_from_this<Transport> {
   // Appends bytes (whole frames) to a socket's batch and writes if nobody is. `mayBlock`: a native thread that may
   // wait for the socket (and, past kQueueBytesMax, for room in the batch). False once the transport broke.
   bool Enqueue(int channel, const uint8_t* header, size_t headerBytes, const uint8_t* body, size_t bodyBytes,
-               bool mayBlock, bool defer = false) {
+               bool mayBlock, bool defer = false, bool nativeFrame = false) {
     Sender& sender = senders_[channel];
     std::unique_lock<std::mutex> lock(sender.mutex);
     if (mayBlock && sender.queue.size() >= kQueueBytesMax) {
+      sender.waiters += 1;
       sender.cv.wait(lock, [&] { return sender.broken || sender.queue.size() < kQueueBytesMax; });
+      sender.waiters -= 1;
     }
     if (sender.broken) return false;
     sender.queue.insert(sender.queue.end(), header, header + headerBytes);
     if (bodyBytes > 0) sender.queue.insert(sender.queue.end(), body, body + bodyBytes);
     sender.queuedBytes.fetch_add(headerBytes + bodyBytes);
+    if (nativeFrame) sender.queuedFrames.fetch_add(1);
     if (sender.busy) return true;
-    // More of the same burst is on its way (the caller saw another request waiting): it goes in the same send.
+    // More of the same burst is on its way (another request is waiting): it goes in the same send.
     if (defer && sender.queue.size() < kDeferBytesMax) return true;
     sender.busy = true;
     DrainLocked(channel, lock, mayBlock);
     return true;
   }
 
-  // Sends what deferred enqueues left in the data socket's batch (a worker about to wait for its client).
+  size_t QueuedFrames() { return senders_[kChannelData].queuedFrames.load(); }
+
+  // As FlushData, unless frames are on the wire awaiting acks: the meta reader sends the batch when they come.
+  void FlushDataIfIdle() { FlushData(); }
+
+  // Sends what deferred enqueues left in the data socket's batch.
   void FlushData() {
     Sender& sender = senders_[kChannelData];
     std::unique_lock<std::mutex> lock(sender.mutex);
@@ -702,7 +727,9 @@ class Transport : public std::enable_shared_from_this<Transport> {
   bool SendLarge(const uint8_t* header, const uint8_t* payload, int pipeRead, size_t length) {
     Sender& sender = senders_[kChannelData];
     std::unique_lock<std::mutex> lock(sender.mutex);
+    sender.waiters += 1;
     sender.cv.wait(lock, [&] { return sender.broken || !sender.busy; });
+    sender.waiters -= 1;
     if (sender.broken) return false;
     sender.busy = true;
     sender.queuedBytes.fetch_add(kHeaderBytes + length);
@@ -710,6 +737,7 @@ class Transport : public std::enable_shared_from_this<Transport> {
     while (!sender.queue.empty()) {
       sender.sending.swap(sender.queue);
       sender.queue.clear();
+      sender.queuedFrames.store(0);
       lock.unlock();
       bool ok = WriteAll(kChannelData, sender.sending.data(), sender.sending.size(), true, nullptr);
       lock.lock();
@@ -733,7 +761,7 @@ class Transport : public std::enable_shared_from_this<Transport> {
       DrainLocked(kChannelData, lock, true);
     } else {
       sender.busy = false;
-      sender.cv.notify_all();
+      if (sender.waiters > 0) sender.cv.notify_all();
       NotifyDrainedLocked(kChannelData);
     }
     return true;
@@ -807,7 +835,7 @@ class Transport : public std::enable_shared_from_this<Transport> {
   bool FailLocked(int channel, std::unique_lock<std::mutex>& lock) {
     Sender& sender = senders_[channel];
     sender.busy = false;
-    sender.cv.notify_all();
+    if (sender.waiters > 0) sender.cv.notify_all();
     lock.unlock();
     Break(std::string(channel == kChannelData ? "data" : "meta") + " socket: send failed: " + strerror(lastSendErrno_.load()));
     lock.lock();
@@ -820,6 +848,7 @@ class Transport : public std::enable_shared_from_this<Transport> {
     while (!sender.queue.empty()) {
       sender.sending.swap(sender.queue);
       sender.queue.clear();
+      sender.queuedFrames.store(0);
       lock.unlock();
       size_t written = 0;
       bool ok = WriteAll(channel, sender.sending.data(), sender.sending.size(), mayBlock, &written);
@@ -836,13 +865,13 @@ class Transport : public std::enable_shared_from_this<Transport> {
         sender.queue.insert(sender.queue.begin(), sender.sending.begin() + written, sender.sending.end());
         sender.sending.clear();
         sender.pumpWanted = true;
-        sender.cv.notify_all();
+        sender.pumpCv.notify_one();
         return;
       }
       sender.sending.clear();
     }
     sender.busy = false;
-    sender.cv.notify_all();
+    if (sender.waiters > 0) sender.cv.notify_all();
     NotifyDrainedLocked(channel);
   }
 
@@ -860,7 +889,7 @@ class Transport : public std::enable_shared_from_this<Transport> {
     Sender& sender = senders_[channel];
     std::unique_lock<std::mutex> lock(sender.mutex);
     for (;;) {
-      sender.cv.wait(lock, [&] { return sender.stop || sender.pumpWanted; });
+      sender.pumpCv.wait(lock, [&] { return sender.stop || sender.pumpWanted; });
       if (sender.stop) return;
       sender.pumpWanted = false;
       if (sender.broken) continue;
@@ -942,6 +971,7 @@ class Transport : public std::enable_shared_from_this<Transport> {
       sender.broken = true;
       sender.queue.clear();
       sender.cv.notify_all();
+      sender.pumpCv.notify_all();
     }
     plane_->TransportBroken(this);
     Event event;
@@ -1003,9 +1033,13 @@ class Transport : public std::enable_shared_from_this<Transport> {
     acks.insert(acks.end(), header, header + kHeaderBytes);
   }
 
-  void FlushAcks(std::vector<uint8_t>& acks) {
+  // A reader's acks go back on its own socket: the meta reader's PING_ACKs on the meta socket, the data reader's
+  // write and barrier acks on the data socket, where nothing else travels toward the Primary while the plane runs
+  // (so they wait behind nothing) and each carries the TCP acknowledgement of the data it answers: one packet
+  // each way per burst instead of two.
+  void FlushAcks(std::vector<uint8_t>& acks, int channel) {
     if (acks.empty()) return;
-    Enqueue(kChannelMeta, acks.data(), acks.size(), nullptr, 0, true);
+    Enqueue(channel, acks.data(), acks.size(), nullptr, 0, true);
     acks.clear();
   }
 
@@ -1095,13 +1129,13 @@ class Transport : public std::enable_shared_from_this<Transport> {
           goto failed;
         }
         size_t available = end - start - kHeaderBytes;
+        if (length == 0 && (id & kNativeIdBit) != 0 &&
+            (type == kWriteAck || type == kRecvAck || type == kNegAck || type == kBarrierAck)) {
+          ackBatch.emplace_back(type, id);  // on either socket: a native Secondary acks on the data socket
+          start += kHeaderBytes;
+          continue;
+        }
         if (channel == kChannelMeta) {
-          if (length == 0 && (id & kNativeIdBit) != 0 &&
-              (type == kWriteAck || type == kRecvAck || type == kNegAck || type == kBarrierAck)) {
-            ackBatch.emplace_back(type, id);
-            start += kHeaderBytes;
-            continue;
-          }
           if (type == kPing && length == 0) {
             QueueAck(acks, kPingAck, id);
             start += kHeaderBytes;
@@ -1123,7 +1157,7 @@ class Transport : public std::enable_shared_from_this<Transport> {
           if (protocol == 'B') {
             // Received: protocol B may complete on the Primary now.
             QueueAck(acks, kRecvAck, id);
-            FlushAcks(acks);
+            FlushAcks(acks, channel);
           }
           if (available >= length) {
             ApplyPeerWrite(flags, id, offset, header + kHeaderBytes, length, acks, protocol);
@@ -1139,7 +1173,7 @@ class Transport : public std::enable_shared_from_this<Transport> {
         }
         if (armed && type == kBarrier && length == 0) {
           // Every write received before it is written (this thread wrote them in order): make them durable.
-          FlushAcks(acks);
+          FlushAcks(acks, channel);
           int err = 0;
           while (fdatasync(fileFd_) != 0) {
             if (errno != EINTR) {
@@ -1206,8 +1240,8 @@ class Transport : public std::enable_shared_from_this<Transport> {
         ackBatch.clear();
       }
       if (!more) {
-        FlushAcks(acks);
-        if (channel == kChannelMeta) plane_->FlushCompletions();
+        FlushAcks(acks, channel);
+        plane_->FlushCompletions();
       }
       if (start > 0) {
         memmove(buffer.data(), buffer.data() + start, end - start);
@@ -1277,11 +1311,15 @@ void WaitTurn(Plane& plane, Ticket* ticket) { plane.WaitTurnImpl(ticket); }
 
 void ShipBuffer(Plane& plane, Ticket* ticket, const uint8_t* data, bool more) {
   std::shared_ptr<Transport> transport;
-  if (!plane.Register(ticket, &transport)) return;
+  size_t awaiting = 0;
+  if (!plane.Register(ticket, &transport, &awaiting)) return;
   uint8_t header[kHeaderBytes];
   PutHeader(header, kData, ticket->fua ? kFlagFua : 0, ticket->length, ticket->seq, ticket->offset);
   if (ticket->length <= kBatchPayloadMax) {
-    transport->Enqueue(kChannelData, header, kHeaderBytes, data, ticket->length, true, more && !ticket->fua);
+    // A small frame waits in the batch while another request is already waiting (the worker that finds none
+    // sends the batch before it waits for its client): a burst leaves in one send.
+    (void)awaiting;
+    transport->Enqueue(kChannelData, header, kHeaderBytes, data, ticket->length, true, more && !ticket->fua, true);
   } else {
     transport->SendLarge(header, data, -1, ticket->length);
   }
@@ -1306,7 +1344,7 @@ void ShipBarrier(Plane& plane, Ticket* ticket) {
 
 void Flush(Plane& plane) {
   std::shared_ptr<Transport> transport = plane.CurrentTransport();
-  if (transport != nullptr) transport->FlushData();
+  if (transport != nullptr) transport->FlushDataIfIdle();
 }
 
 bool LocalDone(Plane& plane, Ticket* ticket, uint32_t nbdError, uint32_t* replyError) {
