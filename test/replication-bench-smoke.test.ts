@@ -31,7 +31,7 @@ describe('replication benchmark smoke run', () => {
       'QD1 4 KiB FUA write p99 (us)',
       'veth round trip, Node.js TCP 24 B, p50 / p99 (us)',
       'full resync of random data (MiB/s)',
-      'bitmap resync: bytes sent / dirty bytes',
+      'bitmap resync: data bytes sent / dirty bytes',
       'daemon peak RSS (MiB, VmHWM)',
     ]);
     expect(output).not.toMatch(/NaN|Infinity/);

@@ -75,9 +75,9 @@ constexpr size_t kQueueBytesMax = 8 * 1024 * 1024;
 constexpr size_t kReadBufferBytes = 256 * 1024;
 constexpr int kSocketBufferBytes = 8 * 1024 * 1024;
 /** A deferred batch is sent once it holds this much, whatever comes next. */
-constexpr size_t kDeferBytesMax = 256 * 1024;
+constexpr size_t kDeferBytesMax = 32 * 1024;
 /** Acks (and NBD replies) wait for the rest of a read burst, up to this many frames. */
-constexpr size_t kAckBatchMax = 128;
+constexpr size_t kAckBatchMax = 16;
 
 // Bytes waiting in a socket's receive queue (0 when unknown).
 int PendingBytes(int fd) {

@@ -63,6 +63,8 @@ export interface ReplicationCounters {
   diskWrittenBytes: number;
   diskReadBytes: number;
   resyncSentBytes: number;
+  /** Of those, the block data (compressed where it was), without frame headers. */
+  resyncSentDataBytes: number;
   resyncReceivedBytes: number;
   /** Dual-primary: peer writes this resolver discarded as superseded / sent back for a retry. */
   conflictsSuperseded: number;
@@ -86,7 +88,7 @@ export class ReplicatedDevice implements BlockDevice {
   readonly gate = new IntervalGate();
   readonly counters: ReplicationCounters = {
     networkSentBytes: 0, networkReceivedBytes: 0, diskWrittenBytes: 0, diskReadBytes: 0,
-    resyncSentBytes: 0, resyncReceivedBytes: 0,
+    resyncSentBytes: 0, resyncSentDataBytes: 0, resyncReceivedBytes: 0,
     conflictsSuperseded: 0, conflictsRetried: 0, writesSupersededByPeer: 0, writesRetried: 0, peerWritesDelayed: 0,
   };
   /** Writes to the peer not acknowledged as written yet. */

@@ -408,6 +408,7 @@ export class ResyncSource {
           connection.send(CHANNEL_DATA, FrameType.RS_REPLY, replyFlags, lengthBytes, offset, payload);
         }
         device.counters.resyncSentBytes += payload.length + 24;
+        device.counters.resyncSentDataBytes += payload.length;
         device.counters.networkSentBytes += payload.length + 24;
       } catch (error) {
         this.options.logger.error({ err: error, offset }, 'resync read failed');

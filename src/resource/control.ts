@@ -55,6 +55,8 @@ export interface ResourceStatus {
     diskWrittenBytes: number;
     diskReadBytes: number;
     resyncSentBytes: number;
+    /** Of resyncSentBytes, the block data without frame headers. */
+    resyncSentDataBytes: number;
     resyncReceivedBytes: number;
     alWrites: number;
     bmWrites: number;

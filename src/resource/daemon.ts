@@ -294,6 +294,7 @@ export class NodeDaemon {
         diskWrittenBytes: counters.diskWrittenBytes,
         diskReadBytes: counters.diskReadBytes,
         resyncSentBytes: counters.resyncSentBytes,
+        resyncSentDataBytes: counters.resyncSentDataBytes,
         resyncReceivedBytes: counters.resyncReceivedBytes,
         // Dual-primary conflicts: resolved here (peer writes superseded / sent back), and met by our writes.
         nativeWrites: this.device.nativeCounters().writes,
