@@ -73,6 +73,8 @@ constexpr uint32_t kBatchPayloadMax = 64 * 1024;
 /** A worker adding to a batch this full waits for the socket (backpressure toward the NBD client). */
 constexpr size_t kQueueBytesMax = 8 * 1024 * 1024;
 constexpr size_t kReadBufferBytes = 256 * 1024;
+/** Frames with a body this large are written from the caller's memory when the socket is idle. */
+constexpr size_t kDirectBodyMin = 16 * 1024;
 constexpr int kSocketBufferBytes = 8 * 1024 * 1024;
 /** A deferred batch is sent once it holds this much, whatever comes next. */
 constexpr size_t kDeferBytesMax = 32 * 1024;
@@ -695,6 +697,9 @@ class Transport : public std::enable_shared_from_this<Transport> {
       sender.waiters -= 1;
     }
     if (sender.broken) return false;
+    if (!sender.busy && sender.queue.empty() && !defer && bodyBytes >= kDirectBodyMin) {
+      return SendDirectLocked(channel, lock, header, headerBytes, body, bodyBytes, mayBlock);
+    }
     sender.queue.insert(sender.queue.end(), header, header + headerBytes);
     if (bodyBytes > 0) sender.queue.insert(sender.queue.end(), body, body + bodyBytes);
     sender.queuedBytes.fetch_add(headerBytes + bodyBytes);
@@ -709,8 +714,88 @@ class Transport : public std::enable_shared_from_this<Transport> {
 
   size_t QueuedFrames() { return senders_[kChannelData].queuedFrames.load(); }
 
-  // As FlushData, unless frames are on the wire awaiting acks: the meta reader sends the batch when they come.
+  // Before a worker waits for its client: the batch it may have left for the next request goes now.
   void FlushDataIfIdle() { FlushData(); }
+
+  // A large frame on an idle socket is written from the caller's memory (one writev, no copy into the batch);
+  // only what the socket does not take now (a caller that may not wait) is copied, in front of the batch.
+  bool SendDirectLocked(int channel, std::unique_lock<std::mutex>& lock, const uint8_t* header, size_t headerBytes,
+                        const uint8_t* body, size_t bodyBytes, bool mayBlock) {
+    Sender& sender = senders_[channel];
+    sender.busy = true;
+    sender.queuedBytes.fetch_add(headerBytes + bodyBytes);
+    lock.unlock();
+    struct iovec iov[2] = {{const_cast<uint8_t*>(header), headerBytes}, {const_cast<uint8_t*>(body), bodyBytes}};
+    size_t total = headerBytes + bodyBytes;
+    size_t done = 0;
+    bool ok = true;
+    while (done < total) {
+      struct iovec rest[2];
+      int count = 0;
+      size_t skip = done;
+      for (const struct iovec& part : iov) {
+        if (skip >= part.iov_len) {
+          skip -= part.iov_len;
+          continue;
+        }
+        rest[count].iov_base = static_cast<uint8_t*>(part.iov_base) + skip;
+        rest[count].iov_len = part.iov_len - skip;
+        skip = 0;
+        count += 1;
+      }
+      struct msghdr message = {};
+      message.msg_iov = rest;
+      message.msg_iovlen = static_cast<size_t>(count);
+      ssize_t n = sendmsg(sender.fd, &message, MSG_NOSIGNAL | (mayBlock ? 0 : MSG_DONTWAIT));
+      if (n > 0) {
+        done += static_cast<size_t>(n);
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        if (!mayBlock) break;
+        if (!WaitFd(sender.fd, POLLOUT)) {
+          lastSendErrno_.store(ECANCELED);
+          ok = false;
+          break;
+        }
+        continue;
+      }
+      lastSendErrno_.store(n == 0 ? EIO : errno);
+      ok = false;
+      break;
+    }
+    lock.lock();
+    sender.queuedBytes.fetch_sub(done);
+    sender.sentBytes.fetch_add(done);
+    if (!ok) {
+      FailLocked(channel, lock);
+      return false;
+    }
+    if (done < total) {
+      // The rest of this frame goes before whatever others added meanwhile; the pump waits for the socket.
+      std::vector<uint8_t> remainder;
+      remainder.reserve(total - done);
+      for (const struct iovec& part : iov) {
+        const uint8_t* base = static_cast<const uint8_t*>(part.iov_base);
+        size_t from = done >= part.iov_len ? part.iov_len : done;
+        done = done >= part.iov_len ? done - part.iov_len : 0;
+        remainder.insert(remainder.end(), base + from, base + part.iov_len);
+      }
+      sender.queue.insert(sender.queue.begin(), remainder.begin(), remainder.end());
+      sender.pumpWanted = true;
+      sender.pumpCv.notify_one();
+      return true;
+    }
+    if (!sender.queue.empty()) {
+      DrainLocked(channel, lock, mayBlock);
+    } else {
+      sender.busy = false;
+      if (sender.waiters > 0) sender.cv.notify_all();
+      NotifyDrainedLocked(channel);
+    }
+    return true;
+  }
 
   // Sends what deferred enqueues left in the data socket's batch.
   void FlushData() {
