@@ -304,6 +304,7 @@ class DataPath : public drbdts_repl::ReplySink {
       uint32_t error = Execute(request, buffer);
       requests_.fetch_add(1);
       if (request.inPipe) spliced_.fetch_add(1);
+      if (plane_ != nullptr && request.type == kCmdRead && error == 0) drbdts_repl::CountRead(*plane_, request.lengthBytes);
       if (request.ticket != nullptr) {
         replicated_.fetch_add(1);
         // The plane answers once the peer's part is in too (from the thread reading the acks), or now.

@@ -414,6 +414,7 @@ class Plane : public std::enable_shared_from_this<Plane> {
 
   std::atomic<uint64_t> writes_{0};
   std::atomic<uint64_t> writeBytes_{0};
+  std::atomic<uint64_t> readBytes_{0};
   std::atomic<uint64_t> peerWrites_{0};
   std::atomic<uint64_t> peerWriteBytes_{0};
 
@@ -1438,6 +1439,8 @@ bool LocalDone(Plane& plane, Ticket* ticket, uint32_t nbdError, uint32_t* replyE
 
 void Abandon(Plane& plane, Ticket* ticket) { plane.AbandonImpl(ticket); }
 
+void CountRead(Plane& plane, uint64_t bytes) { plane.readBytes_ += bytes; }
+
 // ------------------------------------------------------------------------------------------- JavaScript objects
 
 namespace {
@@ -1519,6 +1522,7 @@ class ReplPlaneObject : public Napi::ObjectWrap<ReplPlaneObject> {
     counters.Set("writes", plane_ == nullptr ? 0.0 : static_cast<double>(plane_->writes_.load()));
     counters.Set("writeBytes", plane_ == nullptr ? 0.0 : static_cast<double>(plane_->writeBytes_.load()));
     counters.Set("peerWrites", plane_ == nullptr ? 0.0 : static_cast<double>(plane_->peerWrites_.load()));
+    counters.Set("readBytes", plane_ == nullptr ? 0.0 : static_cast<double>(plane_->readBytes_.load()));
     counters.Set("peerWriteBytes", plane_ == nullptr ? 0.0 : static_cast<double>(plane_->peerWriteBytes_.load()));
     return counters;
   }

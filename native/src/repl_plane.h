@@ -52,6 +52,8 @@ void Flush(Plane& plane);
 // The local part is done with `nbdError` (0: success). True: the caller replies now with *replyError; false: the
 // plane replies through the sink later.
 bool LocalDone(Plane& plane, Ticket* ticket, uint32_t nbdError, uint32_t* replyError);
+// A READ the data path served from the local disk of a replicated device (for the device's counters).
+void CountRead(Plane& plane, uint64_t bytes);
 // The request's payload never arrived (the client went away): forget the ticket, nothing was shipped.
 void Abandon(Plane& plane, Ticket* ticket);
 

@@ -814,6 +814,8 @@ export interface ReplPlaneCounters {
   /** Peer writes (as Secondary) and their bytes, applied on the plane. */
   peerWrites: number;
   peerWriteBytes: number;
+  /** Bytes the NBD data path read from the local disk of this device. */
+  readBytes: number;
 }
 
 /** One replicated device's native data plane: admission of NBD writes, their acks, events to JavaScript. */

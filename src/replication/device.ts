@@ -34,6 +34,7 @@ import { IntervalGate, type GateEntry } from './gate.js';
 import { receivePool } from './pool.js';
 import { CHANNEL_DATA, CHANNEL_META, type PeerChannel } from './link.js';
 import type { NativePlaneHub } from './native-plane.js';
+import type { ReplPlaneCounters } from '../native/index.js';
 import { AL_EXTENT_BYTES } from '../resource/activity-log.js';
 
 export type ReplicationProtocol = 'A' | 'B' | 'C';
@@ -182,8 +183,8 @@ export class ReplicatedDevice implements BlockDevice {
   }
 
   /** Native plane counters (zeros on the JavaScript path). */
-  nativeCounters(): { writes: number; writeBytes: number; peerWrites: number; peerWriteBytes: number } {
-    return this.hub?.plane.counters() ?? { writes: 0, writeBytes: 0, peerWrites: 0, peerWriteBytes: 0 };
+  nativeCounters(): ReplPlaneCounters {
+    return this.hub?.plane.counters() ?? { writes: 0, writeBytes: 0, peerWrites: 0, peerWriteBytes: 0, readBytes: 0 };
   }
 
   /** Re-evaluates the native plane's conditions soon (after the current turn's changes). */

@@ -268,6 +268,7 @@ export class NodeDaemon {
     }
     const verify = session?.verify ?? null;
     const counters = this.device.counters;
+    const native = this.device.nativeCounters();
     return {
       name: this.config.name,
       node: this.nodeName,
@@ -289,16 +290,17 @@ export class NodeDaemon {
         : this.lastVerify,
       protocol: this.config.protocol,
       counters: {
+        // What the native plane wrote and read is counted there (its threads do not touch JavaScript's counters).
         networkSentBytes: this.networkSentBase + (connection?.sentBytes ?? 0),
         networkReceivedBytes: this.networkReceivedBase + (connection?.receivedBytes ?? 0),
-        diskWrittenBytes: counters.diskWrittenBytes,
-        diskReadBytes: counters.diskReadBytes,
+        diskWrittenBytes: counters.diskWrittenBytes + native.writeBytes + native.peerWriteBytes,
+        diskReadBytes: counters.diskReadBytes + native.readBytes,
         resyncSentBytes: counters.resyncSentBytes,
         resyncSentDataBytes: counters.resyncSentDataBytes,
         resyncReceivedBytes: counters.resyncReceivedBytes,
         // Dual-primary conflicts: resolved here (peer writes superseded / sent back), and met by our writes.
-        nativeWrites: this.device.nativeCounters().writes,
-        nativePeerWrites: this.device.nativeCounters().peerWrites,
+        nativeWrites: native.writes,
+        nativePeerWrites: native.peerWrites,
         conflictsSuperseded: counters.conflictsSuperseded,
         conflictsRetried: counters.conflictsRetried,
         writesSupersededByPeer: counters.writesSupersededByPeer,
