@@ -406,7 +406,6 @@ export class NodeDaemon {
     this.logger.info({ why }, 'renegotiating with the peer');
     session.decision = null;
     session.peerState = null;
-    session.syncUuidRecorded = false;
     this.sendNodeState(session);
   }
 
@@ -626,7 +625,11 @@ export class NodeDaemon {
   private maybeStartResync(session: Session): void {
     if (!session.expectBitmap || !session.peerBitmapComplete || session.decision === null) return;
     const decided = session.decision.kind;
-    if ((decided === 'target' || decided === 'full-target') && !session.syncUuidRecorded) return;
+    if (decided === 'target' || decided === 'full-target') {
+      // Each RESYNC_START is used by the one resync it announces (it may come before or after our decision).
+      if (!session.syncUuidRecorded) return;
+      session.syncUuidRecorded = false;
+    }
     session.expectBitmap = false;
     session.peerBitmapComplete = false;
     const peerBitmap = Bitmap.fromBuffer(this.metadata.dataSizeBytes, session.peerBitmap!);
