@@ -297,7 +297,13 @@ class DataPath : public drbdts_repl::ReplySink {
     for (;;) {
       Request request;
       {
-        std::lock_guard<std::mutex> lock(readMutex_);
+        std::unique_lock<std::mutex> lock(readMutex_, std::try_to_lock);
+        if (!lock.owns_lock()) {
+          // The other worker is reading (or waiting for the client under the lock): a frame this worker left in
+          // the batch for "the next request" must not wait with it, since that request may be the last.
+          if (plane_ != nullptr) drbdts_repl::Flush(*plane_);
+          lock.lock();
+        }
         if (ending_.load()) return;
         if (!ReadRequest(request, buffer)) return;
       }
