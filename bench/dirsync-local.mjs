@@ -73,17 +73,31 @@ function generate(root, spec, seed) {
   return totalBytes;
 }
 
-/** Run a command under GNU time: wall ms, CPU ms (user + system, robust when the machine is shared) and peak
- * RSS in KiB. */
+/** Seconds in bash's `times` notation (`0m0.012s`). */
+function timesSeconds(text) {
+  const match = /^(\d+)m([\d.]+)s$/.exec(text);
+  if (match === null) throw new Error(`unexpected times output "${text}"`);
+  return Number(match[1]) * 60 + Number(match[2]);
+}
+
+/**
+ * Run a command under GNU time: wall ms, CPU ms (user + system, robust when the machine is shared) and peak
+ * RSS in KiB. The CPU comes from bash's `times` for the command (millisecond resolution): GNU time prints
+ * user and system time in hundredths, so a no-change rescan of a small tree could read as 0 ms.
+ */
 function measure(command, commandArgs, env) {
   const started = process.hrtime.bigint();
   const fullEnv = { ...process.env, ...env };
   if (noExtraCa) delete fullEnv.NODE_EXTRA_CA_CERTS;
-  const result = spawnSync('/usr/bin/time', ['-f', '%M %U %S', command, ...commandArgs], { env: fullEnv, encoding: 'utf8', maxBuffer: 256 << 20 });
+  const script = '"$@"; status=$?; times >&2; exit $status';
+  const result = spawnSync('/usr/bin/time', ['-f', 'rss %M', 'bash', '-c', script, 'measure', command, ...commandArgs],
+    { env: fullEnv, encoding: 'utf8', maxBuffer: 256 << 20 });
   const wallMs = Number(process.hrtime.bigint() - started) / 1e6;
-  const lines = result.stderr.trim().split('\n');
-  const [rss, user, system] = lines[lines.length - 1].split(' ').map(Number);
   if (result.status !== 0) throw new Error(`${command} ${commandArgs.join(' ')} exited ${result.status}: ${result.stderr.slice(-2000)}`);
+  const lines = result.stderr.trim().split('\n');
+  const rss = Number(lines[lines.length - 1].split(' ')[1]);
+  // `times`: the shell's own user/system line, then its children's (the command's).
+  const [user, system] = lines[lines.length - 2].trim().split(/\s+/).map(timesSeconds);
   return { wallMs, cpuMs: (user + system) * 1000, rssKiB: rss };
 }
 
