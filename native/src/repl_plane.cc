@@ -45,7 +45,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <string>
@@ -255,12 +254,6 @@ class Plane : public std::enable_shared_from_this<Plane> {
     MarkLocked(unacked);
   }
 
-  // Frames registered and not acked yet (on the wire, or still in a batch).
-  size_t Registered() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return bySeq_.size();
-  }
-
   std::shared_ptr<Transport> CurrentTransport() {
     std::lock_guard<std::mutex> lock(mutex_);
     return transport_;
@@ -353,7 +346,7 @@ class Plane : public std::enable_shared_from_this<Plane> {
   }
 
   // Registers the ticket for its ack before the frame can leave; false when the link is gone (then marked).
-  bool Register(Ticket* ticket, std::shared_ptr<Transport>* transport, size_t* awaiting = nullptr) {
+  bool Register(Ticket* ticket, std::shared_ptr<Transport>* transport) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (transport_ == nullptr || transportBroken_) {
       std::vector<Ticket*> one{ticket};
@@ -361,15 +354,12 @@ class Plane : public std::enable_shared_from_this<Plane> {
       return false;
     }
     *transport = transport_;
-    if (awaiting != nullptr) *awaiting = bySeq_.size();
     bySeq_[ticket->seq] = ticket;
     ticket->registered = true;
     return true;
   }
 
   bool LocalDoneImpl(Ticket* ticket, uint32_t nbdError, uint32_t* replyError) {
-    std::vector<Completion> batch;
-    std::vector<ReplySink*> sinks;
     bool now = false;
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -396,8 +386,6 @@ class Plane : public std::enable_shared_from_this<Plane> {
         RetireIfDoneLocked(ticket);
       }
     }
-    (void)batch;
-    (void)sinks;
     return now;
   }
 
@@ -615,8 +603,6 @@ struct Sender {
   /** The pump waits on its own condition; `cv` is for threads waiting for room or for the socket to be free. */
   std::condition_variable pumpCv;
   int waiters = 0;
-  /** Native DATA frames in the batch not handed to the socket yet. */
-  std::atomic<size_t> queuedFrames{0};
   std::atomic<uint64_t> queuedBytes{0};
   std::atomic<uint64_t> sentBytes{0};
   std::thread pump;
@@ -661,7 +647,6 @@ class Transport : public std::enable_shared_from_this<Transport> {
     int fd = senders_[kChannelData].fd;
     if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &bytes, sizeof bytes) != 0) setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes);
     if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &bytes, sizeof bytes) != 0) setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof bytes);
-    auto self = shared_from_this();
     for (int channel = 0; channel < 2; channel += 1) {
       senders_[channel].pump = std::thread([this, channel] { Pump(channel); });
       readers_[channel] = std::thread([this, channel] { ReadLoop(channel); });
@@ -689,7 +674,7 @@ class Transport : public std::enable_shared_from_this<Transport> {
   // Appends bytes (whole frames) to a socket's batch and writes if nobody is. `mayBlock`: a native thread that may
   // wait for the socket (and, past kQueueBytesMax, for room in the batch). False once the transport broke.
   bool Enqueue(int channel, const uint8_t* header, size_t headerBytes, const uint8_t* body, size_t bodyBytes,
-               bool mayBlock, bool defer = false, bool nativeFrame = false) {
+               bool mayBlock, bool defer = false) {
     Sender& sender = senders_[channel];
     std::unique_lock<std::mutex> lock(sender.mutex);
     if (mayBlock && sender.queue.size() >= kQueueBytesMax) {
@@ -704,7 +689,6 @@ class Transport : public std::enable_shared_from_this<Transport> {
     sender.queue.insert(sender.queue.end(), header, header + headerBytes);
     if (bodyBytes > 0) sender.queue.insert(sender.queue.end(), body, body + bodyBytes);
     sender.queuedBytes.fetch_add(headerBytes + bodyBytes);
-    if (nativeFrame) sender.queuedFrames.fetch_add(1);
     if (sender.busy) return true;
     // More of the same burst is on its way (another request is waiting): it goes in the same send.
     if (defer && sender.queue.size() < kDeferBytesMax) return true;
@@ -712,11 +696,6 @@ class Transport : public std::enable_shared_from_this<Transport> {
     DrainLocked(channel, lock, mayBlock);
     return true;
   }
-
-  size_t QueuedFrames() { return senders_[kChannelData].queuedFrames.load(); }
-
-  // Before a worker waits for its client: the batch it may have left for the next request goes now.
-  void FlushDataIfIdle() { FlushData(); }
 
   // A large frame on an idle socket is written from the caller's memory (one writev, no copy into the batch);
   // only what the socket does not take now (a caller that may not wait) is copied, in front of the batch.
@@ -788,13 +767,7 @@ class Transport : public std::enable_shared_from_this<Transport> {
       sender.pumpCv.notify_one();
       return true;
     }
-    if (!sender.queue.empty()) {
-      DrainLocked(channel, lock, mayBlock);
-    } else {
-      sender.busy = false;
-      if (sender.waiters > 0) sender.cv.notify_all();
-      NotifyDrainedLocked(channel);
-    }
+    ReleaseLocked(channel, lock, mayBlock);
     return true;
   }
 
@@ -823,7 +796,6 @@ class Transport : public std::enable_shared_from_this<Transport> {
     while (!sender.queue.empty()) {
       sender.sending.swap(sender.queue);
       sender.queue.clear();
-      sender.queuedFrames.store(0);
       lock.unlock();
       bool ok = WriteAll(kChannelData, sender.sending.data(), sender.sending.size(), true, nullptr);
       lock.lock();
@@ -843,13 +815,7 @@ class Transport : public std::enable_shared_from_this<Transport> {
     sender.queuedBytes.fetch_sub(kHeaderBytes + length);
     if (!ok) return FailLocked(kChannelData, lock);
     sender.sentBytes.fetch_add(kHeaderBytes + length);
-    if (!sender.queue.empty()) {
-      DrainLocked(kChannelData, lock, true);
-    } else {
-      sender.busy = false;
-      if (sender.waiters > 0) sender.cv.notify_all();
-      NotifyDrainedLocked(kChannelData);
-    }
+    ReleaseLocked(kChannelData, lock, true);
     return true;
   }
 
@@ -934,7 +900,6 @@ class Transport : public std::enable_shared_from_this<Transport> {
     while (!sender.queue.empty()) {
       sender.sending.swap(sender.queue);
       sender.queue.clear();
-      sender.queuedFrames.store(0);
       lock.unlock();
       size_t written = 0;
       bool ok = WriteAll(channel, sender.sending.data(), sender.sending.size(), mayBlock, &written);
@@ -955,6 +920,16 @@ class Transport : public std::enable_shared_from_this<Transport> {
         return;
       }
       sender.sending.clear();
+    }
+    ReleaseLocked(channel, lock, mayBlock);
+  }
+
+  // The busy writer is done with the socket: what others batched meanwhile goes now, or the socket is free.
+  void ReleaseLocked(int channel, std::unique_lock<std::mutex>& lock, bool mayBlock) {
+    Sender& sender = senders_[channel];
+    if (!sender.queue.empty()) {
+      DrainLocked(channel, lock, mayBlock);
+      return;
     }
     sender.busy = false;
     if (sender.waiters > 0) sender.cv.notify_all();
@@ -1131,7 +1106,7 @@ class Transport : public std::enable_shared_from_this<Transport> {
 
   // Writes a peer's DATA frame here (the Secondary armed); acks go into `acks`. False when the transport is done.
   void ApplyPeerWrite(uint16_t flags, uint32_t id, uint64_t offset, const uint8_t* payload, uint32_t length,
-                      std::vector<uint8_t>& acks, int protocol) {
+                      std::vector<uint8_t>& acks) {
     uint32_t error = 0;
     if (offset > sizeBytes_ || length > sizeBytes_ - offset) {
       error = EINVAL;
@@ -1156,7 +1131,6 @@ class Transport : public std::enable_shared_from_this<Transport> {
         }
       }
     }
-    (void)protocol;
     if (error == 0) {
       plane_->peerWrites_ += 1;
       plane_->peerWriteBytes_ += length;
@@ -1246,14 +1220,14 @@ class Transport : public std::enable_shared_from_this<Transport> {
             FlushAcks(acks, channel);
           }
           if (available >= length) {
-            ApplyPeerWrite(flags, id, offset, header + kHeaderBytes, length, acks, protocol);
+            ApplyPeerWrite(flags, id, offset, header + kHeaderBytes, length, acks);
             start += kHeaderBytes + length;
           } else {
             payload.resize(length);
             memcpy(payload.data(), header + kHeaderBytes, available);
             start = end = 0;
             if (!ReceiveAll(channel, payload.data() + available, length - available, &reason)) goto failed;
-            ApplyPeerWrite(flags, id, offset, payload.data(), length, acks, protocol);
+            ApplyPeerWrite(flags, id, offset, payload.data(), length, acks);
           }
           continue;
         }
@@ -1397,15 +1371,13 @@ void WaitTurn(Plane& plane, Ticket* ticket) { plane.WaitTurnImpl(ticket); }
 
 void ShipBuffer(Plane& plane, Ticket* ticket, const uint8_t* data, bool more) {
   std::shared_ptr<Transport> transport;
-  size_t awaiting = 0;
-  if (!plane.Register(ticket, &transport, &awaiting)) return;
+  if (!plane.Register(ticket, &transport)) return;
   uint8_t header[kHeaderBytes];
   PutHeader(header, kData, ticket->fua ? kFlagFua : 0, ticket->length, ticket->seq, ticket->offset);
   if (ticket->length <= kBatchPayloadMax) {
     // A small frame waits in the batch while another request is already waiting (the worker that finds none
     // sends the batch before it waits for its client): a burst leaves in one send.
-    (void)awaiting;
-    transport->Enqueue(kChannelData, header, kHeaderBytes, data, ticket->length, true, more && !ticket->fua, true);
+    transport->Enqueue(kChannelData, header, kHeaderBytes, data, ticket->length, true, more && !ticket->fua);
   } else {
     transport->SendLarge(header, data, -1, ticket->length);
   }
@@ -1430,7 +1402,7 @@ void ShipBarrier(Plane& plane, Ticket* ticket) {
 
 void Flush(Plane& plane) {
   std::shared_ptr<Transport> transport = plane.CurrentTransport();
-  if (transport != nullptr) transport->FlushDataIfIdle();
+  if (transport != nullptr) transport->FlushData();
 }
 
 bool LocalDone(Plane& plane, Ticket* ticket, uint32_t nbdError, uint32_t* replyError) {
