@@ -297,13 +297,9 @@ class DataPath : public drbdts_repl::ReplySink {
     for (;;) {
       Request request;
       {
-        std::unique_lock<std::mutex> lock(readMutex_, std::try_to_lock);
-        if (!lock.owns_lock()) {
-          // The other worker is reading (or waiting for the client under the lock): a frame this worker left in
-          // the batch for "the next request" must not wait with it, since that request may be the last.
-          if (plane_ != nullptr) drbdts_repl::Flush(*plane_);
-          lock.lock();
-        }
+        // A frame this worker left in the batch need not be sent before it waits here: the worker holding the
+        // lock sends the batch before it waits for the client (see Ship and WaitSocket).
+        std::unique_lock<std::mutex> lock(readMutex_);
         if (ending_.load()) return;
         if (!ReadRequest(request, buffer)) return;
       }
@@ -333,8 +329,20 @@ class DataPath : public drbdts_repl::ReplySink {
 
   // Waits until the socket is ready (POLLIN or POLLOUT); false when aborted, or stopped if `stoppable`.
   bool WaitSocket(short events, bool stoppable) {
-    // Frames a worker left batched for the next request go to the peer before anyone waits for the client.
-    if (plane_ != nullptr && (events & POLLIN) != 0) drbdts_repl::Flush(*plane_);
+    // Frames a worker left batched for the next request go to the peer before anyone waits for the client. The
+    // flag is raised before that send and cleared after the wait: a worker that batches a frame meanwhile sees it
+    // and sends the frame itself (Ship), so no frame waits for a request that will not come.
+    bool reading = plane_ != nullptr && (events & POLLIN) != 0;
+    if (reading) {
+      readerWaiting_.store(true);
+      drbdts_repl::Flush(*plane_);
+    }
+    bool ready = PollSocket(events, stoppable);
+    if (reading) readerWaiting_.store(false);
+    return ready;
+  }
+
+  bool PollSocket(short events, bool stoppable) {
     for (;;) {
       if (aborted_.load()) return false;
       if (stoppable && (stopRequested_.load() || ending_.load())) return false;
@@ -631,10 +639,14 @@ class DataPath : public drbdts_repl::ReplySink {
       }
       request.inPipe = false;
     }
-    // Another request already waiting: this frame may go in the same send as its (see WaitSocket's flush).
+    // Another request already waiting: this frame may go in the same send as its. The worker reading requests
+    // sends the batch before it waits for the client (WaitSocket); if it already waits (it read that request
+    // before this frame was batched), the frame goes now. The flag is read after the batch's lock was released
+    // and raised before the reader takes that lock to send, so one of the two sees the other.
     int pending = 0;
     bool more = ioctl(socketFd_, FIONREAD, &pending) == 0 && pending >= static_cast<int>(kRequestHeaderBytes);
     drbdts_repl::ShipBuffer(*plane_, ticket, buffer.data, more);
+    if (more && readerWaiting_.load()) drbdts_repl::Flush(*plane_);
   }
 
   bool TeeReady(WorkerBuffer& buffer) {
@@ -870,6 +882,8 @@ class DataPath : public drbdts_repl::ReplySink {
   std::atomic<uint64_t> requests_{0};
   std::atomic<uint64_t> spliced_{0};
   std::atomic<uint64_t> replicated_{0};
+  /** The worker holding the read lock waits for the client (a replicated device's batch was sent before). */
+  std::atomic<bool> readerWaiting_{false};
   /** Replicated requests admitted and not answered yet. */
   size_t outstanding_ = 0;
   std::condition_variable outstandingCv_;
