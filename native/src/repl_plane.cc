@@ -72,6 +72,8 @@ constexpr uint32_t kBatchPayloadMax = 64 * 1024;
 /** A worker adding to a batch this full waits for the socket (backpressure toward the NBD client). */
 constexpr size_t kQueueBytesMax = 8 * 1024 * 1024;
 constexpr size_t kReadBufferBytes = 256 * 1024;
+// A Secondary splices a DATA payload from the socket to the file when at least this much of it is still to come.
+constexpr size_t kSpliceReceiveMin = 64 * 1024;
 /** Frames with a body this large are written from the caller's memory when the socket is idle. */
 constexpr size_t kDirectBodyMin = 16 * 1024;
 constexpr int kSocketBufferBytes = 8 * 1024 * 1024;
@@ -1104,30 +1106,143 @@ class Transport : public std::enable_shared_from_this<Transport> {
     acks.clear();
   }
 
-  // Writes a peer's DATA frame here (the Secondary armed); acks go into `acks`. False when the transport is done.
-  void ApplyPeerWrite(uint16_t flags, uint32_t id, uint64_t offset, const uint8_t* payload, uint32_t length,
-                      std::vector<uint8_t>& acks) {
-    uint32_t error = 0;
-    if (offset > sizeBytes_ || length > sizeBytes_ - offset) {
-      error = EINVAL;
-    } else {
-      size_t done = 0;
-      while (done < length) {
-        ssize_t n = pwrite(fileFd_, payload + done, length - done, static_cast<off_t>(offset + done));
-        if (n > 0) {
-          done += static_cast<size_t>(n);
+  // Protocol B: the whole payload is here, so the Primary may complete the write.
+  void AckReceived(std::vector<uint8_t>& acks, int channel, uint32_t id) {
+    QueueAck(acks, kRecvAck, id);
+    FlushAcks(acks, channel);
+  }
+
+  bool InRange(uint64_t offset, uint32_t length) const { return offset <= sizeBytes_ && length <= sizeBytes_ - offset; }
+
+  // pwrite of all of it: 0, or the errno that stopped it.
+  uint32_t WriteFully(const uint8_t* payload, size_t length, uint64_t offset) {
+    size_t done = 0;
+    while (done < length) {
+      ssize_t n = pwrite(fileFd_, payload + done, length - done, static_cast<off_t>(offset + done));
+      if (n > 0) {
+        done += static_cast<size_t>(n);
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      return n == 0 ? ENOSPC : errno;
+    }
+    return 0;
+  }
+
+  // A reader's pipe for payloads spliced from the socket to the file, made on first use.
+  struct SplicePipe {
+    int read = -1;
+    int write = -1;
+    size_t capacity = 0;
+    bool tried = false;
+    bool toFile = true;
+    bool Ready() {
+      if (read >= 0) return true;
+      if (tried) return false;
+      tried = true;
+      int fds[2];
+      if (pipe2(fds, O_CLOEXEC) != 0) return false;
+      int bytes = -1;
+      for (int wanted = 1 << 20; wanted >= 64 * 1024 && bytes < 0; wanted /= 2) bytes = fcntl(fds[1], F_SETPIPE_SZ, wanted);
+      if (bytes < 0) bytes = fcntl(fds[1], F_GETPIPE_SZ);
+      if (bytes < static_cast<int>(kSpliceReceiveMin)) {
+        close(fds[0]);
+        close(fds[1]);
+        return false;
+      }
+      read = fds[0];
+      write = fds[1];
+      capacity = static_cast<size_t>(bytes);
+      return true;
+    }
+    ~SplicePipe() {
+      if (read >= 0) close(read);
+      if (write >= 0) close(write);
+    }
+  };
+
+  // Moves `length` payload bytes from the socket to the file at `offset` through the pipe. A failing file write
+  // is remembered in *fileError (0 before) and the rest of the payload still read, so the stream stays in step.
+  // False when the socket failed (*reason set).
+  bool SpliceReceive(int channel, SplicePipe& pipe, uint64_t offset, size_t length, uint32_t* fileError,
+                     std::string* reason) {
+    int fd = senders_[channel].fd;
+    size_t moved = 0;
+    while (moved < length) {
+      ssize_t n = splice(fd, nullptr, pipe.write, nullptr, std::min(length - moved, pipe.capacity), SPLICE_F_MOVE);
+      if (n == 0) {
+        *reason = "connection closed by peer";
+        return false;
+      }
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+          if (!WaitFd(fd, POLLIN)) {
+            *reason = "closed";
+            return false;
+          }
           continue;
         }
-        if (n < 0 && errno == EINTR) continue;
-        error = n == 0 ? ENOSPC : errno;
-        break;
+        *reason = std::string("receive failed: ") + strerror(errno);
+        return false;
       }
-      if (error == 0 && (flags & kFlagFua) != 0) {
-        while (fdatasync(fileFd_) != 0) {
-          if (errno != EINTR) {
-            error = errno;
-            break;
+      receivedBytes_.fetch_add(static_cast<uint64_t>(n));
+      // Empty the pipe into the file (or, once the file failed, into nowhere).
+      size_t inPipe = static_cast<size_t>(n);
+      while (inPipe > 0) {
+        ssize_t w;
+        if (*fileError == 0 && pipe.toFile) {
+          loff_t at = static_cast<loff_t>(offset + moved);
+          w = splice(pipe.read, nullptr, fileFd_, &at, inPipe, SPLICE_F_MOVE);
+          if (w == 0) {
+            *fileError = ENOSPC;
+            continue;
           }
+          if (w < 0 && errno == EINVAL) {
+            pipe.toFile = false;  // a file that takes no splice: through memory from now on
+            continue;
+          }
+        } else {
+          // Through memory: to the file when splice does not serve it, or nowhere once the file failed.
+          uint8_t scratch[16384];
+          w = ::read(pipe.read, scratch, std::min(inPipe, sizeof scratch));
+          if (w == 0) {
+            *reason = "the receive pipe closed";
+            return false;
+          }
+          if (w > 0 && *fileError == 0) *fileError = WriteFully(scratch, static_cast<size_t>(w), offset + moved);
+        }
+        if (w < 0) {
+          if (errno == EINTR) continue;
+          if (*fileError == 0) {
+            *fileError = static_cast<uint32_t>(errno);
+            continue;
+          }
+          *reason = std::string("reading the receive pipe failed: ") + strerror(errno);
+          return false;
+        }
+        inPipe -= static_cast<size_t>(w);
+        moved += static_cast<size_t>(w);
+      }
+    }
+    return true;
+  }
+
+  // Writes a peer's DATA frame here (the Secondary armed); acks go into `acks`.
+  void ApplyPeerWrite(uint16_t flags, uint32_t id, uint64_t offset, const uint8_t* payload, uint32_t length,
+                      std::vector<uint8_t>& acks) {
+    uint32_t error = InRange(offset, length) ? WriteFully(payload, length, offset) : EINVAL;
+    FinishPeerWrite(flags, id, offset, length, error, acks);
+  }
+
+  // The write's payload is in the file (error 0) or failed: FUA's flush, then WRITE_ACK or NEG_ACK.
+  void FinishPeerWrite(uint16_t flags, uint32_t id, uint64_t offset, uint32_t length, uint32_t error,
+                       std::vector<uint8_t>& acks) {
+    if (error == 0 && (flags & kFlagFua) != 0) {
+      while (fdatasync(fileFd_) != 0) {
+        if (errno != EINTR) {
+          error = errno;
+          break;
         }
       }
     }
@@ -1149,6 +1264,7 @@ class Transport : public std::enable_shared_from_this<Transport> {
   bool ValidType(uint16_t type) const { return type < validTypes_.size() && validTypes_[type] != 0; }
 
   void ReadLoop(int channel) {
+    SplicePipe splice;
     std::vector<uint8_t> buffer(kReadBufferBytes);
     std::vector<uint8_t> payload;
     std::vector<uint8_t> acks;
@@ -1214,19 +1330,24 @@ class Transport : public std::enable_shared_from_this<Transport> {
           protocol = secondaryProtocol_;
         }
         if (armed && type == kData && (flags & ~kFlagFua) == 0 && length > 0) {
-          if (protocol == 'B') {
-            // Received: protocol B may complete on the Primary now.
-            QueueAck(acks, kRecvAck, id);
-            FlushAcks(acks, channel);
-          }
           if (available >= length) {
+            if (protocol == 'B') AckReceived(acks, channel, id);
             ApplyPeerWrite(flags, id, offset, header + kHeaderBytes, length, acks);
             start += kHeaderBytes + length;
+          } else if (length - available >= kSpliceReceiveMin && InRange(offset, length) && splice.Ready()) {
+            // A large payload: what the buffer holds is written from there, the rest goes socket -> pipe -> file
+            // (one copy, into the page cache, where recv and pwrite would copy twice).
+            uint32_t error = WriteFully(header + kHeaderBytes, available, offset);
+            start = end = 0;
+            if (!SpliceReceive(channel, splice, offset + available, length - available, &error, &reason)) goto failed;
+            if (protocol == 'B') AckReceived(acks, channel, id);
+            FinishPeerWrite(flags, id, offset, length, error, acks);
           } else {
             payload.resize(length);
             memcpy(payload.data(), header + kHeaderBytes, available);
             start = end = 0;
             if (!ReceiveAll(channel, payload.data() + available, length - available, &reason)) goto failed;
+            if (protocol == 'B') AckReceived(acks, channel, id);
             ApplyPeerWrite(flags, id, offset, payload.data(), length, acks);
           }
           continue;
