@@ -270,7 +270,7 @@ const unixSendBufferBytes = 2 * 1024 * 1024;
  * Unix sockets get no send-buffer autotuning (TCP does): at the default 208 KiB a 1 MiB READ reply took ~4.4
  * writev calls with an EPOLLOUT wake-up between each (per GiB of 1 MiB QD8 reads: 4546 writev and 10486 epoll
  * waits; with this 451 and 864), which made the socket, not the disk, the limit (0.78x nbdkit, 0.88x with this;
- * bench/README.md, LocalDisk section). Best effort: serving works without it.
+ * bench/README.md, "NBD serving"). Best effort: serving works without it.
  */
 function raiseUnixSendBuffer(socket: net.Socket): void {
   const fd = (socket as unknown as { _handle?: { fd?: number } | null })._handle?.fd;
