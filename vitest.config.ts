@@ -6,6 +6,7 @@ import { defineConfig } from 'vitest/config';
 // and runs once. test/kernel-filesystem.test.ts also starts a pair, but only inside the kernel VM, and runs once.
 const bothDataPaths = [
   'test/cli-queries.test.ts',
+  'test/fuzz-peer.test.ts',
   'test/replication-campaign.test.ts',
   'test/replication-disk-full.test.ts',
   'test/replication-dual-primary.test.ts',

@@ -16,7 +16,10 @@ import { MemoryDevice } from './helpers/memory-device.js';
 import { makeTempDir, NBD, RawNbdClient, startServer, type InProcessServer } from './helpers/nbd.js';
 
 const sizeBytes = 4 * 1024 * 1024;
-const seed = Number(process.env.NBD_FUZZ_SEED ?? 0x5eed);
+const seed = Number(process.env.NBD_FUZZ_SEED ?? process.env.FUZZ_SEED ?? 0x5eed);
+// FUZZ_NBD_SCALE multiplies the number of connections (and so frames): 1 sends 11,020 frames per device kind,
+// 100 sends 1,102,000 (scripts/fuzz.sh).
+const scale = Math.max(1, Math.floor(Number(process.env.FUZZ_NBD_SCALE ?? 1)));
 
 /** xorshift32: small, seedable, good enough to choose mutations. */
 function prng(initial: number): () => number {
@@ -106,25 +109,32 @@ describe.each(['memory', 'file'] as const)('fuzz, %s device', (kind) => {
     await fs.promises.rm(dir, { recursive: true, force: true });
   });
 
-  it('survives 10,000+ random and mutated frames and then serves a good client', async () => {
+  it(`survives ${11_020 * scale} random and mutated frames and then serves a good client`, async () => {
     const random = prng(seed);
     let frames = 0;
-    for (let connection = 0; connection < 120; connection += 1) {
+    let peakRss = 0;
+    for (let connection = 0; connection < 120 * scale; connection += 1) {
+      if (connection % 100 === 0) peakRss = Math.max(peakRss, process.memoryUsage().rss);
       const batch = Array.from({ length: 25 }, () => optionFrame(random));
       frames += batch.length;
       await flood(batch, false, random);
     }
-    for (let connection = 0; connection < 40; connection += 1) {
+    for (let connection = 0; connection < 40 * scale; connection += 1) {
+      if (connection % 100 === 0) peakRss = Math.max(peakRss, process.memoryUsage().rss);
       const batch = Array.from({ length: 200 }, () => requestFrame(random));
       frames += batch.length;
       await flood(batch, true, random);
     }
-    for (let connection = 0; connection < 20; connection += 1) {
+    for (let connection = 0; connection < 20 * scale; connection += 1) {
       const junk = crypto.randomBytes(Math.floor(random() * 4096));
       frames += 1;
       await flood([junk], random() < 0.5, random);
     }
-    expect(frames).toBeGreaterThanOrEqual(10_000);
+    expect(frames).toBeGreaterThanOrEqual(10_000 * scale);
+    peakRss = Math.max(peakRss, process.memoryUsage().rss);
+    console.log(`nbd fuzz (${kind} device), seed ${seed}: ${frames} frames, peak RSS of the test process (server ` +
+      `included) ${(peakRss / 1048576).toFixed(0)} MiB`);
+    expect(peakRss, 'memory stays bounded').toBeLessThan(1024 * 1048576);
     const fuzzedNative = served.server.dataPathRequests;
 
     const good = await RawNbdClient.connect(served.socketPath);
@@ -154,5 +164,5 @@ describe.each(['memory', 'file'] as const)('fuzz, %s device', (kind) => {
     } else {
       expect(served.server.dataPathRequests).toBe(0);
     }
-  }, 120_000);
+  }, 120_000 * scale);
 });

@@ -29,7 +29,7 @@ import { BlockDeviceError } from '../blockdev/types.js';
 import type { Logger } from '../util/log.js';
 import type { Bitmap } from '../resource/bitmap.js';
 import type { ActivityLog } from '../resource/activity-log.js';
-import { FrameFlag, FrameType } from './frame.js';
+import { FrameFlag, FrameType, frameTypeName } from './frame.js';
 import { IntervalGate, type GateEntry } from './gate.js';
 import { receivePool } from './pool.js';
 import { CHANNEL_DATA, CHANNEL_META, type PeerChannel } from './link.js';
@@ -725,6 +725,11 @@ export class ReplicatedDevice implements BlockDevice {
       case FrameType.DATA:
       case FrameType.TRIM:
       case FrameType.ZERO:
+        // Only a Primary peer writes here, and a single-primary pair has one Primary: a write arriving at the
+        // Primary is a protocol error (it costs the connection; the data here stays as it is).
+        if (this.#role === 'Primary' && !this.dualPrimary) {
+          throw new Error(`${frameTypeName(type)} from the peer while this node is Primary and allow-two-primaries is off`);
+        }
         this.counters.networkReceivedBytes += body.length + 24;
         this.applyPeerWrite(type, flags, id, offset, body);
         return true;

@@ -369,6 +369,8 @@ export class ResyncSource {
   private compressionSkips = 0;
   compressedReplies = 0;
   sameReplies = 0;
+  /** Requests answered (or being answered) and not acked yet: offset -> length. */
+  private readonly awaitingAck = new Map<number, number>();
 
   constructor(private readonly options: ResyncSourceOptions) {
     this.progress.totalBytes = options.device.bitmap.dirtyBytes();
@@ -380,6 +382,8 @@ export class ResyncSource {
       connection.close(`bad resync request ${offset}+${lengthBytes}`);
       return;
     }
+    // The target acks each reply once written; only an ack for a request made here may clear bits.
+    this.awaitingAck.set(offset, lengthBytes);
     const peerDigest = (flags & FrameFlag.CSUM) !== 0 ? Buffer.from(body) : null;
     const admitted = device.enterBackground(offset, lengthBytes, 'resync-read');
     void (async () => {
@@ -439,6 +443,10 @@ export class ResyncSource {
   }
 
   handleAck(lengthBytes: number, offset: number): void {
+    if (this.awaitingAck.get(offset) !== lengthBytes) {
+      throw new Error(`RS_ACK for ${offset}+${lengthBytes}, which no resync request asked for`);
+    }
+    this.awaitingAck.delete(offset);
     this.options.device.bitmap.clearRange(offset, lengthBytes);
     this.progress.add(lengthBytes);
   }

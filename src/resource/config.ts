@@ -153,7 +153,7 @@ class Validator {
     try {
       return parseSize(value, 'size');
     } catch {
-      this.fail(`${section}.${key}`, `"${String(value)}" is not a size (examples: 4096, "512MiB", "1G")`);
+      this.fail(`${section}.${key}`, `${describe(value)} is not a size (examples: 4096, "512MiB", "1G")`);
     }
   }
 
@@ -168,7 +168,7 @@ class Validator {
       if (match) ms = Number(match[1]) * (match[2] === 'ms' ? 1 : match[2] === 'm' ? 60_000 : 1000);
     }
     if (ms === undefined || !(ms > 0) || ms > 3_600_000) {
-      this.fail(`${section}.${key}`, `"${String(value)}" is not a duration (examples: 5, "500ms", "2s")`);
+      this.fail(`${section}.${key}`, `${describe(value)} is not a duration (examples: 5, "500ms", "2s")`);
     }
     return Math.round(ms);
   }

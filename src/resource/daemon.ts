@@ -417,6 +417,7 @@ export class NodeDaemon {
     switch (type) {
       case FrameType.NODE_STATE: {
         const state = decodeMessage<NodeStateMessage>(Messages.NodeState, body);
+        checkPeerState(state.role, state.disk);
         if (!session.localStateSent) this.sendNodeState(session);
         session.localStateSent = false;
         session.peerState = state;
@@ -432,6 +433,7 @@ export class NodeDaemon {
       }
       case FrameType.STATE_CHANGE: {
         const change = decodeMessage<StateChangeMessage>(Messages.StateChange, body);
+        checkPeerState(change.role, change.disk);
         session.peerRole = change.role === 'Primary' ? 'Primary' : 'Secondary';
         session.peerDisk = change.disk as DiskState;
         if (session.peerRole === 'Primary' && this.role === 'Primary' && !this.config.allowTwoPrimaries) {
@@ -446,17 +448,22 @@ export class NodeDaemon {
         return;
       }
       case FrameType.BITMAP: {
+        requireBitmapExchange(session, 'BITMAP');
         if (session.peerBitmap === null) session.peerBitmap = Buffer.alloc(this.metadata.bitmap.byteLength);
         if (offset + body.length > session.peerBitmap.length) throw new Error('peer bitmap larger than ours');
         body.copy(session.peerBitmap, offset);
         return;
       }
       case FrameType.BITMAP_END:
+        requireBitmapExchange(session, 'BITMAP_END');
         session.peerBitmap ??= Buffer.alloc(this.metadata.bitmap.byteLength);
         session.peerBitmapComplete = true;
         this.maybeStartResync(session);
         return;
       case FrameType.RS_REQUEST:
+        if (session.decision?.kind !== 'source' && session.decision?.kind !== 'full-source') {
+          throw new Error(`RS_REQUEST while this node is not SyncSource (decision ${session.decision?.kind ?? 'not made yet'})`);
+        }
         session.source ??= this.makeSource(session);
         session.source.handleRequest(flags, id, offset, body);
         return;
@@ -464,10 +471,18 @@ export class NodeDaemon {
         session.target?.handleReply(flags, id, offset, body);
         return;
       case FrameType.RS_ACK:
-        session.source?.handleAck(id, offset);
+        if (session.source === null) throw new Error('RS_ACK while this node is not SyncSource');
+        session.source.handleAck(id, offset);
         return;
       case FrameType.RESYNC_START: {
         const start = decodeMessage<{ syncUuid: bigint }>(Messages.ResyncStart, body);
+        // It makes this node Inconsistent: never on a Primary, never against a decision that says otherwise.
+        if (this.role === 'Primary') throw new Error('RESYNC_START to a Primary, which never becomes SyncTarget');
+        const kind = session.decision?.kind;
+        if (kind !== undefined && kind !== 'target' && kind !== 'full-target') {
+          throw new Error(`RESYNC_START while the sync decision is ${kind}`);
+        }
+        if (start.syncUuid === 0n) throw new Error('RESYNC_START without a sync UUID');
         void this.metadata.beginSyncTarget(start.syncUuid).then(() => {
           if (this.session !== session) return;
           session.syncUuidRecorded = true;
@@ -479,6 +494,11 @@ export class NodeDaemon {
         return;
       }
       case FrameType.RESYNC_DONE:
+        // Clears this node's whole bitmap: only the end of a resync this node is the source of. (It comes on the
+        // meta socket and may overtake the target's bitmap on the data socket when there was nothing to send.)
+        if (session.decision?.kind !== 'source' && session.decision?.kind !== 'full-source') {
+          throw new Error(`RESYNC_DONE while this node is not SyncSource (decision ${session.decision?.kind ?? 'not made yet'})`);
+        }
         void this.finishAsSource(session);
         return;
       case FrameType.OV_REQUEST:
@@ -498,8 +518,10 @@ export class NodeDaemon {
       }
       case FrameType.COMMAND: {
         const command = decodeMessage<{ name: string; arg: string }>(Messages.Command, body);
-        void this.peerCommand(session, command.name, command.arg).catch((error: Error) =>
-          this.logger.error({ err: error, command: command.name }, 'peer command failed'));
+        void this.peerCommand(session, command.name, command.arg).catch((error: Error) => {
+          this.logger.error({ err: error, command: command.name }, 'peer command refused');
+          connection.close(`peer command ${command.name} refused: ${error.message}`);
+        });
         return;
       }
       case FrameType.DISCONNECT: {
@@ -694,8 +716,16 @@ export class NodeDaemon {
         await this.invalidateLocal(session);
         return;
       case 'set-uuid': {
-        // new-current-uuid --clear-bitmap from the peer: both sides start the same generation, no sync.
+        // new-current-uuid --clear-bitmap from the peer: both sides start the same generation, no sync. It
+        // forgets this node's bitmap: only where the peer's own command would be allowed here.
+        if (!/^[1-9][0-9]*$/.test(arg)) throw new Error(`set-uuid: ${JSON.stringify(arg)} is not a UUID`);
         const uuid = BigInt(arg);
+        if (uuid >= 1n << 64n) throw new Error('set-uuid: the UUID does not fit 64 bits');
+        if (this.role === 'Primary') throw new Error('set-uuid: this node is Primary');
+        if (session.source !== null || session.target !== null) throw new Error('set-uuid: a resync is running');
+        if (this.metadata.uuids.current !== 0n && this.diskState() === 'UpToDate' && session.peerDisk === 'UpToDate') {
+          throw new Error('set-uuid: both nodes are already UpToDate');
+        }
         this.metadata.uuids = { current: uuid, bitmap: 0n, history: [0n, 0n] };
         this.metadata.flags = { ...this.metadata.flags, consistent: true, wasUpToDate: true, resyncInProgress: false };
         this.metadata.bitmap.clearAll();
@@ -708,11 +738,14 @@ export class NodeDaemon {
       case 'resync-resume':
         this.setPaused(session, name === 'resync-pause', false);
         return;
-      case 'resync-rate':
-        this.rate.settings = { ...this.rate.settings, maxBytesPerSecond: Number(arg) };
+      case 'resync-rate': {
+        const rate = Number(arg);
+        if (!Number.isSafeInteger(rate) || rate <= 0) throw new Error(`resync-rate: ${JSON.stringify(arg)} is not a rate`);
+        this.rate.settings = { ...this.rate.settings, maxBytesPerSecond: rate };
         return;
+      }
       default:
-        this.logger.warn({ name }, 'unknown command from the peer');
+        throw new Error(`unknown command ${JSON.stringify(name)}`);
     }
   }
 
@@ -959,4 +992,27 @@ export async function runDaemon(config: ResourceConfig, nodeName: string, logger
     process.off('SIGTERM', onSignal);
     process.off('SIGINT', onSignal);
   }
+}
+
+const peerRoles: ReadonlySet<string> = new Set(['Primary', 'Secondary']);
+const peerDisks: ReadonlySet<string> = new Set<DiskState>(['Diskless', 'Attaching', 'Inconsistent', 'Outdated', 'DUnknown',
+  'Consistent', 'UpToDate']);
+
+/** A peer's role and disk state are words this protocol has (a frame with others is a protocol error). */
+function checkPeerState(role: string, disk: string): void {
+  if (!peerRoles.has(role)) throw new Error(`the peer's role ${JSON.stringify(role)} is not Primary or Secondary`);
+  if (!peerDisks.has(disk)) throw new Error(`the peer's disk state ${JSON.stringify(disk)} is not a disk state`);
+}
+
+const resyncDecisions: ReadonlySet<string> = new Set(['source', 'target', 'full-source', 'full-target']);
+
+/**
+ * The peer's bitmap comes after the handshake and before the resync it prepares: our own decision may not be made
+ * yet (the peer decided first), or made and its metadata write still under way.
+ */
+function requireBitmapExchange(session: Session, what: string): void {
+  const decision = session.decision;
+  if (decision === null) return;
+  if (!resyncDecisions.has(decision.kind)) throw new Error(`${what} while the sync decision is ${decision.kind}`);
+  if (session.source !== null || session.target !== null) throw new Error(`${what} while the resync runs`);
 }
