@@ -13,9 +13,9 @@ import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { Bench } from 'tinybench';
-import { ActivityLog, AL_EXTENT_BYTES } from '../src/resource/activity-log.js';
-import { Bitmap, BITMAP_BLOCK_BYTES, BITMAP_PAGE_BYTES } from '../src/resource/bitmap.js';
-import { Metadata } from '../src/resource/metadata.js';
+import { ActivityLog, AL_EXTENT_BYTES } from '../src/metadata/activity-log.js';
+import { Bitmap, BITMAP_BLOCK_BYTES, BITMAP_PAGE_BYTES } from '../src/metadata/bitmap.js';
+import { Metadata } from '../src/metadata/metadata.js';
 
 const MiB = 1024 * 1024;
 const { values: args } = parseArgs({ options: { quick: { type: 'boolean', default: false }, dir: { type: 'string' } } });

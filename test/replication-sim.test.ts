@@ -9,7 +9,7 @@
 // A failure names the seed; DRBDTS_SIM_SEED=N replays one, DRBDTS_SIM_SEEDS=N runs more (default 400).
 import { describe, expect, it } from 'vitest';
 import { ReplicatedDevice, type ReplicationProtocol } from '../src/replication/device.js';
-import { Bitmap } from '../src/resource/bitmap.js';
+import { Bitmap } from '../src/metadata/bitmap.js';
 import { createLogger } from '../src/util/log.js';
 import { Scheduler, SimDisk, connect } from './sim/sim.js';
 

@@ -16,7 +16,7 @@ let built: Promise<void> | undefined;
 export function buildDist(): Promise<void> {
   built ??= (async () => {
     await promisify(execFile)('npx', ['tsc', '-p', 'tsconfig.json'], { cwd: repoRoot }).catch(() => undefined);
-    for (const file of ['dist/cli/main.js', 'dist/resource/metadata.js', 'dist/resource/control.js']) {
+    for (const file of ['dist/cli/main.js', 'dist/metadata/metadata.js', 'dist/resource/control.js']) {
       if (!existsSync(path.join(repoRoot, file))) throw new Error(`build produced no ${file}`);
     }
   })();

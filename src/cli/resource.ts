@@ -239,7 +239,7 @@ export function renderResyncLine(status: ResourceStatus, barWidth: number | null
 
 async function createMd(options: Options): Promise<number> {
   const target = loadTarget(options);
-  const { Metadata } = await import('../resource/metadata.js');
+  const { Metadata } = await import('../metadata/metadata.js');
   const metadata = await Metadata.create({
     diskPath: target.node.disk,
     metaDisk: target.node.metaDisk,
@@ -323,7 +323,7 @@ async function dumpMd(options: Options): Promise<number> {
     throw new Error(`${target.config.name} is up on node ${target.nodeName}: dump-md reads the metadata of a stopped ` +
       `node (the daemon's state is newer than the disk's); use "drbdts status ${target.config.name} --json"`);
   }
-  const { Metadata } = await import('../resource/metadata.js');
+  const { Metadata } = await import('../metadata/metadata.js');
   const where = target.node.metaDisk === 'internal' ? target.node.disk : target.node.metaDisk;
   const snapshot = await Metadata.read(target.node.disk, target.node.metaDisk).catch((error: Error) => {
     throw new Error(`cannot read the metadata of ${where}: ${error.message}`);
@@ -393,11 +393,11 @@ async function statusAll(options: Options): Promise<number> {
 /** For a node whose daemon is down: what its metadata says, read without locking. */
 async function describeOnDisk(target: Target): Promise<string> {
   try {
-    const { Metadata } = await import('../resource/metadata.js');
+    const { Metadata } = await import('../metadata/metadata.js');
     const md = await Metadata.read(target.node.disk, target.node.metaDisk);
     if (md === null) return `no drbdts metadata on ${target.node.disk} (run "drbdts create-md ${target.config.name}")`;
     const disk = !md.flags.consistent ? 'Inconsistent' : md.flags.peerOutdated || md.flags.wasUpToDate ? 'UpToDate' : 'Consistent';
-    const { formatUuid } = await import('../resource/uuids.js');
+    const { formatUuid } = await import('../metadata/uuids.js');
     return `on disk: ${disk}, ${md.flags.wasPrimary ? 'was Primary' : 'was Secondary'}, generation ${formatUuid(md.uuids.current)}, ` +
       `out-of-sync ${formatBytes(md.dirtyBlocks * 4096)}, last stop ${md.cleanShutdown ? 'clean' : 'unclean (crash recovery at the next up)'}`;
   } catch (error) {

@@ -27,15 +27,15 @@ import assert from 'node:assert/strict';
 import type { BlockDevice, BlockDeviceCapabilities, DirectAccess, Extent, ZeroOptions } from '../blockdev/types.js';
 import { BlockDeviceError } from '../blockdev/types.js';
 import type { Logger } from '../util/log.js';
-import type { Bitmap } from '../resource/bitmap.js';
-import type { ActivityLog } from '../resource/activity-log.js';
+import type { Bitmap } from '../metadata/bitmap.js';
+import type { ActivityLog } from '../metadata/activity-log.js';
 import { FrameFlag, FrameType, frameTypeName } from './frame.js';
 import { IntervalGate, type GateEntry } from './gate.js';
 import { receivePool } from './pool.js';
 import { CHANNEL_DATA, CHANNEL_META, type PeerChannel } from './link.js';
 import type { NativePlaneHub } from './native-plane.js';
 import type { ReplPlaneCounters } from '../native/index.js';
-import { AL_EXTENT_BYTES } from '../resource/activity-log.js';
+import { AL_EXTENT_BYTES } from '../metadata/activity-log.js';
 
 export type ReplicationProtocol = 'A' | 'B' | 'C';
 

@@ -10,7 +10,7 @@ import { createHash } from 'node:crypto';
 import lz4 from 'lz4';
 import xxhash from 'xxhash-wasm';
 import type { Logger } from '../util/log.js';
-import { BITMAP_BLOCK_BYTES } from '../resource/bitmap.js';
+import { BITMAP_BLOCK_BYTES } from '../metadata/bitmap.js';
 import { FrameFlag, FrameType } from './frame.js';
 import type { ReplicatedDevice } from './device.js';
 import { receivePool } from './pool.js';

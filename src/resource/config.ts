@@ -6,18 +6,12 @@ import { readFileSync } from 'node:fs';
 import os from 'node:os';
 import { parse as parseToml } from 'smol-toml';
 import { parseSize } from '../util/size.js';
+import type { AfterSb0Pri, AfterSb1Pri, AfterSb2Pri } from '../metadata/uuids.js';
+
+export type { AfterSb0Pri, AfterSb1Pri, AfterSb2Pri };
 
 export type Protocol = 'A' | 'B' | 'C';
 export type OnCongestion = 'block' | 'pull-ahead';
-export type AfterSb0Pri =
-  | 'disconnect'
-  | 'discard-younger-primary'
-  | 'discard-older-primary'
-  | 'discard-zero-changes'
-  | 'discard-least-changes'
-  | `discard-node-${string}`;
-export type AfterSb1Pri = 'disconnect' | 'consensus' | 'discard-secondary' | 'call-pri-lost-after-sb';
-export type AfterSb2Pri = 'disconnect' | 'call-pri-lost-after-sb';
 
 export interface HostPort {
   host: string;

@@ -1,4 +1,4 @@
-// The connect-time sync decision (src/resource/uuids.ts): every row of DRBD's UUID table, the after-sb
+// The connect-time sync decision (src/metadata/uuids.ts): every row of DRBD's UUID table, the after-sb
 // policies and --discard-my-data, and the property both nodes rely on: deciding from either side gives
 // mirrored answers (source <-> target), checked over a generated set of UUID histories. Also replays the
 // story of a real failover with Metadata's UUID rotation on real files.
@@ -6,9 +6,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { Bitmap } from '../src/resource/bitmap.js';
-import { Metadata } from '../src/resource/metadata.js';
-import { decideSync, formatUuid, newUuid, type AfterSbPolicies, type SyncKind, type SyncView } from '../src/resource/uuids.js';
+import { Bitmap } from '../src/metadata/bitmap.js';
+import { Metadata } from '../src/metadata/metadata.js';
+import { decideSync, formatUuid, newUuid, type AfterSbPolicies, type SyncKind, type SyncView } from '../src/metadata/uuids.js';
 
 function view(nodeName: string, current: bigint, bitmap = 0n, history: [bigint, bigint] = [0n, 0n], extra: Partial<SyncView> = {}): SyncView {
   return {

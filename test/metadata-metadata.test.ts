@@ -1,4 +1,4 @@
-// On-disk metadata (src/resource/metadata.ts) on real files: create-md creates a missing backing file of the
+// On-disk metadata (src/metadata/metadata.ts) on real files: create-md creates a missing backing file of the
 // right size, refuses to overwrite metadata without force, refuses a disk too small; a torn superblock write
 // (half a slot, or a corrupted slot) falls back to the older valid slot; the flock held by another process
 // (a spawned node process) refuses a second open and vanishes when that process is SIGKILLed; the bitmap
@@ -9,9 +9,9 @@ import { execFileSync } from 'node:child_process';
 import { mkdtemp, open, rm, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { AL_EXTENT_BYTES } from '../src/resource/activity-log.js';
-import { BITMAP_BLOCK_BYTES, BITMAP_PAGE_BYTES } from '../src/resource/bitmap.js';
-import { Metadata, MetadataError, maxDataSizeBytes, metadataSizeBytes } from '../src/resource/metadata.js';
+import { AL_EXTENT_BYTES } from '../src/metadata/activity-log.js';
+import { BITMAP_BLOCK_BYTES, BITMAP_PAGE_BYTES } from '../src/metadata/bitmap.js';
+import { Metadata, MetadataError, maxDataSizeBytes, metadataSizeBytes } from '../src/metadata/metadata.js';
 import { killChildren, repoRoot, spawnUntil, waitExit } from './resource-helpers.js';
 
 let dir: string;

@@ -3,7 +3,17 @@
 // decideSync with the arguments swapped and must reach mirrored answers, so every tie-break below depends
 // only on data both sides see (the node names, the UUIDs, the bitmap counts), never on which side asks.
 import { randomBytes } from 'node:crypto';
-import type { AfterSb0Pri, AfterSb1Pri, AfterSb2Pri } from './config.js';
+
+// The after-split-brain policies (drbd.conf's after-sb-0pri/1pri/2pri): configured in [net], applied here.
+export type AfterSb0Pri =
+  | 'disconnect'
+  | 'discard-younger-primary'
+  | 'discard-older-primary'
+  | 'discard-zero-changes'
+  | 'discard-least-changes'
+  | `discard-node-${string}`;
+export type AfterSb1Pri = 'disconnect' | 'consensus' | 'discard-secondary' | 'call-pri-lost-after-sb';
+export type AfterSb2Pri = 'disconnect' | 'call-pri-lost-after-sb';
 
 export type Role = 'Primary' | 'Secondary';
 

@@ -1,8 +1,8 @@
-// The dirty bitmap (src/resource/bitmap.ts): range set/clear semantics (partial blocks set, only fully covered
+// The dirty bitmap (src/metadata/bitmap.ts): range set/clear semantics (partial blocks set, only fully covered
 // blocks cleared), run iteration, merge, serialization round trip, and dirty-page tracking, checked against a
 // plain boolean-array model driven by random operations with a fixed seed.
 import { describe, expect, it } from 'vitest';
-import { Bitmap, BITMAP_BLOCK_BYTES, BITMAP_PAGE_BYTES } from '../src/resource/bitmap.js';
+import { Bitmap, BITMAP_BLOCK_BYTES, BITMAP_PAGE_BYTES } from '../src/metadata/bitmap.js';
 
 function rng(seed: number): () => number {
   let state = seed >>> 0;

@@ -1,4 +1,4 @@
-// The activity log (src/resource/activity-log.ts, persisted by src/resource/metadata.ts).
+// The activity log (src/metadata/activity-log.ts, persisted by src/metadata/metadata.ts).
 // In process, with a recording persist callback: a cold extent is persisted before beginWrite resolves, hot
 // extents cost no I/O, concurrent cold writers share one transaction, eviction is LRU and never takes an
 // extent with writes in flight (a writer waits for room instead), a failed persist rejects the writers.
@@ -11,8 +11,8 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { ActivityLog, AL_EXTENT_BYTES } from '../src/resource/activity-log.js';
-import { Metadata } from '../src/resource/metadata.js';
+import { ActivityLog, AL_EXTENT_BYTES } from '../src/metadata/activity-log.js';
+import { Metadata } from '../src/metadata/metadata.js';
 import { buildDist, killChildren, repoRoot, spawnUntil, waitExit } from './resource-helpers.js';
 
 let dir: string;
@@ -198,7 +198,7 @@ describe('ActivityLog crash recovery', () => {
     await (await Metadata.create({ diskPath: disk, metaDisk: 'internal', dataSizeBytes, alExtents: 16 })).close();
     const child = path.join(dir, 'wide.mjs');
     await writeFile(child, `
-import { Metadata } from ${JSON.stringify(path.join(repoRoot, 'dist/resource/metadata.js'))};
+import { Metadata } from ${JSON.stringify(path.join(repoRoot, 'dist/metadata/metadata.js'))};
 const md = await Metadata.open(${JSON.stringify(disk)}, 'internal');
 await md.activityLog.beginWrite(${10 * E + 4096}, ${40 * E});
 process.stdout.write('trimming\\n');
@@ -225,7 +225,7 @@ setInterval(() => {}, 1e6);
     await (await Metadata.create({ diskPath: disk, metaDisk: 'internal', dataSizeBytes, alExtents: 16 })).close();
     const child = path.join(dir, 'writer.mjs');
     await writeFile(child, `
-import { Metadata } from ${JSON.stringify(path.join(repoRoot, 'dist/resource/metadata.js'))};
+import { Metadata } from ${JSON.stringify(path.join(repoRoot, 'dist/metadata/metadata.js'))};
 import { open } from 'node:fs/promises';
 const md = await Metadata.open(${JSON.stringify(disk)}, 'internal');
 const fh = await open(${JSON.stringify(disk)}, 'r+');
