@@ -15,7 +15,7 @@ while [ $# -gt 0 ]; do
     *) echo "fuzz.sh: unknown option $1 (usage: fuzz.sh [--seed N] [--only nbd|peer|config])" >&2; exit 2 ;;
   esac
 done
-npm run build >/dev/null
+npm run build >/tmp/drbdts-fuzz-build.log 2>&1 || { echo "fuzz.sh: npm run build failed (log: /tmp/drbdts-fuzz-build.log)" >&2; exit 1; }
 run() {
   local name=$1; shift
   [ -z "$only" ] || [ "$only" = "$name" ] || return 0
