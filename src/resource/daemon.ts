@@ -40,6 +40,7 @@ import {
   ResyncTarget,
   VerifyInitiator,
   answerVerify,
+  markDifferingBlocks,
 } from '../replication/resync.js';
 
 /** Bitmap frames carry at most this many bitmap bytes each. */
@@ -363,6 +364,8 @@ export class NodeDaemon {
     this.device.detach();
     session.target?.stop(reason);
     session.verify?.stop(reason);
+    // As in DRBD, a verify's result describes one connection: it goes with it.
+    this.lastVerify = null;
     this.logger.warn({ reason, outOfSyncBytes: this.metadata.bitmap.dirtyBytes() }, 'peer disconnected');
     this.metadata.writeBitmap().catch((error: Error) => this.logger.error({ err: error }, 'bitmap write-back failed'));
   }
@@ -482,11 +485,16 @@ export class NodeDaemon {
         void this.finishAsSource(session);
         return;
       case FrameType.OV_REQUEST:
+        // The first request of a verify by the peer: the result of an earlier one no longer stands.
+        if (!session.verifyPeerActive) this.lastVerify = null;
         session.verifyPeerActive = true;
         answerVerify(this.device, connection, this.config.verifyAlg ?? 'xxh64', id, offset, body);
         return;
       case FrameType.OV_REPLY:
-        session.verify?.handleReply(flags, id, offset);
+        session.verify?.handleReply(flags, id, offset, body);
+        return;
+      case FrameType.OV_RESULT:
+        markDifferingBlocks(this.device, offset, id, body);
         return;
       case FrameType.VERIFY_DONE: {
         session.verifyPeerActive = false;
@@ -876,15 +884,17 @@ export class NodeDaemon {
         }
         const verify = new VerifyInitiator(this.device, session.connection, this.config.verifyAlg ?? 'xxh64', this.rate);
         session.verify = verify;
+        this.lastVerify = null;
         void verify.run().then((complete) => {
           session.verify = null;
+          this.logger.info({ mismatchedBytes: verify.mismatchedBytes, complete }, 'online verify finished');
+          if (this.session !== session) return; // the connection went, and the result with it
           this.lastVerify = { doneBytes: verify.progress.doneBytes, totalBytes: verify.progress.totalBytes,
             outOfSyncBlocks: verify.mismatchedBytes / 4096 };
-          if (complete && this.session === session) {
+          if (complete) {
             session.connection.sendMessage(CHANNEL_META, FrameType.VERIFY_DONE, 'VerifyDone', {
               checkedBytes: BigInt(verify.progress.doneBytes), mismatchedBytes: BigInt(verify.mismatchedBytes) });
           }
-          this.logger.info({ mismatchedBytes: verify.mismatchedBytes, complete }, 'online verify finished');
         });
         return this.status();
       }
