@@ -20,7 +20,7 @@ import { parseListenAddress } from '../nbd/address.js';
 import { attachKernelClient, deviceInUse, type KernelAttachment } from '../nbd/kernel.js';
 import { transmissionFlagsFor } from '../nbd/handshake.js';
 import { Bitmap } from './bitmap.js';
-import { peerOf, type ResourceConfig } from './config.js';
+import { peerOf, resourceMinor, type ResourceConfig } from './config.js';
 import { ControlServer, type ConnectionState, type DiskState, type ResourceStatus, type RoleState } from './control.js';
 import { Metadata } from './metadata.js';
 import { decideSync, formatUuid, newUuid, type SyncDecision, type SyncView } from './uuids.js';
@@ -95,6 +95,11 @@ export class NodeDaemon {
   /** DRBDTS_REPL_DATA_PATH: replicated writes on native threads (default) or in JavaScript. */
   private readonly dataPath: ReplicationDataPath;
   private hub: NativePlaneHub | null = null;
+  /** events2 subscribers (control connections in event mode), and what they were last told. */
+  private readonly subscribers = new Set<(message: object) => boolean>();
+  private publishedStateKey = '';
+  private statisticsTimer: NodeJS.Timeout | null = null;
+  private readonly minor: number;
 
   constructor(
     private readonly config: ResourceConfig,
@@ -102,6 +107,7 @@ export class NodeDaemon {
     private readonly logger: Logger,
   ) {
     this.peerName = peerOf(config, nodeName).name;
+    this.minor = resourceMinor(config);
     this.dataPath = replicationDataPathFromEnv();
     this.rate = new RateController(
       { maxBytesPerSecond: config.resyncRateMaxBytesPerSecond, minBytesPerSecond: config.resyncRateMinBytesPerSecond },
@@ -183,7 +189,9 @@ export class NodeDaemon {
       });
       this.device.onNativeOpen = () => this.nbd.replicationOpened();
       await this.nbd.listen(parseListenAddress(node.nbd));
-      this.control = new ControlServer(node.control, (command, args) => this.handle(command, args), this.logger);
+      this.control = new ControlServer(node.control,
+        (command, args) => this.handle(command, args).finally(() => this.publish()), this.logger,
+        (send) => this.subscribe(send));
       await this.control.listen();
     } catch (error) {
       await this.link?.close().catch(() => {});
@@ -273,12 +281,15 @@ export class NodeDaemon {
     return {
       name: this.config.name,
       node: this.nodeName,
+      nodeId: this.node.nodeId,
+      minor: this.minor,
       size: this.metadata.dataSizeBytes,
       role: this.role,
       disk: this.diskState(),
       connection: this.connectionState(),
       peer: {
         node: this.peerName,
+        nodeId: this.config.nodes[this.peerName]!.nodeId,
         role: session?.peerRole ?? 'Unknown',
         disk: session?.peerDisk ?? 'DUnknown',
       },
@@ -320,6 +331,42 @@ export class NodeDaemon {
     };
   }
 
+  // ---- events (drbdts events2) ----
+
+  private subscribe(send: (message: object) => boolean): () => void {
+    this.subscribers.add(send);
+    send({ event: 'state', timeMs: Date.now(), status: this.status() });
+    // Progress and counters change without a state change: subscribers get them once a second.
+    this.statisticsTimer ??= setInterval(() => this.publish(true), 1000);
+    this.statisticsTimer.unref();
+    return () => {
+      this.subscribers.delete(send);
+      if (this.subscribers.size === 0 && this.statisticsTimer !== null) {
+        clearInterval(this.statisticsTimer);
+        this.statisticsTimer = null;
+      }
+    };
+  }
+
+  private broadcast(message: object): void {
+    for (const send of this.subscribers) if (!send(message)) this.subscribers.delete(send);
+  }
+
+  /**
+   * Tells event subscribers the state when something they show changed (always, when `periodic`). Called after
+   * every peer frame, control command, connection change and resync or verify step, synchronously: a state
+   * that lasts for one of those is seen, however short.
+   */
+  private publish(periodic = false): void {
+    if (this.subscribers.size === 0 || this.metadata === undefined || this.link === undefined) return;
+    const session = this.session;
+    const key = `${this.role} ${this.diskState()} ${this.connectionState()} ${session?.peerRole ?? ''} `
+      + `${session?.peerDisk ?? ''} ${session?.resyncPaused === true} ${this.lastVerify === null}`;
+    if (!periodic && key === this.publishedStateKey) return;
+    this.publishedStateKey = key;
+    this.broadcast({ event: 'state', timeMs: Date.now(), status: this.status() });
+  }
+
   // ---- connection ----
 
   /**
@@ -348,11 +395,13 @@ export class NodeDaemon {
     connection.start((channel, type, flags, id, offset, body) => {
       try {
         this.onFrame(session, channel, type, flags, id, offset, body);
+        this.publish();
       } catch (error) {
         this.logger.error({ err: error }, 'peer frame handling failed');
         connection.close(`protocol error: ${(error as Error).message}`);
       }
     });
+    this.publish();
   }
 
   private onDisconnected(reason: string): void {
@@ -368,6 +417,7 @@ export class NodeDaemon {
     this.lastVerify = null;
     this.logger.warn({ reason, outOfSyncBytes: this.metadata.bitmap.dirtyBytes() }, 'peer disconnected');
     this.metadata.writeBitmap().catch((error: Error) => this.logger.error({ err: error }, 'bitmap write-back failed'));
+    this.publish();
   }
 
   private sendNodeState(session: Session): void {
@@ -400,6 +450,7 @@ export class NodeDaemon {
       role: this.role, disk: this.diskState(), currentUuid: this.metadata.uuids.current,
       bitmapUuid: this.metadata.uuids.bitmap, historyUuids: [...this.metadata.uuids.history],
     });
+    this.publish();
   }
 
   /** Re-runs the connect-time decision on the live connection (operator actions, pull-ahead drained). */
@@ -410,6 +461,7 @@ export class NodeDaemon {
     session.decision = null;
     session.peerState = null;
     this.sendNodeState(session);
+    this.publish();
   }
 
   private onFrame(session: Session, channel: number, type: number, flags: number, id: number, offset: number,
@@ -430,7 +482,7 @@ export class NodeDaemon {
         void this.decide(session, state).catch((error: Error) => {
           this.logger.error({ err: error }, 'sync decision failed');
           connection.close(`sync decision failed: ${error.message}`);
-        });
+        }).finally(() => this.publish());
         return;
       }
       case FrameType.STATE_CHANGE: {
@@ -475,6 +527,7 @@ export class NodeDaemon {
           if (this.session !== session) return;
           session.syncUuidRecorded = true;
           this.maybeStartResync(session);
+          this.publish();
         }, (error: Error) => {
           this.logger.error({ err: error }, 'recording the sync UUID failed');
           connection.close(`metadata write failed: ${error.message}`);
@@ -482,7 +535,7 @@ export class NodeDaemon {
         return;
       }
       case FrameType.RESYNC_DONE:
-        void this.finishAsSource(session);
+        void this.finishAsSource(session).finally(() => this.publish());
         return;
       case FrameType.OV_REQUEST:
         // The first request of a verify by the peer: the result of an earlier one no longer stands.
@@ -669,7 +722,7 @@ export class NodeDaemon {
         this.logger.error({ err: error }, 'resync failed');
         session.connection.close(`resync failed: ${error.message}`);
       },
-    );
+    ).finally(() => this.publish());
   }
 
   private async finishAsTarget(session: Session): Promise<void> {
@@ -895,6 +948,7 @@ export class NodeDaemon {
             session.connection.sendMessage(CHANNEL_META, FrameType.VERIFY_DONE, 'VerifyDone', {
               checkedBytes: BigInt(verify.progress.doneBytes), mismatchedBytes: BigInt(verify.mismatchedBytes) });
           }
+          this.publish();
         });
         return this.status();
       }
