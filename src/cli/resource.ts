@@ -197,6 +197,10 @@ export function renderStatus(status: ResourceStatus, options: { statistics?: boo
   } else {
     lines.push(`  ${status.peer.node} connection:${status.connection}`);
   }
+  if (status.splitBrain) {
+    const reason = status.splitBrain.reason;
+    lines.push(`    ${reason.startsWith('split brain') ? reason : `split brain: ${reason}`}`);
+  }
   if (options.statistics) {
     lines.push(`      received:${kib(status.counters.networkReceivedBytes)} sent:${kib(status.counters.networkSentBytes)}` +
       ` out-of-sync:${kib(status.outOfSyncBytes)} pending:${status.pending} unacked:${status.unacked}` +

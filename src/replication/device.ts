@@ -56,6 +56,18 @@ export interface ReplicatedDeviceOptions {
    * resync or verify runs on the connection (the plane's writes bypass the gate those order themselves by).
    */
   native?: { hub: NativePlaneHub; allowed: () => boolean };
+  /**
+   * A read, write or flush of the local disk failed with EIO (the daemon's local-io-error handler). Called after
+   * the failure was handled here (blocks marked out of sync, the caller answered); must not throw.
+   */
+  onLocalIoError?: (what: string, error: Error) => void;
+}
+
+/** Is this an I/O error of the disk (EIO), as opposed to a full disk, a permission or a programming error? */
+export function isDiskIoError(error: unknown): boolean {
+  const code = (error as { code?: unknown } | null)?.code;
+  if (code === 'EIO') return true;
+  return error instanceof Error && /\bEIO\b|Input\/output error/.test(error.message);
 }
 
 export interface ReplicationCounters {
@@ -161,6 +173,7 @@ export class ReplicatedDevice implements BlockDevice {
           if (ranges[i + 1]! > 0) this.options.bitmap.setRange(ranges[i]!, ranges[i + 1]!);
         }
         this.options.logger.error({ reason, ranges }, 'replicated write failed on this node (native plane)');
+        this.reportIoError('peer write', new Error(reason));
       };
       // Conditions the daemon does not announce (a resync ending, say) are picked up within this period.
       this.nativeTimer = setInterval(() => this.updateNative(), 200);
@@ -385,8 +398,17 @@ export class ReplicatedDevice implements BlockDevice {
 
   async read(offset: number, target: Buffer): Promise<void> {
     this.checkRange(offset, target.length);
-    await this.options.local.read(offset, target);
+    try {
+      await this.options.local.read(offset, target);
+    } catch (error) {
+      this.reportIoError('read', error);
+      throw error;
+    }
     this.counters.diskReadBytes += target.length;
+  }
+
+  private reportIoError(what: string, error: unknown): void {
+    if (this.options.onLocalIoError !== undefined && isDiskIoError(error)) this.options.onLocalIoError(what, error as Error);
   }
 
   write(offset: number, data: Buffer, fua: boolean): Promise<void> {
@@ -660,6 +682,7 @@ export class ReplicatedDevice implements BlockDevice {
       this.options.logger.error({ err: error, offset: write.offset, lengthBytes: write.lengthBytes },
         'local write failed; blocks marked out of sync');
       write.failure = error;
+      this.reportIoError('write', error);
     }
     write.localDone = true;
     // Later overlapping writes may go now: this one is on the local disk and already on the wire.
@@ -843,6 +866,7 @@ export class ReplicatedDevice implements BlockDevice {
     if (error !== null) {
       this.options.bitmap.setRange(offset, lengthBytes);
       this.options.logger.error({ err: error, offset, lengthBytes }, 'replicated write failed on this node');
+      this.reportIoError('peer write', error);
     } else if (type === FrameType.DATA) {
       this.counters.diskWrittenBytes += lengthBytes;
     }
@@ -887,6 +911,7 @@ export class ReplicatedDevice implements BlockDevice {
       await this.options.local.flush();
     } catch (error) {
       this.options.logger.error({ err: error }, 'flush for the peer failed');
+      this.reportIoError('flush', error);
       return; // no ack: the primary's flush waits until the link drops and the bitmap covers the writes
     }
     connection?.send(CHANNEL_META, FrameType.BARRIER_ACK, 0, id, 0);

@@ -306,6 +306,9 @@ export function parseResourceConfig(text: string, fileName: string): ResourceCon
     if (command !== undefined) handlers[handler] = command;
   }
   const handlerTimeoutMs = v.durationMs(handlerTable, 'handlers', 'timeout', 60_000);
+  if (fencing === 'resource-only' && handlers['fence-peer'] === undefined) {
+    v.fail('net.fencing', '"resource-only" needs a fence-peer command in [handlers] (it is what outdates the peer)');
+  }
 
   const resyncRateMaxBytesPerSecond = v.size(resync, 'resync', 'rate', 100 * 1024 * 1024)!;
   const resyncRateMinBytesPerSecond = v.size(resync, 'resync', 'min-rate', 4 * 1024 * 1024)!;

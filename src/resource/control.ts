@@ -77,6 +77,8 @@ export interface ResourceStatus {
   pending: number;
   unacked: number;
   uuids?: { current: string; bitmap: string; history: [string, string] };
+  /** The last split brain found at connect (the reason names the way out), until a connection succeeds. */
+  splitBrain?: null | { detectedMs: number; reason: string };
 }
 
 export type ControlHandler = (command: string, args: Record<string, unknown>) => Promise<unknown>;

@@ -20,7 +20,8 @@ import { parseListenAddress } from '../nbd/address.js';
 import { attachKernelClient, deviceInUse, type KernelAttachment } from '../nbd/kernel.js';
 import { transmissionFlagsFor } from '../nbd/handshake.js';
 import { Bitmap } from './bitmap.js';
-import { peerOf, resourceMinor, type ResourceConfig } from './config.js';
+import { peerOf, resourceMinor, type HandlerName, type ResourceConfig } from './config.js';
+import { HandlerRunner, handlerVariables, type HandlerResult } from './handlers.js';
 import { ControlServer, type ConnectionState, type DiskState, type ResourceStatus, type RoleState } from './control.js';
 import { Metadata } from './metadata.js';
 import { decideSync, formatUuid, newUuid, type SyncDecision, type SyncView } from './uuids.js';
@@ -45,6 +46,8 @@ import {
 
 /** Bitmap frames carry at most this many bitmap bytes each. */
 const BITMAP_FRAME_BYTES = 1024 * 1024;
+/** After the local-io-error handler ran, further errors within this period do not run it again (one per burst). */
+const LOCAL_IO_ERROR_QUIET_MS = 60_000;
 
 interface Session {
   connection: PeerConnection;
@@ -70,6 +73,8 @@ interface Session {
    * to do could end before the sync UUID arrives, which would then make this node Inconsistent for good.
    */
   syncUuidRecorded: boolean;
+  /** The before-resync-target handler runs: the resync waits for its answer (the state is SyncTarget). */
+  beforeResyncTargetRunning: boolean;
 }
 
 export class NodeDaemon {
@@ -100,6 +105,16 @@ export class NodeDaemon {
   private publishedStateKey = '';
   private statisticsTimer: NodeJS.Timeout | null = null;
   private readonly minor: number;
+  private readonly handlers: HandlerRunner;
+  /** The last split brain found at connect, until a connection gets past the sync decision again. */
+  private splitBrain: { detectedMs: number; reason: string } | null = null;
+  /** While disconnected: the peer's disk as the fence-peer handler's answer left it (DRBD's peer-disk). */
+  private fencedPeerDisk: DiskState | null = null;
+  /** Counts connections, so a fence-peer answer that arrives after a reconnect and a new loss is ignored. */
+  private connectionEpoch = 0;
+  /** local-io-error runs once per burst of errors: not while it runs, nor again within LOCAL_IO_ERROR_QUIET_MS. */
+  private localIoErrorRunning = false;
+  private localIoErrorLastMs = 0;
 
   constructor(
     private readonly config: ResourceConfig,
@@ -108,6 +123,8 @@ export class NodeDaemon {
   ) {
     this.peerName = peerOf(config, nodeName).name;
     this.minor = resourceMinor(config);
+    this.handlers = new HandlerRunner(config.handlers, config.handlerTimeoutMs, logger, (helper, phase, exitCode) =>
+      this.broadcast({ event: 'helper', timeMs: Date.now(), helper, phase, exitCode }));
     this.dataPath = replicationDataPathFromEnv();
     this.rate = new RateController(
       { maxBytesPerSecond: config.resyncRateMaxBytesPerSecond, minBytesPerSecond: config.resyncRateMinBytesPerSecond },
@@ -145,6 +162,7 @@ export class NodeDaemon {
         describe: () => `resource ${this.config.name} on node ${this.nodeName} is ${this.role}`
           + (this.role === 'Secondary' ? `: promote it with "drbdts primary ${this.config.name}"` : ''),
         native: this.hub === null ? undefined : { hub: this.hub, allowed: () => this.nativeAllowed() },
+        onLocalIoError: (what, error) => this.onLocalIoError(what, error),
       });
       this.device.onFirstUnreplicatedWrite = async () => {
         // A Primary writes without its peer: a new data generation starts (DRBD's new current UUID).
@@ -224,7 +242,8 @@ export class NodeDaemon {
     if (session.decision === null) return 'Connecting';
     const kind = session.decision.kind;
     const syncing = session.expectBitmap;
-    if (session.target !== null || (syncing && (kind === 'target' || kind === 'full-target'))) {
+    if (session.target !== null || session.beforeResyncTargetRunning
+      || (syncing && (kind === 'target' || kind === 'full-target'))) {
       return session.resyncPaused ? 'PausedSyncT' : 'SyncTarget';
     }
     if (session.source !== null || (syncing && (kind === 'source' || kind === 'full-source'))) {
@@ -291,7 +310,7 @@ export class NodeDaemon {
         node: this.peerName,
         nodeId: this.config.nodes[this.peerName]!.nodeId,
         role: session?.peerRole ?? 'Unknown',
-        disk: session?.peerDisk ?? 'DUnknown',
+        disk: session?.peerDisk ?? this.fencedPeerDisk ?? 'DUnknown',
       },
       outOfSyncBytes: this.outOfSyncBytes(),
       replicationDataPath: this.dataPath,
@@ -323,12 +342,109 @@ export class NodeDaemon {
       },
       pending: this.device.pendingLocal,
       unacked: this.device.unacked,
+      splitBrain: this.splitBrain,
       uuids: {
         current: formatUuid(this.metadata.uuids.current),
         bitmap: formatUuid(this.metadata.uuids.bitmap),
         history: [formatUuid(this.metadata.uuids.history[0]), formatUuid(this.metadata.uuids.history[1])],
       },
     };
+  }
+
+  // ---- handlers ----
+
+  /** Runs a configured handler with DRBD's variables; null when the config has none by that name. */
+  private callHandler(name: HandlerName, extra: Record<string, string> = {}): Promise<HandlerResult> | null {
+    const peer = this.config.nodes[this.peerName]!;
+    return this.handlers.run(name, handlerVariables({
+      resource: this.config.name, configFile: this.config.fileName, minor: this.minor, nodeName: this.nodeName,
+      nodeId: this.node.nodeId, address: this.node.address, backingDevice: this.node.disk, peerName: this.peerName,
+      peerNodeId: peer.nodeId, peerAddress: peer.address, connectionState: drbdConnectionState(this.connectionState()),
+    }, extra));
+  }
+
+  /** A split brain found at connect: said so in the log and status, the split-brain handler told, StandAlone. */
+  private splitBrainDetected(session: Session, reason: string): void {
+    this.splitBrain = { detectedMs: Date.now(), reason };
+    this.logger.error({ reason }, 'split brain detected: the nodes\' data diverged; not connecting');
+    void this.callHandler('split-brain');
+    this.refuse(session, reason);
+  }
+
+  /**
+   * [net] fencing resource-only: a Primary that lost its peer asks the fence-peer handler to outdate it. The
+   * exit code means what it means to DRBD: 3 the peer is Inconsistent, 4 it was outdated, 5 it is unreachable
+   * (assumed dead: outdated, if this disk is UpToDate), 6 it is Primary itself, 7 it was fenced (STONITH).
+   */
+  private async fencePeer(): Promise<void> {
+    const epoch = this.connectionEpoch;
+    const upToDateNodes = (this.diskState() === 'UpToDate' ? 1 << this.node.nodeId : 0) >>> 0;
+    const run = this.callHandler('fence-peer', {
+      UP_TO_DATE_NODES: `0x${upToDateNodes.toString(16).toUpperCase().padStart(8, '0')}`,
+    });
+    if (run === null) {
+      this.logger.warn('fencing is resource-only but [handlers] has no fence-peer: the peer is not fenced');
+      return;
+    }
+    const { exitCode } = await run;
+    if (this.session !== null || this.connectionEpoch !== epoch) {
+      this.logger.info({ exitCode }, 'the peer connected again while fence-peer ran: its answer is ignored');
+      return;
+    }
+    let peerDisk: DiskState | null = null;
+    let meaning: string;
+    switch (exitCode) {
+      case 3:
+        peerDisk = 'Inconsistent';
+        meaning = 'peer is inconsistent or worse';
+        break;
+      case 4:
+        peerDisk = 'Outdated';
+        meaning = 'peer was fenced (outdated)';
+        break;
+      case 5:
+        if (this.diskState() === 'UpToDate') {
+          peerDisk = 'Outdated';
+          meaning = 'peer is unreachable, assumed to be dead';
+        } else {
+          meaning = 'peer unreachable, doing nothing since this disk is not UpToDate';
+        }
+        break;
+      case 6:
+        meaning = 'peer is active (Primary): both nodes are Primary, a split brain unless one is demoted';
+        break;
+      case 7:
+        peerDisk = 'Outdated';
+        meaning = 'peer was stonithed';
+        break;
+      default:
+        this.logger.error({ exitCode }, 'fence-peer handler failed (exit codes 3 to 7 have a meaning): the peer is not fenced');
+        return;
+    }
+    const log = exitCode === 6 ? this.logger.error.bind(this.logger) : this.logger.info.bind(this.logger);
+    log({ exitCode, peerDisk }, `fence-peer handler returned ${exitCode} (${meaning})`);
+    if (peerDisk !== null) {
+      this.fencedPeerDisk = peerDisk;
+      if (peerDisk === 'Outdated') {
+        this.metadata.flags = { ...this.metadata.flags, peerOutdated: true };
+        await this.metadata.writeSuperblock().catch((error: Error) =>
+          this.logger.error({ err: error }, 'recording the outdated peer in the metadata failed'));
+      }
+    }
+    this.publish();
+  }
+
+  /** The local disk returned EIO: the local-io-error handler runs once per burst of errors. */
+  private onLocalIoError(what: string, error: Error): void {
+    if (!this.handlers.has('local-io-error')) return;
+    const now = Date.now();
+    if (this.localIoErrorRunning || now - this.localIoErrorLastMs < LOCAL_IO_ERROR_QUIET_MS) return;
+    this.localIoErrorRunning = true;
+    this.localIoErrorLastMs = now;
+    this.logger.error({ what, err: error }, 'I/O error on the local disk: calling the local-io-error handler');
+    void this.callHandler('local-io-error')!.finally(() => {
+      this.localIoErrorRunning = false;
+    });
   }
 
   // ---- events (drbdts events2) ----
@@ -376,7 +492,8 @@ export class NodeDaemon {
   private nativeAllowed(): boolean {
     const session = this.session;
     return session !== null && session.decision !== null && !session.expectBitmap && session.source === null
-      && session.target === null && session.verify === null && !session.verifyPeerActive;
+      && session.target === null && !session.beforeResyncTargetRunning && session.verify === null
+      && !session.verifyPeerActive;
   }
 
   private onConnected(connection: PeerConnection): void {
@@ -385,8 +502,11 @@ export class NodeDaemon {
       peerBitmapComplete: false, expectBitmap: false, source: null, target: null, verify: null,
       verifyPeerActive: false, peerRole: 'Unknown', peerDisk: 'DUnknown',
       peerUuids: { current: 0n, bitmap: 0n, history: [0n, 0n] }, resyncPaused: false, syncUuidRecorded: false,
+      beforeResyncTargetRunning: false,
     };
     this.session = session;
+    this.connectionEpoch += 1;
+    this.fencedPeerDisk = null;
     // With allow-two-primaries, overlapping writes from both sides are resolved by the connecting node.
     this.device.attach(connection, { dualPrimary: this.config.allowTwoPrimaries, resolver: this.link.side === 'connector' });
     // Our state goes out before queued peer frames are handled, so the peer's NODE_STATE is taken as its
@@ -415,6 +535,11 @@ export class NodeDaemon {
     session.verify?.stop(reason);
     // As in DRBD, a verify's result describes one connection: it goes with it.
     this.lastVerify = null;
+    // A Primary whose peer had good data must make sure that peer cannot be promoted with the old data.
+    if (this.role === 'Primary' && this.config.fencing === 'resource-only'
+      && (session.peerDisk === 'UpToDate' || session.peerDisk === 'Consistent')) {
+      void this.fencePeer().catch((error: Error) => this.logger.error({ err: error }, 'fencing the peer failed'));
+    }
     this.logger.warn({ reason, outOfSyncBytes: this.metadata.bitmap.dirtyBytes() }, 'peer disconnected');
     this.metadata.writeBitmap().catch((error: Error) => this.logger.error({ err: error }, 'bitmap write-back failed'));
     this.publish();
@@ -492,8 +617,9 @@ export class NodeDaemon {
         if (session.peerRole === 'Primary' && this.role === 'Primary' && !this.config.allowTwoPrimaries) {
           // Both promoted at the same moment, each seeing the other Secondary. Without conflict handling the
           // replicas could diverge under crossing writes: drop the link; the reconnect sees the split brain.
-          this.logger.error('the peer became Primary while this node is Primary and allow-two-primaries is off');
-          connection.close('both nodes are Primary and allow-two-primaries is off');
+          this.logger.error('the peer became Primary while this node is Primary and allow-two-primaries is off: '
+            + 'dropping the connection before writes from both sides make a split brain');
+          connection.close('both nodes are Primary and allow-two-primaries is off (a split brain if both write)');
           return;
         }
         session.peerUuids = { current: change.currentUuid, bitmap: change.bitmapUuid,
@@ -596,10 +722,6 @@ export class NodeDaemon {
         + `${peer.allowTwoPrimaries ? 'on' : 'off'} on ${peer.node}: the config must be identical`);
       return;
     }
-    if (this.role === 'Primary' && peer.role === 'Primary' && !this.config.allowTwoPrimaries) {
-      this.refuse(session, 'both nodes are Primary and allow-two-primaries is off: demote one');
-      return;
-    }
     const peerView: SyncView = {
       nodeName: peer.node,
       uuids: { current: peer.currentUuid, bitmap: peer.bitmapUuid,
@@ -614,6 +736,16 @@ export class NodeDaemon {
     const decision = decideSync(this.syncView(), peerView, {
       afterSb0pri: this.config.afterSb0pri, afterSb1pri: this.config.afterSb1pri, afterSb2pri: this.config.afterSb2pri,
     });
+    if (decision.kind === 'split-brain') {
+      this.splitBrainDetected(session, decision.reason);
+      return;
+    }
+    if (this.role === 'Primary' && peer.role === 'Primary' && !this.config.allowTwoPrimaries) {
+      // Both promoted, but at most one of them wrote (else the decision above is a split brain).
+      this.refuse(session, 'both nodes are Primary and allow-two-primaries is off: demote one');
+      return;
+    }
+    if (decision.kind !== 'unrelated') this.splitBrain = null;
     session.decision = decision;
     this.logger.info({ decision: decision.kind, reason: decision.reason }, 'sync decision');
     switch (decision.kind) {
@@ -626,7 +758,6 @@ export class NodeDaemon {
         // A fresh pair: connected, both Inconsistent; writes (after primary --force) replicate.
         this.device.startShipping();
         return;
-      case 'split-brain':
       case 'unrelated':
         this.refuse(session, decision.reason);
         return;
@@ -705,6 +836,26 @@ export class NodeDaemon {
       this.sendStateChange();
       return;
     }
+    const before = this.callHandler('before-resync-target');
+    if (before === null) {
+      this.startResyncTarget(session);
+      return;
+    }
+    // As in DRBD: with the bitmaps merged, before any block is written; a failure drops the connection.
+    session.beforeResyncTargetRunning = true;
+    void before.then(({ exitCode }) => {
+      session.beforeResyncTargetRunning = false;
+      if (this.session !== session) return;
+      if (exitCode !== 0) {
+        this.refuse(session, `the before-resync-target handler returned ${exitCode ?? 'nothing (killed)'}: `
+          + 'not starting the resync; dropping the connection');
+        return;
+      }
+      this.startResyncTarget(session);
+    }).finally(() => this.publish());
+  }
+
+  private startResyncTarget(session: Session): void {
     const resync = new ResyncTarget({
       device: this.device,
       connection: session.connection,
@@ -736,6 +887,7 @@ export class NodeDaemon {
     session.connection.sendMessage(CHANNEL_META, FrameType.RESYNC_DONE, 'ResyncDone', { bytes: BigInt(total) });
     this.sendStateChange();
     this.logger.info({ bytes: total, received: this.device.counters.resyncReceivedBytes }, 'resync finished: UpToDate');
+    void this.callHandler('after-resync-target');
   }
 
   private async finishAsSource(session: Session): Promise<void> {
@@ -1006,6 +1158,11 @@ export class NodeDaemon {
     })();
     return this.downPromise;
   }
+}
+
+/** DRBD 9's connection state (DRBD_CSTATE): Connected whatever the replication does (SyncTarget, Ahead...). */
+function drbdConnectionState(state: ConnectionState): string {
+  return state === 'StandAlone' || state === 'Connecting' || state === 'Disconnecting' ? state : 'Connected';
 }
 
 /** `drbdts up`: runs until a clean down (control `down` or SIGTERM/SIGINT). */
