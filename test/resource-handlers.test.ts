@@ -64,7 +64,7 @@ describe('handlers', () => {
     const alice = await cluster.waitState('alice', 'split brain in status', (s) => s.splitBrain != null);
     expect(alice.connection).toBe('StandAlone');
     expect(alice.splitBrain.reason).toMatch(/split brain/);
-    expect((await cluster.cli('alice', 'status')).stdout).toMatch(/^ {4}split brain.*discard-my-data/m);
+    expect((await cluster.cli('alice', 'status')).stdout).toMatch(/^ {4}split brain.*"drbdts connect r0 --discard-my-data"/m);
     expect(await cluster.log('alice')).toMatch(/split brain detected/);
     for (const [node, nodeId, peer, peerId] of [['alice', '0', 'bob', '1'], ['bob', '1', 'alice', '0']] as const) {
       await waitFile(path.join(dir, `split-brain.${nodeId}.env`));

@@ -407,7 +407,8 @@ export class ReplicatedDevice implements BlockDevice {
     this.counters.diskReadBytes += target.length;
   }
 
-  private reportIoError(what: string, error: unknown): void {
+  /** Tells the daemon of a failed local read, write or flush when it is an EIO (resync.ts reports its own). */
+  reportIoError(what: string, error: unknown): void {
     if (this.options.onLocalIoError !== undefined && isDiskIoError(error)) this.options.onLocalIoError(what, error as Error);
   }
 
@@ -499,7 +500,10 @@ export class ReplicatedDevice implements BlockDevice {
       barrier = new Promise<void>((resolve) => this.barriers.set(id, { resolve }));
       connection.send(CHANNEL_DATA, FrameType.BARRIER, 0, id, 0);
     }
-    await Promise.all([this.options.local.flush(), barrier]);
+    await Promise.all([this.options.local.flush().catch((error: unknown) => {
+      this.reportIoError('flush', error);
+      throw error;
+    }), barrier]);
   }
 
   /** On the native plane: the local file for the NBD data path's READs, and the plane for its WRITEs and FLUSHes. */

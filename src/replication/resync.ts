@@ -211,6 +211,7 @@ export class ResyncTarget {
         await this.options.device.local.flush();
       } catch (error) {
         this.unflushed.push(...ranges); // bits stay set: resynced again, never skipped
+        this.options.device.reportIoError('resync flush', error);
         throw error;
       }
       const bitmap = this.options.device.bitmap;
@@ -292,6 +293,7 @@ export class ResyncTarget {
         device.counters.diskWrittenBytes += lengthBytes;
       } catch (error) {
         this.options.logger.error({ err: error, offset }, 'resync write failed');
+        device.reportIoError('resync write', error);
         this.stop('local disk write failed during resync');
         connection.close('resync write failed on the target');
         return;
@@ -412,6 +414,7 @@ export class ResyncSource {
         device.counters.networkSentBytes += payload.length + 24;
       } catch (error) {
         this.options.logger.error({ err: error, offset }, 'resync read failed');
+        device.reportIoError('resync read', error);
         connection.close('resync read failed on the source');
       } finally {
         device.gate.leave(entry);
@@ -529,6 +532,9 @@ export class VerifyInitiator {
       const entry = admitted instanceof Promise ? await admitted : admitted;
       try {
         await this.device.local.read(offset, data);
+      } catch (error) {
+        this.device.reportIoError('verify read', error);
+        throw error;
       } finally {
         this.device.gate.leave(entry);
       }
@@ -586,6 +592,9 @@ export function answerVerify(device: ReplicatedDevice, connection: PeerConnectio
     const data = Buffer.allocUnsafe(lengthBytes);
     try {
       await device.local.read(offset, data);
+    } catch (error) {
+      device.reportIoError('verify read', error);
+      throw error;
     } finally {
       device.gate.leave(entry);
     }

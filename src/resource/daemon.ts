@@ -364,7 +364,9 @@ export class NodeDaemon {
   }
 
   /** A split brain found at connect: said so in the log and status, the split-brain handler told, StandAlone. */
-  private splitBrainDetected(session: Session, reason: string): void {
+  private splitBrainDetected(session: Session, decisionReason: string): void {
+    // The decision names the command generically ("drbdts connect RES ..."); status and log name this resource.
+    const reason = decisionReason.replace(/"drbdts ([a-z-]+) RES\b/g, `"drbdts $1 ${this.config.name}`);
     this.splitBrain = { detectedMs: Date.now(), reason };
     this.logger.error({ reason }, 'split brain detected: the nodes\' data diverged; not connecting');
     void this.callHandler('split-brain');
@@ -1101,6 +1103,11 @@ export class NodeDaemon {
               checkedBytes: BigInt(verify.progress.doneBytes), mismatchedBytes: BigInt(verify.mismatchedBytes) });
           }
           this.publish();
+        }, (error: Error) => {
+          // A local read failed: the verify cannot go on; the peer learns of it from the closed connection.
+          session.verify = null;
+          this.logger.error({ err: error }, 'online verify failed');
+          if (this.session === session) session.connection.close(`online verify failed: ${error.message}`);
         });
         return this.status();
       }
