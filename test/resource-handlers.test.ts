@@ -14,7 +14,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdir, readFile, readdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { Cluster, run } from './replication-cluster.js';
+import { Cluster, repoRoot, run } from './replication-cluster.js';
 import { waitFor } from './replication-helpers.js';
 
 let cluster: Cluster | null = null;
@@ -89,6 +89,15 @@ describe('handlers', () => {
     await rewriteHandlersDir(cluster, dir);
     await writeFile(path.join(dir, 'fence-exit'), '4\n');
     await cluster.startSkippingSync();
+    // events2 on alice shows the handler's call and response.
+    const events = spawn('node', [path.join(repoRoot, 'bin', 'drbdts.js'), 'events2', 'r0', '--config', cluster.configPath('alice'),
+      '--node', 'alice'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    cleanups.push(async () => {
+      events.kill('SIGKILL');
+    });
+    let eventText = '';
+    events.stdout!.on('data', (chunk) => (eventText += chunk));
+    await waitFor('the events2 dump', () => eventText.includes('exists -'));
     cluster.kill('bob');
     const fenced = await cluster.waitState('alice', 'bob Outdated after fencing', (s) =>
       s.connection !== 'Connected' && s.peer.disk === 'Outdated');
@@ -96,6 +105,15 @@ describe('handlers', () => {
     const env = await readEnv(path.join(dir, 'fence-peer.0.env'));
     expect(env).toMatchObject({ DRBD_RESOURCE: 'r0', DRBD_PEER: 'bob', DRBD_PEER_NODE_ID: '1', UP_TO_DATE_NODES: '0x00000001' });
     expect(await cluster.log('alice')).toMatch(/fence-peer handler returned 4 \(peer was fenced \(outdated\)\)/);
+    await waitFor('the helper lines in events2', () => /^response helper /m.test(eventText));
+    expect(eventText).toMatch(/^call helper name:r0 volume:0 minor:0 peer-node-id:1 helper:fence-peer\n/m);
+    expect(eventText).toMatch(/^response helper name:r0 volume:0 minor:0 peer-node-id:1 helper:fence-peer status:4\n/m);
+    // In order: the connection goes, the handler is called, answers, and the peer's disk is Outdated.
+    const order = ['change connection name:r0 peer-node-id:1 conn-name:bob connection:Connecting', 'call helper',
+      'response helper', 'change peer-device name:r0 peer-node-id:1 conn-name:bob volume:0 replication:Off peer-disk:Outdated'];
+    const positions = order.map((text) => eventText.indexOf(text));
+    expect(positions.every((at) => at >= 0), eventText).toBe(true);
+    expect([...positions].sort((a, b) => a - b), eventText).toEqual(positions);
 
     // bob comes back: connected again, its disk known again; then lost again with a failing handler.
     await cluster.start('bob');

@@ -479,7 +479,7 @@ export class NodeDaemon {
     if (this.subscribers.size === 0 || this.metadata === undefined || this.link === undefined) return;
     const session = this.session;
     const key = `${this.role} ${this.diskState()} ${this.connectionState()} ${session?.peerRole ?? ''} `
-      + `${session?.peerDisk ?? ''} ${session?.resyncPaused === true} ${this.lastVerify === null}`;
+      + `${session?.peerDisk ?? this.fencedPeerDisk ?? ''} ${session?.resyncPaused === true} ${this.lastVerify === null}`;
     if (!periodic && key === this.publishedStateKey) return;
     this.publishedStateKey = key;
     this.broadcast({ event: 'state', timeMs: Date.now(), status: this.status() });
@@ -537,14 +537,14 @@ export class NodeDaemon {
     session.verify?.stop(reason);
     // As in DRBD, a verify's result describes one connection: it goes with it.
     this.lastVerify = null;
+    this.logger.warn({ reason, outOfSyncBytes: this.metadata.bitmap.dirtyBytes() }, 'peer disconnected');
+    this.metadata.writeBitmap().catch((error: Error) => this.logger.error({ err: error }, 'bitmap write-back failed'));
+    this.publish();
     // A Primary whose peer had good data must make sure that peer cannot be promoted with the old data.
     if (this.role === 'Primary' && this.config.fencing === 'resource-only'
       && (session.peerDisk === 'UpToDate' || session.peerDisk === 'Consistent')) {
       void this.fencePeer().catch((error: Error) => this.logger.error({ err: error }, 'fencing the peer failed'));
     }
-    this.logger.warn({ reason, outOfSyncBytes: this.metadata.bitmap.dirtyBytes() }, 'peer disconnected');
-    this.metadata.writeBitmap().catch((error: Error) => this.logger.error({ err: error }, 'bitmap write-back failed'));
-    this.publish();
   }
 
   private sendNodeState(session: Session): void {
