@@ -3,7 +3,9 @@
 // - split-brain: both nodes write while disconnected and both stay Primary; at connect the split brain is
 //   logged and shown in status with the words "split brain", and each node runs its handler.
 // - fence-peer ([net] fencing = "resource-only"): the Primary loses its peer (SIGKILL); exit code 4 makes the
-//   peer's disk Outdated in status; a failing handler (exit 1) leaves it DUnknown and says so in the log.
+//   peer's disk Outdated in status (and events2 shows the call); a failing handler (exit 1) leaves it DUnknown
+//   and says so in the log. A Secondary promoted without its peer runs it first: refused on exit 1 and 6,
+//   promoted on exit 5.
 // - before-resync-target / after-resync-target: run on the SyncTarget around a resync; a before-resync-target
 //   that exits 1 drops the connection without resyncing, and with exit 0 the resync runs.
 // - local-io-error: the Secondary's backing file sits on FUSE (nbdfuse over nbdkit's error filter), so its
@@ -123,6 +125,41 @@ describe('handlers', () => {
     await waitFor('the failing fence-peer to be logged', async () =>
       /fence-peer handler failed/.test(await cluster!.log('alice')), 20_000);
     expect((await cluster.status('alice')).peer.disk).toBe('DUnknown');
+  });
+
+  it('fence-peer: a Secondary promoted without its peer asks the handler first, and is refused when it fails', async () => {
+    // Both Secondary and UpToDate; alice dies; bob is promoted (a failover). With fencing, bob first runs
+    // fence-peer: exit 1 (failed) refuses the promotion, exit 6 (the peer is Primary) too, exit 5 (unreachable,
+    // assumed dead) with bob UpToDate outdates alice and bob becomes Primary.
+    cluster = new Cluster({
+      sizeMiB: 16, extraNet: 'fencing = "resource-only"',
+      handlers: `fence-peer = ${recorder('HANDLERS', 'fence-peer', 'exit $(cat HANDLERS/fence-exit)')}`,
+    });
+    await cluster.setup();
+    const dir = cluster.dir;
+    await rewriteHandlersDir(cluster, dir);
+    await writeFile(path.join(dir, 'fence-exit'), '1\n');
+    await cluster.startSkippingSync();
+    expect((await cluster.cli('alice', 'secondary')).code).toBe(0);
+    cluster.kill('alice');
+    await cluster.waitState('bob', 'alice gone', (s) => s.connection === 'Connecting');
+    const failed = await cluster.cli('bob', 'primary');
+    expect(failed.code).toBe(1);
+    expect(failed.stderr).toMatch(/fencing is resource-only and the peer's disk is unknown; the fence-peer handler did not outdate it \(exit code 1/);
+    await writeFile(path.join(dir, 'fence-exit'), '6\n');
+    const active = await cluster.cli('bob', 'primary');
+    expect(active.code).toBe(1);
+    expect(active.stderr).toMatch(/says the peer alice is Primary \(exit code 6\)/);
+    expect((await cluster.status('bob')).role).toBe('Secondary');
+    await writeFile(path.join(dir, 'fence-exit'), '5\n');
+    const promoted = await cluster.cli('bob', 'primary');
+    expect(promoted.code, promoted.stderr).toBe(0);
+    const bob = await cluster.status('bob');
+    expect(bob.role).toBe('Primary');
+    expect(bob.peer.disk).toBe('Outdated');
+    const env = await readEnv(path.join(dir, 'fence-peer.1.env'));
+    expect(env).toMatchObject({ DRBD_PEER: 'alice', DRBD_PEER_NODE_ID: '0', DRBD_CSTATE: 'Connecting', UP_TO_DATE_NODES: '0x00000002' });
+    expect(await cluster.log('bob')).toMatch(/fence-peer handler returned 5 \(peer is unreachable, assumed to be dead\)/);
   });
 
   it('before-resync-target and after-resync-target run on the SyncTarget; a failing before drops the connection', async () => {

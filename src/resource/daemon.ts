@@ -378,7 +378,7 @@ export class NodeDaemon {
    * exit code means what it means to DRBD: 3 the peer is Inconsistent, 4 it was outdated, 5 it is unreachable
    * (assumed dead: outdated, if this disk is UpToDate), 6 it is Primary itself, 7 it was fenced (STONITH).
    */
-  private async fencePeer(): Promise<void> {
+  private async fencePeer(): Promise<number | null> {
     const epoch = this.connectionEpoch;
     const upToDateNodes = (this.diskState() === 'UpToDate' ? 1 << this.node.nodeId : 0) >>> 0;
     const run = this.callHandler('fence-peer', {
@@ -386,12 +386,12 @@ export class NodeDaemon {
     });
     if (run === null) {
       this.logger.warn('fencing is resource-only but [handlers] has no fence-peer: the peer is not fenced');
-      return;
+      return null;
     }
     const { exitCode } = await run;
     if (this.session !== null || this.connectionEpoch !== epoch) {
       this.logger.info({ exitCode }, 'the peer connected again while fence-peer ran: its answer is ignored');
-      return;
+      return null;
     }
     let peerDisk: DiskState | null = null;
     let meaning: string;
@@ -421,7 +421,7 @@ export class NodeDaemon {
         break;
       default:
         this.logger.error({ exitCode }, 'fence-peer handler failed (exit codes 3 to 7 have a meaning): the peer is not fenced');
-        return;
+        return exitCode;
     }
     const log = exitCode === 6 ? this.logger.error.bind(this.logger) : this.logger.info.bind(this.logger);
     log({ exitCode, peerDisk }, `fence-peer handler returned ${exitCode} (${meaning})`);
@@ -434,6 +434,7 @@ export class NodeDaemon {
       }
     }
     this.publish();
+    return exitCode;
   }
 
   /** The local disk returned EIO: the local-io-error handler runs once per burst of errors. */
@@ -987,6 +988,19 @@ export class NodeDaemon {
         if (disk !== 'UpToDate' && disk !== 'Consistent' && !force) {
           throw new Error(`${name} is ${disk}: refusing to promote (use --force only if this node's data is the good copy)`);
         }
+        if (session === null && this.config.fencing === 'resource-only' && !force && this.fencedPeerDisk === null) {
+          // As in DRBD: promoting without knowing the peer's disk first has fence-peer make sure the peer
+          // cannot be (or become) Primary with other data.
+          const exitCode = await this.fencePeer();
+          if (this.currentRole() === 'Primary') return this.status(); // promoted by a concurrent request meanwhile
+          if (exitCode === 6) {
+            throw new Error(`${name}: the fence-peer handler says the peer ${this.peerName} is Primary (exit code 6): refusing to promote`);
+          }
+          if (this.fencedPeerDisk === null) {
+            throw new Error(`${name}: fencing is resource-only and the peer's disk is unknown; the fence-peer handler did not `
+              + `outdate it (exit code ${exitCode ?? 'none'}, see the log): promote with --force only if ${this.peerName} is known to be down`);
+          }
+        }
         if (force && disk !== 'UpToDate') {
           // This node's data becomes the good copy: a new generation; the peer gets a full sync.
           if (this.metadata.uuids.current === 0n) this.metadata.uuids = { current: newUuid(), bitmap: 0n, history: [0n, 0n] };
@@ -1130,6 +1144,11 @@ export class NodeDaemon {
       default:
         throw new Error(`unknown control command "${command}"`);
     }
+  }
+
+  /** The role, read anew (after an await, where TypeScript's narrowing of this.role no longer holds). */
+  private currentRole(): 'Primary' | 'Secondary' {
+    return this.role;
   }
 
   private requireConnected(name: string, what: string): Session {
