@@ -125,6 +125,12 @@ describe('handlers', () => {
     await waitFor('the failing fence-peer to be logged', async () =>
       /fence-peer handler failed/.test(await cluster!.log('alice')), 20_000);
     expect((await cluster.status('alice')).peer.disk).toBe('DUnknown');
+
+    // A Primary going down is no lost peer: no third call.
+    await cluster.start('bob');
+    await cluster.waitInSync();
+    await cluster.down('alice');
+    expect((await cluster.log('alice')).match(/calling the fence-peer handler/g)).toHaveLength(2);
   });
 
   it('fence-peer: a Secondary promoted without its peer asks the handler first, and is refused when it fails', async () => {

@@ -541,8 +541,9 @@ export class NodeDaemon {
     this.logger.warn({ reason, outOfSyncBytes: this.metadata.bitmap.dirtyBytes() }, 'peer disconnected');
     this.metadata.writeBitmap().catch((error: Error) => this.logger.error({ err: error }, 'bitmap write-back failed'));
     this.publish();
-    // A Primary whose peer had good data must make sure that peer cannot be promoted with the old data.
-    if (this.role === 'Primary' && this.config.fencing === 'resource-only'
+    // A Primary whose peer had good data must make sure that peer cannot be promoted with the old data (not
+    // when going down: the peer then has every write, as after a demotion).
+    if (this.role === 'Primary' && this.downPromise === null && this.config.fencing === 'resource-only'
       && (session.peerDisk === 'UpToDate' || session.peerDisk === 'Consistent')) {
       void this.fencePeer().catch((error: Error) => this.logger.error({ err: error }, 'fencing the peer failed'));
     }
