@@ -1164,6 +1164,7 @@ export class NodeDaemon {
   down(why: string): Promise<void> {
     this.downPromise ??= (async () => {
       this.logger.info({ why }, 'going down');
+      this.handlers.stopAll();
       if (this.kernel !== null) {
         await this.kernel.detach().catch((error: Error) => this.logger.error({ err: error }, 'kernel NBD detach failed'));
         this.kernel = null;

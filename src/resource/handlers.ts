@@ -66,6 +66,9 @@ export function handlerVariables(context: HandlerEnvironment, extra: Record<stri
 }
 
 export class HandlerRunner {
+  /** Process groups of the handlers running now, for stopAll. */
+  private readonly running = new Set<number>();
+
   constructor(
     private readonly commands: Partial<Record<HandlerName, string>>,
     private readonly timeoutMs: number,
@@ -73,6 +76,17 @@ export class HandlerRunner {
     /** Told of each call and its response (events2's call/response helper lines). */
     private readonly onEvent: (helper: HandlerName, phase: 'call' | 'response', exitCode?: number) => void = () => {},
   ) {}
+
+  /** The daemon goes down: running handlers get SIGTERM (their runs end as killed). */
+  stopAll(): void {
+    for (const pid of this.running) {
+      try {
+        process.kill(-pid, 'SIGTERM');
+      } catch {
+        // Already gone.
+      }
+    }
+  }
 
   has(name: HandlerName): boolean {
     return this.commands[name] !== undefined;
@@ -101,6 +115,8 @@ export class HandlerRunner {
         if (room > 0) output += chunk.toString('utf8', 0, Math.min(room, chunk.length));
         droppedBytes += Math.max(0, chunk.length - Math.max(0, room));
       };
+      const pid = child.pid;
+      if (pid !== undefined) this.running.add(pid);
       child.stdout.on('data', collect);
       child.stderr.on('data', collect);
       const killGroup = (signal: NodeJS.Signals): void => {
@@ -120,6 +136,7 @@ export class HandlerRunner {
       const finish = (exitCode: number | null, failure?: string): void => {
         if (finished) return;
         finished = true;
+        if (pid !== undefined) this.running.delete(pid);
         clearTimeout(timer);
         if (killTimer !== null) clearTimeout(killTimer);
         for (const line of output.split('\n')) if (line.trim() !== '') log.info({ output: line }, `${name} handler output`);
