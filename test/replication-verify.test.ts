@@ -3,9 +3,10 @@
 // blocks, both nodes show 8 KiB out of sync (not the 256 KiB ranges the summary digests cover), and the resync
 // after disconnect + connect sends exactly those 8 KiB of data (random data, so lz4 cannot shrink it). Also:
 // the `verified:` marker belongs to the connection it was found on: a disconnect clears it, as a new verify does.
+// Nodes whose verify-alg differs do not connect.
 import { afterEach, describe, expect, it } from 'vitest';
 import { randomBytes } from 'node:crypto';
-import { open } from 'node:fs/promises';
+import { open, readFile, writeFile } from 'node:fs/promises';
 import { Cluster } from './replication-cluster.js';
 
 let cluster: Cluster | null = null;
@@ -79,5 +80,18 @@ describe('online verify', () => {
     const alice = await cluster.waitState('alice', 'alice sees bob\'s verify result', (s) =>
       s.verify !== null && s.verify.outOfSyncBlocks === 1);
     expect(alice.outOfSyncBytes).toBe(4 * KiB);
+  });
+
+  it('refuses to connect nodes whose verify-alg differs, saying so', async () => {
+    // Verify compares digests: with different algorithms every range would differ. bob's config says sha256,
+    // alice's nothing (xxh64): both go StandAlone with the reason in their logs.
+    cluster = new Cluster({ sizeMiB: 8 });
+    await cluster.setup();
+    const bobConfig = cluster.configPath('bob');
+    await writeFile(bobConfig, (await readFile(bobConfig, 'utf8')).replace('[resync]\n', '[resync]\nverify-alg = "sha256"\n'));
+    await cluster.start('alice');
+    await cluster.start('bob');
+    await cluster.waitState('alice', 'StandAlone', (s) => s.connection === 'StandAlone');
+    expect(await cluster.log('alice')).toContain('verify-alg is xxh64 here and sha256 on bob: the config must be identical');
   });
 });

@@ -78,6 +78,7 @@ export interface NodeStateMessage {
   resyncInProgress: boolean;
   allowTwoPrimaries: boolean;
   lastPromotedMs: bigint;
+  verifyAlg: string;
 }
 export interface StateChangeMessage {
   role: string;

@@ -569,6 +569,7 @@ export class NodeDaemon {
       resyncInProgress: flags.resyncInProgress,
       allowTwoPrimaries: this.config.allowTwoPrimaries,
       lastPromotedMs: BigInt(this.metadata.lastPromotedMs),
+      verifyAlg: this.config.verifyAlg ?? 'xxh64',
     });
   }
 
@@ -724,6 +725,12 @@ export class NodeDaemon {
     if (peer.allowTwoPrimaries !== this.config.allowTwoPrimaries) {
       this.refuse(session, `allow-two-primaries is ${this.config.allowTwoPrimaries ? 'on' : 'off'} here and `
         + `${peer.allowTwoPrimaries ? 'on' : 'off'} on ${peer.node}: the config must be identical`);
+      return;
+    }
+    const verifyAlg = this.config.verifyAlg ?? 'xxh64';
+    if (peer.verifyAlg !== verifyAlg) {
+      this.refuse(session, `verify-alg is ${verifyAlg} here and ${peer.verifyAlg} on ${peer.node}: the config must be identical `
+        + '(online verify compares digests)');
       return;
     }
     const peerView: SyncView = {
