@@ -113,6 +113,8 @@ export class ReplicatedDevice implements BlockDevice {
   /** Protocol A pull-ahead: the send queue overflowed; writes mark the bitmap until it drains. */
   ahead = false;
   onAheadDrained: (() => void) | null = null;
+  /** Called when the send queue filled and the device pulled ahead (a state change events2 reports). */
+  onPulledAhead: (() => void) | null = null;
   /** Called (once per disconnected period) before the first write that the peer does not get. */
   onFirstUnreplicatedWrite: (() => Promise<void>) | null = null;
   private unreplicatedHookDone = false;
@@ -735,6 +737,7 @@ export class ReplicatedDevice implements BlockDevice {
     if (this.ahead) return;
     this.ahead = true;
     this.options.logger.warn('send queue full: pulling ahead of the peer (writes mark the bitmap until it drains)');
+    this.onPulledAhead?.();
     void connection.waitDataDrain().then(async () => {
       // Let the writes already sent be acknowledged, then hand over to a resync.
       while (this.pending.size > 0 && this.connection === connection) await new Promise((r) => setTimeout(r, 10));

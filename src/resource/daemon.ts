@@ -172,6 +172,7 @@ export class NodeDaemon {
         }
       };
       this.device.onAheadDrained = () => this.renegotiate('send queue drained after pulling ahead');
+      this.device.onPulledAhead = () => this.publish();
       this.link = new PeerLink({
         resource: this.config.name,
         localNode: this.nodeName,
