@@ -188,7 +188,11 @@ describe('handlers', () => {
     await waitFile(path.join(dir, 'before-resync-target.1.env'));
     await cluster.waitState('bob', 'StandAlone after the refusal', (s) => s.connection === 'StandAlone');
     expect(await cluster.log('bob')).toMatch(/before-resync-target handler returned 1/);
-    expect((await cluster.status('bob')).outOfSyncBytes).toBeGreaterThanOrEqual(MiB);
+    const refused = await cluster.status('bob');
+    expect(refused.outOfSyncBytes).toBeGreaterThanOrEqual(MiB);
+    // Marked Inconsistent when the resync was decided, as an interrupted resync leaves it: not promotable.
+    expect(refused.disk).toBe('Inconsistent');
+    expect((await cluster.cli('bob', 'primary')).code).toBe(1);
     expect(existsSync(path.join(dir, 'after-resync-target.1.env'))).toBe(false);
     const before = await readEnv(path.join(dir, 'before-resync-target.1.env'));
     expect(before).toMatchObject({ DRBD_RESOURCE: 'r0', DRBD_NODE_ID: '1', DRBD_PEER: 'alice', DRBD_CSTATE: 'Connected' });
