@@ -213,9 +213,10 @@ export class ControlServer {
             if (socket.destroyed) return;
             socket.write(`${JSON.stringify({ ok: true, result: null })}\n`);
             const send = (message: object): boolean => {
-              if (socket.destroyed) return false;
+              if (socket.destroyed || socket.writableEnded) return false;
               if (socket.writableLength > SUBSCRIBER_BACKLOG_MAX_BYTES) {
-                socket.destroy();
+                // Said at the end of what is queued, so the subscriber can tell this from the daemon going down.
+                socket.end(`${JSON.stringify({ event: 'overrun', backlogBytes: socket.writableLength })}\n`);
                 return false;
               }
               socket.write(`${JSON.stringify(message, jsonReplacer)}\n`);
@@ -332,6 +333,11 @@ export function subscribeControl(socketPath: string, onMessage: (message: Record
           subscribed = true;
           clearTimeout(timer);
           continue;
+        }
+        if (message.event === 'overrun') {
+          finish(new ControlError('EPROTO', `the daemon at ${socketPath} dropped this event stream: `
+            + `${String(message.backlogBytes)} bytes of events were waiting unread`));
+          return;
         }
         onMessage(message);
       }
