@@ -21,6 +21,8 @@ export interface ClusterOptions {
   proxy?: boolean;
   extraNet?: string;
   extraResync?: string;
+  /** Lines of a [handlers] section (none when unset). */
+  handlers?: string;
   secrets?: Partial<Record<NodeName, string>>;
   /** [net] ping-timeout, default 1500ms. */
   pingTimeout?: string;
@@ -111,6 +113,7 @@ ${this.options.extraNet ?? ''}
 [resync]
 rate = "${this.options.resyncRate ?? '1GiB'}"
 ${this.options.extraResync ?? ''}
+${this.options.handlers === undefined ? '' : `[handlers]\n${this.options.handlers}`}
 [node.alice]
 address = "127.0.0.1:${this.ports.alice}"
 disk = "${this.imagePath('alice')}"

@@ -10,6 +10,7 @@ import { pino } from 'pino';
 import { FrameDecoder, FrameType, FrameWriter, FRAME_HEADER_BYTES, writeFrameHeader } from '../src/replication/frame.js';
 import { CHANNEL_DATA, CHANNEL_META, PeerLink, type PeerConnection } from '../src/replication/link.js';
 import { IntervalGate, type GateEntry } from '../src/replication/gate.js';
+import { Messages, decodeMessage, encodeMessage } from '../src/replication/messages.js';
 import { TcpProxy, waitFor } from './replication-helpers.js';
 
 const logger = pino({ level: 'silent' });
@@ -182,6 +183,35 @@ describe('peer link', () => {
     alice.onConnected = (connection) => connection.start(() => {});
     alice.connect();
     await waitFor('the right peer to connect', () => connected === 1 && alice.state === 'Connected');
+  });
+
+  it('refuses a peer speaking an older protocol version with a message saying so', async () => {
+    // A client sends bob the HELLO of peer protocol version 1 (online verify per 256 KiB, whose digests this
+    // version reads differently): bob answers with a refusal naming both versions, and logs the same.
+    const { bob } = makePair();
+    cleanups.push(() => bob.close());
+    await bob.start();
+    bob.connect();
+    const old = net.connect(bob.listenPort, '127.0.0.1');
+    old.on('error', () => {});
+    const frames: Array<{ type: number; body: Buffer }> = [];
+    const decoder = new FrameDecoder((type, _flags, _id, _offset, body) => frames.push({ type, body: Buffer.from(body) }));
+    old.on('data', (chunk: Buffer) => decoder.push(chunk));
+    await new Promise<void>((resolve) => old.once('connect', () => resolve()));
+    const hello = encodeMessage(Messages.Hello, {
+      protocolVersion: 1, resource: 'r0', node: 'alice', peerNode: 'bob', channel: CHANNEL_DATA,
+      challenge: randomBytes(32), session: randomBytes(16),
+    });
+    const header = Buffer.alloc(FRAME_HEADER_BYTES);
+    writeFrameHeader(header, 0, FrameType.HELLO, 0, hello.length, 0, 0);
+    old.write(Buffer.concat([header, hello]));
+    await waitFor('the refusal', () => frames.length > 0);
+    expect(frames[0]!.type).toBe(FrameType.AUTH_RESULT);
+    const refusal = decodeMessage<{ ok: boolean; reason: string }>(Messages.AuthResult, frames[0]!.body);
+    expect(refusal.ok).toBe(false);
+    expect(refusal.reason).toMatch(/node alice speaks peer protocol version 1 .*this node version 2 .*run the same drbdts version on both nodes/);
+    await waitFor('bob to log it', () => bob.rejections.some((reason) => reason.includes('peer protocol version 1')));
+    old.destroy();
   });
 
   it('notices a black-holed link on both sides within the ping timeout and reconnects after', async () => {

@@ -67,7 +67,13 @@ describe('parseResourceConfig', () => {
     expect(config.nodes.alice).toEqual({
       name: 'alice', address: { host: '127.0.0.1', port: 7789 }, disk: '/var/lib/drbdts/r0-alice.img',
       metaDisk: 'internal', nbd: 'unix:/run/drbdts/r0-alice.nbd', device: undefined, control: '/run/drbdts/r0-alice.ctl',
+      nodeId: 0,
     });
+    expect(config.nodes.bob!.nodeId).toBe(1);
+    expect(config.minor).toBeUndefined();
+    expect(config.fencing).toBe('dont-care');
+    expect(config.handlers).toEqual({});
+    expect(config.handlerTimeoutMs).toBe(60_000);
     expect(config.nodes.bob!.device).toBe('/dev/nbd0');
     expect(config.nodes.bob!.metaDisk).toBe('internal');
     expect(peerOf(config, 'alice').name).toBe('bob');
@@ -97,6 +103,33 @@ verify-alg = "sha256"
     expect(config.sendQueueMaxBytes).toBe(16 * 1024 * 1024);
     expect(config.resyncRateMaxBytesPerSecond).toBe(50 * 1024 * 1024);
     expect(config.csumsAlg).toBe('xxh64');
+  });
+
+  it('takes node ids, the minor, fencing and handlers', () => {
+    const config = parseResourceConfig(`${good.replace('shared-secret = "change-me"', 'shared-secret = "change-me"\nminor = 3')
+      .replace('device = "/dev/nbd0"', 'device = "/dev/nbd0"\nnode-id = 7')}
+[net]
+fencing = "resource-only"
+[handlers]
+fence-peer = "/usr/lib/drbd/crm-fence-peer.9.sh"
+split-brain = "/usr/lib/drbd/notify-split-brain.sh root"
+timeout = "30s"
+`, 'x.toml');
+    expect(config.minor).toBe(3);
+    expect(config.nodes.alice!.nodeId).toBe(0);
+    expect(config.nodes.bob!.nodeId).toBe(7);
+    expect(config.fencing).toBe('resource-only');
+    expect(config.handlers).toEqual({
+      'fence-peer': '/usr/lib/drbd/crm-fence-peer.9.sh', 'split-brain': '/usr/lib/drbd/notify-split-brain.sh root',
+    });
+    expect(config.handlerTimeoutMs).toBe(30_000);
+    expect(errorOf(`${good}\n[net]\nfencing = "resource-only"\n`).message)
+      .toContain('net.fencing: "resource-only" needs a fence-peer command in [handlers]');
+    expect(errorOf(`${good}\n[handlers]\npri-lost = "x"\n`).message).toContain('handlers.pri-lost: unknown key');
+    expect(errorOf(good.replace('device = "/dev/nbd0"', 'device = "/dev/nbd0"\nnode-id = 0')).message)
+      .toBe('/etc/drbdts/r0.toml: node.bob.node-id: 0 is also node alice\'s node-id');
+    expect(errorOf(good.replace('shared-secret = "change-me"', 'shared-secret = "change-me"\nminor = -1')).message)
+      .toContain('resource.minor: must be a whole number from 0 to 1048575');
   });
 
   it('names the file and key of a missing required key', () => {

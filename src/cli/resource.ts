@@ -7,7 +7,7 @@
 import { readdir } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ConfigError, DEFAULT_CONFIG_DIR, defaultConfigPath, loadResourceConfig, resolveNodeName, type NodeConfig, type ResourceConfig } from '../resource/config.js';
-import { ControlError, sendControlRequest, type ResourceStatus } from '../resource/control.js';
+import { ControlError, sendControlRequest, subscribeControl, type ResourceStatus } from '../resource/control.js';
 import { formatBytes, parseSize } from '../util/size.js';
 
 class UsageError extends Error {}
@@ -39,7 +39,7 @@ const commandFlags: Record<string, string[]> = {
   resync: ['json', 'wait', 'rate', 'interval'],
   'pause-sync': [],
   'resume-sync': [],
-  events2: ['now', 'statistics', 's', 'interval', 'full'],
+  events2: ['now', 'statistics', 's', 'interval', 'full', 'timestamps'],
   role: [],
   cstate: [],
   dstate: [],
@@ -72,9 +72,9 @@ const commandHelp: Record<string, string> = {
   dstate: 'dstate RES   print the disk states, this node\'s then the peer\'s (UpToDate/Inconsistent), for scripts',
   'dump-md': 'dump-md RES [--json]   print the on-disk metadata of a stopped node: size, generation UUIDs, flags,\n' +
     '  clean shutdown, activity-log extents, out-of-sync blocks (refused while the node is up)',
-  events2: 'events2 RES [--now] [--full] [--statistics] [--interval SECONDS]   drbdsetup-style event lines\n' +
-    '  (exists ... then change ... lines); --now prints the current state and exits; --full repeats every object\n' +
-    '  on each change',
+  events2: 'events2 RES [--now] [--full] [--statistics] [--timestamps]   drbdsetup-style event lines\n' +
+    '  (exists ... then change ... lines, pushed by the daemon at each change); --now prints the current state\n' +
+    '  and exits; --full repeats every object on each change; --timestamps prefixes drbdsetup\'s time stamps',
 };
 
 function parseArgs(command: string, argv: string[]): Options {
@@ -196,6 +196,10 @@ export function renderStatus(status: ResourceStatus, options: { statistics?: boo
     lines.push(replication);
   } else {
     lines.push(`  ${status.peer.node} connection:${status.connection}`);
+  }
+  if (status.splitBrain) {
+    const reason = status.splitBrain.reason;
+    lines.push(`    ${reason.startsWith('split brain') ? reason : `split brain: ${reason}`}`);
   }
   if (options.statistics) {
     lines.push(`      received:${kib(status.counters.networkReceivedBytes)} sent:${kib(status.counters.networkSentBytes)}` +
@@ -499,14 +503,25 @@ async function verify(options: Options): Promise<number> {
   }
 }
 
+/** drbdsetup's replication states: Established while connected with nothing running, Off without a connection. */
+function replicationState(s: ResourceStatus): string {
+  if (s.connection === 'Connected') return 'Established';
+  if (s.connection === 'StandAlone' || s.connection === 'Connecting' || s.connection === 'Disconnecting') return 'Off';
+  return s.connection;
+}
+
 function eventLines(verb: string, s: ResourceStatus, statistics: boolean): string[] {
   const mayPromote = s.disk === 'UpToDate' && s.role !== 'Primary' && s.peer.role !== 'Primary' ? 'yes' : 'no';
+  const peerNodeId = s.peer.nodeId ?? 1;
+  const minor = s.minor ?? 0;
+  const connection = s.connection === 'Connecting' || s.connection === 'StandAlone' || s.connection === 'Disconnecting'
+    ? s.connection : 'Connected';
   const lines = [
     `${verb} resource name:${s.name} role:${s.role} suspended:no may_promote:${mayPromote}`,
-    `${verb} device name:${s.name} volume:0 minor:0 disk:${s.disk}` +
+    `${verb} device name:${s.name} volume:0 minor:${minor} disk:${s.disk}` +
       (statistics ? ` size:${kib(s.size)} read:${kib(s.counters.diskReadBytes)} written:${kib(s.counters.diskWrittenBytes)} al-writes:${s.counters.alWrites} bm-writes:${s.counters.bmWrites}` : ''),
-    `${verb} connection name:${s.name} peer-node-id:1 conn-name:${s.peer.node} connection:${s.connection === 'Connecting' ? 'Connecting' : s.connection === 'StandAlone' ? 'StandAlone' : 'Connected'} role:${s.peer.role}`,
-    `${verb} peer-device name:${s.name} peer-node-id:1 conn-name:${s.peer.node} volume:0 replication:${s.connection === 'Connected' ? 'Established' : s.connection} peer-disk:${s.peer.disk}` +
+    `${verb} connection name:${s.name} peer-node-id:${peerNodeId} conn-name:${s.peer.node} connection:${connection} role:${s.peer.role}`,
+    `${verb} peer-device name:${s.name} peer-node-id:${peerNodeId} conn-name:${s.peer.node} volume:0 replication:${replicationState(s)} peer-disk:${s.peer.disk}` +
       ` resync-suspended:${s.resync?.paused ? 'user' : 'no'}` +
       (s.resync !== null ? ` done:${percent(s.resync.doneBytes, s.resync.totalBytes)}` : '') +
       (statistics ? ` received:${kib(s.counters.networkReceivedBytes)} sent:${kib(s.counters.networkSentBytes)} out-of-sync:${kib(s.outOfSyncBytes)} pending:${s.pending} unacked:${s.unacked}` : ''),
@@ -514,31 +529,81 @@ function eventLines(verb: string, s: ResourceStatus, statistics: boolean): strin
   return lines;
 }
 
+/** drbdsetup's --timestamps prefix: local time with microseconds and the UTC offset, 2026-12-08T03:04:05.123000+01:00. */
+export function eventTimestamp(timeMs: number): string {
+  const date = new Date(timeMs);
+  const pad = (value: number, width = 2): string => String(value).padStart(width, '0');
+  const offsetMinutes = -date.getTimezoneOffset();
+  const sign = offsetMinutes >= 0 ? '+' : '-';
+  const offset = Math.abs(offsetMinutes);
+  return `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())}T${pad(date.getHours())}:` +
+    `${pad(date.getMinutes())}:${pad(date.getSeconds())}.${pad(date.getMilliseconds() * 1000, 6)}` +
+    `${sign}${pad(Math.floor(offset / 60))}:${pad(offset % 60)}`;
+}
+
+/**
+ * drbdsetup events2: the daemon pushes its state over the control socket at every change (and its counters
+ * once a second); each object whose line changed is printed. Handler runs come as call/response helper lines.
+ */
 async function events2(options: Options): Promise<number> {
   const target = loadTarget(options);
   const statistics = options.flags.has('statistics');
-  let previous = eventLines('exists', (await request(target, 'status')) as ResourceStatus, statistics);
-  out(`${previous.join('\n')}\nexists -\n`);
-  if (options.flags.has('now')) return 0;
-  for (;;) {
-    await sleep(options.intervalMs);
-    let s: ResourceStatus;
-    try {
-      s = (await request(target, 'status')) as ResourceStatus;
-    } catch (error) {
-      if (error instanceof ControlError && error.code === 'ENODAEMON') {
-        out(`destroy resource name:${target.config.name}\n`);
-        return 0;
-      }
-      throw error;
-    }
-    const next = eventLines('change', s, statistics);
-    // "exists" and "change" are both 6 letters: compare what follows the verb.
-    const changed = next.map((line, i) => line.slice(6) !== previous[i]!.slice(6));
-    if (options.flags.has('full') && changed.includes(true)) out(`${next.join('\n')}\n`);
-    else for (let i = 0; i < next.length; i += 1) if (changed[i]) out(`${next[i]}\n`);
-    previous = next;
+  const full = options.flags.has('full');
+  const stamp = (timeMs: number): string => (options.flags.has('timestamps') ? `${eventTimestamp(timeMs)} ` : '');
+  const print = (timeMs: number, lines: string[]): void => {
+    if (lines.length > 0) out(lines.map((line) => `${stamp(timeMs)}${line}\n`).join(''));
+  };
+  if (options.flags.has('now')) {
+    const s = (await request(target, 'status')) as ResourceStatus;
+    print(Date.now(), [...eventLines('exists', s, statistics), 'exists -']);
+    return 0;
   }
+  let previous: string[] | null = null;
+  let last: ResourceStatus | null = null;
+  try {
+    await subscribeControl(target.node.control, (message) => {
+      const timeMs = typeof message.timeMs === 'number' ? message.timeMs : Date.now();
+      if (message.event === 'helper' && last !== null) {
+        const h = message as { helper?: string; phase?: string; exitCode?: number };
+        const where = `name:${last.name} volume:0 minor:${last.minor ?? 0} peer-node-id:${last.peer.nodeId ?? 1}`;
+        if (h.phase === 'call') print(timeMs, [`call helper ${where} helper:${h.helper}`]);
+        else print(timeMs, [`response helper ${where} helper:${h.helper} status:${h.exitCode ?? -1}`]);
+        return;
+      }
+      if (message.event !== 'state') return;
+      const s = message.status as ResourceStatus;
+      last = s;
+      if (previous === null) {
+        previous = eventLines('exists', s, statistics);
+        print(timeMs, [...previous, 'exists -']);
+        return;
+      }
+      const next = eventLines('change', s, statistics);
+      // "exists" and "change" are both 6 letters: compare what follows the verb.
+      const before = previous;
+      const changed = next.map((line, i) => line.slice(6) !== before[i]!.slice(6));
+      if (full && changed.includes(true)) print(timeMs, next);
+      else print(timeMs, next.filter((_, i) => changed[i]));
+      previous = next;
+    });
+  } catch (error) {
+    if (error instanceof ControlError && error.code === 'ENODAEMON') {
+      throw new ControlError('ENODAEMON',
+        `resource ${target.config.name} is not up on node ${target.nodeName} (no daemon at ${target.node.control})`);
+    }
+    throw error;
+  }
+  // The daemon went down: its objects are gone.
+  const s = last as ResourceStatus | null;
+  const name = target.config.name;
+  const peerNodeId = s?.peer.nodeId ?? 1;
+  print(Date.now(), [
+    `destroy peer-device name:${name} peer-node-id:${peerNodeId} conn-name:${s?.peer.node ?? ''} volume:0`,
+    `destroy connection name:${name} peer-node-id:${peerNodeId} conn-name:${s?.peer.node ?? ''}`,
+    `destroy device name:${name} volume:0 minor:${s?.minor ?? 0}`,
+    `destroy resource name:${name}`,
+  ]);
+  return 0;
 }
 
 export async function run(command: string, argv: string[]): Promise<number> {

@@ -56,6 +56,18 @@ export interface ReplicatedDeviceOptions {
    * resync or verify runs on the connection (the plane's writes bypass the gate those order themselves by).
    */
   native?: { hub: NativePlaneHub; allowed: () => boolean };
+  /**
+   * A read, write or flush of the local disk failed with EIO (the daemon's local-io-error handler). Called after
+   * the failure was handled here (blocks marked out of sync, the caller answered); must not throw.
+   */
+  onLocalIoError?: (what: string, error: Error) => void;
+}
+
+/** Is this an I/O error of the disk (EIO), as opposed to a full disk, a permission or a programming error? */
+export function isDiskIoError(error: unknown): boolean {
+  const code = (error as { code?: unknown } | null)?.code;
+  if (code === 'EIO') return true;
+  return error instanceof Error && /\bEIO\b|Input\/output error/.test(error.message);
 }
 
 export interface ReplicationCounters {
@@ -101,6 +113,8 @@ export class ReplicatedDevice implements BlockDevice {
   /** Protocol A pull-ahead: the send queue overflowed; writes mark the bitmap until it drains. */
   ahead = false;
   onAheadDrained: (() => void) | null = null;
+  /** Called when the send queue filled and the device pulled ahead (a state change events2 reports). */
+  onPulledAhead: (() => void) | null = null;
   /** Called (once per disconnected period) before the first write that the peer does not get. */
   onFirstUnreplicatedWrite: (() => Promise<void>) | null = null;
   private unreplicatedHookDone = false;
@@ -161,6 +175,7 @@ export class ReplicatedDevice implements BlockDevice {
           if (ranges[i + 1]! > 0) this.options.bitmap.setRange(ranges[i]!, ranges[i + 1]!);
         }
         this.options.logger.error({ reason, ranges }, 'replicated write failed on this node (native plane)');
+        this.reportIoError('peer write', new Error(reason));
       };
       // Conditions the daemon does not announce (a resync ending, say) are picked up within this period.
       this.nativeTimer = setInterval(() => this.updateNative(), 200);
@@ -385,8 +400,18 @@ export class ReplicatedDevice implements BlockDevice {
 
   async read(offset: number, target: Buffer): Promise<void> {
     this.checkRange(offset, target.length);
-    await this.options.local.read(offset, target);
+    try {
+      await this.options.local.read(offset, target);
+    } catch (error) {
+      this.reportIoError('read', error);
+      throw error;
+    }
     this.counters.diskReadBytes += target.length;
+  }
+
+  /** Tells the daemon of a failed local read, write or flush when it is an EIO (resync.ts reports its own). */
+  reportIoError(what: string, error: unknown): void {
+    if (this.options.onLocalIoError !== undefined && isDiskIoError(error)) this.options.onLocalIoError(what, error as Error);
   }
 
   write(offset: number, data: Buffer, fua: boolean): Promise<void> {
@@ -477,7 +502,10 @@ export class ReplicatedDevice implements BlockDevice {
       barrier = new Promise<void>((resolve) => this.barriers.set(id, { resolve }));
       connection.send(CHANNEL_DATA, FrameType.BARRIER, 0, id, 0);
     }
-    await Promise.all([this.options.local.flush(), barrier]);
+    await Promise.all([this.options.local.flush().catch((error: unknown) => {
+      this.reportIoError('flush', error);
+      throw error;
+    }), barrier]);
   }
 
   /** On the native plane: the local file for the NBD data path's READs, and the plane for its WRITEs and FLUSHes. */
@@ -660,6 +688,7 @@ export class ReplicatedDevice implements BlockDevice {
       this.options.logger.error({ err: error, offset: write.offset, lengthBytes: write.lengthBytes },
         'local write failed; blocks marked out of sync');
       write.failure = error;
+      this.reportIoError('write', error);
     }
     write.localDone = true;
     // Later overlapping writes may go now: this one is on the local disk and already on the wire.
@@ -708,6 +737,7 @@ export class ReplicatedDevice implements BlockDevice {
     if (this.ahead) return;
     this.ahead = true;
     this.options.logger.warn('send queue full: pulling ahead of the peer (writes mark the bitmap until it drains)');
+    this.onPulledAhead?.();
     void connection.waitDataDrain().then(async () => {
       // Let the writes already sent be acknowledged, then hand over to a resync.
       while (this.pending.size > 0 && this.connection === connection) await new Promise((r) => setTimeout(r, 10));
@@ -848,6 +878,7 @@ export class ReplicatedDevice implements BlockDevice {
     if (error !== null) {
       this.options.bitmap.setRange(offset, lengthBytes);
       this.options.logger.error({ err: error, offset, lengthBytes }, 'replicated write failed on this node');
+      this.reportIoError('peer write', error);
     } else if (type === FrameType.DATA) {
       this.counters.diskWrittenBytes += lengthBytes;
     }
@@ -892,6 +923,7 @@ export class ReplicatedDevice implements BlockDevice {
       await this.options.local.flush();
     } catch (error) {
       this.options.logger.error({ err: error }, 'flush for the peer failed');
+      this.reportIoError('flush', error);
       return; // no ack: the primary's flush waits until the link drops and the bitmap covers the writes
     }
     connection?.send(CHANNEL_META, FrameType.BARRIER_ACK, 0, id, 0);

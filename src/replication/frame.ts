@@ -54,8 +54,12 @@ export const FrameType = {
   RS_REQUEST: 50, // offset, body = u32 length [+ digest when FLAG_CSUM]
   RS_REPLY: 51, // offset, body = data (lz4 when FLAG_LZ4) or u32 length when FLAG_SAME
   RS_ACK: 52, // target -> source on the meta socket: offset, body = u32 length; the blocks are written
-  OV_REQUEST: 55, // online verify: offset, body = u32 length + digest
-  OV_REPLY: 56, // offset, body = u32 length + u8 equal
+  // Online verify (resync.ts VerifyInitiator): id = length, offset in bytes. The request carries a summary
+  // digest of the range; the reply is SAME or carries the peer's digest of each 4 KiB block; the result (only
+  // where blocks differ) is a bitmask of the 4 KiB blocks both sides mark out of sync.
+  OV_REQUEST: 55,
+  OV_REPLY: 56,
+  OV_RESULT: 57,
 } as const;
 export type FrameTypeValue = (typeof FrameType)[keyof typeof FrameType];
 

@@ -16,6 +16,7 @@ import { ReplEventKind, ReplTransport, type ReplEvent } from '../native/index.js
 import type { NativePlaneHub } from './native-plane.js';
 import {
   PROTOCOL_VERSION,
+  versionMismatch,
   Messages,
   decodeMessage,
   encodeMessage,
@@ -598,8 +599,17 @@ export class PeerLink {
     socket.writer.send(FrameType.HELLO, 0, 0, 0, encodeMessage(Messages.Hello, {
       protocolVersion: PROTOCOL_VERSION, resource, node: localNode, peerNode, channel, challenge, session,
     }));
-    const replyFrame = await expectFrame(socket, FrameType.HELLO_REPLY, this.handshakeTimeoutMs);
+    const replyFrame = await socket.next(this.handshakeTimeoutMs, frameTypeName(FrameType.HELLO_REPLY));
+    if (replyFrame.type === FrameType.AUTH_RESULT) {
+      // Refused before any reply (an acceptor speaking another protocol version says so here).
+      const refusal = decodeMessage<{ ok: boolean; reason: string }>(Messages.AuthResult, replyFrame.body);
+      throw new FrameError(`peer ${peerNode} refused us: ${refusal.reason}`);
+    }
+    if (replyFrame.type !== FrameType.HELLO_REPLY) {
+      throw new FrameError(`expected HELLO_REPLY, got ${frameTypeName(replyFrame.type)}`);
+    }
     const reply = decodeMessage<HelloReplyMessage>(Messages.HelloReply, replyFrame.body);
+    if (reply.protocolVersion !== PROTOCOL_VERSION) throw new FrameError(versionMismatch(peerNode, reply.protocolVersion));
     if (reply.node !== peerNode) throw new FrameError(`peer says it is node "${reply.node}", expected "${peerNode}"`);
     // Answer first so that the acceptor, too, can log a wrong secret; then check the acceptor's answer.
     socket.writer.send(FrameType.AUTH_RESPONSE, 0, 0, 0, encodeMessage(Messages.AuthResponse, {
@@ -636,7 +646,7 @@ export class PeerLink {
       socket.writer.send(FrameType.AUTH_RESULT, 0, 0, 0, encodeMessage(Messages.AuthResult, { ok: false, reason }));
       throw new FrameError(reason);
     };
-    if (hello.protocolVersion !== PROTOCOL_VERSION) refuse(`protocol version ${hello.protocolVersion} unsupported`);
+    if (hello.protocolVersion !== PROTOCOL_VERSION) refuse(versionMismatch(hello.node, hello.protocolVersion));
     if (hello.resource !== resource) refuse(`wrong resource "${hello.resource}" (this is "${resource}")`);
     if (hello.node !== peerNode) refuse(`unknown node "${hello.node}" (the peer is "${peerNode}")`);
     if (hello.peerNode !== localNode) refuse(`peer wants node "${hello.peerNode}", this is "${localNode}"`);

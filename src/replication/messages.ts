@@ -27,7 +27,24 @@ export const Messages = {
   Disconnect: type('Disconnect'),
 } as const;
 
-export const PROTOCOL_VERSION = 1;
+/**
+ * The peer protocol's version, checked by both sides of the handshake; a peer speaking another one is refused
+ * with versionMismatch's message. 2: online verify compares per 4 KiB block (OV_RESULT); a version-1 peer
+ * would read a summary digest as a digest of the data and find every range different.
+ */
+export const PROTOCOL_VERSION = 2;
+
+const versionChanges: Record<number, string> = {
+  1: 'online verify per 256 KiB',
+  2: 'online verify per 4 KiB block',
+};
+
+/** Why a peer speaking `peerVersion` cannot be connected to, for the logs of both nodes. */
+export function versionMismatch(peer: string, peerVersion: number): string {
+  const what = (version: number): string => versionChanges[version] === undefined ? '' : ` (${versionChanges[version]})`;
+  return `node ${peer} speaks peer protocol version ${peerVersion}${what(peerVersion)}, this node version `
+    + `${PROTOCOL_VERSION}${what(PROTOCOL_VERSION)}: run the same drbdts version on both nodes`;
+}
 
 export interface HelloMessage {
   protocolVersion: number;
@@ -61,6 +78,7 @@ export interface NodeStateMessage {
   resyncInProgress: boolean;
   allowTwoPrimaries: boolean;
   lastPromotedMs: bigint;
+  verifyAlg: string;
 }
 export interface StateChangeMessage {
   role: string;

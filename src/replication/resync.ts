@@ -211,6 +211,7 @@ export class ResyncTarget {
         await this.options.device.local.flush();
       } catch (error) {
         this.unflushed.push(...ranges); // bits stay set: resynced again, never skipped
+        this.options.device.reportIoError('resync flush', error);
         throw error;
       }
       const bitmap = this.options.device.bitmap;
@@ -292,6 +293,7 @@ export class ResyncTarget {
         device.counters.diskWrittenBytes += lengthBytes;
       } catch (error) {
         this.options.logger.error({ err: error, offset }, 'resync write failed');
+        device.reportIoError('resync write', error);
         this.stop('local disk write failed during resync');
         connection.close('resync write failed on the target');
         return;
@@ -416,6 +418,7 @@ export class ResyncSource {
         device.counters.networkSentBytes += payload.length + 24;
       } catch (error) {
         this.options.logger.error({ err: error, offset }, 'resync read failed');
+        device.reportIoError('resync read', error);
         connection.close('resync read failed on the source');
       } finally {
         device.gate.leave(entry);
@@ -452,13 +455,64 @@ export class ResyncSource {
   }
 }
 
-/** Online verify, the initiator's side: digest every block, let the peer compare, mark mismatches. */
+/**
+ * Digests of each 4 KiB block of `data` (the last one may be shorter), concatenated, and the digest of that
+ * list: the summary is what travels first; the per-block list only where two summaries differ. Hashing the
+ * list instead of the data keeps each block hashed once.
+ */
+export function blockDigests(algorithm: string, data: Buffer): { blocks: Buffer; summary: Buffer } {
+  const parts: Buffer[] = [];
+  for (let at = 0; at < data.length; at += BITMAP_BLOCK_BYTES) {
+    parts.push(digest(algorithm, data.subarray(at, Math.min(data.length, at + BITMAP_BLOCK_BYTES))));
+  }
+  const blocks = Buffer.concat(parts);
+  return { blocks, summary: digest(algorithm, blocks) };
+}
+
+/** Blocks whose digests differ, as a bitmask (bit i of byte i/8 = block i of the request), and their count. */
+function differingBlocks(ours: Buffer, theirs: Buffer, digestBytes: number): { mask: Buffer; count: number } {
+  const blockCount = ours.length / digestBytes;
+  const mask = Buffer.alloc(Math.ceil(blockCount / 8));
+  let count = 0;
+  for (let block = 0; block < blockCount; block += 1) {
+    const at = block * digestBytes;
+    if (ours.compare(theirs, at, at + digestBytes, at, at + digestBytes) !== 0) {
+      mask[block >> 3]! |= 1 << (block & 7);
+      count += 1;
+    }
+  }
+  return { mask, count };
+}
+
+/** Sets the bitmap bits of the blocks in `mask` (see differingBlocks) of the request at offset. */
+export function markDifferingBlocks(device: ReplicatedDevice, offset: number, lengthBytes: number, mask: Buffer): number {
+  const blockCount = Math.ceil(lengthBytes / BITMAP_BLOCK_BYTES);
+  if (mask.length !== Math.ceil(blockCount / 8)) throw new Error(`verify result mask of ${mask.length} bytes for ${blockCount} blocks`);
+  let marked = 0;
+  for (let block = 0; block < blockCount; block += 1) {
+    if ((mask[block >> 3]! & (1 << (block & 7))) === 0) continue;
+    const at = offset + block * BITMAP_BLOCK_BYTES;
+    device.bitmap.setRange(at, Math.min(BITMAP_BLOCK_BYTES, offset + lengthBytes - at));
+    marked += 1;
+  }
+  return marked;
+}
+
+/**
+ * Online verify, the initiator's side. Per 256 KiB it sends one summary digest (OV_REQUEST); the peer answers
+ * SAME, or with its digest of every 4 KiB block in the range (OV_REPLY). Then this side compares block by
+ * block, marks exactly the differing 4 KiB blocks and tells the peer which (OV_RESULT) so it marks the same.
+ * A verify of identical replicas costs one small message each way per 256 KiB.
+ */
 export class VerifyInitiator {
   readonly progress = new Progress();
   mismatchedBytes = 0;
   private inFlightBytes = 0;
   private stopped: string | null = null;
   private wake: (() => void) | null = null;
+  /** Our per-block digests of each request in flight, until the peer answers it. */
+  private readonly pending = new Map<number, Buffer>();
+  private readonly digestBytes: number;
 
   constructor(
     private readonly device: ReplicatedDevice,
@@ -467,6 +521,7 @@ export class VerifyInitiator {
     private readonly rate: RateController,
   ) {
     this.progress.totalBytes = device.sizeBytes;
+    this.digestBytes = digest(algorithm, Buffer.alloc(0)).length;
   }
 
   async run(): Promise<boolean> {
@@ -478,29 +533,45 @@ export class VerifyInitiator {
           setTimeout(resolve, 500);
         });
       }
+      if (this.stopped !== null) break;
       await this.rate.take(lengthBytes);
       const data = Buffer.allocUnsafe(lengthBytes);
       const admitted = this.device.enterBackground(offset, lengthBytes, 'verify');
       const entry = admitted instanceof Promise ? await admitted : admitted;
       try {
         await this.device.local.read(offset, data);
+      } catch (error) {
+        this.device.reportIoError('verify read', error);
+        throw error;
       } finally {
         this.device.gate.leave(entry);
       }
+      const { blocks, summary } = blockDigests(this.algorithm, data);
+      this.pending.set(offset, blocks);
       this.inFlightBytes += lengthBytes;
-      this.connection.send(CHANNEL_DATA, FrameType.OV_REQUEST, 0, lengthBytes, offset, digest(this.algorithm, data));
+      this.connection.send(CHANNEL_DATA, FrameType.OV_REQUEST, 0, lengthBytes, offset, summary);
       offset += lengthBytes;
     }
     while (this.inFlightBytes > 0 && this.stopped === null) await sleep(20);
     return this.stopped === null;
   }
 
-  handleReply(flags: number, lengthBytes: number, offset: number): void {
+  handleReply(flags: number, lengthBytes: number, offset: number, body: Buffer): void {
+    const ours = this.pending.get(offset);
+    if (ours === undefined) throw new Error(`verify reply for ${offset}+${lengthBytes}, which was not asked`);
+    this.pending.delete(offset);
     this.inFlightBytes -= lengthBytes;
     this.progress.add(lengthBytes);
     if ((flags & FrameFlag.SAME) === 0) {
-      this.mismatchedBytes += lengthBytes;
-      this.device.bitmap.setRange(offset, lengthBytes);
+      if (body.length !== ours.length) {
+        throw new Error(`verify reply for ${offset}+${lengthBytes} has ${body.length} bytes of block digests, expected ${ours.length}`);
+      }
+      const { mask, count } = differingBlocks(ours, body, this.digestBytes);
+      if (count > 0) {
+        markDifferingBlocks(this.device, offset, lengthBytes, mask);
+        this.mismatchedBytes += count * BITMAP_BLOCK_BYTES;
+        this.connection.send(CHANNEL_META, FrameType.OV_RESULT, 0, lengthBytes, offset, mask);
+      }
     }
     const wake = this.wake;
     this.wake = null;
@@ -512,10 +583,13 @@ export class VerifyInitiator {
   }
 }
 
-/** Online verify, the peer's side: compare our digest with the initiator's. */
+/**
+ * Online verify, the peer's side: compare our summary digest with the initiator's; where they differ, send our
+ * per-block digests back. The initiator decides which blocks differ and tells us (OV_RESULT: markDifferingBlocks).
+ */
 export function answerVerify(device: ReplicatedDevice, connection: PeerConnection, algorithm: string,
   lengthBytes: number, offset: number, body: Buffer): void {
-  const peerDigest = Buffer.from(body);
+  const peerSummary = Buffer.from(body);
   if (lengthBytes <= 0 || lengthBytes > RESYNC_REQUEST_MAX_BYTES || offset + lengthBytes > device.sizeBytes) {
     connection.close(`bad verify request ${offset}+${lengthBytes}`);
     return;
@@ -526,13 +600,16 @@ export function answerVerify(device: ReplicatedDevice, connection: PeerConnectio
     const data = Buffer.allocUnsafe(lengthBytes);
     try {
       await device.local.read(offset, data);
+    } catch (error) {
+      device.reportIoError('verify read', error);
+      throw error;
     } finally {
       device.gate.leave(entry);
     }
-    const equal = digest(algorithm, data).equals(peerDigest);
-    if (!equal) device.bitmap.setRange(offset, lengthBytes);
-    connection.send(CHANNEL_META, FrameType.OV_REPLY, equal ? FrameFlag.SAME : 0, lengthBytes, offset);
-  })();
+    const { blocks, summary } = blockDigests(algorithm, data);
+    if (summary.equals(peerSummary)) connection.send(CHANNEL_META, FrameType.OV_REPLY, FrameFlag.SAME, lengthBytes, offset);
+    else connection.send(CHANNEL_META, FrameType.OV_REPLY, 0, lengthBytes, offset, blocks);
+  })().catch((error: Error) => connection.close(`verify read failed: ${error.message}`));
 }
 
 function sleep(ms: number): Promise<void> {

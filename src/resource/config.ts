@@ -2,7 +2,7 @@
 // the file, the key and what is wrong with it. The file is identical on both nodes; each node finds its own
 // [node.NAME] section through --node, $DRBDTS_NODE or the host name. The key vocabulary follows drbd.conf(5)
 // where DRBD has a name for the thing (protocol, after-sb-0pri, on-congestion, al-extents, ping-timeout...).
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import { parse as parseToml } from 'smol-toml';
 import { parseSize } from '../util/size.js';
@@ -30,6 +30,8 @@ export interface NodeConfig {
   device?: string;
   /** Control socket path. */
   control: string;
+  /** DRBD's node-id: `node-id` in the node's section, else its position in the file (0, 1). */
+  nodeId: number;
 }
 
 export interface ResourceConfig {
@@ -53,8 +55,20 @@ export interface ResourceConfig {
   csumsAlg?: string;
   verifyAlg?: string;
   alExtents: number;
+  /** DRBD's device minor: `[resource] minor`, else resourceMinor() works it out. */
+  minor?: number;
+  /** [net] fencing: what a Primary does when it loses its peer (the fence-peer handler). */
+  fencing: Fencing;
+  /** [handlers]: shell commands by DRBD handler name, and how long each may run. */
+  handlers: Partial<Record<HandlerName, string>>;
+  handlerTimeoutMs: number;
   nodes: Record<string, NodeConfig>;
 }
+
+export type Fencing = 'dont-care' | 'resource-only';
+export const HANDLER_NAMES = ['split-brain', 'fence-peer', 'before-resync-target', 'after-resync-target',
+  'local-io-error'] as const;
+export type HandlerName = (typeof HANDLER_NAMES)[number];
 
 export class ConfigError extends Error {
   readonly file: string;
@@ -79,15 +93,16 @@ const AL_EXTENTS_MIN = 16; // activity-log.ts AL_EXTENTS_MIN: a 32 MiB request s
 const AL_EXTENTS_MAX = 65534;
 
 // Every key each section accepts: a typo ("protcol") is an error, not a silently ignored line.
-const resourceKeys = new Set(['name', 'protocol', 'shared-secret']);
+const resourceKeys = new Set(['name', 'protocol', 'shared-secret', 'minor']);
 const diskKeys = new Set(['size', 'al-extents']);
 const netKeys = new Set([
   'protocol', 'shared-secret', 'on-congestion', 'allow-two-primaries', 'after-sb-0pri', 'after-sb-1pri',
-  'after-sb-2pri', 'ping-interval', 'ping-timeout', 'connect-int', 'max-buffers', 'max-in-flight',
+  'after-sb-2pri', 'ping-interval', 'ping-timeout', 'connect-int', 'max-buffers', 'max-in-flight', 'fencing',
 ]);
 const resyncKeys = new Set(['rate', 'min-rate', 'csums-alg', 'verify-alg']);
-const nodeKeys = new Set(['address', 'disk', 'meta-disk', 'nbd', 'device', 'control']);
-const topLevel = new Set(['resource', 'disk', 'net', 'resync', 'node']);
+const nodeKeys = new Set(['address', 'disk', 'meta-disk', 'nbd', 'device', 'control', 'node-id']);
+const handlerKeys = new Set<string>([...HANDLER_NAMES, 'timeout']);
+const topLevel = new Set(['resource', 'disk', 'net', 'resync', 'node', 'handlers']);
 
 const hashAlgorithms = new Set(['xxh64', 'sha256', 'sha1', 'md5', 'crc32c', 'sha512', 'blake2b512']);
 
@@ -222,9 +237,12 @@ export function parseResourceConfig(text: string, fileName: string): ResourceCon
   const disk = v.table(root, 'disk', diskKeys);
   const net = v.table(root, 'net', netKeys);
   const resync = v.table(root, 'resync', resyncKeys);
+  const handlerTable = v.table(root, 'handlers', handlerKeys);
 
   const name = v.string(resource, 'resource', 'name', true);
   if (!NAME_PATTERN.test(name)) v.fail('resource.name', `"${name}" must be letters, digits, "_", "-", "." (max 63)`);
+  // DRBD's minors go up to 2^20 - 1.
+  const minor = resource.minor === undefined ? undefined : v.integer(resource, 'resource', 'minor', 0, 0, 1_048_575);
 
   if (resource.protocol !== undefined && net.protocol !== undefined) {
     v.fail('net.protocol', 'protocol is set in both [resource] and [net]; keep one');
@@ -274,6 +292,17 @@ export function parseResourceConfig(text: string, fileName: string): ResourceCon
   const sendQueueMaxBytes = v.size(net, 'net', 'max-buffers', 64 * 1024 * 1024)!;
   if (sendQueueMaxBytes < 1024 * 1024) v.fail('net.max-buffers', `${sendQueueMaxBytes} bytes is below the minimum 1MiB`);
   const maxInFlightWrites = v.integer(net, 'net', 'max-in-flight', 2048, 1, 65536);
+  const fencing = v.oneOf<Fencing>(net, 'net', 'fencing', ['dont-care', 'resource-only'], 'dont-care');
+
+  const handlers: Partial<Record<HandlerName, string>> = {};
+  for (const handler of HANDLER_NAMES) {
+    const command = v.string(handlerTable, 'handlers', handler, false);
+    if (command !== undefined) handlers[handler] = command;
+  }
+  const handlerTimeoutMs = v.durationMs(handlerTable, 'handlers', 'timeout', 60_000);
+  if (fencing === 'resource-only' && handlers['fence-peer'] === undefined) {
+    v.fail('net.fencing', '"resource-only" needs a fence-peer command in [handlers] (it is what outdates the peer)');
+  }
 
   const resyncRateMaxBytesPerSecond = v.size(resync, 'resync', 'rate', 100 * 1024 * 1024)!;
   const resyncRateMinBytesPerSecond = v.size(resync, 'resync', 'min-rate', 4 * 1024 * 1024)!;
@@ -333,7 +362,11 @@ export function parseResourceConfig(text: string, fileName: string): ResourceCon
     if (nbd.startsWith('unix:') && Buffer.byteLength(nbd.slice(5)) > UNIX_PATH_MAX_BYTES) {
       v.fail(`${section}.nbd`, `socket path "${nbd.slice(5)}" is longer than ${UNIX_PATH_MAX_BYTES} bytes (a unix socket limit)`);
     }
-    nodes[nodeName] = { name: nodeName, address, disk: diskPath, metaDisk, nbd, device, control };
+    // DRBD's node ids run 0..31; by default each node's position in the file.
+    const nodeId = v.integer(table, section, 'node-id', Object.keys(nodes).length, 0, 31);
+    const sameId = Object.values(nodes).find((other) => other.nodeId === nodeId);
+    if (sameId !== undefined) v.fail(`${section}.node-id`, `${nodeId} is also node ${sameId.name}'s node-id`);
+    nodes[nodeName] = { name: nodeName, address, disk: diskPath, metaDisk, nbd, device, control, nodeId };
   }
   const nodeNames = Object.keys(nodes);
   if (nodeNames.length !== 2) {
@@ -353,7 +386,8 @@ export function parseResourceConfig(text: string, fileName: string): ResourceCon
     fileName, name, protocol, sharedSecret, sizeBytes, onCongestion, allowTwoPrimaries,
     afterSb0pri: afterSb0priText as AfterSb0Pri, afterSb1pri, afterSb2pri,
     resyncRateMaxBytesPerSecond, resyncRateMinBytesPerSecond, pingIntervalMs, pingTimeoutMs, connectRetryMs,
-    sendQueueMaxBytes, maxInFlightWrites, csumsAlg, verifyAlg, alExtents, nodes,
+    sendQueueMaxBytes, maxInFlightWrites, csumsAlg, verifyAlg, alExtents, minor, fencing, handlers, handlerTimeoutMs,
+    nodes,
   };
 }
 
@@ -387,6 +421,23 @@ export function resolveNodeName(config: ResourceConfig, explicit?: string): stri
   throw new ConfigError(config.fileName, undefined,
     `cannot tell which node this is: host name "${host}" is not one of ${names.join(', ')}; ` +
     'pass --node NAME or set DRBDTS_NODE');
+}
+
+/**
+ * The resource's device minor, as events2 and the handlers' DRBD_MINOR show it: `[resource] minor` when set,
+ * else the resource's position among the configs in /etc/drbdts (sorted by name, as `drbdts status` lists
+ * them), else 0. Set it explicitly when scripts depend on it: a new config file can shift the positions.
+ */
+export function resourceMinor(config: ResourceConfig, configDir = DEFAULT_CONFIG_DIR): number {
+  if (config.minor !== undefined) return config.minor;
+  let names: string[];
+  try {
+    names = readdirSync(configDir).filter((file) => file.endsWith('.toml')).map((file) => file.slice(0, -5)).sort();
+  } catch {
+    return 0;
+  }
+  const index = names.indexOf(config.name);
+  return index < 0 ? 0 : index;
 }
 
 /** The other node of a two-node resource. */

@@ -38,11 +38,14 @@ export interface ResyncStatus {
 export interface ResourceStatus {
   name: string;
   node: string;
+  /** DRBD's node-id of this node and its device minor (events2, the handlers' DRBD_NODE_ID/DRBD_MINOR). */
+  nodeId?: number;
+  minor?: number;
   size: number;
   role: RoleState;
   disk: DiskState;
   connection: ConnectionState;
-  peer: { node: string; role: RoleState; disk: DiskState };
+  peer: { node: string; nodeId?: number; role: RoleState; disk: DiskState };
   outOfSyncBytes: number;
   /** Where replicated writes run: 'native' threads or 'js' (DRBDTS_REPL_DATA_PATH). */
   replicationDataPath: 'js' | 'native';
@@ -74,9 +77,22 @@ export interface ResourceStatus {
   pending: number;
   unacked: number;
   uuids?: { current: string; bitmap: string; history: [string, string] };
+  /** The last split brain found at connect (the reason names the way out), until a connection succeeds. */
+  splitBrain?: null | { detectedMs: number; reason: string };
 }
 
 export type ControlHandler = (command: string, args: Record<string, unknown>) => Promise<unknown>;
+
+/**
+ * A subscription (the `events` request): after its ok answer the connection carries one JSON object per line
+ * from the daemon until either side closes it. `send` returns false once the subscriber is gone.
+ */
+export type ControlSubscriber = (send: (message: object) => boolean) => () => void;
+
+/** The request that turns a control connection into an event stream. */
+export const SUBSCRIBE_COMMAND = 'events';
+/** A subscriber that lets this much queue up unread is dropped rather than growing the daemon's memory. */
+const SUBSCRIBER_BACKLOG_MAX_BYTES = 4 * 1024 * 1024;
 
 /** Longest request line accepted: control requests are tiny; a huge line is a confused or hostile client. */
 const MAX_LINE_BYTES = 64 * 1024;
@@ -122,11 +138,13 @@ export class ControlServer {
   readonly #server: net.Server;
   readonly #sockets = new Set<net.Socket>();
   #listening = false;
+  readonly #subscriber: ControlSubscriber | undefined;
 
-  constructor(socketPath: string, handler: ControlHandler, logger?: Logger) {
+  constructor(socketPath: string, handler: ControlHandler, logger?: Logger, subscriber?: ControlSubscriber) {
     this.path = socketPath;
     this.#handler = handler;
     this.#logger = logger;
+    this.#subscriber = subscriber;
     this.#server = net.createServer((socket) => this.#accept(socket));
     this.#server.maxConnections = MAX_CONNECTIONS;
   }
@@ -188,6 +206,29 @@ export class ControlServer {
         const line = buffered.slice(0, newline).trim();
         buffered = buffered.slice(newline + 1);
         if (line === '') continue;
+        if (this.#subscriber !== undefined && isSubscribeRequest(line)) {
+          // From here on the connection only carries events; whatever else the client sends is ignored.
+          const subscriber = this.#subscriber;
+          chain = chain.then(() => {
+            if (socket.destroyed) return;
+            socket.write(`${JSON.stringify({ ok: true, result: null })}\n`);
+            const send = (message: object): boolean => {
+              if (socket.destroyed || socket.writableEnded) return false;
+              if (socket.writableLength > SUBSCRIBER_BACKLOG_MAX_BYTES) {
+                // Said at the end of what is queued, so the subscriber can tell this from the daemon going down.
+                socket.end(`${JSON.stringify({ event: 'overrun', backlogBytes: socket.writableLength })}\n`);
+                return false;
+              }
+              socket.write(`${JSON.stringify(message, jsonReplacer)}\n`);
+              return true;
+            };
+            const unsubscribe = subscriber(send);
+            socket.once('close', unsubscribe);
+          });
+          socket.removeAllListeners('data');
+          socket.on('data', () => {});
+          return;
+        }
         const answer = this.#answer(line);
         chain = chain.then(async () => {
           const text = await answer;
@@ -236,6 +277,85 @@ export class ControlServer {
     // net.Server unlinks its unix socket on close; make sure, without failing if it is gone already.
     await fsp.unlink(this.path).catch(() => undefined);
   }
+}
+
+function isSubscribeRequest(line: string): boolean {
+  try {
+    return (JSON.parse(line) as { command?: unknown }).command === SUBSCRIBE_COMMAND;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Subscribes to a daemon's events: `onMessage` gets each object it pushes. Resolves when the daemon closes the
+ * stream (it went down); rejects as sendControlRequest does when there is no daemon or it refuses.
+ */
+export function subscribeControl(socketPath: string, onMessage: (message: Record<string, unknown>) => void,
+  options: { timeoutMs?: number } = {}): Promise<void> {
+  const timeoutMs = options.timeoutMs ?? 30_000;
+  return new Promise((resolve, reject) => {
+    const socket = net.connect(socketPath);
+    let buffered = '';
+    let subscribed = false;
+    let settled = false;
+    const finish = (error: Error | null): void => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      socket.destroy();
+      if (error !== null) reject(error);
+      else resolve();
+    };
+    const timer = setTimeout(() => {
+      finish(new ControlError('ETIMEDOUT', `no answer to "${SUBSCRIBE_COMMAND}" from the daemon at ${socketPath} within ${timeoutMs} ms`));
+    }, timeoutMs);
+    socket.setEncoding('utf8');
+    socket.once('connect', () => socket.write(`${JSON.stringify({ command: SUBSCRIBE_COMMAND, args: {} })}\n`));
+    socket.on('data', (chunk: string) => {
+      buffered += chunk;
+      let newline: number;
+      while ((newline = buffered.indexOf('\n')) !== -1) {
+        const line = buffered.slice(0, newline);
+        buffered = buffered.slice(newline + 1);
+        let message: Record<string, unknown>;
+        try {
+          message = JSON.parse(line) as Record<string, unknown>;
+        } catch {
+          finish(new ControlError('EPROTO', `the daemon at ${socketPath} sent something that is not JSON`));
+          return;
+        }
+        if (!subscribed) {
+          if (message.ok !== true) {
+            finish(new ControlError('EREMOTE', typeof message.error === 'string' ? message.error : 'the daemon refused the subscription'));
+            return;
+          }
+          subscribed = true;
+          clearTimeout(timer);
+          continue;
+        }
+        if (message.event === 'overrun') {
+          finish(new ControlError('EPROTO', `the daemon at ${socketPath} dropped this event stream: `
+            + `${String(message.backlogBytes)} bytes of events were waiting unread`));
+          return;
+        }
+        onMessage(message);
+      }
+    });
+    socket.on('error', (error: NodeJS.ErrnoException) => {
+      if (error.code === 'ENOENT' || error.code === 'ECONNREFUSED') {
+        finish(new ControlError('ENODAEMON', `no daemon at ${socketPath}`, { cause: error }));
+      } else if (subscribed) {
+        finish(null);
+      } else {
+        finish(new ControlError('EPROTO', `control socket ${socketPath}: ${error.message}`, { cause: error }));
+      }
+    });
+    socket.on('close', () => {
+      if (subscribed) finish(null);
+      else finish(new ControlError('EPROTO', `the daemon at ${socketPath} closed the connection without answering "${SUBSCRIBE_COMMAND}"`));
+    });
+  });
 }
 
 /** bigint (UUIDs) serializes as a hex string; JSON.stringify would throw. */

@@ -20,7 +20,8 @@ import { parseListenAddress } from '../nbd/address.js';
 import { attachKernelClient, deviceInUse, type KernelAttachment } from '../nbd/kernel.js';
 import { transmissionFlagsFor } from '../nbd/handshake.js';
 import { Bitmap } from '../metadata/bitmap.js';
-import { peerOf, type ResourceConfig } from './config.js';
+import { peerOf, resourceMinor, type HandlerName, type ResourceConfig } from './config.js';
+import { HandlerRunner, handlerVariables, type HandlerResult } from './handlers.js';
 import { ControlServer, type ConnectionState, type DiskState, type ResourceStatus, type RoleState } from './control.js';
 import { Metadata } from '../metadata/metadata.js';
 import { decideSync, formatUuid, newUuid, type SyncDecision, type SyncView } from '../metadata/uuids.js';
@@ -40,10 +41,13 @@ import {
   ResyncTarget,
   VerifyInitiator,
   answerVerify,
+  markDifferingBlocks,
 } from '../replication/resync.js';
 
 /** Bitmap frames carry at most this many bitmap bytes each. */
 const BITMAP_FRAME_BYTES = 1024 * 1024;
+/** After the local-io-error handler ran, further errors within this period do not run it again (one per burst). */
+const LOCAL_IO_ERROR_QUIET_MS = 60_000;
 
 interface Session {
   connection: PeerConnection;
@@ -69,6 +73,8 @@ interface Session {
    * to do could end before the sync UUID arrives, which would then make this node Inconsistent for good.
    */
   syncUuidRecorded: boolean;
+  /** The before-resync-target handler runs: the resync waits for its answer (the state is SyncTarget). */
+  beforeResyncTargetRunning: boolean;
 }
 
 export class NodeDaemon {
@@ -94,6 +100,21 @@ export class NodeDaemon {
   /** DRBDTS_REPL_DATA_PATH: replicated writes on native threads (default) or in JavaScript. */
   private readonly dataPath: ReplicationDataPath;
   private hub: NativePlaneHub | null = null;
+  /** events2 subscribers (control connections in event mode), and what they were last told. */
+  private readonly subscribers = new Set<(message: object) => boolean>();
+  private publishedStateKey = '';
+  private statisticsTimer: NodeJS.Timeout | null = null;
+  private readonly minor: number;
+  private readonly handlers: HandlerRunner;
+  /** The last split brain found at connect, until a connection gets past the sync decision again. */
+  private splitBrain: { detectedMs: number; reason: string } | null = null;
+  /** While disconnected: the peer's disk as the fence-peer handler's answer left it (DRBD's peer-disk). */
+  private fencedPeerDisk: DiskState | null = null;
+  /** Counts connections, so a fence-peer answer that arrives after a reconnect and a new loss is ignored. */
+  private connectionEpoch = 0;
+  /** local-io-error runs once per burst of errors: not while it runs, nor again within LOCAL_IO_ERROR_QUIET_MS. */
+  private localIoErrorRunning = false;
+  private localIoErrorLastMs = 0;
 
   constructor(
     private readonly config: ResourceConfig,
@@ -101,6 +122,9 @@ export class NodeDaemon {
     private readonly logger: Logger,
   ) {
     this.peerName = peerOf(config, nodeName).name;
+    this.minor = resourceMinor(config);
+    this.handlers = new HandlerRunner(config.handlers, config.handlerTimeoutMs, logger, (helper, phase, exitCode) =>
+      this.broadcast({ event: 'helper', timeMs: Date.now(), helper, phase, exitCode }));
     this.dataPath = replicationDataPathFromEnv();
     this.rate = new RateController(
       { maxBytesPerSecond: config.resyncRateMaxBytesPerSecond, minBytesPerSecond: config.resyncRateMinBytesPerSecond },
@@ -138,6 +162,7 @@ export class NodeDaemon {
         describe: () => `resource ${this.config.name} on node ${this.nodeName} is ${this.role}`
           + (this.role === 'Secondary' ? `: promote it with "drbdts primary ${this.config.name}"` : ''),
         native: this.hub === null ? undefined : { hub: this.hub, allowed: () => this.nativeAllowed() },
+        onLocalIoError: (what, error) => this.onLocalIoError(what, error),
       });
       this.device.onFirstUnreplicatedWrite = async () => {
         // A Primary writes without its peer: a new data generation starts (DRBD's new current UUID).
@@ -147,6 +172,7 @@ export class NodeDaemon {
         }
       };
       this.device.onAheadDrained = () => this.renegotiate('send queue drained after pulling ahead');
+      this.device.onPulledAhead = () => this.publish();
       this.link = new PeerLink({
         resource: this.config.name,
         localNode: this.nodeName,
@@ -182,7 +208,9 @@ export class NodeDaemon {
       });
       this.device.onNativeOpen = () => this.nbd.replicationOpened();
       await this.nbd.listen(parseListenAddress(node.nbd));
-      this.control = new ControlServer(node.control, (command, args) => this.handle(command, args), this.logger);
+      this.control = new ControlServer(node.control,
+        (command, args) => this.handle(command, args).finally(() => this.publish()), this.logger,
+        (send) => this.subscribe(send));
       await this.control.listen();
     } catch (error) {
       await this.link?.close().catch(() => {});
@@ -215,7 +243,8 @@ export class NodeDaemon {
     if (session.decision === null) return 'Connecting';
     const kind = session.decision.kind;
     const syncing = session.expectBitmap;
-    if (session.target !== null || (syncing && (kind === 'target' || kind === 'full-target'))) {
+    if (session.target !== null || session.beforeResyncTargetRunning
+      || (syncing && (kind === 'target' || kind === 'full-target'))) {
       return session.resyncPaused ? 'PausedSyncT' : 'SyncTarget';
     }
     if (session.source !== null || (syncing && (kind === 'source' || kind === 'full-source'))) {
@@ -272,14 +301,17 @@ export class NodeDaemon {
     return {
       name: this.config.name,
       node: this.nodeName,
+      nodeId: this.node.nodeId,
+      minor: this.minor,
       size: this.metadata.dataSizeBytes,
       role: this.role,
       disk: this.diskState(),
       connection: this.connectionState(),
       peer: {
         node: this.peerName,
+        nodeId: this.config.nodes[this.peerName]!.nodeId,
         role: session?.peerRole ?? 'Unknown',
-        disk: session?.peerDisk ?? 'DUnknown',
+        disk: session?.peerDisk ?? this.fencedPeerDisk ?? 'DUnknown',
       },
       outOfSyncBytes: this.outOfSyncBytes(),
       replicationDataPath: this.dataPath,
@@ -311,12 +343,148 @@ export class NodeDaemon {
       },
       pending: this.device.pendingLocal,
       unacked: this.device.unacked,
+      splitBrain: this.splitBrain,
       uuids: {
         current: formatUuid(this.metadata.uuids.current),
         bitmap: formatUuid(this.metadata.uuids.bitmap),
         history: [formatUuid(this.metadata.uuids.history[0]), formatUuid(this.metadata.uuids.history[1])],
       },
     };
+  }
+
+  // ---- handlers ----
+
+  /** Runs a configured handler with DRBD's variables; null when the config has none by that name. */
+  private callHandler(name: HandlerName, extra: Record<string, string> = {}): Promise<HandlerResult> | null {
+    const peer = this.config.nodes[this.peerName]!;
+    return this.handlers.run(name, handlerVariables({
+      resource: this.config.name, configFile: this.config.fileName, minor: this.minor, nodeName: this.nodeName,
+      nodeId: this.node.nodeId, address: this.node.address, backingDevice: this.node.disk, peerName: this.peerName,
+      peerNodeId: peer.nodeId, peerAddress: peer.address, connectionState: drbdConnectionState(this.connectionState()),
+    }, extra));
+  }
+
+  /** A split brain found at connect: said so in the log and status, the split-brain handler told, StandAlone. */
+  private splitBrainDetected(session: Session, decisionReason: string): void {
+    // The decision names the command generically ("drbdts connect RES ..."); status and log name this resource.
+    const reason = decisionReason.replace(/"drbdts ([a-z-]+) RES\b/g, `"drbdts $1 ${this.config.name}`);
+    this.splitBrain = { detectedMs: Date.now(), reason };
+    this.logger.error({ reason }, 'split brain detected: the nodes\' data diverged; not connecting');
+    void this.callHandler('split-brain');
+    this.refuse(session, reason);
+  }
+
+  /**
+   * [net] fencing resource-only: a Primary that lost its peer asks the fence-peer handler to outdate it. The
+   * exit code means what it means to DRBD: 3 the peer is Inconsistent, 4 it was outdated, 5 it is unreachable
+   * (assumed dead: outdated, if this disk is UpToDate), 6 it is Primary itself, 7 it was fenced (STONITH).
+   */
+  private async fencePeer(): Promise<number | null> {
+    const epoch = this.connectionEpoch;
+    const upToDateNodes = (this.diskState() === 'UpToDate' ? 1 << this.node.nodeId : 0) >>> 0;
+    const run = this.callHandler('fence-peer', {
+      UP_TO_DATE_NODES: `0x${upToDateNodes.toString(16).toUpperCase().padStart(8, '0')}`,
+    });
+    if (run === null) {
+      this.logger.warn('fencing is resource-only but [handlers] has no fence-peer: the peer is not fenced');
+      return null;
+    }
+    const { exitCode } = await run;
+    if (this.session !== null || this.connectionEpoch !== epoch) {
+      this.logger.info({ exitCode }, 'the peer connected again while fence-peer ran: its answer is ignored');
+      return null;
+    }
+    let peerDisk: DiskState | null = null;
+    let meaning: string;
+    switch (exitCode) {
+      case 3:
+        peerDisk = 'Inconsistent';
+        meaning = 'peer is inconsistent or worse';
+        break;
+      case 4:
+        peerDisk = 'Outdated';
+        meaning = 'peer was fenced (outdated)';
+        break;
+      case 5:
+        if (this.diskState() === 'UpToDate') {
+          peerDisk = 'Outdated';
+          meaning = 'peer is unreachable, assumed to be dead';
+        } else {
+          meaning = 'peer unreachable, doing nothing since this disk is not UpToDate';
+        }
+        break;
+      case 6:
+        meaning = 'peer is active (Primary): both nodes are Primary, a split brain unless one is demoted';
+        break;
+      case 7:
+        peerDisk = 'Outdated';
+        meaning = 'peer was stonithed';
+        break;
+      default:
+        this.logger.error({ exitCode }, 'fence-peer handler failed (exit codes 3 to 7 have a meaning): the peer is not fenced');
+        return exitCode;
+    }
+    const log = exitCode === 6 ? this.logger.error.bind(this.logger) : this.logger.info.bind(this.logger);
+    log({ exitCode, peerDisk }, `fence-peer handler returned ${exitCode} (${meaning})`);
+    if (peerDisk !== null) {
+      this.fencedPeerDisk = peerDisk;
+      if (peerDisk === 'Outdated') {
+        this.metadata.flags = { ...this.metadata.flags, peerOutdated: true };
+        await this.metadata.writeSuperblock().catch((error: Error) =>
+          this.logger.error({ err: error }, 'recording the outdated peer in the metadata failed'));
+      }
+    }
+    this.publish();
+    return exitCode;
+  }
+
+  /** The local disk returned EIO: the local-io-error handler runs once per burst of errors. */
+  private onLocalIoError(what: string, error: Error): void {
+    if (!this.handlers.has('local-io-error')) return;
+    const now = Date.now();
+    if (this.localIoErrorRunning || now - this.localIoErrorLastMs < LOCAL_IO_ERROR_QUIET_MS) return;
+    this.localIoErrorRunning = true;
+    this.localIoErrorLastMs = now;
+    this.logger.error({ what, err: error }, 'I/O error on the local disk: calling the local-io-error handler');
+    void this.callHandler('local-io-error')!.finally(() => {
+      this.localIoErrorRunning = false;
+    });
+  }
+
+  // ---- events (drbdts events2) ----
+
+  private subscribe(send: (message: object) => boolean): () => void {
+    this.subscribers.add(send);
+    send({ event: 'state', timeMs: Date.now(), status: this.status() });
+    // Progress and counters change without a state change: subscribers get them once a second.
+    this.statisticsTimer ??= setInterval(() => this.publish(true), 1000);
+    this.statisticsTimer.unref();
+    return () => {
+      this.subscribers.delete(send);
+      if (this.subscribers.size === 0 && this.statisticsTimer !== null) {
+        clearInterval(this.statisticsTimer);
+        this.statisticsTimer = null;
+      }
+    };
+  }
+
+  private broadcast(message: object): void {
+    for (const send of this.subscribers) if (!send(message)) this.subscribers.delete(send);
+  }
+
+  /**
+   * Tells event subscribers the state when something they show changed (always, when `periodic`). Called after
+   * every peer frame, control command, connection change and resync or verify step, synchronously: a state
+   * that lasts for one of those is seen, however short.
+   */
+  private publish(periodic = false): void {
+    if (this.subscribers.size === 0 || this.metadata === undefined || this.link === undefined) return;
+    const session = this.session;
+    const key = `${this.role} ${this.diskState()} ${this.connectionState()} ${session?.peerRole ?? ''} `
+      + `${session?.peerDisk ?? this.fencedPeerDisk ?? ''} ${session?.resyncPaused === true} ${this.lastVerify === null}`;
+    if (!periodic && key === this.publishedStateKey) return;
+    this.publishedStateKey = key;
+    this.broadcast({ event: 'state', timeMs: Date.now(), status: this.status() });
   }
 
   // ---- connection ----
@@ -328,7 +496,8 @@ export class NodeDaemon {
   private nativeAllowed(): boolean {
     const session = this.session;
     return session !== null && session.decision !== null && !session.expectBitmap && session.source === null
-      && session.target === null && session.verify === null && !session.verifyPeerActive;
+      && session.target === null && !session.beforeResyncTargetRunning && session.verify === null
+      && !session.verifyPeerActive;
   }
 
   private onConnected(connection: PeerConnection): void {
@@ -337,8 +506,11 @@ export class NodeDaemon {
       peerBitmapComplete: false, expectBitmap: false, source: null, target: null, verify: null,
       verifyPeerActive: false, peerRole: 'Unknown', peerDisk: 'DUnknown',
       peerUuids: { current: 0n, bitmap: 0n, history: [0n, 0n] }, resyncPaused: false, syncUuidRecorded: false,
+      beforeResyncTargetRunning: false,
     };
     this.session = session;
+    this.connectionEpoch += 1;
+    this.fencedPeerDisk = null;
     // With allow-two-primaries, overlapping writes from both sides are resolved by the connecting node.
     this.device.attach(connection, { dualPrimary: this.config.allowTwoPrimaries, resolver: this.link.side === 'connector' });
     // Our state goes out before queued peer frames are handled, so the peer's NODE_STATE is taken as its
@@ -347,11 +519,13 @@ export class NodeDaemon {
     connection.start((channel, type, flags, id, offset, body) => {
       try {
         this.onFrame(session, channel, type, flags, id, offset, body);
+        this.publish();
       } catch (error) {
         this.logger.error({ err: error }, 'peer frame handling failed');
         connection.close(`protocol error: ${(error as Error).message}`);
       }
     });
+    this.publish();
   }
 
   private onDisconnected(reason: string): void {
@@ -363,8 +537,17 @@ export class NodeDaemon {
     this.device.detach();
     session.target?.stop(reason);
     session.verify?.stop(reason);
+    // As in DRBD, a verify's result describes one connection: it goes with it.
+    this.lastVerify = null;
     this.logger.warn({ reason, outOfSyncBytes: this.metadata.bitmap.dirtyBytes() }, 'peer disconnected');
     this.metadata.writeBitmap().catch((error: Error) => this.logger.error({ err: error }, 'bitmap write-back failed'));
+    this.publish();
+    // A Primary whose peer had good data must make sure that peer cannot be promoted with the old data (not
+    // when going down: the peer then has every write, as after a demotion).
+    if (this.role === 'Primary' && this.downPromise === null && this.config.fencing === 'resource-only'
+      && (session.peerDisk === 'UpToDate' || session.peerDisk === 'Consistent')) {
+      void this.fencePeer().catch((error: Error) => this.logger.error({ err: error }, 'fencing the peer failed'));
+    }
   }
 
   private sendNodeState(session: Session): void {
@@ -387,6 +570,7 @@ export class NodeDaemon {
       resyncInProgress: flags.resyncInProgress,
       allowTwoPrimaries: this.config.allowTwoPrimaries,
       lastPromotedMs: BigInt(this.metadata.lastPromotedMs),
+      verifyAlg: this.config.verifyAlg ?? 'xxh64',
     });
   }
 
@@ -397,6 +581,7 @@ export class NodeDaemon {
       role: this.role, disk: this.diskState(), currentUuid: this.metadata.uuids.current,
       bitmapUuid: this.metadata.uuids.bitmap, historyUuids: [...this.metadata.uuids.history],
     });
+    this.publish();
   }
 
   /** Re-runs the connect-time decision on the live connection (operator actions, pull-ahead drained). */
@@ -407,6 +592,7 @@ export class NodeDaemon {
     session.decision = null;
     session.peerState = null;
     this.sendNodeState(session);
+    this.publish();
   }
 
   private onFrame(session: Session, channel: number, type: number, flags: number, id: number, offset: number,
@@ -428,7 +614,7 @@ export class NodeDaemon {
         void this.decide(session, state).catch((error: Error) => {
           this.logger.error({ err: error }, 'sync decision failed');
           connection.close(`sync decision failed: ${error.message}`);
-        });
+        }).finally(() => this.publish());
         return;
       }
       case FrameType.STATE_CHANGE: {
@@ -439,8 +625,9 @@ export class NodeDaemon {
         if (session.peerRole === 'Primary' && this.role === 'Primary' && !this.config.allowTwoPrimaries) {
           // Both promoted at the same moment, each seeing the other Secondary. Without conflict handling the
           // replicas could diverge under crossing writes: drop the link; the reconnect sees the split brain.
-          this.logger.error('the peer became Primary while this node is Primary and allow-two-primaries is off');
-          connection.close('both nodes are Primary and allow-two-primaries is off');
+          this.logger.error('the peer became Primary while this node is Primary and allow-two-primaries is off: '
+            + 'dropping the connection before writes from both sides make a split brain');
+          connection.close('both nodes are Primary and allow-two-primaries is off (a split brain if both write)');
           return;
         }
         session.peerUuids = { current: change.currentUuid, bitmap: change.bitmapUuid,
@@ -487,6 +674,7 @@ export class NodeDaemon {
           if (this.session !== session) return;
           session.syncUuidRecorded = true;
           this.maybeStartResync(session);
+          this.publish();
         }, (error: Error) => {
           this.logger.error({ err: error }, 'recording the sync UUID failed');
           connection.close(`metadata write failed: ${error.message}`);
@@ -499,14 +687,19 @@ export class NodeDaemon {
         if (session.decision?.kind !== 'source' && session.decision?.kind !== 'full-source') {
           throw new Error(`RESYNC_DONE while this node is not SyncSource (decision ${session.decision?.kind ?? 'not made yet'})`);
         }
-        void this.finishAsSource(session);
+        void this.finishAsSource(session).finally(() => this.publish());
         return;
       case FrameType.OV_REQUEST:
+        // The first request of a verify by the peer: the result of an earlier one no longer stands.
+        if (!session.verifyPeerActive) this.lastVerify = null;
         session.verifyPeerActive = true;
         answerVerify(this.device, connection, this.config.verifyAlg ?? 'xxh64', id, offset, body);
         return;
       case FrameType.OV_REPLY:
-        session.verify?.handleReply(flags, id, offset);
+        session.verify?.handleReply(flags, id, offset, body);
+        return;
+      case FrameType.OV_RESULT:
+        markDifferingBlocks(this.device, offset, id, body);
         return;
       case FrameType.VERIFY_DONE: {
         session.verifyPeerActive = false;
@@ -557,8 +750,10 @@ export class NodeDaemon {
         + `${peer.allowTwoPrimaries ? 'on' : 'off'} on ${peer.node}: the config must be identical`);
       return;
     }
-    if (this.role === 'Primary' && peer.role === 'Primary' && !this.config.allowTwoPrimaries) {
-      this.refuse(session, 'both nodes are Primary and allow-two-primaries is off: demote one');
+    const verifyAlg = this.config.verifyAlg ?? 'xxh64';
+    if (peer.verifyAlg !== verifyAlg) {
+      this.refuse(session, `verify-alg is ${verifyAlg} here and ${peer.verifyAlg} on ${peer.node}: the config must be identical `
+        + '(online verify compares digests)');
       return;
     }
     const peerView: SyncView = {
@@ -575,6 +770,16 @@ export class NodeDaemon {
     const decision = decideSync(this.syncView(), peerView, {
       afterSb0pri: this.config.afterSb0pri, afterSb1pri: this.config.afterSb1pri, afterSb2pri: this.config.afterSb2pri,
     });
+    if (decision.kind === 'split-brain') {
+      this.splitBrainDetected(session, decision.reason);
+      return;
+    }
+    if (this.role === 'Primary' && peer.role === 'Primary' && !this.config.allowTwoPrimaries) {
+      // Both promoted, but at most one of them wrote (else the decision above is a split brain).
+      this.refuse(session, 'both nodes are Primary and allow-two-primaries is off: demote one');
+      return;
+    }
+    if (decision.kind !== 'unrelated') this.splitBrain = null;
     session.decision = decision;
     this.logger.info({ decision: decision.kind, reason: decision.reason }, 'sync decision');
     switch (decision.kind) {
@@ -587,7 +792,6 @@ export class NodeDaemon {
         // A fresh pair: connected, both Inconsistent; writes (after primary --force) replicate.
         this.device.startShipping();
         return;
-      case 'split-brain':
       case 'unrelated':
         this.refuse(session, decision.reason);
         return;
@@ -666,6 +870,26 @@ export class NodeDaemon {
       this.sendStateChange();
       return;
     }
+    const before = this.callHandler('before-resync-target');
+    if (before === null) {
+      this.startResyncTarget(session);
+      return;
+    }
+    // As in DRBD: with the bitmaps merged, before any block is written; a failure drops the connection.
+    session.beforeResyncTargetRunning = true;
+    void before.then(({ exitCode }) => {
+      session.beforeResyncTargetRunning = false;
+      if (this.session !== session) return;
+      if (exitCode !== 0) {
+        this.refuse(session, `the before-resync-target handler returned ${exitCode ?? 'nothing (killed)'}: `
+          + 'not starting the resync; dropping the connection');
+        return;
+      }
+      this.startResyncTarget(session);
+    }).finally(() => this.publish());
+  }
+
+  private startResyncTarget(session: Session): void {
     const resync = new ResyncTarget({
       device: this.device,
       connection: session.connection,
@@ -683,7 +907,7 @@ export class NodeDaemon {
         this.logger.error({ err: error }, 'resync failed');
         session.connection.close(`resync failed: ${error.message}`);
       },
-    );
+    ).finally(() => this.publish());
   }
 
   private async finishAsTarget(session: Session): Promise<void> {
@@ -697,6 +921,7 @@ export class NodeDaemon {
     session.connection.sendMessage(CHANNEL_META, FrameType.RESYNC_DONE, 'ResyncDone', { bytes: BigInt(total) });
     this.sendStateChange();
     this.logger.info({ bytes: total, received: this.device.counters.resyncReceivedBytes }, 'resync finished: UpToDate');
+    void this.callHandler('after-resync-target');
   }
 
   private async finishAsSource(session: Session): Promise<void> {
@@ -805,6 +1030,19 @@ export class NodeDaemon {
         if (disk !== 'UpToDate' && disk !== 'Consistent' && !force) {
           throw new Error(`${name} is ${disk}: refusing to promote (use --force only if this node's data is the good copy)`);
         }
+        if (session === null && this.config.fencing === 'resource-only' && !force && this.fencedPeerDisk === null) {
+          // As in DRBD: promoting without knowing the peer's disk first has fence-peer make sure the peer
+          // cannot be (or become) Primary with other data.
+          const exitCode = await this.fencePeer();
+          if (this.currentRole() === 'Primary') return this.status(); // promoted by a concurrent request meanwhile
+          if (exitCode === 6) {
+            throw new Error(`${name}: the fence-peer handler says the peer ${this.peerName} is Primary (exit code 6): refusing to promote`);
+          }
+          if (this.fencedPeerDisk === null) {
+            throw new Error(`${name}: fencing is resource-only and the peer's disk is unknown; the fence-peer handler did not `
+              + `outdate it (exit code ${exitCode ?? 'none'}, see the log): promote with --force only if ${this.peerName} is known to be down`);
+          }
+        }
         if (force && disk !== 'UpToDate') {
           // This node's data becomes the good copy: a new generation; the peer gets a full sync.
           if (this.metadata.uuids.current === 0n) this.metadata.uuids = { current: newUuid(), bitmap: 0n, history: [0n, 0n] };
@@ -909,15 +1147,23 @@ export class NodeDaemon {
         }
         const verify = new VerifyInitiator(this.device, session.connection, this.config.verifyAlg ?? 'xxh64', this.rate);
         session.verify = verify;
+        this.lastVerify = null;
         void verify.run().then((complete) => {
           session.verify = null;
+          this.logger.info({ mismatchedBytes: verify.mismatchedBytes, complete }, 'online verify finished');
+          if (this.session !== session) return; // the connection went, and the result with it
           this.lastVerify = { doneBytes: verify.progress.doneBytes, totalBytes: verify.progress.totalBytes,
             outOfSyncBlocks: verify.mismatchedBytes / 4096 };
-          if (complete && this.session === session) {
+          if (complete) {
             session.connection.sendMessage(CHANNEL_META, FrameType.VERIFY_DONE, 'VerifyDone', {
               checkedBytes: BigInt(verify.progress.doneBytes), mismatchedBytes: BigInt(verify.mismatchedBytes) });
           }
-          this.logger.info({ mismatchedBytes: verify.mismatchedBytes, complete }, 'online verify finished');
+          this.publish();
+        }, (error: Error) => {
+          // A local read failed: the verify cannot go on; the peer learns of it from the closed connection.
+          session.verify = null;
+          this.logger.error({ err: error }, 'online verify failed');
+          if (this.session === session) session.connection.close(`online verify failed: ${error.message}`);
         });
         return this.status();
       }
@@ -942,6 +1188,11 @@ export class NodeDaemon {
     }
   }
 
+  /** The role, read anew (after an await, where TypeScript's narrowing of this.role no longer holds). */
+  private currentRole(): 'Primary' | 'Secondary' {
+    return this.role;
+  }
+
   private requireConnected(name: string, what: string): Session {
     const session = this.session;
     if (session === null || session.decision === null && session.peerState === null) {
@@ -954,6 +1205,7 @@ export class NodeDaemon {
   down(why: string): Promise<void> {
     this.downPromise ??= (async () => {
       this.logger.info({ why }, 'going down');
+      this.handlers.stopAll();
       if (this.kernel !== null) {
         await this.kernel.detach().catch((error: Error) => this.logger.error({ err: error }, 'kernel NBD detach failed'));
         this.kernel = null;
@@ -975,6 +1227,11 @@ export class NodeDaemon {
     })();
     return this.downPromise;
   }
+}
+
+/** DRBD 9's connection state (DRBD_CSTATE): Connected whatever the replication does (SyncTarget, Ahead...). */
+function drbdConnectionState(state: ConnectionState): string {
+  return state === 'StandAlone' || state === 'Connecting' || state === 'Disconnecting' ? state : 'Connected';
 }
 
 /** `drbdts up`: runs until a clean down (control `down` or SIGTERM/SIGINT). */
