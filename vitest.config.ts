@@ -15,6 +15,7 @@ const bothDataPaths = [
   'test/replication-ordering.test.ts',
   'test/replication-resync.test.ts',
   'test/resource-cli.test.ts',
+  'test/resource-outdate.test.ts',
   'test/resource-splitbrain.test.ts',
 ];
 

@@ -55,6 +55,17 @@ export class TcpProxy {
     }
   }
 
+  /**
+   * Stops reading only the oldest open connection: the data socket of a node pair (the connecting node opens its
+   * data socket before its meta socket), so bulk data backs up while acks, pings and state changes still pass.
+   */
+  stallFirst(): void {
+    const first = this.pairs.values().next().value;
+    if (first === undefined) throw new Error('stallFirst: no connection through the proxy');
+    first[0].pause();
+    first[1].pause();
+  }
+
   resume(): void {
     this.stalled = false;
     for (const [a, b] of this.pairs) {

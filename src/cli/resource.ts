@@ -31,6 +31,7 @@ const commandFlags: Record<string, string[]> = {
   secondary: [],
   connect: ['discard-my-data'],
   disconnect: [],
+  outdate: [],
   invalidate: [],
   'invalidate-remote': [],
   'new-current-uuid': ['clear-bitmap'],
@@ -56,6 +57,7 @@ const commandHelp: Record<string, string> = {
   connect: 'connect RES [--discard-my-data]   (re)connect to the peer; --discard-my-data resolves a split brain\n' +
     '  by throwing away this node\'s changes',
   disconnect: 'disconnect RES   drop the peer connection and stay StandAlone',
+  outdate: 'outdate RES   mark this node\'s data possibly stale (not promoted without --force; refused on a Primary or while connected)',
   invalidate: 'invalidate RES   discard this node\'s data and resync it from the peer',
   'invalidate-remote': 'invalidate-remote RES   resync the whole device to the peer',
   'new-current-uuid': 'new-current-uuid RES [--clear-bitmap]   start a new data generation; --clear-bitmap on a\n' +
@@ -623,7 +625,7 @@ export async function run(command: string, argv: string[]): Promise<number> {
       case 'events2': return await events2(options);
       case 'role': case 'cstate': case 'dstate': return await query(command, options);
       case 'dump-md': return await dumpMd(options);
-      case 'primary': case 'secondary': case 'connect': case 'disconnect': case 'invalidate': case 'invalidate-remote':
+      case 'primary': case 'secondary': case 'connect': case 'disconnect': case 'outdate': case 'invalidate': case 'invalidate-remote':
       case 'new-current-uuid': case 'pause-sync': case 'resume-sync':
         return await simple(command, options);
       default:

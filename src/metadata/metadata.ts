@@ -32,6 +32,8 @@ export interface MetadataFlags {
   crashedPrimary: boolean;
   peerOutdated: boolean;
   resyncInProgress: boolean;
+  /** This node's data was outdated (`drbdts outdate`, a fence-peer handler): not promoted without --force. */
+  outdated: boolean;
 }
 
 export interface CreateMetadataOptions {
@@ -86,6 +88,7 @@ const FLAG_WAS_PRIMARY = 1 << 2;
 const FLAG_CRASHED_PRIMARY = 1 << 3;
 const FLAG_PEER_OUTDATED = 1 << 4;
 const FLAG_RESYNC_IN_PROGRESS = 1 << 5;
+const FLAG_OUTDATED = 1 << 7;
 /** Set by close(); cleared as soon as a daemon opens the metadata. Absent at open = the last run crashed. */
 const FLAG_CLEAN = 1 << 6;
 
@@ -299,6 +302,7 @@ function flagsFromBits(bits: number): MetadataFlags {
     crashedPrimary: (bits & FLAG_CRASHED_PRIMARY) !== 0,
     peerOutdated: (bits & FLAG_PEER_OUTDATED) !== 0,
     resyncInProgress: (bits & FLAG_RESYNC_IN_PROGRESS) !== 0,
+    outdated: (bits & FLAG_OUTDATED) !== 0,
   };
 }
 
@@ -306,7 +310,7 @@ function bitsFromFlags(flags: MetadataFlags, clean: boolean): number {
   return (flags.consistent ? FLAG_CONSISTENT : 0) | (flags.wasUpToDate ? FLAG_WAS_UP_TO_DATE : 0)
     | (flags.wasPrimary ? FLAG_WAS_PRIMARY : 0) | (flags.crashedPrimary ? FLAG_CRASHED_PRIMARY : 0)
     | (flags.peerOutdated ? FLAG_PEER_OUTDATED : 0) | (flags.resyncInProgress ? FLAG_RESYNC_IN_PROGRESS : 0)
-    | (clean ? FLAG_CLEAN : 0);
+    | (flags.outdated ? FLAG_OUTDATED : 0) | (clean ? FLAG_CLEAN : 0);
 }
 
 interface Layout {

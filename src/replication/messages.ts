@@ -86,6 +86,8 @@ export interface StateChangeMessage {
   currentUuid: bigint;
   bitmapUuid: bigint;
   historyUuids: bigint[];
+  /** The sender (a protocol A Primary) pulled ahead: its writes only mark its bitmap until the queue drains. */
+  ahead?: boolean;
 }
 
 /** uint64 fields travel as decimal strings into protobufjs and come back as bigint. */

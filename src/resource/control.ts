@@ -22,6 +22,7 @@ export type ConnectionState =
   | 'VerifyS'
   | 'VerifyT'
   | 'Ahead'
+  | 'Behind'
   | 'Disconnecting';
 export type DiskState = 'Diskless' | 'Attaching' | 'Inconsistent' | 'Outdated' | 'DUnknown' | 'Consistent' | 'UpToDate';
 export type RoleState = 'Primary' | 'Secondary' | 'Unknown';

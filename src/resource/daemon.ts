@@ -75,6 +75,8 @@ interface Session {
   syncUuidRecorded: boolean;
   /** The before-resync-target handler runs: the resync waits for its answer (the state is SyncTarget). */
   beforeResyncTargetRunning: boolean;
+  /** The peer (a protocol A Primary) pulled ahead of this node: this node is Behind until the resync. */
+  peerAhead: boolean;
 }
 
 export class NodeDaemon {
@@ -172,7 +174,7 @@ export class NodeDaemon {
         }
       };
       this.device.onAheadDrained = () => this.renegotiate('send queue drained after pulling ahead');
-      this.device.onPulledAhead = () => this.publish();
+      this.device.onPulledAhead = () => this.sendStateChange(); // the peer shows Behind
       this.link = new PeerLink({
         resource: this.config.name,
         localNode: this.nodeName,
@@ -233,6 +235,7 @@ export class NodeDaemon {
     const session = this.session;
     if (session?.target !== null && session?.target !== undefined) return 'Inconsistent';
     if (!this.metadata.flags.consistent || this.metadata.uuids.current === 0n) return 'Inconsistent';
+    if (this.metadata.flags.outdated) return 'Outdated';
     return 'UpToDate';
   }
 
@@ -254,6 +257,8 @@ export class NodeDaemon {
     if (session.verifyPeerActive) return 'VerifyT';
     // Protocol A pulled ahead of a congested peer: still connected, but writes only mark the bitmap (DRBD's Ahead).
     if (this.device.ahead) return 'Ahead';
+    // The peer pulled ahead of this node: its writes reach this disk only through the resync that follows.
+    if (session.peerAhead) return 'Behind';
     return 'Connected';
   }
 
@@ -505,7 +510,7 @@ export class NodeDaemon {
       connection, localStateSent: false, peerState: null, decision: null, peerBitmap: null,
       peerBitmapComplete: false, expectBitmap: false, source: null, target: null, verify: null,
       verifyPeerActive: false, peerRole: 'Unknown', peerDisk: 'DUnknown',
-      peerUuids: { current: 0n, bitmap: 0n, history: [0n, 0n] }, resyncPaused: false, syncUuidRecorded: false,
+      peerUuids: { current: 0n, bitmap: 0n, history: [0n, 0n] }, resyncPaused: false, syncUuidRecorded: false, peerAhead: false,
       beforeResyncTargetRunning: false,
     };
     this.session = session;
@@ -580,6 +585,7 @@ export class NodeDaemon {
     session.connection.sendMessage(CHANNEL_META, FrameType.STATE_CHANGE, 'StateChange', {
       role: this.role, disk: this.diskState(), currentUuid: this.metadata.uuids.current,
       bitmapUuid: this.metadata.uuids.bitmap, historyUuids: [...this.metadata.uuids.history],
+      ahead: this.device.ahead,
     });
     this.publish();
   }
@@ -609,6 +615,7 @@ export class NodeDaemon {
         session.peerState = state;
         session.peerRole = state.role === 'Primary' ? 'Primary' : 'Secondary';
         session.peerDisk = state.disk as DiskState;
+        session.peerAhead = false; // a renegotiation: the peer's queue drained (or the peer restarted)
         session.peerUuids = { current: state.currentUuid, bitmap: state.bitmapUuid,
           history: [state.historyUuids[0] ?? 0n, state.historyUuids[1] ?? 0n] };
         void this.decide(session, state).catch((error: Error) => {
@@ -622,6 +629,7 @@ export class NodeDaemon {
         checkPeerState(change.role, change.disk);
         session.peerRole = change.role === 'Primary' ? 'Primary' : 'Secondary';
         session.peerDisk = change.disk as DiskState;
+        session.peerAhead = change.ahead === true;
         if (session.peerRole === 'Primary' && this.role === 'Primary' && !this.config.allowTwoPrimaries) {
           // Both promoted at the same moment, each seeing the other Secondary. Without conflict handling the
           // replicas could diverge under crossing writes: drop the link; the reconnect sees the split brain.
@@ -787,6 +795,12 @@ export class NodeDaemon {
         this.device.startShipping();
         this.discardMyData = false;
         if (this.metadata.uuids.bitmap !== 0n) await this.metadata.clearBitmapUuid();
+        if (this.metadata.flags.outdated && peer.disk === 'UpToDate' && peer.currentUuid === this.metadata.uuids.current) {
+          // The same generation as an UpToDate peer, nothing to sync: this data is not outdated after all.
+          this.metadata.flags = { ...this.metadata.flags, outdated: false };
+          await this.metadata.writeSuperblock();
+          this.sendStateChange();
+        }
         return;
       case 'wait-for-operator':
         // A fresh pair: connected, both Inconsistent; writes (after primary --force) replicate.
@@ -915,7 +929,7 @@ export class NodeDaemon {
     const total = session.target?.progress.doneBytes ?? 0;
     await this.metadata.adoptUuids(session.peerUuids);
     this.metadata.flags = { ...this.metadata.flags, consistent: true, wasUpToDate: true, resyncInProgress: false,
-      crashedPrimary: false };
+      crashedPrimary: false, outdated: false };
     await this.metadata.writeSuperblock();
     session.target = null;
     session.connection.sendMessage(CHANNEL_META, FrameType.RESYNC_DONE, 'ResyncDone', { bytes: BigInt(total) });
@@ -952,7 +966,7 @@ export class NodeDaemon {
           throw new Error('set-uuid: both nodes are already UpToDate');
         }
         this.metadata.uuids = { current: uuid, bitmap: 0n, history: [0n, 0n] };
-        this.metadata.flags = { ...this.metadata.flags, consistent: true, wasUpToDate: true, resyncInProgress: false };
+        this.metadata.flags = { ...this.metadata.flags, consistent: true, wasUpToDate: true, resyncInProgress: false, outdated: false };
         this.metadata.bitmap.clearAll();
         await this.metadata.writeSuperblock();
         await this.metadata.writeBitmap();
@@ -1027,6 +1041,10 @@ export class NodeDaemon {
           throw new Error(`${name} is SyncTarget (resync ${this.status().resync?.doneBytes ?? 0} bytes done): wait for the resync to finish`);
         }
         const disk = this.diskState();
+        if (disk === 'Outdated' && !force) {
+          throw new Error(`${name} is Outdated: refusing to be Primary with data that may be stale (connect to the peer `
+            + 'to resync, or use --force only if this node\'s data is the good copy)');
+        }
         if (disk !== 'UpToDate' && disk !== 'Consistent' && !force) {
           throw new Error(`${name} is ${disk}: refusing to promote (use --force only if this node's data is the good copy)`);
         }
@@ -1048,7 +1066,7 @@ export class NodeDaemon {
           if (this.metadata.uuids.current === 0n) this.metadata.uuids = { current: newUuid(), bitmap: 0n, history: [0n, 0n] };
           else await this.metadata.newCurrentUuid();
           this.metadata.bitmap.setAll();
-          this.metadata.flags = { ...this.metadata.flags, consistent: true, wasUpToDate: true, resyncInProgress: false };
+          this.metadata.flags = { ...this.metadata.flags, consistent: true, wasUpToDate: true, resyncInProgress: false, outdated: false };
         }
         this.metadata.flags = { ...this.metadata.flags, wasPrimary: true };
         this.metadata.lastPromotedMs = Date.now();
@@ -1100,6 +1118,22 @@ export class NodeDaemon {
         }
         this.link.connect();
         return this.status();
+      case 'outdate': {
+        // As drbdsetup outdate: marks this node's data as possibly stale, so it is not promoted by mistake (what a
+        // fence-peer handler on the Primary runs here). Refused where DRBD refuses it.
+        if (this.role === 'Primary') throw new Error(`${name} is Primary: refusing to outdate the data it serves (demote it first)`);
+        const disk = this.diskState();
+        if (disk === 'Outdated') return this.status();
+        if (disk !== 'UpToDate' && disk !== 'Consistent') throw new Error(`${name} is ${disk}: only good data can be outdated`);
+        if (this.session !== null && this.session.decision !== null) {
+          throw new Error(`${name}: refusing to be Outdated while Connected to ${this.peerName} (disconnect first)`);
+        }
+        this.metadata.flags = { ...this.metadata.flags, outdated: true };
+        await this.metadata.writeSuperblock();
+        this.logger.warn('data outdated by the operator');
+        this.sendStateChange();
+        return this.status();
+      }
       case 'disconnect': {
         const session = this.session;
         if (session !== null) {
@@ -1128,7 +1162,7 @@ export class NodeDaemon {
           }
           const uuid = newUuid();
           this.metadata.uuids = { current: uuid, bitmap: 0n, history: [0n, 0n] };
-          this.metadata.flags = { ...this.metadata.flags, consistent: true, wasUpToDate: true, resyncInProgress: false };
+          this.metadata.flags = { ...this.metadata.flags, consistent: true, wasUpToDate: true, resyncInProgress: false, outdated: false };
           this.metadata.bitmap.clearAll();
           await this.metadata.writeSuperblock();
           await this.metadata.writeBitmap();
