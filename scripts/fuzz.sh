@@ -25,4 +25,4 @@ run() {
 }
 run config env FUZZ_CONFIG_INPUTS=1000000 npx vitest run --project main test/fuzz-config.test.ts
 run nbd env FUZZ_NBD_SCALE=100 npx vitest run --project main test/nbd-fuzz.test.ts
-run peer env FUZZ_PEER_INPUTS=1000000 FUZZ_PEER_RAW=10000 npx vitest run --project main test/fuzz-peer.test.ts
+run peer env FUZZ_PEER_INPUTS=1000000 FUZZ_PEER_RAW=10000 npx vitest run --project repl-native test/fuzz-peer.test.ts
