@@ -14,6 +14,7 @@ const bothDataPaths = [
   'test/replication-faults.test.ts',
   'test/replication-ordering.test.ts',
   'test/replication-resync.test.ts',
+  'test/resource-adjust.test.ts',
   'test/resource-cli.test.ts',
   'test/resource-outdate.test.ts',
   'test/resource-splitbrain.test.ts',

@@ -32,6 +32,7 @@ const commandFlags: Record<string, string[]> = {
   connect: ['discard-my-data'],
   disconnect: [],
   outdate: [],
+  adjust: ['json'],
   invalidate: [],
   'invalidate-remote': [],
   'new-current-uuid': ['clear-bitmap'],
@@ -57,6 +58,7 @@ const commandHelp: Record<string, string> = {
   connect: 'connect RES [--discard-my-data]   (re)connect to the peer; --discard-my-data resolves a split brain\n' +
     '  by throwing away this node\'s changes',
   disconnect: 'disconnect RES   drop the peer connection and stay StandAlone',
+  adjust: 'adjust RES [--json]   apply the config file\'s changes to the running node; exit 1 naming what needs down/up',
   outdate: 'outdate RES   mark this node\'s data possibly stale (not promoted without --force; refused on a Primary or while connected)',
   invalidate: 'invalidate RES   discard this node\'s data and resync it from the peer',
   'invalidate-remote': 'invalidate-remote RES   resync the whole device to the peer',
@@ -297,6 +299,14 @@ function printResult(result: unknown): void {
   else if (typeof result === 'object' && result !== null && typeof (result as { message?: unknown }).message === 'string') {
     out(`${(result as { message: string }).message}\n`);
   }
+}
+
+/** adjust: the daemon re-reads its config file; exit 1 when something needs down/up (then nothing changed). */
+async function adjust(options: Options): Promise<number> {
+  const result = (await request(loadTarget(options), 'adjust')) as { message: string; needsRestart: string[] };
+  if (options.flags.has('json')) out(`${JSON.stringify(result)}\n`);
+  else out(`${result.message}\n`);
+  return result.needsRestart.length > 0 ? 1 : 0;
 }
 
 async function simple(command: string, options: Options): Promise<number> {
@@ -625,6 +635,7 @@ export async function run(command: string, argv: string[]): Promise<number> {
       case 'events2': return await events2(options);
       case 'role': case 'cstate': case 'dstate': return await query(command, options);
       case 'dump-md': return await dumpMd(options);
+      case 'adjust': return await adjust(options);
       case 'primary': case 'secondary': case 'connect': case 'disconnect': case 'outdate': case 'invalidate': case 'invalidate-remote':
       case 'new-current-uuid': case 'pause-sync': case 'resume-sync':
         return await simple(command, options);

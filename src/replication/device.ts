@@ -158,6 +158,20 @@ export class ReplicatedDevice implements BlockDevice {
   /** The NBD server re-arms its connections' data paths when the plane opens. */
   onNativeOpen: (() => void) | null = null;
 
+  /**
+   * `adjust`: congestion policy, send-queue bound and in-flight bound from now on; the protocol only while no
+   * connection is attached (the caller checks), so no write straddles two protocols.
+   */
+  adjust(settings: Pick<ReplicatedDeviceOptions, 'protocol' | 'onCongestion' | 'sendQueueMaxBytes' | 'maxInFlightWrites'>): void {
+    if (settings.protocol !== this.options.protocol && this.connection !== null) {
+      throw new Error('the protocol changes only while disconnected');
+    }
+    this.options.protocol = settings.protocol;
+    this.options.onCongestion = settings.onCongestion;
+    this.options.sendQueueMaxBytes = settings.sendQueueMaxBytes;
+    this.options.maxInFlightWrites = settings.maxInFlightWrites;
+  }
+
   constructor(private readonly options: ReplicatedDeviceOptions) {
     this.sizeBytes = options.bitmap.dataSizeBytes;
     assert.ok(options.local.sizeBytes >= this.sizeBytes, 'local disk smaller than the data area');

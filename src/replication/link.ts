@@ -249,7 +249,7 @@ export class PeerConnection implements PeerChannel {
   onClose: (reason: string) => void = () => {};
   closedReason: string | null = null;
   lastMetaReceivedMs = Date.now();
-  private readonly pingTimer: NodeJS.Timeout;
+  private pingTimer: NodeJS.Timeout;
   private drainWaiters: Array<() => void> = [];
   nativeForwarded = 0;
   /** Native events that came before start(). */
@@ -259,8 +259,8 @@ export class PeerConnection implements PeerChannel {
     private readonly data: FrameSocket,
     private readonly meta: FrameSocket,
     readonly peerNode: string,
-    private readonly pingIntervalMs: number,
-    private readonly pingTimeoutMs: number,
+    private pingIntervalMs: number,
+    private pingTimeoutMs: number,
     /** The native transport that owns both sockets from now on, and the hub routing its events. */
     readonly nativeTransport: ReplTransport | null = null,
     private readonly hub: NativePlaneHub | null = null,
@@ -278,6 +278,16 @@ export class PeerConnection implements PeerChannel {
       this.drainWaiters = [];
       for (const waiter of waiters) waiter();
     });
+    this.pingTimer = setInterval(() => this.keepalive(), Math.max(10, Math.min(pingIntervalMs, pingTimeoutMs / 2)));
+    this.pingTimer.unref();
+  }
+
+  /** New keepalive timers for this connection (`adjust`): the ping interval and timeout take effect now. */
+  setKeepalive(pingIntervalMs: number, pingTimeoutMs: number): void {
+    this.pingIntervalMs = pingIntervalMs;
+    this.pingTimeoutMs = pingTimeoutMs;
+    if (this.closedReason !== null) return;
+    clearInterval(this.pingTimer);
     this.pingTimer = setInterval(() => this.keepalive(), Math.max(10, Math.min(pingIntervalMs, pingTimeoutMs / 2)));
     this.pingTimer.unref();
   }
@@ -465,7 +475,7 @@ export class PeerLink {
   private retryTimer: NodeJS.Timeout | null = null;
   private attempt = 0;
   private readonly pending = new Map<string, PendingSession>();
-  private readonly connectRetryMs: number;
+  private connectRetryMs: number;
   private readonly handshakeTimeoutMs: number;
   private closed = false;
 
@@ -506,6 +516,15 @@ export class PeerLink {
     if (this.closed || this.state !== 'StandAlone') return;
     this.state = 'Connecting';
     if (this.side === 'connector') this.scheduleAttempt(0);
+  }
+
+  /** `adjust`: keepalive and retry timers (now, also on the live connection) and the secret (at the next connect). */
+  adjust(settings: { pingIntervalMs: number; pingTimeoutMs: number; connectRetryMs: number; sharedSecret: string }): void {
+    this.options.pingIntervalMs = settings.pingIntervalMs;
+    this.options.pingTimeoutMs = settings.pingTimeoutMs;
+    this.options.sharedSecret = settings.sharedSecret;
+    this.connectRetryMs = settings.connectRetryMs;
+    this.connection?.setKeepalive(settings.pingIntervalMs, settings.pingTimeoutMs);
   }
 
   disconnect(reason: string): void {

@@ -53,6 +53,8 @@ export interface ResourceStatus {
   resync: null | ResyncStatus;
   verify?: null | { doneBytes: number; totalBytes: number; outOfSyncBlocks: number };
   protocol: Protocol;
+  /** The resync rate controller's bounds in effect ([resync] rate and min-rate, `resync --rate`, `adjust`). */
+  resyncRate?: { maxBytesPerSecond: number; minBytesPerSecond: number };
   counters: {
     networkSentBytes: number;
     networkReceivedBytes: number;

@@ -20,7 +20,7 @@ import { parseListenAddress } from '../nbd/address.js';
 import { attachKernelClient, deviceInUse, type KernelAttachment } from '../nbd/kernel.js';
 import { transmissionFlagsFor } from '../nbd/handshake.js';
 import { Bitmap } from '../metadata/bitmap.js';
-import { peerOf, resourceMinor, type HandlerName, type ResourceConfig } from './config.js';
+import { loadResourceConfig, peerOf, resourceMinor, type HandlerName, type ResourceConfig } from './config.js';
 import { HandlerRunner, handlerVariables, type HandlerResult } from './handlers.js';
 import { ControlServer, type ConnectionState, type DiskState, type ResourceStatus, type RoleState } from './control.js';
 import { Metadata } from '../metadata/metadata.js';
@@ -79,6 +79,16 @@ interface Session {
   peerAhead: boolean;
 }
 
+export interface AdjustResult {
+  /** Keys in effect now. */
+  applied: string[];
+  /** Keys that take effect at the next connection (the peer must have the same). */
+  nextConnect: string[];
+  /** Keys that need `down` and `up`; when any, nothing was applied. */
+  needsRestart: string[];
+  message: string;
+}
+
 export class NodeDaemon {
   private metadata!: Metadata;
   private local!: LocalDisk;
@@ -119,7 +129,7 @@ export class NodeDaemon {
   private localIoErrorLastMs = 0;
 
   constructor(
-    private readonly config: ResourceConfig,
+    private config: ResourceConfig,
     private readonly nodeName: string,
     private readonly logger: Logger,
   ) {
@@ -326,6 +336,7 @@ export class NodeDaemon {
           outOfSyncBlocks: verify.mismatchedBytes / 4096 }
         : this.lastVerify,
       protocol: this.config.protocol,
+      resyncRate: { ...this.rate.settings },
       counters: {
         // What the native plane wrote and read is counted there (its threads do not touch JavaScript's counters).
         networkSentBytes: this.networkSentBase + (connection?.sentBytes ?? 0),
@@ -846,6 +857,90 @@ export class NodeDaemon {
     }
   }
 
+  /**
+   * `adjust`: reads the config file again and applies what a running node can take, as drbdadm adjust does:
+   * resync rates and checksums, split-brain policies, fencing, handlers, timers, the secret (next connect), send
+   * queue and in-flight bounds, the congestion policy, and the protocol while disconnected. What needs the node
+   * restarted is named and left as it runs; nothing is half-applied.
+   */
+  private async adjust(name: string): Promise<AdjustResult> {
+    let next: ResourceConfig;
+    try {
+      next = loadResourceConfig(this.config.fileName);
+    } catch (error) {
+      throw new Error(`${name}: ${(error as Error).message}`);
+    }
+    const old = this.config;
+    const applied: string[] = [];
+    const nextConnect: string[] = [];
+    const needsRestart: string[] = [];
+    const changed = (key: string, a: unknown, b: unknown): boolean => {
+      const differs = JSON.stringify(a) !== JSON.stringify(b);
+      return differs;
+    };
+    const oldNode = old.nodes[this.nodeName];
+    const newNode = next.nodes[this.nodeName];
+    const oldPeer = old.nodes[this.peerName];
+    const newPeer = next.nodes[this.peerName];
+    if (newNode === undefined || newPeer === undefined) {
+      throw new Error(`${name}: ${old.fileName} no longer has the nodes ${this.nodeName} and ${this.peerName}: down, then up with the new file`);
+    }
+    // What only a restart changes.
+    for (const [key, a, b] of [
+      ['resource.name', old.name, next.name], ['disk.size', old.sizeBytes, next.sizeBytes],
+      ['disk.al-extents', old.alExtents, next.alExtents], ['net.allow-two-primaries', old.allowTwoPrimaries, next.allowTwoPrimaries],
+      [`node.${this.nodeName}`, oldNode, newNode], [`node.${this.peerName}`, oldPeer, newPeer],
+      ['resource.minor', old.minor, next.minor],
+    ] as const) {
+      if (changed(key, a, b)) needsRestart.push(key);
+    }
+    const connected = this.session !== null;
+    if (next.protocol !== old.protocol && connected) {
+      throw new Error(`${name}: protocol ${old.protocol} -> ${next.protocol} changes only while disconnected `
+        + `(drbdts disconnect ${old.name}, adjust, connect; on both nodes)`);
+    }
+    if (needsRestart.length > 0) {
+      return { applied, nextConnect, needsRestart, message: `${name}: ${needsRestart.join(', ')} changed: these need `
+        + `drbdts down ${old.name}, then up; nothing was applied` };
+    }
+    const keys: Array<[string, unknown, unknown, 'now' | 'connect']> = [
+      ['resync.rate', old.resyncRateMaxBytesPerSecond, next.resyncRateMaxBytesPerSecond, 'now'],
+      ['resync.min-rate', old.resyncRateMinBytesPerSecond, next.resyncRateMinBytesPerSecond, 'now'],
+      ['resync.csums-alg', old.csumsAlg, next.csumsAlg, 'now'],
+      ['resync.verify-alg', old.verifyAlg, next.verifyAlg, connected ? 'connect' : 'now'],
+      ['net.protocol', old.protocol, next.protocol, 'now'],
+      ['net.ping-interval', old.pingIntervalMs, next.pingIntervalMs, 'now'],
+      ['net.ping-timeout', old.pingTimeoutMs, next.pingTimeoutMs, 'now'],
+      ['net.connect-int', old.connectRetryMs, next.connectRetryMs, 'now'],
+      ['net.max-buffers', old.sendQueueMaxBytes, next.sendQueueMaxBytes, 'now'],
+      ['net.max-in-flight', old.maxInFlightWrites, next.maxInFlightWrites, 'now'],
+      ['net.on-congestion', old.onCongestion, next.onCongestion, 'now'],
+      ['net.after-sb-0pri', old.afterSb0pri, next.afterSb0pri, 'connect'],
+      ['net.after-sb-1pri', old.afterSb1pri, next.afterSb1pri, 'connect'],
+      ['net.after-sb-2pri', old.afterSb2pri, next.afterSb2pri, 'connect'],
+      ['net.shared-secret', old.sharedSecret, next.sharedSecret, 'connect'],
+      ['net.fencing', old.fencing, next.fencing, 'now'],
+      ['handlers', old.handlers, next.handlers, 'now'],
+      ['handlers.timeout', old.handlerTimeoutMs, next.handlerTimeoutMs, 'now'],
+    ];
+    this.device.adjust({ protocol: next.protocol, onCongestion: next.onCongestion,
+      sendQueueMaxBytes: next.sendQueueMaxBytes, maxInFlightWrites: next.maxInFlightWrites });
+    this.link.adjust({ pingIntervalMs: next.pingIntervalMs, pingTimeoutMs: next.pingTimeoutMs,
+      connectRetryMs: next.connectRetryMs, sharedSecret: next.sharedSecret });
+    this.rate.settings = { maxBytesPerSecond: next.resyncRateMaxBytesPerSecond, minBytesPerSecond: next.resyncRateMinBytesPerSecond };
+    this.handlers.reconfigure(next.handlers, next.handlerTimeoutMs);
+    this.config = next;
+    for (const [key, a, b, when] of keys) {
+      if (!changed(key, a, b)) continue;
+      (when === 'now' ? applied : nextConnect).push(key);
+    }
+    this.logger.info({ applied, nextConnect }, 'configuration adjusted');
+    this.publish();
+    const parts = [applied.length > 0 ? `applied: ${applied.join(', ')}` : 'nothing to apply'];
+    if (nextConnect.length > 0) parts.push(`at the next connect: ${nextConnect.join(', ')}`);
+    return { applied, nextConnect, needsRestart, message: `${name}: ${parts.join('; ')}` };
+  }
+
   private refuse(session: Session, reason: string): void {
     this.logger.error({ reason }, 'cannot connect to the peer: going StandAlone');
     session.connection.sendMessage(CHANNEL_META, FrameType.DISCONNECT, 'Disconnect', { reason });
@@ -1118,6 +1213,8 @@ export class NodeDaemon {
         }
         this.link.connect();
         return this.status();
+      case 'adjust':
+        return this.adjust(name);
       case 'outdate': {
         // As drbdsetup outdate: marks this node's data as possibly stale, so it is not promoted by mistake (what a
         // fence-peer handler on the Primary runs here). Refused where DRBD refuses it.

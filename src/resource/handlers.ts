@@ -70,12 +70,18 @@ export class HandlerRunner {
   private readonly running = new Set<number>();
 
   constructor(
-    private readonly commands: Partial<Record<HandlerName, string>>,
-    private readonly timeoutMs: number,
+    private commands: Partial<Record<HandlerName, string>>,
+    private timeoutMs: number,
     private readonly logger: Logger,
     /** Told of each call and its response (events2's call/response helper lines). */
     private readonly onEvent: (helper: HandlerName, phase: 'call' | 'response', exitCode?: number) => void = () => {},
   ) {}
+
+  /** `adjust`: the handlers and timeout of calls from now on (running ones keep theirs). */
+  reconfigure(commands: Partial<Record<HandlerName, string>>, timeoutMs: number): void {
+    this.commands = commands;
+    this.timeoutMs = timeoutMs;
+  }
 
   /** The daemon goes down: running handlers get SIGTERM (their runs end as killed). */
   stopAll(): void {
