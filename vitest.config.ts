@@ -16,6 +16,7 @@ const bothDataPaths = [
   'test/replication-resync.test.ts',
   'test/resource-adjust.test.ts',
   'test/resource-cli.test.ts',
+  'test/resource-diskless.test.ts',
   'test/resource-outdate.test.ts',
   'test/resource-splitbrain.test.ts',
 ];

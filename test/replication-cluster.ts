@@ -20,6 +20,8 @@ export interface ClusterOptions {
   /** Put a TcpProxy between alice (the connecting side) and bob. */
   proxy?: boolean;
   extraNet?: string;
+  /** Extra [disk] keys (on-io-error, say). */
+  extraDisk?: string;
   extraResync?: string;
   /** Lines of a [handlers] section (none when unset). */
   handlers?: string;
@@ -105,6 +107,7 @@ protocol = "${this.options.protocol ?? 'C'}"
 shared-secret = "${secret}"
 [disk]
 size = "${this.sizeBytes / 1024 / 1024}MiB"
+${this.options.extraDisk ?? ''}
 [net]
 ping-interval = "200ms"
 ping-timeout = "${this.options.pingTimeout ?? '1500ms'}"

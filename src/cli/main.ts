@@ -18,7 +18,7 @@ const groups: CommandGroup[] = [
   },
   {
     commands: [
-      'create-md', 'up', 'down', 'primary', 'secondary', 'connect', 'disconnect', 'outdate', 'adjust', 'invalidate',
+      'create-md', 'up', 'down', 'primary', 'secondary', 'connect', 'disconnect', 'outdate', 'adjust', 'detach', 'attach', 'invalidate',
       'invalidate-remote', 'new-current-uuid', 'status', 'resync', 'verify', 'pause-sync', 'resume-sync', 'events2',
       'role', 'cstate', 'dstate', 'dump-md',
     ],
@@ -50,6 +50,8 @@ Replicated resources (config: /etc/drbdts/RES.toml, node: $DRBDTS_NODE or the ho
   connect RES [--discard-my-data]   (re)connect to the peer
   disconnect RES                    drop the peer connection, stay StandAlone
   adjust RES [--json]               apply the config file's changes to the running node (exit 1: needs down/up)
+  detach RES [--force]              Diskless: leave the local disk, serve reads and writes from the peer's
+  attach RES                        take the local disk back (Secondary); the peer resyncs what changed
   outdate RES                       mark this node's data possibly stale (refused on a Primary, while connected)
   invalidate RES                    discard local data, full resync from the peer
   invalidate-remote RES             full resync to the peer

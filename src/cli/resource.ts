@@ -33,6 +33,8 @@ const commandFlags: Record<string, string[]> = {
   disconnect: [],
   outdate: [],
   adjust: ['json'],
+  detach: ['force'],
+  attach: [],
   invalidate: [],
   'invalidate-remote': [],
   'new-current-uuid': ['clear-bitmap'],
@@ -59,6 +61,8 @@ const commandHelp: Record<string, string> = {
     '  by throwing away this node\'s changes',
   disconnect: 'disconnect RES   drop the peer connection and stay StandAlone',
   adjust: 'adjust RES [--json]   apply the config file\'s changes to the running node; exit 1 naming what needs down/up',
+  detach: 'detach RES [--force]   leave the local disk: Diskless, reads and writes served by the peer\'s disk (--force: even without a good peer)',
+  attach: 'attach RES   take the local disk back (a Secondary): the peer resyncs what changed while Diskless',
   outdate: 'outdate RES   mark this node\'s data possibly stale (not promoted without --force; refused on a Primary or while connected)',
   invalidate: 'invalidate RES   discard this node\'s data and resync it from the peer',
   'invalidate-remote': 'invalidate-remote RES   resync the whole device to the peer',
@@ -313,7 +317,7 @@ async function simple(command: string, options: Options): Promise<number> {
   const target = loadTarget(options);
   const args: Record<string, unknown> = {};
   let wire = command;
-  if (command === 'primary') args.force = options.flags.has('force');
+  if (command === 'primary' || command === 'detach') args.force = options.flags.has('force');
   if (command === 'connect') args.discardMyData = options.flags.has('discard-my-data');
   if (command === 'new-current-uuid') args.clearBitmap = options.flags.has('clear-bitmap');
   if (command === 'pause-sync') wire = 'resync-pause';
@@ -636,7 +640,7 @@ export async function run(command: string, argv: string[]): Promise<number> {
       case 'role': case 'cstate': case 'dstate': return await query(command, options);
       case 'dump-md': return await dumpMd(options);
       case 'adjust': return await adjust(options);
-      case 'primary': case 'secondary': case 'connect': case 'disconnect': case 'outdate': case 'invalidate': case 'invalidate-remote':
+      case 'primary': case 'secondary': case 'connect': case 'disconnect': case 'outdate': case 'detach': case 'attach': case 'invalidate': case 'invalidate-remote':
       case 'new-current-uuid': case 'pause-sync': case 'resume-sync':
         return await simple(command, options);
       default:

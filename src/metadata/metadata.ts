@@ -668,7 +668,22 @@ export class Metadata {
     assert.ok(!this.#closed, 'metadata used after close()');
   }
 
+  /**
+   * The disk holding this metadata failed and was detached (Diskless): from now on nothing is written to it; the
+   * in-memory state lives on until the daemon attaches a disk again (a fresh Metadata) or stops.
+   */
+  detachDisk(): void {
+    this.#detached = true;
+  }
+
+  #detached = false;
+
+  get detached(): boolean {
+    return this.#detached;
+  }
+
   writeSuperblock(): Promise<void> {
+    if (this.#detached) return Promise.resolve();
     return this.#serialized(() => this.#writeSuperblockNow(false));
   }
 
@@ -687,6 +702,7 @@ export class Metadata {
   }
 
   writeBitmap(): Promise<void> {
+    if (this.#detached) return Promise.resolve();
     return this.#serialized(() => this.#writeBitmapNow());
   }
 
@@ -785,8 +801,8 @@ export class Metadata {
   /** Clean shutdown: bitmap and superblock (with the clean mark) durable, then the lock goes. */
   async close(): Promise<void> {
     if (this.#closed) return;
-    assert.equal(this.activityLog.inFlightWrites(), 0, 'metadata closed with writes in flight');
-    await this.#serialized(async () => {
+    if (!this.#detached) assert.equal(this.activityLog.inFlightWrites(), 0, 'metadata closed with writes in flight');
+    if (!this.#detached) await this.#serialized(async () => {
       // crashedPrimary stays: it is cleared by whoever finishes the resync of the AL extents, not by a restart.
       await this.#writeBitmapNow();
       await this.#writeSuperblockNow(true);

@@ -30,12 +30,16 @@ import type { Logger } from '../util/log.js';
 import type { Bitmap } from '../metadata/bitmap.js';
 import type { ActivityLog } from '../metadata/activity-log.js';
 import { FrameFlag, FrameType, frameTypeName } from './frame.js';
+import { PeerDisk } from './peer-disk.js';
 import { IntervalGate, type GateEntry } from './gate.js';
 import { receivePool } from './pool.js';
 import { CHANNEL_DATA, CHANNEL_META, type PeerChannel } from './link.js';
 import type { NativePlaneHub } from './native-plane.js';
 import type { ReplPlaneCounters } from '../native/index.js';
 import { AL_EXTENT_BYTES } from '../metadata/activity-log.js';
+
+/** The largest read a Diskless peer may ask for (the NBD server's largest request). */
+const READ_REQUEST_MAX_BYTES = 32 * 1024 * 1024;
 
 export type ReplicationProtocol = 'A' | 'B' | 'C';
 
@@ -60,7 +64,8 @@ export interface ReplicatedDeviceOptions {
    * A read, write or flush of the local disk failed with EIO (the daemon's local-io-error handler). Called after
    * the failure was handled here (blocks marked out of sync, the caller answered); must not throw.
    */
-  onLocalIoError?: (what: string, error: Error) => void;
+  /** A local EIO; true when the node detached its disk for it (on-io-error detach): the peer's copy counts. */
+  onLocalIoError?: (what: string, error: Error) => boolean | void;
 }
 
 /** Is this an I/O error of the disk (EIO), as opposed to a full disk, a permission or a programming error? */
@@ -236,7 +241,7 @@ export class ReplicatedDevice implements BlockDevice {
     const connection = this.connection;
     const transport = connection?.nativeTransport ?? null;
     const base = transport !== null && connection!.closedReason === null && !this.closed && !this.dualPrimary
-      && this.options.native!.allowed();
+      && !(this.options.local instanceof PeerDisk) && this.options.native!.allowed();
     const primary = base && this.#role === 'Primary' && this.isShipping && this.options.protocol !== 'A'
       && this.jsOps === 0 && this.barriers.size === 0;
     if (primary && !this.planeOpen && this.planeQuiesce === null) {
@@ -367,6 +372,7 @@ export class ReplicatedDevice implements BlockDevice {
    */
   attach(connection: PeerChannel, conflicts: { dualPrimary: boolean; resolver: boolean } = { dualPrimary: false, resolver: false }): void {
     this.connection = connection;
+    if (this.options.local instanceof PeerDisk) this.options.local.setConnection(connection);
     this.dualPrimary = conflicts.dualPrimary;
     this.resolver = conflicts.resolver;
     this.dataPaused = false;
@@ -392,8 +398,15 @@ export class ReplicatedDevice implements BlockDevice {
     this.connection = null;
     this.shipping = false;
     this.ahead = false;
+    this.peerDiskless = false;
+    const diskless = this.options.local instanceof PeerDisk;
+    if (diskless) (this.options.local as PeerDisk).setConnection(null);
     for (const write of this.pending.values()) {
       this.options.bitmap.setRange(write.offset, write.lengthBytes);
+      // Diskless, the peer's disk was the only one: what it did not confirm is on no disk at all.
+      if (diskless && !write.written && write.failure === null) {
+        write.failure = new BlockDeviceError('EIO', 'Diskless, and the link to the peer holding the only disk broke before it confirmed the write');
+      }
       write.sent = write.received = write.written = true;
       this.settle(write);
     }
@@ -414,10 +427,15 @@ export class ReplicatedDevice implements BlockDevice {
 
   async read(offset: number, target: Buffer): Promise<void> {
     this.checkRange(offset, target.length);
+    const local = this.options.local;
     try {
-      await this.options.local.read(offset, target);
+      await local.read(offset, target);
     } catch (error) {
-      this.reportIoError('read', error);
+      // on-io-error detach: the read is asked of the peer's disk instead (the node is Diskless now).
+      if (!(local instanceof PeerDisk) && this.detachedForError('read', error) && this.options.local instanceof PeerDisk) {
+        await this.options.local.read(offset, target);
+        return;
+      }
       throw error;
     }
     this.counters.diskReadBytes += target.length;
@@ -425,8 +443,39 @@ export class ReplicatedDevice implements BlockDevice {
 
   /** Tells the daemon of a failed local read, write or flush when it is an EIO (resync.ts reports its own). */
   reportIoError(what: string, error: unknown): void {
-    if (this.options.onLocalIoError !== undefined && isDiskIoError(error)) this.options.onLocalIoError(what, error as Error);
+    this.detachedForError(what, error);
   }
+
+  /** Reports a local EIO; true when the node detached its disk for it (then the peer's copy is the one that counts). */
+  private detachedForError(what: string, error: unknown): boolean {
+    if (this.options.onLocalIoError === undefined || !isDiskIoError(error)) return false;
+    return this.options.onLocalIoError(what, error as Error) === true;
+  }
+
+  /** Diskless: the local disk is gone and the peer's serves this node (peer-disk.ts). */
+  get diskless(): boolean {
+    return this.options.local instanceof PeerDisk;
+  }
+
+  /**
+   * Swaps the disk under the device: a PeerDisk when the node detaches (the activity log, on the failed disk, is
+   * dropped with it), the reopened local disk when it attaches again (only while no write is in flight).
+   */
+  replaceLocal(disk: BlockDevice, activityLog: ActivityLog | undefined, bitmap?: Bitmap): void {
+    this.options.local = disk;
+    this.options.activityLog = activityLog;
+    if (bitmap !== undefined) this.options.bitmap = bitmap;
+    if (disk instanceof PeerDisk) disk.setConnection(this.connection);
+    this.scheduleNativeUpdate();
+  }
+
+  /** Set on the writes a Diskless node ships: they land only on the peer's disk. */
+  private disklessFlag(): number {
+    return this.options.local instanceof PeerDisk ? FrameFlag.DISKLESS : 0;
+  }
+
+  /** The peer is Diskless: the writes it sends land only here, so this node's bitmap records them for its attach. */
+  peerDiskless = false;
 
   write(offset: number, data: Buffer, fua: boolean): Promise<void> {
     this.checkRange(offset, data.length);
@@ -468,7 +517,7 @@ export class ReplicatedDevice implements BlockDevice {
     const promise = new Promise<void>(pending.capture);
     this.pending.set(seq, pending);
     // No write callback: completion waits for the peer's ack, which implies the kernel took the frame.
-    connection.send(CHANNEL_DATA, FrameType.DATA, fua ? FrameFlag.FUA : 0, seq, offset, data);
+    connection.send(CHANNEL_DATA, FrameType.DATA, (fua ? FrameFlag.FUA : 0) | this.disklessFlag(), seq, offset, data);
     this.counters.networkSentBytes += data.length + 24;
     if (connection.closedReason !== null) {
       // The link broke between the check and the send: the peer will not get it.
@@ -619,8 +668,14 @@ export class ReplicatedDevice implements BlockDevice {
       const admitted = this.gate.enter(offset, lengthBytes);
       entry = admitted instanceof Promise ? await admitted : admitted;
       if (activityLog !== undefined && lengthBytes > 0) {
-        await activityLog.beginWrite(offset, lengthBytes);
-        alBegun = true;
+        try {
+          await activityLog.beginWrite(offset, lengthBytes);
+          alBegun = true;
+        } catch (error) {
+          // The activity log is on the disk: a failing one detaches it (on-io-error detach), and a Diskless node
+          // needs no activity log; otherwise the write fails with the disk's error.
+          if (!this.detachedForError('activity-log', error)) throw error;
+        }
       }
       if (this.connection !== null && this.connection.dataQueuedBytes >= this.options.sendQueueMaxBytes) {
         await this.waitForSendQueue();
@@ -655,7 +710,7 @@ export class ReplicatedDevice implements BlockDevice {
         this.trackedBySeq.set(seq, record);
         record = null;
       }
-      const flags = (fua ? FrameFlag.FUA : 0) | extraFlags;
+      const flags = (fua ? FrameFlag.FUA : 0) | extraFlags | this.disklessFlag();
       let body = payload ?? lengthBody(lengthBytes);
       // Protocol A completes once the local write is done and the frame is queued for the peer: the payload is
       // copied (once, into a pooled buffer) so the caller may reuse its buffer at once.
@@ -701,8 +756,18 @@ export class ReplicatedDevice implements BlockDevice {
       this.options.bitmap.setRange(write.offset, write.lengthBytes);
       this.options.logger.error({ err: error, offset: write.offset, lengthBytes: write.lengthBytes },
         'local write failed; blocks marked out of sync');
-      write.failure = error;
-      this.reportIoError('write', error);
+      const connection = this.connection;
+      if (this.detachedForError('write', error) && connection !== null) {
+        // on-io-error detach: the node is Diskless now and the peer's copy is the one that counts; the write
+        // succeeds once the peer wrote it (and fails if the link breaks first). The peer is told that this
+        // disk misses these blocks (its bitmap keeps them for the attach).
+        write.needWritten = true;
+        const length = Buffer.alloc(4);
+        length.writeUInt32BE(write.lengthBytes);
+        connection.send(CHANNEL_DATA, FrameType.OUT_OF_SYNC, 0, 0, write.offset, length);
+      } else {
+        write.failure = error;
+      }
     }
     write.localDone = true;
     // Later overlapping writes may go now: this one is on the local disk and already on the wire.
@@ -804,6 +869,18 @@ export class ReplicatedDevice implements BlockDevice {
         this.settle(write);
         return true;
       }
+      case FrameType.READ_REQUEST:
+        this.serveRead(id, offset, body);
+        return true;
+      case FrameType.OUT_OF_SYNC: {
+        const lengthBytes = body.length >= 4 ? body.readUInt32BE(0) : 0;
+        if (lengthBytes === 0 || offset + lengthBytes > this.sizeBytes) throw new Error(`bad OUT_OF_SYNC ${offset}+${lengthBytes}`);
+        this.options.bitmap.setRange(offset, lengthBytes);
+        return true;
+      }
+      case FrameType.READ_REPLY:
+        if (this.options.local instanceof PeerDisk) this.options.local.handleReply(flags, id, body);
+        return true;
       case FrameType.BARRIER:
         void this.applyBarrier(id);
         return true;
@@ -820,10 +897,52 @@ export class ReplicatedDevice implements BlockDevice {
   }
 
   /** Secondary side: apply a replicated write in arrival order, then acknowledge it. */
+  /** A Diskless peer's read: from this disk, after every overlapping write it sent before (the gate). */
+  private serveRead(id: number, offset: number, body: Buffer): void {
+    const connection = this.connection;
+    const lengthBytes = body.length >= 4 ? body.readUInt32BE(0) : 0;
+    if (connection === null) return;
+    if (lengthBytes === 0 || lengthBytes > READ_REQUEST_MAX_BYTES || offset + lengthBytes > this.sizeBytes) {
+      throw new Error(`bad read request ${offset}+${lengthBytes} from the peer`);
+    }
+    const fail = (errno: number): void => {
+      const code = Buffer.alloc(4);
+      code.writeUInt32BE(errno);
+      connection.send(CHANNEL_DATA, FrameType.READ_REPLY, FrameFlag.ERROR, id, offset, code);
+    };
+    if (this.options.local instanceof PeerDisk) {
+      fail(5); // two Diskless nodes: no disk anywhere
+      return;
+    }
+    const admitted = this.enterBackground(offset, lengthBytes, 'peer-read');
+    void (async () => {
+      const entry = admitted instanceof Promise ? await admitted : admitted;
+      const data = Buffer.allocUnsafe(lengthBytes);
+      try {
+        await this.options.local.read(offset, data);
+        this.counters.diskReadBytes += lengthBytes;
+        connection.send(CHANNEL_DATA, FrameType.READ_REPLY, 0, id, offset, data);
+      } catch (error) {
+        this.reportIoError('read', error);
+        fail(5);
+      } finally {
+        this.gate.leave(entry);
+      }
+    })();
+  }
+
   private applyPeerWrite(type: number, flags: number, seq: number, offset: number, body: Buffer): void {
     const connection = this.connection;
     this.lastApplicationIoMs = Date.now();
     const lengthBytes = type === FrameType.DATA ? body.length : body.readUInt32BE(0);
+    // A Diskless peer's write lands only here: its own disk needs it at its attach. The frame says so itself
+    // (the state change saying Diskless travels on the other socket and may come later).
+    if (this.peerDiskless || (flags & FrameFlag.DISKLESS) !== 0) this.options.bitmap.setRange(offset, lengthBytes);
+    if (this.options.local instanceof PeerDisk) {
+      // Diskless here: nothing to write to; the Primary marks the blocks for this node's attach.
+      connection?.send(CHANNEL_META, FrameType.NEG_ACK, 0, seq, 0);
+      return;
+    }
     if (this.options.protocol === 'B' && connection !== null) {
       connection.send(CHANNEL_META, FrameType.RECV_ACK, 0, seq, 0);
     }

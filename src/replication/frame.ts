@@ -60,6 +60,10 @@ export const FrameType = {
   OV_REQUEST: 55,
   OV_REPLY: 56,
   OV_RESULT: 57,
+  // A Diskless node's reads, served by the peer's disk (peer-disk.ts): id = request id, offset in bytes.
+  READ_REQUEST: 60, // data socket (after the writes it must see): body = u32 length
+  READ_REPLY: 61, // data socket: body = the data, or with FLAG_ERROR a u32 errno
+  OUT_OF_SYNC: 62, // data socket: offset, body = u32 length; the sender's disk misses these blocks (mark them)
 } as const;
 export type FrameTypeValue = (typeof FrameType)[keyof typeof FrameType];
 
@@ -83,6 +87,10 @@ export const FrameFlag = {
   /** Set on DATA while a resync runs: the block is written through the resync gate as well. */
   NO_HOLE: 16,
   FAST_ZERO: 32,
+  /** READ_REPLY: the read failed on the peer; the body is a u32 errno. */
+  ERROR: 64,
+  /** DATA/TRIM/ZERO from a Diskless node: only the receiver's disk gets it (its bitmap records it). */
+  DISKLESS: 128,
 } as const;
 
 export class FrameError extends Error {

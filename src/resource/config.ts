@@ -55,6 +55,8 @@ export interface ResourceConfig {
   csumsAlg?: string;
   verifyAlg?: string;
   alExtents: number;
+  /** [disk] on-io-error: pass_on returns a local EIO to the caller; detach makes the node Diskless, served by the peer. */
+  onIoError: OnIoError;
   /** DRBD's device minor: `[resource] minor`, else resourceMinor() works it out. */
   minor?: number;
   /** [net] fencing: what a Primary does when it loses its peer (the fence-peer handler). */
@@ -69,6 +71,8 @@ export type Fencing = 'dont-care' | 'resource-only';
 export const HANDLER_NAMES = ['split-brain', 'fence-peer', 'before-resync-target', 'after-resync-target',
   'local-io-error'] as const;
 export type HandlerName = (typeof HANDLER_NAMES)[number];
+
+export type OnIoError = 'pass_on' | 'detach';
 
 export class ConfigError extends Error {
   readonly file: string;
@@ -94,7 +98,7 @@ const AL_EXTENTS_MAX = 65534;
 
 // Every key each section accepts: a typo ("protcol") is an error, not a silently ignored line.
 const resourceKeys = new Set(['name', 'protocol', 'shared-secret', 'minor']);
-const diskKeys = new Set(['size', 'al-extents']);
+const diskKeys = new Set(['size', 'al-extents', 'on-io-error']);
 const netKeys = new Set([
   'protocol', 'shared-secret', 'on-congestion', 'allow-two-primaries', 'after-sb-0pri', 'after-sb-1pri',
   'after-sb-2pri', 'ping-interval', 'ping-timeout', 'connect-int', 'max-buffers', 'max-in-flight', 'fencing',
@@ -264,6 +268,7 @@ export function parseResourceConfig(text: string, fileName: string): ResourceCon
     if (sizeBytes % 4096 !== 0) v.fail('disk.size', `${sizeBytes} bytes is not a multiple of 4KiB`);
   }
   const alExtents = v.integer(disk, 'disk', 'al-extents', 1237, AL_EXTENTS_MIN, AL_EXTENTS_MAX);
+  const onIoError = v.oneOf<OnIoError>(disk, 'disk', 'on-io-error', ['pass_on', 'detach'], 'pass_on');
 
   const onCongestion = v.oneOf<OnCongestion>(net, 'net', 'on-congestion', ['block', 'pull-ahead'], 'block');
   if (onCongestion === 'pull-ahead' && protocol !== 'A') {
@@ -386,7 +391,7 @@ export function parseResourceConfig(text: string, fileName: string): ResourceCon
     fileName, name, protocol, sharedSecret, sizeBytes, onCongestion, allowTwoPrimaries,
     afterSb0pri: afterSb0priText as AfterSb0Pri, afterSb1pri, afterSb2pri,
     resyncRateMaxBytesPerSecond, resyncRateMinBytesPerSecond, pingIntervalMs, pingTimeoutMs, connectRetryMs,
-    sendQueueMaxBytes, maxInFlightWrites, csumsAlg, verifyAlg, alExtents, minor, fencing, handlers, handlerTimeoutMs,
+    sendQueueMaxBytes, maxInFlightWrites, csumsAlg, verifyAlg, alExtents, onIoError, minor, fencing, handlers, handlerTimeoutMs,
     nodes,
   };
 }

@@ -21,6 +21,7 @@ import { attachKernelClient, deviceInUse, type KernelAttachment } from '../nbd/k
 import { transmissionFlagsFor } from '../nbd/handshake.js';
 import { Bitmap } from '../metadata/bitmap.js';
 import { loadResourceConfig, peerOf, resourceMinor, type HandlerName, type ResourceConfig } from './config.js';
+import { PeerDisk } from '../replication/peer-disk.js';
 import { HandlerRunner, handlerVariables, type HandlerResult } from './handlers.js';
 import { ControlServer, type ConnectionState, type DiskState, type ResourceStatus, type RoleState } from './control.js';
 import { Metadata } from '../metadata/metadata.js';
@@ -138,6 +139,9 @@ export class NodeDaemon {
     this.handlers = new HandlerRunner(config.handlers, config.handlerTimeoutMs, logger, (helper, phase, exitCode) =>
       this.broadcast({ event: 'helper', timeMs: Date.now(), helper, phase, exitCode }));
     this.dataPath = replicationDataPathFromEnv();
+    // on-io-error detach: a failing write must reach the daemon before it is answered (to succeed through the
+    // peer instead); the native data path answers its own errors, so such a resource stays in TypeScript.
+    if (config.onIoError === 'detach') this.dataPath = 'js';
     this.rate = new RateController(
       { maxBytesPerSecond: config.resyncRateMaxBytesPerSecond, minBytesPerSecond: config.resyncRateMinBytesPerSecond },
       () => this.device.lastApplicationIoMs,
@@ -244,6 +248,7 @@ export class NodeDaemon {
   private diskState(): DiskState {
     const session = this.session;
     if (session?.target !== null && session?.target !== undefined) return 'Inconsistent';
+    if (this.device?.diskless === true) return 'Diskless';
     if (!this.metadata.flags.consistent || this.metadata.uuids.current === 0n) return 'Inconsistent';
     if (this.metadata.flags.outdated) return 'Outdated';
     return 'UpToDate';
@@ -455,7 +460,74 @@ export class NodeDaemon {
   }
 
   /** The local disk returned EIO: the local-io-error handler runs once per burst of errors. */
-  private onLocalIoError(what: string, error: Error): void {
+  private onLocalIoError(what: string, error: Error): boolean {
+    // Already Diskless: a write still in flight on the left disk failed too (its peer copy counts, as for the
+    // first one), or the peer's disk failed a read for this node (not a local disk error: nothing to call).
+    if (this.device.diskless) return this.config.onIoError === 'detach';
+    const detached = this.config.onIoError === 'detach';
+    if (detached) this.detachDisk(`I/O error on the local disk (${what}: ${error.message})`);
+    this.callLocalIoErrorHandler(what, error);
+    return detached;
+  }
+
+  /**
+   * Diskless (on-io-error detach, `drbdts detach`): the local disk and its metadata are left alone from now on;
+   * reads are asked of the peer, writes go to the peer only. The peer records in its bitmap what this disk
+   * misses (it starts a new generation for that), so an `attach` resyncs exactly that.
+   */
+  private detachDisk(reason: string): void {
+    if (this.device.diskless) return;
+    this.logger.error({ reason }, 'detaching the local disk: Diskless, served by the peer\'s disk');
+    const peerDisk = new PeerDisk(this.device.sizeBytes, this.local.capabilities(), reason);
+    this.device.replaceLocal(peerDisk, undefined);
+    this.metadata.detachDisk();
+    const failed = this.local;
+    void failed.close().catch(() => {});
+    this.detachedReason = reason;
+    this.sendStateChange();
+  }
+
+  private detachedReason: string | null = null;
+
+  /** `attach`: the backing disk and its metadata again, then a renegotiation resyncs what the peer changed. */
+  private async attachDisk(name: string): Promise<void> {
+    const node = this.node;
+    let metadata: Metadata;
+    let local: LocalDisk;
+    // The detached metadata holds the disk's lock: it goes first (it writes nothing, being detached).
+    const old = this.metadata;
+    await old.close().catch(() => {});
+    try {
+      metadata = await Metadata.open(node.disk, node.metaDisk);
+    } catch (error) {
+      throw new Error(`${name}: the metadata on ${node.disk} cannot be read: ${(error as Error).message} (still Diskless)`);
+    }
+    try {
+      local = await LocalDisk.open(node.disk, { sizeBytes: metadata.dataSizeBytes });
+    } catch (error) {
+      await metadata.close().catch(() => {});
+      throw new Error(`${name}: ${node.disk} cannot be opened: ${(error as Error).message} (still Diskless)`);
+    }
+    this.metadata = metadata;
+    this.local = local;
+    this.device.replaceLocal(local, metadata.activityLog, metadata.bitmap);
+    this.detachedReason = null;
+    this.logger.info('local disk attached again');
+    this.renegotiate('the local disk was attached');
+    this.publish();
+  }
+
+  /** The peer is Diskless: this node's disk is the only one; the bitmap records what the peer's disk misses. */
+  private async trackForDisklessPeer(): Promise<void> {
+    if (this.device.diskless || this.device.peerDiskless) return;
+    this.device.peerDiskless = true;
+    if (this.metadata.uuids.bitmap === 0n && this.metadata.uuids.current !== 0n) {
+      await this.metadata.newCurrentUuid();
+      this.logger.info({ current: formatUuid(this.metadata.uuids.current) }, 'new current UUID: the peer is Diskless');
+    }
+  }
+
+  private callLocalIoErrorHandler(what: string, error: Error): void {
     if (!this.handlers.has('local-io-error')) return;
     const now = Date.now();
     if (this.localIoErrorRunning || now - this.localIoErrorLastMs < LOCAL_IO_ERROR_QUIET_MS) return;
@@ -641,6 +713,7 @@ export class NodeDaemon {
         session.peerRole = change.role === 'Primary' ? 'Primary' : 'Secondary';
         session.peerDisk = change.disk as DiskState;
         session.peerAhead = change.ahead === true;
+        if (change.disk === 'Diskless' && !this.device.diskless) void this.trackForDisklessPeer().then(() => this.publish());
         if (session.peerRole === 'Primary' && this.role === 'Primary' && !this.config.allowTwoPrimaries) {
           // Both promoted at the same moment, each seeing the other Secondary. Without conflict handling the
           // replicas could diverge under crossing writes: drop the link; the reconnect sees the split brain.
@@ -775,6 +848,25 @@ export class NodeDaemon {
         + '(online verify compares digests)');
       return;
     }
+    if (this.device.diskless || peer.disk === 'Diskless') {
+      // A Diskless side has no disk to resync: the other serves it (its reads and writes) as it is.
+      if (this.device.diskless && peer.disk === 'Diskless') {
+        this.refuse(session, 'both nodes are Diskless: there is no disk to serve from');
+        return;
+      }
+      const other = this.device.diskless ? peer.disk : this.diskState();
+      if (other !== 'UpToDate') {
+        this.refuse(session, `one node is Diskless and the other's disk is ${other}: no good data to serve`);
+        return;
+      }
+      if (peer.disk === 'Diskless') await this.trackForDisklessPeer();
+      session.decision = { kind: 'none', reason: 'a Diskless node is served by its peer\'s disk' } as SyncDecision;
+      this.logger.info({ decision: 'none' }, 'sync decision: a Diskless node, served by the peer');
+      this.device.startShipping();
+      this.publish();
+      return;
+    }
+    this.device.peerDiskless = false;
     const peerView: SyncView = {
       nodeName: peer.node,
       uuids: { current: peer.currentUuid, bitmap: peer.bitmapUuid,
@@ -1215,6 +1307,28 @@ export class NodeDaemon {
         return this.status();
       case 'adjust':
         return this.adjust(name);
+      case 'detach': {
+        if (this.device.diskless) return this.status();
+        const session = this.session;
+        if (args.force !== true && (session === null || session.decision === null || session.peerDisk !== 'UpToDate')) {
+          throw new Error(`${name}: the peer's disk is not UpToDate and connected (${session?.peerDisk ?? 'not connected'}): `
+            + 'detaching would leave no good data to serve; use --force to detach anyway');
+        }
+        if (this.connectionState() === 'SyncTarget' || this.connectionState() === 'SyncSource') {
+          throw new Error(`${name}: a resync runs (${this.connectionState()}): wait for it to end`);
+        }
+        this.detachDisk('detached by the operator');
+        return this.status();
+      }
+      case 'attach': {
+        if (!this.device.diskless) return this.status();
+        if (this.role === 'Primary') {
+          throw new Error(`${name} is a Diskless Primary: demote it first (or fail over to the peer), then attach `
+            + '(the attach resyncs this disk from the peer, which a Primary here does not do)');
+        }
+        await this.attachDisk(name);
+        return this.status();
+      }
       case 'outdate': {
         // As drbdsetup outdate: marks this node's data as possibly stale, so it is not promoted by mistake (what a
         // fence-peer handler on the Primary runs here). Refused where DRBD refuses it.
