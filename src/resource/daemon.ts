@@ -24,6 +24,7 @@ import { peerOf, type ResourceConfig } from './config.js';
 import { ControlServer, type ConnectionState, type DiskState, type ResourceStatus, type RoleState } from './control.js';
 import { Metadata } from './metadata.js';
 import { decideSync, formatUuid, newUuid, type SyncDecision, type SyncView } from './uuids.js';
+import { startServiceHooks } from './service.js';
 import { ReplicatedDevice } from '../replication/device.js';
 import { NativePlaneHub, replicationDataPathFromEnv, type ReplicationDataPath } from '../replication/native-plane.js';
 import { FrameType } from '../replication/frame.js';
@@ -953,10 +954,16 @@ export async function runDaemon(config: ResourceConfig, nodeName: string, logger
   };
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);
+  // systemd readiness and the metrics endpoint (service.ts).
+  const hooks = await startServiceHooks(daemon, config, nodeName, logger).catch(async (error: unknown) => {
+    await daemon.down('service hooks failed to start');
+    throw error;
+  });
   try {
     await daemon.stopped;
   } finally {
     process.off('SIGTERM', onSignal);
     process.off('SIGINT', onSignal);
+    await hooks.close();
   }
 }
