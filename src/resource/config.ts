@@ -36,6 +36,8 @@ export interface NodeConfig {
   device?: string;
   /** Control socket path. */
   control: string;
+  /** Prometheus endpoint (GET /metrics), when set. */
+  metrics?: HostPort;
 }
 
 export interface ResourceConfig {
@@ -92,7 +94,7 @@ const netKeys = new Set([
   'after-sb-2pri', 'ping-interval', 'ping-timeout', 'connect-int', 'max-buffers', 'max-in-flight',
 ]);
 const resyncKeys = new Set(['rate', 'min-rate', 'csums-alg', 'verify-alg']);
-const nodeKeys = new Set(['address', 'disk', 'meta-disk', 'nbd', 'device', 'control']);
+const nodeKeys = new Set(['address', 'disk', 'meta-disk', 'nbd', 'device', 'control', 'metrics']);
 const topLevel = new Set(['resource', 'disk', 'net', 'resync', 'node']);
 
 const hashAlgorithms = new Set(['xxh64', 'sha256', 'sha1', 'md5', 'crc32c', 'sha512', 'blake2b512']);
@@ -339,7 +341,9 @@ export function parseResourceConfig(text: string, fileName: string): ResourceCon
     if (nbd.startsWith('unix:') && Buffer.byteLength(nbd.slice(5)) > UNIX_PATH_MAX_BYTES) {
       v.fail(`${section}.nbd`, `socket path "${nbd.slice(5)}" is longer than ${UNIX_PATH_MAX_BYTES} bytes (a unix socket limit)`);
     }
-    nodes[nodeName] = { name: nodeName, address, disk: diskPath, metaDisk, nbd, device, control };
+    const metricsText = v.string(table, section, 'metrics', false);
+    const metrics = metricsText === undefined ? undefined : v.hostPort(metricsText, `${section}.metrics`);
+    nodes[nodeName] = { name: nodeName, address, disk: diskPath, metaDisk, nbd, device, control, metrics };
   }
   const nodeNames = Object.keys(nodes);
   if (nodeNames.length !== 2) {

@@ -320,6 +320,11 @@ export class NodeDaemon {
     };
   }
 
+  /** NBD figures for the metrics endpoint (metrics.ts) that the status object does not carry. */
+  exportCounters(): { clients: number; nativeRequests: number } {
+    return { clients: this.nbd.activeConnections, nativeRequests: this.nbd.dataPathRequests };
+  }
+
   // ---- connection ----
 
   /**

@@ -7,12 +7,10 @@
 import { execFile } from 'node:child_process';
 import type { Logger } from '../util/log.js';
 import type { ResourceConfig } from './config.js';
-import type { ResourceStatus } from './control.js';
+import type { MetricsSource } from './metrics.js';
 
 /** What the hooks need from a running daemon. */
-export interface ServiceDaemon {
-  status(): ResourceStatus;
-}
+export type ServiceDaemon = MetricsSource;
 
 export interface ServiceHooks {
   close(): Promise<void>;
@@ -36,11 +34,21 @@ export function sdNotify(assignments: string[], logger: Logger): Promise<void> {
 
 export async function startServiceHooks(daemon: ServiceDaemon, config: ResourceConfig, nodeName: string, logger: Logger): Promise<ServiceHooks> {
   const closers: Array<() => Promise<void>> = [];
+  const metricsAddress = config.nodes[nodeName]?.metrics;
+  if (metricsAddress !== undefined) {
+    // Loaded only when configured: prom-client is not needed by a node without the endpoint.
+    const { MetricsServer } = await import('./metrics.js');
+    const server = new MetricsServer(daemon, config, nodeName, logger);
+    const bound = await server.listen(metricsAddress);
+    closers.push(() => server.close());
+    logger.info({ address: `${bound.address}:${bound.port}` }, 'serving Prometheus metrics on /metrics');
+  }
   const status = daemon.status();
   await sdNotify(['--ready', `--status=${config.name} on ${nodeName}: ${status.role}, ${status.disk}, ${status.connection}`], logger);
   return {
     async close(): Promise<void> {
       for (const close of closers.reverse()) await close().catch(() => {});
+      closers.length = 0;
     },
   };
 }
