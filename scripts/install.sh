@@ -4,6 +4,7 @@
 #   PREFIX/lib/systemd/system/drbdts@.service      `drbdts up RES` as a service (contrib/systemd)
 #   PREFIX/lib/systemd/system/drbdts-dirsync-server.service
 #   PREFIX/share/doc/drbdts/                       the docs the units point at
+#   PREFIX/libexec/drbdts/vip-notify, ucarp-up, ucarp-down   keepalived/UCARP notify scripts (contrib/vip)
 # The checkout stays the installation (the wrapper points into it): update with `git pull` and this script again.
 #
 # Usage: bash scripts/install.sh [--prefix DIR] [--ocf-root DIR] [--no-build]
@@ -60,6 +61,10 @@ install -m 0644 "$checkout"/docs/*.md "$checkout/README.md" "$prefix/share/doc/d
 for unit in drbdts@.service drbdts-dirsync-server.service; do
   sed "s|/usr/local/|$prefix/|g" "$checkout/contrib/systemd/$unit" > "$tmp"
   install -m 0644 "$tmp" "$prefix/lib/systemd/system/$unit"
+done
+for script in vip-notify ucarp-up ucarp-down; do
+  sed "s|/usr/local/|$prefix/|g" "$checkout/contrib/vip/$script" > "$tmp"
+  install -m 0755 "$tmp" "$prefix/libexec/drbdts/$script"
 done
 
 echo "installed $prefix/bin/drbdts (runs $checkout with $node_bin) and systemd units in $prefix/lib/systemd/system"
