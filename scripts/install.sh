@@ -5,6 +5,7 @@
 #   PREFIX/lib/systemd/system/drbdts-dirsync-server.service
 #   PREFIX/share/doc/drbdts/                       the docs the units point at
 #   PREFIX/libexec/drbdts/vip-notify, ucarp-up, ucarp-down   keepalived/UCARP notify scripts (contrib/vip)
+#   OCF_ROOT/resource.d/drbdts/drbdts              the Pacemaker resource agent ocf:drbdts:drbdts (contrib/ocf)
 # The checkout stays the installation (the wrapper points into it): update with `git pull` and this script again.
 #
 # Usage: bash scripts/install.sh [--prefix DIR] [--ocf-root DIR] [--no-build]
@@ -66,5 +67,8 @@ for script in vip-notify ucarp-up ucarp-down; do
   sed "s|/usr/local/|$prefix/|g" "$checkout/contrib/vip/$script" > "$tmp"
   install -m 0755 "$tmp" "$prefix/libexec/drbdts/$script"
 done
+sed "s|/usr/local/|$prefix/|g" "$checkout/contrib/ocf/drbdts" > "$tmp"
+install -m 0755 "$tmp" "$ocf_root/resource.d/drbdts/drbdts"
 
-echo "installed $prefix/bin/drbdts (runs $checkout with $node_bin) and systemd units in $prefix/lib/systemd/system"
+echo "installed $prefix/bin/drbdts (runs $checkout with $node_bin), systemd units in $prefix/lib/systemd/system,"
+echo "VIP notify scripts in $prefix/libexec/drbdts and the OCF agent $ocf_root/resource.d/drbdts/drbdts"
