@@ -4,8 +4,7 @@
 // other node, bob, runs as a plain daemon, so promotion happens as in a cluster: with a connected Secondary
 // peer. ocf-tester does not look at the monitor codes of a promoted instance, so the test then drives the agent
 // itself: monitor answers 7 stopped, 0 Secondary, 8 Primary, and validate-all names a broken setup with 6.
-// Pacemaker and Corosync are not run here: a cluster of two nodes needs separate UTS/IPC/mount namespaces per
-// node, which this test does not build (docs/operators.md says what the agent expects from the cluster).
+// test/cluster-pacemaker.test.ts runs the agent under Pacemaker itself.
 import { chmod, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
