@@ -3,13 +3,15 @@
 // pair: Corosync's knet and drbdts's replication run over it), and mount, UTS, IPC and PID namespaces
 // (test/pacemaker-node.sh: own host name, /run, /dev/shm, state and log directories, the agent in its view of
 // /usr/lib/ocf/resource.d). The pair's metadata is initialised (skipped initial sync), the agent is configured
-// as a promotable clone through the CIB, and Pacemaker promotes one node by the agent's promotion scores. The
-// client writes through that node's NBD export; then the node crashes (its PID namespace killed: Corosync,
-// Pacemaker and the drbdts daemon at once), Pacemaker on the survivor sees it leave and promotes the survivor
-// (fencing is off: there is no fence device between namespaces), and what was written is read back through the
-// survivor's export.
+// as a promotable clone through the CIB, and Pacemaker promotes one node by the agent's promotion scores. An
+// ext3 filesystem is made on the export, and a group on top of the Primary mounts it: nbdfuse
+// (ocf:heartbeat:anything) exposes the node's export as a file, ocf:heartbeat:Filesystem loop-mounts it. A file
+// is written there; then the node crashes (its PID namespace killed: Corosync, Pacemaker, drbdts, nbdfuse at
+// once), Pacemaker on the survivor sees it leave, promotes the survivor (fencing is off: there is no fence
+// device between namespaces) and mounts the filesystem there, where the file is.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { chmod, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { chmod, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -111,7 +113,7 @@ async function waitMon(node: Node, what: string, pattern: RegExp, timeoutMs = 60
 }
 
 describe('Pacemaker and Corosync', () => {
-  it('promote the drbdts clone on one node, and the other after that node crashes, with the data', async () => {
+  it('promote the drbdts clone and mount a filesystem on it, then fail both over to the other node on a crash', async () => {
     dir = await mkdtemp(path.join(tmpdir(), 'drbdts-pcmk-'));
     tag = `dtspcmk${process.pid % 100000}`;
     subnet = `10.${150 + (process.pid % 50)}.${process.pid % 250}`;
@@ -215,14 +217,57 @@ control = "${dir}/${node}.ctl"
     // The agent set the promotion scores DRBD's agent would: both UpToDate with a known peer.
     expect((await inNode(survivor, 'crm_mon', ['-1', '-A'])).stdout).toMatch(/master-r0\s*:\s*10000/);
 
-    const written = await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x6d 0 1M', `nbd+unix:///?socket=${dir}/${primary}.nbd`]);
-    expect(written.code, written.stderr).toBe(0);
+    // The filesystem, made once through the Primary's export (nbdfuse turns it into a file mkfs can use).
+    const mkfsFuse = path.join(dir, 'fuse-mkfs');
+    await mkdir(mkfsFuse);
+    const fusePid = path.join(dir, 'fuse-mkfs.pid');
+    const nbdfuse = spawn('nbdfuse', ['-P', fusePid, mkfsFuse, `nbd+unix:///?socket=${dir}/${primary}.nbd`], { stdio: 'ignore' });
+    try {
+      await waitFor('nbdfuse for mkfs', () => existsSync(fusePid), 10_000, 100);
+      await must('mkfs.ext3', ['-q', '-F', path.join(mkfsFuse, 'nbd')]);
+    } finally {
+      await run('fusermount3', ['-u', mkfsFuse]);
+      nbdfuse.kill('SIGKILL');
+    }
+
+    // On top of the Primary: nbdfuse (ocf:heartbeat:anything) exposing the node's export as a file, and that
+    // file loop-mounted (ocf:heartbeat:Filesystem) on /run/r0-data, in that node's mount namespace.
+    const perNode = (id: string, name: string, value: (node: Node) => string) => nodes.map((node) => `
+      <instance_attributes id="${id}-${node}" score="${node === 'alice' ? 2 : 1}">
+        <rule id="${id}-${node}-rule" score="0"><expression id="${id}-${node}-expr" attribute="#uname" operation="eq" value="${node}"/></rule>
+        <nvpair id="${id}-${node}-${name}" name="${name}" value="${value(node)}"/>
+      </instance_attributes>`).join('');
+    for (const node of nodes) await mkdir(path.join(dir, `fuse-${node}`));
+    const group = `<group id="r0-fs">
+  <primitive id="r0-fuse" class="ocf" provider="heartbeat" type="anything">
+    <instance_attributes id="r0-fuse-params">${nvpairs('r0-fuse', { binfile: '/usr/bin/nbdfuse', pidfile: '/run/r0-fuse.pid',
+      logfile: path.join(dir, 'nbdfuse.log') })}</instance_attributes>${perNode('r0-fuse-args', 'cmdline_options',
+      (node) => `${path.join(dir, `fuse-${node}`)} nbd+unix:///?socket=${dir}/${node}.nbd`)}
+  </primitive>
+  <primitive id="r0-data" class="ocf" provider="heartbeat" type="Filesystem">
+    <instance_attributes id="r0-data-params">${nvpairs('r0-data', { directory: '/run/r0-data', fstype: 'ext3', options: 'loop' })}</instance_attributes>${
+      perNode('r0-data-device', 'device', (node) => path.join(dir, `fuse-${node}`, 'nbd'))}
+    <operations><op id="r0-data-monitor" name="monitor" interval="5s" timeout="20s"/></operations>
+  </primitive>
+</group>`;
+    const addedGroup = await inNode('alice', 'cibadmin', ['--create', '-o', 'resources', '--xml-text', group]);
+    expect(addedGroup.code, addedGroup.stderr).toBe(0);
+    for (const constraint of [
+      '<rsc_colocation id="r0-fs-on-primary" rsc="r0-fs" with-rsc="r0-clone" with-rsc-role="Promoted" score="INFINITY"/>',
+      '<rsc_order id="r0-fs-after-promote" first="r0-clone" first-action="promote" then="r0-fs" then-action="start"/>',
+    ]) {
+      const added = await inNode('alice', 'cibadmin', ['--create', '-o', 'constraints', '--xml-text', constraint]);
+      expect(added.code, added.stderr).toBe(0);
+    }
+    await waitMon(primary, `the filesystem mounted on ${primary}`, new RegExp(`r0-data\\s+\\(ocf:heartbeat:Filesystem\\):\\s+Started ${primary}`));
+    const wrote = await inNode(primary, 'sh', ['-c', 'echo "written on the first Primary" > /run/r0-data/note && sync']);
+    expect(wrote.code, wrote.stderr).toBe(0);
 
     await crash(primary);
     await waitMon(survivor, `${survivor} promoted after ${primary} crashed`, new RegExp(`OFFLINE: \\[ ${primary} \\][\\s\\S]*Promoted: \\[ ${survivor} \\]`));
     expect((await drbdts(survivor, 'role')).stdout.trim()).toBe('Primary');
-    const read = await run('qemu-io', ['-f', 'raw', '-c', 'read -P 0x6d 0 1M', `nbd+unix:///?socket=${dir}/${survivor}.nbd`]);
-    expect(read.stdout + read.stderr).toMatch(/read 1048576\/1048576 bytes/);
-    expect(read.stdout + read.stderr).not.toMatch(/Pattern verification failed/);
+    await waitMon(survivor, `the filesystem mounted on ${survivor}`, new RegExp(`r0-data\\s+\\(ocf:heartbeat:Filesystem\\):\\s+Started ${survivor}`));
+    const note = await inNode(survivor, 'cat', ['/run/r0-data/note']);
+    expect(note.stdout).toBe('written on the first Primary\n');
   }, 300_000);
 });
