@@ -61,6 +61,8 @@ export interface ResourceConfig {
   csumsAlg?: string;
   verifyAlg?: string;
   alExtents: number;
+  /** DRBD 9's auto-promote: an NBD client of a Secondary promotes it; the last one leaving demotes it. */
+  autoPromote: boolean;
   nodes: Record<string, NodeConfig>;
 }
 
@@ -87,7 +89,7 @@ const AL_EXTENTS_MIN = 16; // activity-log.ts AL_EXTENTS_MIN: a 32 MiB request s
 const AL_EXTENTS_MAX = 65534;
 
 // Every key each section accepts: a typo ("protcol") is an error, not a silently ignored line.
-const resourceKeys = new Set(['name', 'protocol', 'shared-secret']);
+const resourceKeys = new Set(['name', 'protocol', 'shared-secret', 'auto-promote']);
 const diskKeys = new Set(['size', 'al-extents']);
 const netKeys = new Set([
   'protocol', 'shared-secret', 'on-congestion', 'allow-two-primaries', 'after-sb-0pri', 'after-sb-1pri',
@@ -248,6 +250,8 @@ export function parseResourceConfig(text: string, fileName: string): ResourceCon
     ? v.string(net, 'net', 'shared-secret', true)
     : v.string(resource, 'resource', 'shared-secret', true);
 
+  const autoPromote = v.boolean(resource, 'resource', 'auto-promote', false);
+
   const sizeBytes = v.size(disk, 'disk', 'size', undefined);
   if (sizeBytes !== undefined) {
     if (sizeBytes < 1024 * 1024) v.fail('disk.size', `${sizeBytes} bytes is too small (minimum 1MiB)`);
@@ -363,7 +367,7 @@ export function parseResourceConfig(text: string, fileName: string): ResourceCon
     fileName, name, protocol, sharedSecret, sizeBytes, onCongestion, allowTwoPrimaries,
     afterSb0pri: afterSb0priText as AfterSb0Pri, afterSb1pri, afterSb2pri,
     resyncRateMaxBytesPerSecond, resyncRateMinBytesPerSecond, pingIntervalMs, pingTimeoutMs, connectRetryMs,
-    sendQueueMaxBytes, maxInFlightWrites, csumsAlg, verifyAlg, alExtents, nodes,
+    sendQueueMaxBytes, maxInFlightWrites, csumsAlg, verifyAlg, alExtents, autoPromote, nodes,
   };
 }
 

@@ -25,6 +25,7 @@ import { ControlServer, type ConnectionState, type DiskState, type ResourceStatu
 import { Metadata } from './metadata.js';
 import { decideSync, formatUuid, newUuid, type SyncDecision, type SyncView } from './uuids.js';
 import { startServiceHooks } from './service.js';
+import { AutoPromoter } from './auto-promote.js';
 import { ReplicatedDevice } from '../replication/device.js';
 import { NativePlaneHub, replicationDataPathFromEnv, type ReplicationDataPath } from '../replication/native-plane.js';
 import { FrameType } from '../replication/frame.js';
@@ -95,6 +96,8 @@ export class NodeDaemon {
   /** DRBDTS_REPL_DATA_PATH: replicated writes on native threads (default) or in JavaScript. */
   private readonly dataPath: ReplicationDataPath;
   private hub: NativePlaneHub | null = null;
+  /** [resource] auto-promote (auto-promote.ts). */
+  private autoPromoter: AutoPromoter | null = null;
 
   constructor(
     private readonly config: ResourceConfig,
@@ -176,14 +179,25 @@ export class NodeDaemon {
       await this.link.start().catch((error: Error) => {
         throw new Error(`cannot listen for the peer on ${node.address.host}:${node.address.port}: ${error.message}`);
       });
+      this.autoPromoter = this.config.autoPromote ? new AutoPromoter({
+        role: () => this.role,
+        promote: () => this.handle('primary', {}),
+        demote: () => this.handle('secondary', {}),
+      }, this.logger) : null;
       this.nbd = new NbdServer({
         device: this.device,
         description: `drbdts resource ${this.config.name} (node ${this.nodeName})`,
         logger: this.logger,
+        beforeExport: this.autoPromoter === null ? undefined : () => this.autoPromoter!.beforeExport(),
+        onConnectionClosed: this.autoPromoter === null ? undefined : (remaining) => this.autoPromoter!.connectionClosed(remaining),
       });
       this.device.onNativeOpen = () => this.nbd.replicationOpened();
       await this.nbd.listen(parseListenAddress(node.nbd));
-      this.control = new ControlServer(node.control, (command, args) => this.handle(command, args), this.logger);
+      this.control = new ControlServer(node.control, (command, args) => {
+        // An operator's promotion or demotion: auto-promote no longer owns the role.
+        if (command === 'primary' || command === 'secondary') this.autoPromoter?.operatorChangedRole();
+        return this.handle(command, args);
+      }, this.logger);
       await this.control.listen();
     } catch (error) {
       await this.link?.close().catch(() => {});
