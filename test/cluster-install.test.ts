@@ -1,9 +1,10 @@
 // Proves scripts/install.sh puts a working `drbdts` on PATH: it installs into a temporary prefix (--no-build:
 // the suite's set-up has built this checkout), then runs the installed command from another directory with a
 // PATH that holds only that prefix and the base system directories, as systemd units, keepalived and Pacemaker
-// run it. The wrapper names the node binary, so it works even where node itself is not on that PATH.
+// run it. The wrapper names the node binary, so it works even where node itself is not on that PATH. Then the
+// same from a fresh clone, where install.sh itself builds the TypeScript and the native addon.
 import { execFile } from 'node:child_process';
-import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, stat, symlink } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -47,6 +48,20 @@ describe('scripts/install.sh', () => {
     expect((await stat(`${prefix}/lib/systemd/system/drbdts-dirsync-server.service`)).isFile()).toBe(true);
     expect((await stat(`${prefix}/share/doc/drbdts/operators.md`)).isFile()).toBe(true);
   });
+
+  it('builds and installs from a fresh clone (no dist/, no native build)', async () => {
+    // A clone of this checkout's HEAD: what an operator's `git clone` gets. Its node_modules are this
+    // checkout's (installing them is scripts/setup.sh's job, tested by CI itself); the build is install.sh's.
+    const clone = path.join(prefix, 'clone');
+    await run('git', ['clone', '-q', repoRoot, clone]);
+    await symlink(path.join(repoRoot, 'node_modules'), path.join(clone, 'node_modules'));
+    const target = path.join(prefix, 'fresh');
+    const installed = await run('bash', [path.join(clone, 'scripts/install.sh'), '--prefix', target], { maxBuffer: 16 * 1024 * 1024 });
+    expect(installed.stdout).toContain(`installed ${target}/bin/drbdts (runs ${clone} with`);
+    const help = await run(`${target}/bin/drbdts`, ['--help'], { cwd: '/', env: { PATH: '/usr/bin:/bin', HOME: prefix } });
+    expect(help.stdout).toMatch(/^Usage: drbdts COMMAND/);
+    expect((await stat(path.join(clone, 'native/build/Release/drbdts_native.node'))).isFile()).toBe(true);
+  }, 300_000);
 
   it('refuses a relative prefix and an unknown option', async () => {
     for (const args of [['--prefix', 'relative/dir'], ['--bogus']]) {
