@@ -6,6 +6,12 @@
 set -euo pipefail
 packages=(libnbd-bin nbdkit qemu-utils fio unison e2fsprogs fuse3 openssh-server openssl iproute2 util-linux drbd-utils)
 commands=(nbdinfo nbdkit qemu-io fio unison mkfs.ext3 fusermount3 sshd openssl ip losetup drbdmeta)
+# The cluster integrations' real programs (test/cluster-*.test.ts): systemd-analyze for the units, python3 as a
+# stand-in notify socket, Prometheus scraping the metrics endpoint, keepalived and UCARP moving a VIP, and
+# resource-agents' ocf-tester (which lints meta-data with xmllint) for the OCF agent, and Pacemaker with Corosync
+# running it in a two-node cluster.
+packages+=(systemd python3 prometheus keepalived ucarp resource-agents libxml2-utils pacemaker pacemaker-cli-utils corosync)
+commands+=(systemd-analyze python3 prometheus keepalived ucarp ocf-tester xmllint crm_attribute pacemakerd corosync)
 missing=0
 for c in "${commands[@]}"; do
   command -v "$c" >/dev/null 2>&1 || [ -x "/usr/sbin/$c" ] || { missing=1; break; }

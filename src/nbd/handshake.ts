@@ -26,6 +26,8 @@ export interface ExportSettings {
   tlsConfigured: boolean;
   limits: NbdLimits;
   logger: Logger;
+  /** Runs before a client is given (or told about) the export, e.g. to auto-promote a Secondary. */
+  beforeExport?: () => Promise<void>;
 }
 
 export interface NegotiatedExport {
@@ -156,6 +158,7 @@ export async function negotiate(
     switch (option) {
       case P.NBD_OPT_EXPORT_NAME: {
         const name = data.toString('utf8');
+        await prepareExport(settings, name);
         const refusal = exportRefusal(settings, name);
         if (refusal !== null) throw new HandshakeEnd(`EXPORT_NAME "${name}": ${refusal}`);
         const flags = transmissionFlagsFor(settings.device, settings.readOnly, structuredReplies);
@@ -211,6 +214,7 @@ export async function negotiate(
           continue;
         }
         const [name, requests] = parsed;
+        await prepareExport(settings, name);
         const refusal = exportRefusal(settings, name);
         if (refusal !== null) {
           const type = refusal.startsWith('no export') ? P.NBD_REP_ERR_UNKNOWN : P.NBD_REP_ERR_POLICY;
@@ -300,6 +304,11 @@ export async function negotiate(
         continue;
     }
   }
+}
+
+async function prepareExport(settings: ExportSettings, name: string): Promise<void> {
+  if (settings.beforeExport === undefined || (name !== '' && name !== settings.exportName)) return;
+  await settings.beforeExport();
 }
 
 function exportRefusal(settings: ExportSettings, name: string): string | null {

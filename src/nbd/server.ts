@@ -37,6 +37,10 @@ export interface NbdServerOptions {
    * DRBDTS_NBD_SPLICE=0 for false): a WRITE is copied once, into the page cache, a READ not at all.
    */
   dataPathSplice?: boolean;
+  /** Runs before a client is given the export (handshake.ts ExportSettings.beforeExport). */
+  beforeExport?: () => Promise<void>;
+  /** Called when a client connection has closed, with the number still open. */
+  onConnectionClosed?: (remaining: number) => void;
 }
 
 /** How long close() lets connections finish their in-flight requests before cutting them. */
@@ -90,6 +94,7 @@ export class NbdServer {
         tlsConfigured: server.secureContext !== undefined,
         limits: server.limits,
         logger: server.logger,
+        beforeExport: options.beforeExport,
       }),
       chargeServer: (bytes: number): void => server.chargeServer(bytes),
       serverOverBudget: (): boolean => server.serverInFlightBytes >= server.limits.serverInFlightBytesMax,
@@ -103,6 +108,7 @@ export class NbdServer {
           connection: connection.id, connections: server.connections.size, nativeRequests: connection.dataPathRequests,
           splicedRequests: connection.dataPathSplicedRequests,
         }, 'client disconnected');
+        options.onConnectionClosed?.(server.connections.size);
       },
     };
   }

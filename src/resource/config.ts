@@ -32,6 +32,8 @@ export interface NodeConfig {
   control: string;
   /** DRBD's node-id: `node-id` in the node's section, else its position in the file (0, 1). */
   nodeId: number;
+  /** Prometheus endpoint (GET /metrics), when set. */
+  metrics?: HostPort;
 }
 
 export interface ResourceConfig {
@@ -64,6 +66,8 @@ export interface ResourceConfig {
   /** [handlers]: shell commands by DRBD handler name, and how long each may run. */
   handlers: Partial<Record<HandlerName, string>>;
   handlerTimeoutMs: number;
+  /** DRBD 9's auto-promote: an NBD client of a Secondary promotes it; the last one leaving demotes it. */
+  autoPromote: boolean;
   nodes: Record<string, NodeConfig>;
 }
 
@@ -97,14 +101,14 @@ const AL_EXTENTS_MIN = 16; // activity-log.ts AL_EXTENTS_MIN: a 32 MiB request s
 const AL_EXTENTS_MAX = 65534;
 
 // Every key each section accepts: a typo ("protcol") is an error, not a silently ignored line.
-const resourceKeys = new Set(['name', 'protocol', 'shared-secret', 'minor']);
+const resourceKeys = new Set(['name', 'protocol', 'shared-secret', 'minor', 'auto-promote']);
 const diskKeys = new Set(['size', 'al-extents', 'on-io-error']);
 const netKeys = new Set([
   'protocol', 'shared-secret', 'on-congestion', 'allow-two-primaries', 'after-sb-0pri', 'after-sb-1pri',
   'after-sb-2pri', 'ping-interval', 'ping-timeout', 'connect-int', 'max-buffers', 'max-in-flight', 'fencing',
 ]);
 const resyncKeys = new Set(['rate', 'min-rate', 'csums-alg', 'verify-alg']);
-const nodeKeys = new Set(['address', 'disk', 'meta-disk', 'nbd', 'device', 'control', 'node-id']);
+const nodeKeys = new Set(['address', 'disk', 'meta-disk', 'nbd', 'device', 'control', 'node-id', 'metrics']);
 const handlerKeys = new Set<string>([...HANDLER_NAMES, 'timeout']);
 const topLevel = new Set(['resource', 'disk', 'net', 'resync', 'node', 'handlers']);
 
@@ -262,6 +266,8 @@ export function parseResourceConfig(text: string, fileName: string): ResourceCon
     ? v.string(net, 'net', 'shared-secret', true)
     : v.string(resource, 'resource', 'shared-secret', true);
 
+  const autoPromote = v.boolean(resource, 'resource', 'auto-promote', false);
+
   const sizeBytes = v.size(disk, 'disk', 'size', undefined);
   if (sizeBytes !== undefined) {
     if (sizeBytes < 1024 * 1024) v.fail('disk.size', `${sizeBytes} bytes is too small (minimum 1MiB)`);
@@ -371,7 +377,9 @@ export function parseResourceConfig(text: string, fileName: string): ResourceCon
     const nodeId = v.integer(table, section, 'node-id', Object.keys(nodes).length, 0, 31);
     const sameId = Object.values(nodes).find((other) => other.nodeId === nodeId);
     if (sameId !== undefined) v.fail(`${section}.node-id`, `${nodeId} is also node ${sameId.name}'s node-id`);
-    nodes[nodeName] = { name: nodeName, address, disk: diskPath, metaDisk, nbd, device, control, nodeId };
+    const metricsText = v.string(table, section, 'metrics', false);
+    const metrics = metricsText === undefined ? undefined : v.hostPort(metricsText, `${section}.metrics`);
+    nodes[nodeName] = { name: nodeName, address, disk: diskPath, metaDisk, nbd, device, control, nodeId, metrics };
   }
   const nodeNames = Object.keys(nodes);
   if (nodeNames.length !== 2) {
@@ -392,7 +400,7 @@ export function parseResourceConfig(text: string, fileName: string): ResourceCon
     afterSb0pri: afterSb0priText as AfterSb0Pri, afterSb1pri, afterSb2pri,
     resyncRateMaxBytesPerSecond, resyncRateMinBytesPerSecond, pingIntervalMs, pingTimeoutMs, connectRetryMs,
     sendQueueMaxBytes, maxInFlightWrites, csumsAlg, verifyAlg, alExtents, onIoError, minor, fencing, handlers, handlerTimeoutMs,
-    nodes,
+    autoPromote, nodes,
   };
 }
 

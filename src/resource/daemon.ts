@@ -26,6 +26,8 @@ import { HandlerRunner, handlerVariables, type HandlerResult } from './handlers.
 import { ControlServer, type ConnectionState, type DiskState, type ResourceStatus, type RoleState } from './control.js';
 import { Metadata } from '../metadata/metadata.js';
 import { decideSync, formatUuid, newUuid, type SyncDecision, type SyncView } from '../metadata/uuids.js';
+import { startServiceHooks } from './service.js';
+import { AutoPromoter } from './auto-promote.js';
 import { ReplicatedDevice } from '../replication/device.js';
 import { NativePlaneHub, replicationDataPathFromEnv, type ReplicationDataPath } from '../replication/native-plane.js';
 import { FrameType } from '../replication/frame.js';
@@ -128,6 +130,8 @@ export class NodeDaemon {
   /** local-io-error runs once per burst of errors: not while it runs, nor again within LOCAL_IO_ERROR_QUIET_MS. */
   private localIoErrorRunning = false;
   private localIoErrorLastMs = 0;
+  /** [resource] auto-promote (auto-promote.ts). */
+  private autoPromoter: AutoPromoter | null = null;
 
   constructor(
     private config: ResourceConfig,
@@ -217,16 +221,25 @@ export class NodeDaemon {
       await this.link.start().catch((error: Error) => {
         throw new Error(`cannot listen for the peer on ${node.address.host}:${node.address.port}: ${error.message}`);
       });
+      this.autoPromoter = this.config.autoPromote ? new AutoPromoter({
+        role: () => this.role,
+        promote: () => this.handle('primary', {}),
+        demote: () => this.handle('secondary', {}),
+      }, this.logger) : null;
       this.nbd = new NbdServer({
         device: this.device,
         description: `drbdts resource ${this.config.name} (node ${this.nodeName})`,
         logger: this.logger,
+        beforeExport: this.autoPromoter === null ? undefined : () => this.autoPromoter!.beforeExport(),
+        onConnectionClosed: this.autoPromoter === null ? undefined : (remaining) => this.autoPromoter!.connectionClosed(remaining),
       });
       this.device.onNativeOpen = () => this.nbd.replicationOpened();
       await this.nbd.listen(parseListenAddress(node.nbd));
-      this.control = new ControlServer(node.control,
-        (command, args) => this.handle(command, args).finally(() => this.publish()), this.logger,
-        (send) => this.subscribe(send));
+      this.control = new ControlServer(node.control, (command, args) => {
+        // An operator's promotion or demotion: auto-promote no longer owns the role.
+        if (command === 'primary' || command === 'secondary') this.autoPromoter?.operatorChangedRole();
+        return this.handle(command, args).finally(() => this.publish());
+      }, this.logger, (send) => this.subscribe(send));
       await this.control.listen();
     } catch (error) {
       await this.link?.close().catch(() => {});
@@ -573,6 +586,11 @@ export class NodeDaemon {
     if (!periodic && key === this.publishedStateKey) return;
     this.publishedStateKey = key;
     this.broadcast({ event: 'state', timeMs: Date.now(), status: this.status() });
+  }
+
+  /** NBD figures for the metrics endpoint (metrics.ts) that the status object does not carry. */
+  exportCounters(): { clients: number; nativeRequests: number } {
+    return { clients: this.nbd.activeConnections, nativeRequests: this.nbd.dataPathRequests };
   }
 
   // ---- connection ----
@@ -1488,11 +1506,17 @@ export async function runDaemon(config: ResourceConfig, nodeName: string, logger
   };
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);
+  // systemd readiness and the metrics endpoint (service.ts).
+  const hooks = await startServiceHooks(daemon, config, nodeName, logger).catch(async (error: unknown) => {
+    await daemon.down('service hooks failed to start');
+    throw error;
+  });
   try {
     await daemon.stopped;
   } finally {
     process.off('SIGTERM', onSignal);
     process.off('SIGINT', onSignal);
+    await hooks.close();
   }
 }
 
