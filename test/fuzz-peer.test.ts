@@ -80,5 +80,5 @@ describe('peer protocol fuzzing', () => {
     await cluster.start('alice');
     await cluster.waitInSync(60_000);
     expect(await cluster.hashData('alice')).toBe(expected);
-  }, 900_000);
+  }, 300_000 + inputs * 5 + rawConnections * 50);
 });
