@@ -43,7 +43,7 @@ describe('resource state rules', () => {
     for (const v of valid) {
       for (const command of COMMANDS) {
         for (const facts of factSets) {
-          const refused = refusal(command, v, 'r0 on node alice', facts);
+          const refused = refusal(command, v, { name: 'r0 on node alice', peer: 'bob' }, facts);
           checked += 1;
           if (refused !== null) {
             if (!refused.includes('r0 on node alice') && !refused.startsWith(`${command}:`)) broken.push(`${command}: ${refused}`);
@@ -62,9 +62,10 @@ describe('resource state rules', () => {
   });
 
   it('the rules operators rely on hold across the whole table', () => {
+    const who = { name: 'n', peer: 'p' };
     for (const v of valid) {
-      const promote = refusal('primary', v, 'n', {});
-      const forced = refusal('primary', v, 'n', { force: true });
+      const promote = refusal('primary', v, who, {});
+      const forced = refusal('primary', v, who, { force: true });
       // Never a second Primary without allow-two-primaries, forced or not.
       if (connected(v.connection) && v.peerRole === 'Primary' && !v.allowTwoPrimaries) {
         expect(promote).not.toBeNull();
@@ -75,10 +76,10 @@ describe('resource state rules', () => {
       if (v.connection === 'SyncTarget' || v.connection === 'PausedSyncT') expect(forced).not.toBeNull();
       // outdate never on a Primary, never while connected (unless already Outdated: a no-op).
       if (v.role === 'Primary' || (connected(v.connection) && v.disk !== 'Outdated')) {
-        expect(refusal('outdate', v, 'n')).not.toBeNull();
+        expect(refusal('outdate', v, who)).not.toBeNull();
       }
       // A Secondary with NBD clients is not the issue; a Primary with clients is not demoted.
-      if (v.role === 'Primary') expect(refusal('secondary', v, 'n', { nbdClients: 1 })).not.toBeNull();
+      if (v.role === 'Primary') expect(refusal('secondary', v, who, { nbdClients: 1 })).not.toBeNull();
     }
   });
 });

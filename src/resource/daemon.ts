@@ -22,6 +22,7 @@ import { transmissionFlagsFor } from '../nbd/handshake.js';
 import { Bitmap } from '../metadata/bitmap.js';
 import { loadResourceConfig, peerOf, resourceMinor, type HandlerName, type ResourceConfig } from './config.js';
 import { PeerDisk } from '../replication/peer-disk.js';
+import { COMMANDS, connected, refusal, type Command, type StateView } from './states.js';
 import { HandlerRunner, handlerVariables, type HandlerResult } from './handlers.js';
 import { ControlServer, type ConnectionState, type DiskState, type ResourceStatus, type RoleState } from './control.js';
 import { Metadata } from '../metadata/metadata.js';
@@ -1215,8 +1216,38 @@ export class NodeDaemon {
 
   // ---- control commands ----
 
+  /** This node's state as the rules (states.ts) see it. */
+  private stateView(): StateView {
+    const session = this.session;
+    const connection = this.connectionState();
+    const known = session !== null && connected(connection);
+    return {
+      role: this.role, disk: this.diskState(), connection,
+      peerRole: known ? session.peerRole : 'Unknown', peerDisk: known ? session.peerDisk : 'DUnknown',
+      allowTwoPrimaries: this.config.allowTwoPrimaries,
+    };
+  }
+
+  /** A command that would change nothing here is answered with the status, as DRBD's are. */
+  private alreadyThere(command: string): boolean {
+    const disk = this.diskState();
+    return (command === 'primary' && this.role === 'Primary') || (command === 'secondary' && this.role === 'Secondary')
+      || (command === 'outdate' && disk === 'Outdated') || (command === 'detach' && disk === 'Diskless')
+      || (command === 'attach' && disk !== 'Diskless');
+  }
+
   private async handle(command: string, args: Record<string, unknown>): Promise<unknown> {
     const name = `resource ${this.config.name} on node ${this.nodeName}`;
+    // The state rules first (one table for all commands, states.ts); what depends on more than the state
+    // (a mounted device, the fence-peer handler, a resync's progress) is checked by the command itself.
+    if ((COMMANDS as readonly string[]).includes(command)) {
+      if (this.alreadyThere(command)) return this.status();
+      const refused = refusal(command as Command, this.stateView(), { name, peer: this.peerName }, {
+        force: args.force === true, discardMyData: args.discardMyData === true, clearBitmap: args.clearBitmap === true,
+        nbdClients: this.nbd.activeConnections,
+      });
+      if (refused !== null) throw new Error(refused);
+    }
     switch (command) {
       case 'status':
         return this.status();

@@ -78,10 +78,16 @@ export function invalidState(v: StateView): string | null {
   return null;
 }
 
+/** Who the refusal speaks of: this resource on this node ("resource r0 on node alice"), and the peer's name. */
+export interface Who {
+  name: string;
+  peer: string;
+}
+
 interface Rule {
   /** Refused when this holds. */
   when: (v: StateView, f: CommandFacts) => boolean;
-  why: (v: StateView, name: string, f: CommandFacts) => string;
+  why: (v: StateView, who: Who, f: CommandFacts) => string;
 }
 
 /**
@@ -91,95 +97,95 @@ interface Rule {
 export const RULES: Readonly<Record<Command, readonly Rule[]>> = {
   primary: [
     { when: (v) => connected(v.connection) && v.peerRole === 'Primary' && !v.allowTwoPrimaries,
-      why: (v, name) => `${name}: the peer is Primary; demote it first (allow-two-primaries is off)` },
+      why: (v, { name, peer }) => `${name}: the peer ${peer} is Primary; demote it first (allow-two-primaries is off)` },
     { when: (v, f) => connected(v.connection) && v.peerRole === 'Primary' && f.force === true,
-      why: (v, name) => `${name}: the peer is Primary: --force would discard the data it serves` },
+      why: (v, { name, peer }) => `${name}: the peer ${peer} is Primary: --force would discard the data it serves` },
     { when: (v) => connected(v.connection) && v.peerRole === 'Primary'
         && (v.connection !== 'Connected' || v.disk !== 'UpToDate' || v.peerDisk !== 'UpToDate'),
-      why: (v, name) => `${name}: a second Primary needs both disks UpToDate and the nodes Connected `
+      why: (v, { name, peer }) => `${name}: a second Primary needs both disks UpToDate and the nodes Connected `
         + `(now ${v.connection}, ${v.disk}/${v.peerDisk})` },
     { when: (v) => syncTarget(v.connection),
-      why: (v, name) => `${name} is SyncTarget: wait for the resync to finish` },
+      why: (v, { name, peer }) => `${name} is SyncTarget: wait for the resync to finish` },
     { when: (v) => v.disk === 'Diskless' && !(connected(v.connection) && goodData(v.peerDisk)),
-      why: (v, name) => `${name} is Diskless and not connected to an UpToDate peer: there is no data to serve` },
+      why: (v, { name, peer }) => `${name} is Diskless and not connected to an UpToDate peer: there is no data to serve` },
     { when: (v, f) => v.disk === 'Outdated' && f.force !== true,
-      why: (v, name) => `${name} is Outdated: refusing to be Primary with data that may be stale (connect to the peer `
+      why: (v, { name, peer }) => `${name} is Outdated: refusing to be Primary with data that may be stale (connect to the peer `
         + 'to resync, or use --force only if this node\'s data is the good copy)' },
     { when: (v, f) => v.disk !== 'UpToDate' && v.disk !== 'Diskless' && v.disk !== 'Outdated' && f.force !== true,
-      why: (v, name) => `${name} is ${v.disk}: refusing to promote (use --force only if this node's data is the good copy)` },
+      why: (v, { name, peer }) => `${name} is ${v.disk}: refusing to promote (use --force only if this node's data is the good copy)` },
   ],
   secondary: [
     { when: (v) => v.connection === 'Ahead',
-      why: (v, name) => `${name} pulled ahead of its peer: wait until its send queue drained and the resync started` },
+      why: (v, { name, peer }) => `${name} pulled ahead of its peer: wait until its send queue drained and the resync started` },
     { when: (v, f) => v.role === 'Primary' && (f.nbdClients ?? 0) > 0,
-      why: (v, name, f) => `${name}: the device is held open by ${f.nbdClients} NBD client(s); disconnect them first` },
+      why: (v, { name }, f) => `${name}: the device is held open by ${f.nbdClients} NBD client(s); disconnect them first` },
   ],
   connect: [
-    { when: (v) => v.connection !== 'StandAlone', why: (v, name) => `${name} is already ${v.connection}` },
+    { when: (v) => v.connection !== 'StandAlone', why: (v, { name, peer }) => `${name} is already ${v.connection}` },
     { when: (v, f) => f.discardMyData === true && v.role === 'Primary',
-      why: (v, name) => `${name}: --discard-my-data on a Primary is refused; demote it first` },
+      why: (v, { name, peer }) => `${name}: --discard-my-data on a Primary is refused; demote it first` },
   ],
   disconnect: [],
   invalidate: [
     { when: (v) => !connected(v.connection),
-      why: (v, name) => `invalidate: ${name} is not connected to its peer (${v.connection})` },
-    { when: (v) => v.role === 'Primary', why: (v, name) => `invalidate: ${name} is Primary; demote it first` },
+      why: (v, { name, peer }) => `invalidate: ${name} is not connected to ${peer} (${v.connection})` },
+    { when: (v) => v.role === 'Primary', why: (v, { name, peer }) => `invalidate: ${name} is Primary; demote it first` },
     { when: (v) => resyncing(v.connection), why: () => 'invalidate: a resync is already running' },
-    { when: (v) => !goodData(v.peerDisk), why: (v) => `invalidate: the peer's disk is ${v.peerDisk}, not UpToDate: nothing to resync from` },
+    { when: (v) => !goodData(v.peerDisk), why: (v, { peer }) => `invalidate: the peer's disk is ${v.peerDisk}, not UpToDate: nothing to resync from` },
   ],
   'invalidate-remote': [
     { when: (v) => !connected(v.connection),
-      why: (v, name) => `invalidate-remote: ${name} is not connected to its peer (${v.connection})` },
-    { when: (v) => v.peerRole === 'Primary', why: (v, name) => `${name}: the peer is Primary; it cannot be invalidated` },
-    { when: (v) => resyncing(v.connection), why: (v, name) => `${name}: a resync is already running` },
-    { when: (v) => !goodData(v.disk), why: (v, name) => `${name}: this disk is ${v.disk}, not UpToDate: nothing to resync from` },
+      why: (v, { name, peer }) => `invalidate-remote: ${name} is not connected to ${peer} (${v.connection})` },
+    { when: (v) => v.peerRole === 'Primary', why: (v, { name, peer }) => `${name}: the peer is Primary; it cannot be invalidated` },
+    { when: (v) => resyncing(v.connection), why: (v, { name, peer }) => `${name}: a resync is already running` },
+    { when: (v) => !goodData(v.disk), why: (v, { name, peer }) => `${name}: this disk is ${v.disk}, not UpToDate: nothing to resync from` },
   ],
   verify: [
-    { when: (v) => !connected(v.connection), why: (v, name) => `verify: ${name} is not connected to its peer (${v.connection})` },
-    { when: (v) => v.connection !== 'Connected', why: (v, name) => `${name}: busy (${v.connection})` },
-    { when: (v) => v.disk === 'Diskless' || v.peerDisk === 'Diskless', why: (v, name) => `${name}: a Diskless node has nothing to verify` },
+    { when: (v) => !connected(v.connection), why: (v, { name, peer }) => `verify: ${name} is not connected to ${peer} (${v.connection})` },
+    { when: (v) => v.connection !== 'Connected', why: (v, { name, peer }) => `${name}: busy (${v.connection})` },
+    { when: (v) => v.disk === 'Diskless' || v.peerDisk === 'Diskless', why: (v, { name, peer }) => `${name}: a Diskless node has nothing to verify` },
   ],
   outdate: [
-    { when: (v) => v.role === 'Primary', why: (v, name) => `${name} is Primary: refusing to outdate the data it serves (demote it first)` },
+    { when: (v) => v.role === 'Primary', why: (v, { name, peer }) => `${name} is Primary: refusing to outdate the data it serves (demote it first)` },
     { when: (v) => v.disk !== 'UpToDate' && v.disk !== 'Consistent' && v.disk !== 'Outdated',
-      why: (v, name) => `${name} is ${v.disk}: only good data can be outdated` },
+      why: (v, { name, peer }) => `${name} is ${v.disk}: only good data can be outdated` },
     { when: (v) => v.disk !== 'Outdated' && connected(v.connection),
-      why: (v, name) => `${name}: refusing to be Outdated while Connected to its peer (disconnect first)` },
+      why: (v, { name, peer }) => `${name}: refusing to be Outdated while Connected to ${peer} (disconnect first)` },
   ],
   detach: [
     { when: (v, f) => v.disk !== 'Diskless' && f.force !== true && !(connected(v.connection) && goodData(v.peerDisk)),
-      why: (v, name) => `${name}: the peer's disk is not UpToDate and connected (${connected(v.connection) ? v.peerDisk : 'not connected'}): `
+      why: (v, { name, peer }) => `${name}: the peer's disk is not UpToDate and connected (${connected(v.connection) ? v.peerDisk : 'not connected'}): `
         + 'detaching would leave no good data to serve; use --force to detach anyway' },
     { when: (v, f) => v.disk !== 'Diskless' && f.force === true && connected(v.connection) && !goodData(v.peerDisk),
-      why: (v, name) => `${name}: connected to a peer whose disk is ${v.peerDisk}, which cannot serve a Diskless node: `
+      why: (v, { name, peer }) => `${name}: connected to a peer whose disk is ${v.peerDisk}, which cannot serve a Diskless node: `
         + 'disconnect first' },
     { when: (v) => v.disk !== 'Diskless' && resyncing(v.connection),
-      why: (v, name) => `${name}: a resync runs (${v.connection}): wait for it to end` },
+      why: (v, { name, peer }) => `${name}: a resync runs (${v.connection}): wait for it to end` },
   ],
   attach: [
     { when: (v) => v.disk === 'Diskless' && v.role === 'Primary',
-      why: (v, name) => `${name} is a Diskless Primary: demote it first (or fail over to the peer), then attach `
+      why: (v, { name, peer }) => `${name} is a Diskless Primary: demote it first (or fail over to the peer), then attach `
         + '(the attach resyncs this disk from the peer, which a Primary here does not do)' },
   ],
   'new-current-uuid': [
     { when: (v, f) => f.clearBitmap === true && !connected(v.connection),
-      why: (v, name) => `new-current-uuid --clear-bitmap: ${name} is not connected to its peer (${v.connection})` },
+      why: (v, { name, peer }) => `new-current-uuid --clear-bitmap: ${name} is not connected to ${peer} (${v.connection})` },
     { when: (v, f) => f.clearBitmap === true && resyncing(v.connection),
-      why: (v, name) => `new-current-uuid --clear-bitmap: ${name}: a resync is running (${v.connection})` },
+      why: (v, { name, peer }) => `new-current-uuid --clear-bitmap: ${name}: a resync is running (${v.connection})` },
     { when: (v, f) => f.clearBitmap === true && v.disk === 'UpToDate' && v.peerDisk === 'UpToDate',
-      why: (v, name) => `${name}: both nodes are already UpToDate` },
+      why: (v, { name, peer }) => `${name}: both nodes are already UpToDate` },
   ],
   'resync-pause': [
-    { when: (v) => !resyncing(v.connection), why: (v, name) => `${name}: no resync is running (${v.connection})` },
+    { when: (v) => !resyncing(v.connection), why: (v, { name, peer }) => `${name}: no resync is running (${v.connection})` },
   ],
   'resync-resume': [
-    { when: (v) => !resyncing(v.connection), why: (v, name) => `${name}: no resync is running (${v.connection})` },
+    { when: (v) => !resyncing(v.connection), why: (v, { name, peer }) => `${name}: no resync is running (${v.connection})` },
   ],
 };
 
 /** The refusal the operator gets for `command` in this state, or null when the rules allow it. */
-export function refusal(command: Command, v: StateView, name: string, facts: CommandFacts = {}): string | null {
-  for (const rule of RULES[command]) if (rule.when(v, facts)) return rule.why(v, name, facts);
+export function refusal(command: Command, v: StateView, who: Who, facts: CommandFacts = {}): string | null {
+  for (const rule of RULES[command]) if (rule.when(v, facts)) return rule.why(v, who, facts);
   return null;
 }
 
