@@ -196,6 +196,8 @@ export function renderStatus(status: ResourceStatus, options: { statistics?: boo
     lines.push(replication);
   } else {
     lines.push(`  ${status.peer.node} connection:${status.connection}`);
+    // Why it is not connected, which otherwise only the log says (a wrong secret, a refused handshake...).
+    if (status.lastConnectionError) lines.push(`    last-error:"${status.lastConnectionError.message}" at:${status.lastConnectionError.at}`);
   }
   if (options.statistics) {
     lines.push(`      received:${kib(status.counters.networkReceivedBytes)} sent:${kib(status.counters.networkSentBytes)}` +

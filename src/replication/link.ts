@@ -446,6 +446,12 @@ export class PeerConnection implements PeerChannel {
 
 export type LinkState = 'StandAlone' | 'Connecting' | 'Connected';
 
+/** Why the last connection attempt failed or the last connection ended, for `status` (not only the log). */
+export interface LinkError {
+  message: string;
+  atMs: number;
+}
+
 interface PendingSession {
   sockets: Array<FrameSocket | undefined>;
   timer: NodeJS.Timeout;
@@ -460,6 +466,8 @@ export class PeerLink {
   readonly side: 'connector' | 'acceptor';
   /** Reasons for dropped inbound connections (garbage, wrong secret), newest last; bounded. */
   readonly rejections: string[] = [];
+  /** The newest connection failure (handshake refused, wrong secret, connection lost, refused by the daemon). */
+  lastError: LinkError | null = null;
   private server: net.Server | null = null;
   private retryTimer: NodeJS.Timeout | null = null;
   private attempt = 0;
@@ -507,7 +515,12 @@ export class PeerLink {
     if (this.side === 'connector') this.scheduleAttempt(0);
   }
 
-  disconnect(reason: string): void {
+  /**
+   * Stops connecting. `failed`: the reason is an error the operator must see in `status` (a refused handshake, a
+   * config mismatch, a split brain), not an operator's own disconnect.
+   */
+  disconnect(reason: string, options: { failed?: boolean } = {}): void {
+    if (options.failed === true) this.recordError(reason);
     this.state = 'StandAlone';
     if (this.retryTimer !== null) clearTimeout(this.retryTimer);
     this.retryTimer = null;
@@ -527,8 +540,13 @@ export class PeerLink {
     if (server !== null) await new Promise<void>((resolve) => server.close(() => resolve()));
   }
 
+  private recordError(message: string): void {
+    this.lastError = { message, atMs: Date.now() };
+  }
+
   private reject(reason: string): void {
     this.log.warn({ peer: this.options.peerNode }, `peer connection dropped: ${reason}`);
+    this.recordError(`inbound connection ${reason}`);
     this.rejections.push(reason);
     if (this.rejections.length > 32) this.rejections.shift();
   }
@@ -555,6 +573,7 @@ export class PeerLink {
     } catch (error) {
       for (const socket of sockets) socket.close('handshake failed');
       const message = (error as Error).message;
+      this.recordError(`connect to ${this.options.peer.host}:${this.options.peer.port}: ${message}`);
       if (attempt === 1 || attempt % 50 === 0 || !/ECONNREFUSED|ECONNRESET|closed/.test(message)) {
         this.log.info({ peer: this.options.peerNode, attempt }, `connect to peer failed: ${message}`);
       }
@@ -727,10 +746,13 @@ export class PeerLink {
     );
     this.connection = connection;
     this.state = 'Connected';
+    this.lastError = null;
     connection.onClose = (reason) => {
       if (this.connection !== connection) return;
       this.connection = null;
       this.log.warn({ peer: this.options.peerNode }, `connection to peer lost: ${reason}`);
+      // disconnect() went StandAlone first: its caller recorded the reason already, or it was the operator's.
+      if (this.state !== 'StandAlone' && !this.closed) this.recordError(`connection lost: ${reason}`);
       if (this.state === 'Connected') this.state = 'Connecting';
       this.onDisconnected(reason);
       if (this.state === 'Connecting' && this.side === 'connector' && !this.closed) {

@@ -73,6 +73,8 @@ export interface ResourceStatus {
   };
   pending: number;
   unacked: number;
+  /** Why the last connection attempt failed or the last connection ended; null once a connection is made. */
+  lastConnectionError?: null | { message: string; at: string };
   uuids?: { current: string; bitmap: string; history: [string, string] };
 }
 

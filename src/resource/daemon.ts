@@ -311,6 +311,8 @@ export class NodeDaemon {
       },
       pending: this.device.pendingLocal,
       unacked: this.device.unacked,
+      lastConnectionError: this.link.lastError === null ? null
+        : { message: this.link.lastError.message, at: new Date(this.link.lastError.atMs).toISOString() },
       uuids: {
         current: formatUuid(this.metadata.uuids.current),
         bitmap: formatUuid(this.metadata.uuids.bitmap),
@@ -609,7 +611,7 @@ export class NodeDaemon {
   private refuse(session: Session, reason: string): void {
     this.logger.error({ reason }, 'cannot connect to the peer: going StandAlone');
     session.connection.sendMessage(CHANNEL_META, FrameType.DISCONNECT, 'Disconnect', { reason });
-    this.link.disconnect(reason);
+    this.link.disconnect(reason, { failed: true });
   }
 
   private sendBitmap(connection: PeerConnection): void {
