@@ -1,7 +1,8 @@
 // The peer link: two authenticated TCP connections to the peer, like DRBD's data and meta sockets. Writes,
 // resync data and barriers travel on the data socket; acks, pings and state changes on the meta socket, so an
-// ack never waits behind megabytes of data. The node with the smaller name connects, the other listens
-// (deterministic: no connect race to resolve). Each socket runs a mutual HMAC challenge-response first (auth.ts);
+// ack never waits behind megabytes of data. The node with the smaller name connects (deterministic: no connect
+// race to resolve); both listen on their own address from the start, so a port another process holds is an error
+// at `up` on either node, not only on the accepting one. Each socket runs a mutual HMAC challenge-response first (auth.ts);
 // garbage, a wrong secret or the wrong resource drops that socket with a logged reason and nothing else.
 // Keepalive: the meta socket carries a ping every pingIntervalMs; silence for pingTimeoutMs drops the connection,
 // which is how a dead or black-holed peer is noticed.
@@ -37,7 +38,7 @@ export interface PeerLinkOptions {
   localNode: string;
   peerNode: string;
   sharedSecret: string;
-  /** Where this node listens (used when it is the accepting side). */
+  /** Where this node listens (both sides bind it; the accepting side is the one its peer dials). */
   listen: PeerAddress;
   /** Where the peer listens (used when this node is the connecting side). */
   peer: PeerAddress;
@@ -487,18 +488,28 @@ export class PeerLink {
     return this.options.logger;
   }
 
-  /** Starts listening (acceptor side); does not connect yet. */
+  /**
+   * Starts listening on this node's address (on both sides: a port conflict is found at `up`, whichever side this
+   * node is); does not connect yet. The connecting side accepts too: a peer dialling it is handled like any
+   * other authenticated session, which replaces the current connection.
+   */
   async start(): Promise<void> {
-    if (this.side !== 'acceptor') return;
     // pauseOnConnect: nothing is read before accept() re-wraps the socket for direct reads.
     const server = net.createServer({ pauseOnConnect: true }, (socket) => this.accept(socket));
     this.server = server;
+    const { host, port } = this.options.listen;
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
-      server.listen(this.options.listen.port, this.options.listen.host, () => {
+      server.listen(port, host, () => {
         server.off('error', reject);
         resolve();
       });
+    }).catch((error: NodeJS.ErrnoException) => {
+      this.server = null;
+      const advice = error.code === 'EADDRINUSE' ? 'another process listens there: stop it or change this node\'s address'
+        : error.code === 'EADDRNOTAVAIL' ? 'no interface of this machine has that address: check this node\'s address'
+          : error.code === 'EACCES' ? 'ports below 1024 need root' : error.code ?? 'failed';
+      throw new Error(`${advice} (${error.message})`, { cause: error });
     });
     server.on('error', (error) => this.log.error({ err: error }, 'peer listener failed'));
   }
