@@ -26,7 +26,7 @@ interface Options {
 const commandFlags: Record<string, string[]> = {
   'create-md': ['force'],
   up: [],
-  down: [],
+  down: ['force'],
   primary: ['force'],
   secondary: [],
   connect: ['discard-my-data'],
@@ -50,7 +50,8 @@ const commandHelp: Record<string, string> = {
   'create-md': 'create-md RES [--force]   write fresh metadata on this node\'s disk (creates a missing backing file\n' +
     '  of [disk] size plus metadata); refuses to overwrite existing metadata without --force',
   up: 'up RES   run the node daemon in the foreground (SIGTERM or "drbdts down RES" stops it)',
-  down: 'down RES   stop the node daemon (waits until it has gone)',
+  down: 'down RES [--force]   stop the node daemon (waits until it has gone); refused while NBD clients hold the\n' +
+    '  export open (--force: stop anyway, their next request fails); a node that is not up: exit 0 with a note',
   primary: 'primary RES [--force]   promote; --force makes this node\'s data the good copy (initial sync)',
   secondary: 'secondary RES   demote',
   connect: 'connect RES [--discard-my-data]   (re)connect to the peer; --discard-my-data resolves a split brain\n' +
@@ -273,7 +274,16 @@ async function up(options: Options): Promise<number> {
 
 async function down(options: Options): Promise<number> {
   const target = loadTarget(options);
-  await request(target, 'down');
+  try {
+    await request(target, 'down', { force: options.flags.has('force') });
+  } catch (error) {
+    // A stop action must be idempotent (init scripts, resource agents): a node that is not up is stopped.
+    if (error instanceof ControlError && error.code === 'ENODAEMON') {
+      out(`${target.config.name} is not up on node ${target.nodeName}: nothing to stop\n`);
+      return 0;
+    }
+    throw error;
+  }
   // Return only when the daemon has gone, so "down; up" and "down; create-md" work from scripts.
   const deadline = Date.now() + 60_000;
   while (Date.now() < deadline) {

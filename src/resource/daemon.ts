@@ -746,9 +746,17 @@ export class NodeDaemon {
       case 'status':
         return this.status();
       case 'down': {
+        // As DRBD refuses to take down a device in use: an open export would get EIO on its next request.
+        const force = args.force === true;
         const inUse = this.kernel === null ? null : deviceInUse(this.kernel.devicePath);
-        if (inUse !== null) throw new Error(`${name}: ${inUse}: unmount it first (the device would vanish under it)`);
-        void this.down('operator');
+        if (inUse !== null && !force) throw new Error(`${name}: ${inUse}: unmount it first (the device would vanish under it), or down --force`);
+        const clients = this.nbd.clients.filter((client) => !client.kernel);
+        if (clients.length > 0 && !force) {
+          throw new Error(`${name}: the export is open by ${clients.length} NBD client(s): `
+            + `${clients.map((client) => `${client.remote} (connected ${client.since})`).join(', ')}; `
+            + 'disconnect them first, or down --force (their next request fails)');
+        }
+        void this.down(force ? 'operator (--force)' : 'operator');
         return { ok: true };
       }
       case 'primary': {
