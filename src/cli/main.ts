@@ -20,7 +20,7 @@ const groups: CommandGroup[] = [
     commands: [
       'create-md', 'up', 'down', 'primary', 'secondary', 'connect', 'disconnect', 'invalidate',
       'invalidate-remote', 'new-current-uuid', 'status', 'resync', 'verify', 'pause-sync', 'resume-sync', 'events2',
-      'role', 'cstate', 'dstate', 'dump-md',
+      'role', 'cstate', 'dstate', 'dump-md', 'wait-connect', 'wait-sync',
     ],
     load: () => import('./resource.js'),
     summary: 'COMMAND RES [--config FILE] [--node NAME]  replicated resource commands (DRBD vocabulary)',

@@ -3,7 +3,8 @@
 // the foreground); every other command is a request to the running daemon over its control socket, so the
 // daemon's state machine alone decides what is allowed and says why not.
 //
-// Exit codes: 0 done, 1 refused or failed (the message says why), 2 bad usage.
+// Exit codes (docs/operators.md): 0 done; 1 refused or failed (the message says why); 2 bad usage; 5 a wait
+// (wait-connect, wait-sync, resync --wait) timed out. A wait the state cannot end (StandAlone) is refused: 1.
 import { readdir } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ConfigError, DEFAULT_CONFIG_DIR, defaultConfigPath, loadResourceConfig, resolveNodeName, type NodeConfig, type ResourceConfig } from '../resource/config.js';
@@ -12,6 +13,14 @@ import { formatBytes, parseSize } from '../util/size.js';
 
 class UsageError extends Error {}
 
+export const EXIT_OK = 0;
+export const EXIT_FAILED = 1;
+export const EXIT_USAGE = 2;
+export const EXIT_TIMEOUT = 5;
+
+/** How often a wait asks the daemon for its state: short enough that a resync of a few blocks is not missed. */
+const WAIT_POLL_MS = 100;
+
 interface Options {
   resource: string;
   config?: string;
@@ -19,6 +28,8 @@ interface Options {
   flags: Set<string>;
   rate?: number;
   intervalMs: number;
+  /** --timeout for waits, in ms; null waits for ever (as DRBD's wfc-timeout 0). */
+  timeoutMs: number | null;
   positional: string[];
 }
 
@@ -36,7 +47,9 @@ const commandFlags: Record<string, string[]> = {
   'new-current-uuid': ['clear-bitmap'],
   verify: ['wait', 'json'],
   status: ['json', 'statistics', 's', 'verbose', 'v'],
-  resync: ['json', 'wait', 'rate', 'interval'],
+  resync: ['json', 'wait', 'rate', 'interval', 'timeout'],
+  'wait-connect': ['timeout', 'json'],
+  'wait-sync': ['timeout', 'json'],
   'pause-sync': [],
   'resume-sync': [],
   events2: ['now', 'statistics', 's', 'interval', 'full'],
@@ -63,14 +76,19 @@ const commandHelp: Record<string, string> = {
     '  fresh connected pair skips the initial sync (both disks must already be identical, e.g. all zeros)',
   verify: 'verify RES [--wait] [--json]   online verify against the peer; --wait polls until it ends',
   status: 'status RES [--json] [--statistics]   roles, disk states, connection, resync progress, counters',
-  resync: 'resync RES [status|pause|resume] [--rate R] [--wait] [--interval SECONDS] [--json]\n' +
+  resync: 'resync RES [status|pause|resume] [--rate R] [--wait [--timeout SECONDS]] [--interval SECONDS] [--json]\n' +
     '  show resync progress (a bar with rate and ETA on a terminal), pause or resume it, set its maximum rate\n' +
-    '  (R is bytes per second: 50MiB, 200M); --wait polls until the resync is done',
+    '  (R is bytes per second: 50MiB, 200M); --wait waits through Connecting until the resync is done\n' +
+    '  (exit 5 after --timeout, 1 if the node is or goes StandAlone)',
+  'wait-connect': 'wait-connect RES [--timeout SECONDS] [--json]   wait until the node is connected to its peer\n' +
+    '  (exit 0), StandAlone (exit 1: it does not try to connect) or the timeout passes (exit 5; none: wait for ever)',
+  'wait-sync': 'wait-sync RES [--timeout SECONDS] [--json]   wait for the connection, then until every resync has\n' +
+    '  ended and both disks are UpToDate (exit 0); StandAlone: exit 1; timeout: exit 5',
   'pause-sync': 'pause-sync RES   pause the resync',
   'resume-sync': 'resume-sync RES   resume the resync',
-  role: 'role RES   print this node\'s role (Primary or Secondary), for scripts',
-  cstate: 'cstate RES   print the connection state (Connected, StandAlone, SyncSource, ...), for scripts',
-  dstate: 'dstate RES   print the disk states, this node\'s then the peer\'s (UpToDate/Inconsistent), for scripts',
+  role: 'role RES [--json]   print this node\'s role (Primary or Secondary), for scripts',
+  cstate: 'cstate RES [--json]   print the connection state (Connected, StandAlone, SyncSource, ...), for scripts',
+  dstate: 'dstate RES [--json]   print the disk states, this node\'s then the peer\'s (UpToDate/Inconsistent), for scripts',
   'dump-md': 'dump-md RES [--json]   print the on-disk metadata of a stopped node: size, generation UUIDs, flags,\n' +
     '  clean shutdown, activity-log extents, out-of-sync blocks (refused while the node is up)',
   events2: 'events2 RES [--now] [--full] [--statistics] [--interval SECONDS]   drbdsetup-style event lines\n' +
@@ -80,7 +98,7 @@ const commandHelp: Record<string, string> = {
 
 function parseArgs(command: string, argv: string[]): Options {
   const allowed = new Set(commandFlags[command] ?? []);
-  const options: Options = { resource: '', flags: new Set(), intervalMs: 1000, positional: [] };
+  const options: Options = { resource: '', flags: new Set(), intervalMs: 1000, timeoutMs: null, positional: [] };
   for (let i = 0; i < argv.length; i += 1) {
     const arg = argv[i]!;
     const takeValue = (name: string): string => {
@@ -113,6 +131,13 @@ function parseArgs(command: string, argv: string[]): Options {
       const seconds = Number(takeValue('--interval'));
       if (!(seconds > 0) || seconds > 3600) throw new UsageError('--interval: a number of seconds, like 1 or 0.5');
       options.intervalMs = Math.round(seconds * 1000);
+    } else if (name === 'timeout') {
+      const text = takeValue('--timeout');
+      const seconds = Number(text);
+      if (text.trim() === '' || !Number.isFinite(seconds) || seconds < 0) {
+        throw new UsageError(`--timeout: "${text}" is not a number of seconds (0 waits for ever)`);
+      }
+      options.timeoutMs = seconds === 0 ? null : Math.round(seconds * 1000);
     } else {
       options.flags.add(name === 's' ? 'statistics' : name === 'v' ? 'verbose' : name);
     }
@@ -444,6 +469,7 @@ async function resync(options: Options): Promise<number> {
     throw new UsageError(`resync: unknown action "${action}" (status, pause, resume)`);
   }
   const json = options.flags.has('json');
+  if (options.timeoutMs !== null && !options.flags.has('wait')) throw new UsageError('--timeout goes with --wait');
   if (options.rate !== undefined) {
     printResult(await request(target, 'resync-rate', { bytesPerSecond: options.rate }));
   }
@@ -463,30 +489,107 @@ async function resync(options: Options): Promise<number> {
     show(current, true);
     return 0;
   }
-  // --wait: until no resync runs and nothing is out of sync while connected (a resync about to start counts
-  // as pending), or the connection is gone (then the operator must know: exit 1).
+  // --wait: through Connecting (a resync right after `up` starts once the peer is there) until no resync runs
+  // and nothing is out of sync, as wait-sync; StandAlone ends the wait (exit 1), --timeout too (exit 5).
+  const deadline = options.timeoutMs === null ? null : Date.now() + options.timeoutMs;
   let lastPlainMs = 0;
   for (;;) {
-    const connected = current.connection !== 'StandAlone' && current.connection !== 'Connecting' && current.connection !== 'Disconnecting';
-    const done = current.resync === null && connected && current.outOfSyncBytes === 0
-      && current.disk !== 'Inconsistent' && current.peer.disk !== 'Inconsistent';
-    if (done) {
+    const verdict = waitVerdict('sync', current);
+    if (verdict === 'done') {
       show(current, true);
-      return 0;
+      return EXIT_OK;
     }
-    if (!connected) {
+    if (verdict === 'refused') {
       show(current, true);
-      process.stderr.write(`drbdts: ${target.config.name} on ${target.nodeName}: not connected (${current.connection}); the resync cannot finish\n`);
-      return 1;
+      process.stderr.write(`drbdts resync: ${refusedWait(target, current)}\n`);
+      return EXIT_FAILED;
+    }
+    if (deadline !== null && Date.now() >= deadline) {
+      show(current, true);
+      process.stderr.write(`drbdts resync: ${timedOutWait(target, current, 'sync', options.timeoutMs!)}\n`);
+      return EXIT_TIMEOUT;
     }
     const now = Date.now();
-    // On a pipe one line every 10 intervals is plenty; a terminal redraws every interval.
-    if (tty || json || now - lastPlainMs >= options.intervalMs * 10) {
+    // The state is asked for every WAIT_POLL_MS; a terminal or --json shows it every interval, a pipe every 10.
+    if (now - lastPlainMs >= (tty || json ? options.intervalMs : options.intervalMs * 10)) {
       show(current, false);
       lastPlainMs = now;
     }
-    await sleep(options.intervalMs);
+    await sleep(deadline === null ? WAIT_POLL_MS : Math.max(1, Math.min(WAIT_POLL_MS, deadline - Date.now())));
     current = (await request(target, 'status')) as ResourceStatus;
+  }
+}
+
+// ---- waiting (drbdsetup wait-connect / wait-sync) ----
+
+type WaitGoal = 'connect' | 'sync';
+
+function isConnected(s: ResourceStatus): boolean {
+  return s.connection !== 'StandAlone' && s.connection !== 'Connecting' && s.connection !== 'Disconnecting';
+}
+
+/** done: the goal is reached; refused: the state cannot reach it without an operator; wait: not yet. */
+function waitVerdict(goal: WaitGoal, s: ResourceStatus): 'done' | 'refused' | 'wait' {
+  if (s.connection === 'StandAlone') return 'refused';
+  if (!isConnected(s)) return 'wait';
+  if (goal === 'connect') return 'done';
+  const synced = s.resync === null && s.outOfSyncBytes === 0 && s.disk !== 'Inconsistent' && s.peer.disk !== 'Inconsistent';
+  return synced ? 'done' : 'wait';
+}
+
+function lastErrorText(s: ResourceStatus): string {
+  return s.lastConnectionError ? `; last connection error: ${s.lastConnectionError.message}` : '';
+}
+
+function refusedWait(target: Target, s: ResourceStatus): string {
+  return `${target.config.name} on ${target.nodeName} is StandAlone: it does not try to connect, so the wait cannot end` +
+    `${lastErrorText(s)} ("drbdts connect ${target.config.name}" connects again)`;
+}
+
+function timedOutWait(target: Target, s: ResourceStatus, goal: WaitGoal, timeoutMs: number): string {
+  const what = goal === 'connect' || !isConnected(s) ? 'not connected' : 'not in sync';
+  return `${target.config.name} on ${target.nodeName}: ${what} after ${timeoutMs / 1000} s (${s.connection}, ` +
+    `disk:${s.disk} peer-disk:${s.peer.disk}, out-of-sync:${formatBytes(s.outOfSyncBytes)})${lastErrorText(s)}`;
+}
+
+/**
+ * wait-connect and wait-sync: a short poll of the control socket (WAIT_POLL_MS), so a connection or a resync that
+ * lasts less than a second is still seen. Exit 0 when reached, 1 when StandAlone or the daemon stops, 5 on timeout.
+ */
+async function waitCommand(goal: WaitGoal, options: Options): Promise<number> {
+  const target = loadTarget(options);
+  const deadline = options.timeoutMs === null ? null : Date.now() + options.timeoutMs;
+  const report = (s: ResourceStatus, result: string): void => {
+    if (!options.flags.has('json')) return;
+    out(`${JSON.stringify({ resource: s.name, node: s.node, result, connection: s.connection, disk: s.disk,
+      peerDisk: s.peer.disk, outOfSyncBytes: s.outOfSyncBytes, lastConnectionError: s.lastConnectionError ?? null })}\n`);
+  };
+  for (;;) {
+    let s: ResourceStatus;
+    try {
+      s = (await request(target, 'status')) as ResourceStatus;
+    } catch (error) {
+      if (error instanceof ControlError && error.code === 'ENODAEMON') {
+        throw new ControlError('ENODAEMON', `${error.message}: nothing to wait for`);
+      }
+      throw error;
+    }
+    const verdict = waitVerdict(goal, s);
+    if (verdict === 'done') {
+      report(s, goal === 'connect' ? 'connected' : 'synced');
+      return EXIT_OK;
+    }
+    if (verdict === 'refused') {
+      report(s, 'refused');
+      process.stderr.write(`drbdts wait-${goal}: ${refusedWait(target, s)}\n`);
+      return EXIT_FAILED;
+    }
+    if (deadline !== null && Date.now() >= deadline) {
+      report(s, 'timeout');
+      process.stderr.write(`drbdts wait-${goal}: ${timedOutWait(target, s, goal, options.timeoutMs!)}\n`);
+      return EXIT_TIMEOUT;
+    }
+    await sleep(deadline === null ? WAIT_POLL_MS : Math.max(1, Math.min(WAIT_POLL_MS, deadline - Date.now())));
   }
 }
 
@@ -568,6 +671,8 @@ export async function run(command: string, argv: string[]): Promise<number> {
       case 'resync': return await resync(options);
       case 'verify': return await verify(options);
       case 'events2': return await events2(options);
+      case 'wait-connect': return await waitCommand('connect', options);
+      case 'wait-sync': return await waitCommand('sync', options);
       case 'role': case 'cstate': case 'dstate': return await query(command, options);
       case 'dump-md': return await dumpMd(options);
       case 'primary': case 'secondary': case 'connect': case 'disconnect': case 'invalidate': case 'invalidate-remote':
