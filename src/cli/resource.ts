@@ -293,7 +293,15 @@ async function up(options: Options): Promise<number> {
   const daemon = (await import(daemonPath)) as {
     runDaemon(config: ResourceConfig, nodeName: string, logger: unknown): Promise<void>;
   };
-  await daemon.runDaemon(target.config, target.nodeName, logger);
+  try {
+    await daemon.runDaemon(target.config, target.nodeName, logger);
+  } catch (error) {
+    const { MetadataError } = await import('../resource/metadata.js');
+    if (error instanceof MetadataError && error.code === 'ENOMETA' && !/does not exist/.test(error.message)) {
+      throw new Error(await missingMetadata(target));
+    }
+    throw error;
+  }
   return 0;
 }
 
@@ -321,6 +329,12 @@ async function down(options: Options): Promise<number> {
   }
   process.stderr.write(`drbdts: ${target.config.name} on ${target.nodeName}: the daemon accepted "down" but still runs after 60 s\n`);
   return 1;
+}
+
+async function missingMetadata(target: Target): Promise<string> {
+  const { explainMissingMetadata } = await import('../resource/metadata.js');
+  return explainMissingMetadata({ diskPath: target.node.disk, metaDisk: target.node.metaDisk,
+    configuredSizeBytes: target.config.sizeBytes, alExtents: target.config.alExtents, resource: target.config.name });
 }
 
 function printResult(result: unknown): void {
@@ -366,7 +380,7 @@ async function dumpMd(options: Options): Promise<number> {
     throw new Error(`cannot read the metadata of ${where}: ${error.message}`);
   });
   if (snapshot === null) {
-    throw new Error(`${where} holds no drbdts metadata (no valid superblock): "drbdts create-md ${target.config.name}" writes it`);
+    throw new Error(await missingMetadata(target));
   }
   const hex = (uuid: bigint): string => uuid.toString(16).toUpperCase().padStart(16, '0');
   const outOfSyncBytes = snapshot.dirtyBlocks * 4096;
@@ -432,7 +446,7 @@ async function describeOnDisk(target: Target): Promise<string> {
   try {
     const { Metadata } = await import('../resource/metadata.js');
     const md = await Metadata.read(target.node.disk, target.node.metaDisk);
-    if (md === null) return `no drbdts metadata on ${target.node.disk} (run "drbdts create-md ${target.config.name}")`;
+    if (md === null) return missingMetadata(target);
     const disk = !md.flags.consistent ? 'Inconsistent' : md.flags.peerOutdated || md.flags.wasUpToDate ? 'UpToDate' : 'Consistent';
     const { formatUuid } = await import('../resource/uuids.js');
     return `on disk: ${disk}, ${md.flags.wasPrimary ? 'was Primary' : 'was Secondary'}, generation ${formatUuid(md.uuids.current)}, ` +

@@ -135,12 +135,21 @@ export class ControlServer {
 
   async listen(): Promise<void> {
     assert.ok(!this.#listening, 'ControlServer.listen called twice');
+    try {
+      await this.#listen();
+    } catch (error) {
+      if (error instanceof ControlError) throw error;
+      throw new ControlError('EINUSE', explainSocketError(this.path, error as NodeJS.ErrnoException, 'create'), { cause: error });
+    }
+  }
+
+  async #listen(): Promise<void> {
     await fsp.mkdir(path.dirname(this.path), { recursive: true });
     let exists = true;
     try {
       const stat = await fsp.lstat(this.path);
       if (!stat.isSocket()) {
-        throw new ControlError('EINUSE', `control socket path ${this.path} exists and is not a socket; remove it or set another "control" path`);
+        throw new ControlError('EINUSE', `control socket ${this.path}: the path exists and is not a socket; remove it or set another "control" path`);
       }
     } catch (error) {
       if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
@@ -148,7 +157,7 @@ export class ControlServer {
     }
     if (exists) {
       if (await probe(this.path, 2000)) {
-        throw new ControlError('EINUSE', `another daemon is already running on control socket ${this.path}`);
+        throw new ControlError('EINUSE', `another daemon is already running on control socket ${this.path} ("drbdts down" stops it)`);
       }
       this.#logger?.info({ path: this.path }, 'removing stale control socket (no daemon answers on it)');
       await fsp.unlink(this.path).catch((error: NodeJS.ErrnoException) => {
@@ -158,7 +167,7 @@ export class ControlServer {
     await new Promise<void>((resolve, reject) => {
       const onError = (error: NodeJS.ErrnoException): void => {
         reject(error.code === 'EADDRINUSE'
-          ? new ControlError('EINUSE', `control socket ${this.path} was taken by another daemon while starting`)
+          ? new ControlError('EINUSE', `control socket ${this.path}: taken by another daemon while starting`)
           : error);
       };
       this.#server.once('error', onError);
@@ -240,6 +249,32 @@ export class ControlServer {
   }
 }
 
+/**
+ * A control socket failure in words: which path, what the errno means there, and what to do. `create` is the
+ * daemon making the socket (and its directory), `connect` a command reaching it.
+ */
+export function explainSocketError(socketPath: string, error: NodeJS.ErrnoException, action: 'create' | 'connect'): string {
+  const directory = path.dirname(socketPath);
+  const where = `control socket ${socketPath}`;
+  switch (error.code) {
+    case 'EACCES':
+    case 'EPERM':
+      return action === 'create'
+        ? `${where}: permission denied creating it in ${directory}: run as a user who may write there (root for ` +
+          '/run/drbdts), or set this node\'s "control" to a path you may write'
+        : `${where}: permission denied: the socket is mode 0600, run the command as the user that started the daemon`;
+    case 'EEXIST':
+    case 'ENOTDIR':
+      return `${where}: a part of ${directory} exists and is not a directory: remove it or set another "control" path`;
+    case 'EROFS':
+      return `${where}: ${directory} is on a read-only filesystem: set another "control" path`;
+    case 'ENAMETOOLONG':
+      return `${where}: the path is too long for a unix socket: set a shorter "control" path`;
+    default:
+      return `${where}: ${error.message}`;
+  }
+}
+
 /** bigint (UUIDs) serializes as a hex string; JSON.stringify would throw. */
 function jsonReplacer(_key: string, value: unknown): unknown {
   return typeof value === 'bigint' ? value.toString(16).toUpperCase().padStart(16, '0') : value;
@@ -287,7 +322,7 @@ export function sendControlRequest(
       if (error.code === 'ENOENT' || error.code === 'ECONNREFUSED') {
         finish(new ControlError('ENODAEMON', `no daemon at ${socketPath}`, { cause: error }));
       } else {
-        finish(new ControlError('EPROTO', `control socket ${socketPath}: ${error.message}`, { cause: error }));
+        finish(new ControlError('EPROTO', explainSocketError(socketPath, error, 'connect'), { cause: error }));
       }
     });
     socket.on('close', () => {

@@ -120,6 +120,12 @@ export class NodeDaemon {
     const peer = peerOf(this.config, this.nodeName);
     this.metadata = await Metadata.open(node.disk, node.metaDisk);
     try {
+      if (this.config.sizeBytes !== undefined && this.config.sizeBytes > this.metadata.dataSizeBytes) {
+        // Serving the metadata's size while the config promises more would mislead; growing needs a resize.
+        throw new Error(`${this.config.fileName}: disk.size: ${this.config.sizeBytes} bytes is larger than the ` +
+          `${this.metadata.dataSizeBytes} bytes this node's metadata records (set size = "${this.metadata.dataSizeBytes}" ` +
+          'or leave it out; "create-md --force" would start a new, empty data generation)');
+      }
       if (this.metadata.recoveredFromCrash) {
         this.logger.warn({ dirtyBytes: this.metadata.bitmap.dirtyBytes() },
           'previous run did not shut down cleanly: activity-log extents are marked out of sync');
