@@ -53,9 +53,9 @@ const commandFlags: Record<string, string[]> = {
   'pause-sync': [],
   'resume-sync': [],
   events2: ['now', 'statistics', 's', 'interval', 'full'],
-  role: [],
-  cstate: [],
-  dstate: [],
+  role: ['json'],
+  cstate: ['json'],
+  dstate: ['json'],
   'dump-md': ['json'],
 };
 
@@ -360,6 +360,13 @@ async function simple(command: string, options: Options): Promise<number> {
 /** drbdadm's one-word queries, for scripts: `role`, `cstate`, `dstate` print one line each. */
 async function query(command: 'role' | 'cstate' | 'dstate', options: Options): Promise<number> {
   const status = (await request(loadTarget(options), 'status')) as ResourceStatus;
+  if (options.flags.has('json')) {
+    const fields = command === 'role' ? { role: status.role }
+      : command === 'cstate' ? { connection: status.connection }
+        : { disk: status.disk, peerDisk: status.peer.disk };
+    out(`${JSON.stringify({ resource: status.name, node: status.node, ...fields })}\n`);
+    return 0;
+  }
   if (command === 'role') out(`${status.role}\n`);
   else if (command === 'cstate') out(`${status.connection}\n`);
   else out(`${status.disk}/${status.peer.disk}\n`);
