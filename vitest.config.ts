@@ -14,6 +14,7 @@ const bothDataPaths = [
   'test/replication-ordering.test.ts',
   'test/replication-resync.test.ts',
   'test/resource-cli.test.ts',
+  'test/resource-ops.test.ts',
   'test/resource-splitbrain.test.ts',
 ];
 
