@@ -8,14 +8,14 @@
 //   truncated after create-md, a config size above the metadata's, a relative control path, a control socket
 //   that cannot be made or reached, a missing NBD socket directory and a port taken on the connecting node's own
 //   address each stop with a message naming the thing at fault and what to do;
-// - `--json` on role/cstate/dstate, usage errors (an unknown command included) exit 2, and `drbdts --help`
-//   lists every command.
+// - `--json` on role/cstate/dstate, usage errors (an unknown command included) exit 2, `drbdts --help` lists
+//   every command, and docs/operators.md documents each resource command and the exit codes.
 import { spawn } from 'node:child_process';
 import { chmod, mkdir, readFile, stat, truncate, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { Cluster, run, type RunResult } from './replication-cluster.js';
+import { Cluster, repoRoot, run, type RunResult } from './replication-cluster.js';
 import { buildDist, cliPath } from './resource-helpers.js';
 
 let cluster: Cluster | null = null;
@@ -70,6 +70,12 @@ describe('usage, help and --json on queries', () => {
       expect(own.code, `${command} --help: ${own.stderr}`).toBe(0);
     }
     expect(help.stdout).toContain('Exit codes: 0 done, 1 refused or failed, 2 bad usage, 5 a wait timed out');
+    // docs/operators.md documents each resource command and has the exit code table.
+    const docs = await readFile(path.join(repoRoot, 'docs', 'operators.md'), 'utf8');
+    for (const command of commands.filter((name) => !['serve', 'dirsync', 'dirsync-server'].includes(name))) {
+      expect(docs, `docs/operators.md documents ${command}`).toMatch(new RegExp(`^\\| \`${command} RES|, \`${command} RES`, 'm'));
+    }
+    for (const code of [0, 1, 2, 5]) expect(docs).toMatch(new RegExp(`^\\| ${code} \\| `, 'm'));
     const badTimeout = await drbdts('wait-connect', 'r0', '--timeout', 'soon');
     expect(badTimeout.code).toBe(2);
     expect(badTimeout.stderr).toContain('--timeout: "soon" is not a number of seconds');
