@@ -8,6 +8,8 @@
 //   truncated after create-md, a config size above the metadata's, a relative control path, a control socket
 //   that cannot be made or reached, a missing NBD socket directory and a port taken on the connecting node's own
 //   address each stop with a message naming the thing at fault and what to do;
+// - the peer link: both nodes listen and dial; with both reachable the session alice (first by name) dialled is
+//   the only one; when alice cannot reach bob, bob's session connects them;
 // - `--json` on role/cstate/dstate, usage errors (an unknown command included) exit 2, `drbdts --help` lists
 //   every command, and docs/operators.md documents each resource command and the exit codes.
 import { spawn } from 'node:child_process';
@@ -151,6 +153,42 @@ describe('waiting for the connection and the resync', () => {
   }, 180_000);
 });
 
+describe('the peer link: both nodes listen and dial', () => {
+  /** The 'connected to peer' log lines of a node: who dialled each session. */
+  async function sessions(c: Cluster, node: 'alice' | 'bob'): Promise<string[]> {
+    return (await c.log(node)).split('\n').filter((line) => line.includes('"msg":"connected to peer"'))
+      .map((line) => (JSON.parse(line) as { dialledBy: string }).dialledBy);
+  }
+
+  it('keeps the session of the node whose name sorts first, and connects from the other node when it cannot', async () => {
+    // Both reachable: alice (first by name) dials at once; bob's later dials are refused quietly; one session.
+    const c = await newCluster();
+    await c.start('bob');
+    await c.start('alice');
+    await c.waitState('alice', 'connected', (s) => s.connection === 'Connected');
+    await new Promise((resolve) => setTimeout(resolve, 3000)); // past bob's first dial (2 s after going Connecting)
+    expect(await sessions(c, 'alice')).toEqual(['self']);
+    expect(await sessions(c, 'bob')).toEqual(['peer']);
+    expect((await c.status('bob')).lastConnectionError).toBeNull();
+    await c.teardown();
+
+    // alice cannot reach bob (her config points at a port nobody listens on): bob dials her, and she takes his
+    // session once her own dials have failed.
+    const oneWay = await newCluster();
+    const deadPort = oneWay.ports.bob + 1 === oneWay.ports.alice ? oneWay.ports.bob + 2 : oneWay.ports.bob + 1;
+    await editConfig(oneWay, 'alice', (t) => t.replace(`address = "127.0.0.1:${oneWay.ports.bob}"`, `address = "127.0.0.1:${deadPort}"`));
+    await oneWay.start('alice');
+    await oneWay.start('bob');
+    const connected = await oneWay.cli('alice', 'wait-connect', '--timeout', '30');
+    expect(connected.code, connected.stderr).toBe(0);
+    expect(await sessions(oneWay, 'alice')).toEqual(['peer']);
+    expect(await sessions(oneWay, 'bob')).toEqual(['self']);
+    const promoted = await oneWay.cli('alice', 'primary', '--force');
+    expect(promoted.code, promoted.stderr).toBe(0);
+    expect((await oneWay.cli('bob', 'wait-sync', '--timeout', '60')).code).toBe(0);
+  }, 120_000);
+});
+
 describe('down', () => {
   it('is refused while a client holds the export, --force overrides, and a stopped node is stopped (exit 0)', async () => {
     const c = await newCluster();
@@ -198,13 +236,16 @@ describe('errors that explain', () => {
     await c.start('bob');
     const aliceError = await c.waitState('alice', 'a connection error', (s) => /shared-secret differs/.test(s.lastConnectionError?.message ?? ''));
     expect(aliceError.connection).toBe('Connecting');
-    expect(aliceError.lastConnectionError.message).toMatch(/^connect to 127\.0\.0\.1:\d+: peer bob failed authentication \(shared-secret differs\)$/);
+    // Both nodes dial: the newest error is either this node's dial or the peer's session it dropped.
+    const wrongSecret = (peer: string): RegExp => new RegExp(`^(connect to 127\\.0\\.0\\.1:\\d+: peer ${peer}|` +
+      `inbound connection from 127\\.0\\.0\\.1:\\d+: node ${peer}) failed authentication \\(shared-secret differs\\)$`);
+    expect(aliceError.lastConnectionError.message).toMatch(wrongSecret('bob'));
     expect(Date.parse(aliceError.lastConnectionError.at)).toBeGreaterThan(Date.now() - 60_000);
     const bobError = await c.waitState('bob', 'a connection error', (s) => /shared-secret differs/.test(s.lastConnectionError?.message ?? ''));
-    expect(bobError.lastConnectionError.message).toMatch(/^inbound connection from 127\.0\.0\.1:\d+: node alice failed authentication \(shared-secret differs\)$/);
+    expect(bobError.lastConnectionError.message).toMatch(wrongSecret('alice'));
     const text = await c.cli('alice', 'status');
     expect(text.code).toBe(0);
-    expect(text.stdout).toMatch(/^ {2}bob connection:Connecting\n {4}last-error:"connect to 127\.0\.0\.1:\d+: peer bob failed authentication \(shared-secret differs\)" at:\d{4}-/m);
+    expect(text.stdout).toMatch(/^ {2}bob connection:Connecting\n {4}last-error:"(connect to|inbound connection from) 127\.0\.0\.1:\d+: (peer|node) bob failed authentication \(shared-secret differs\)" at:\d{4}-/m);
     // Fixed secret: connected, and the error is gone from status.
     await c.down('bob');
     await editConfig(c, 'bob', (t) => t.replace('another-secret', 'test-secret'));

@@ -1,8 +1,11 @@
 // The peer link: two authenticated TCP connections to the peer, like DRBD's data and meta sockets. Writes,
 // resync data and barriers travel on the data socket; acks, pings and state changes on the meta socket, so an
-// ack never waits behind megabytes of data. The node with the smaller name connects (deterministic: no connect
-// race to resolve); both listen on their own address from the start, so a port another process holds is an error
-// at `up` on either node, not only on the accepting one. Each socket runs a mutual HMAC challenge-response first (auth.ts);
+// ack never waits behind megabytes of data. As in DRBD both nodes listen on their own address (so a port another
+// process holds is an error at `up` on either node) and both dial, and a deterministic rule keeps one session: the
+// one dialled by the node whose name sorts first (the `connector`). It dials at once; the other node dials only
+// after it has waited a while, and the connector accepts that session only when its own dials keep failing (the
+// peer is unreachable from it, say a one-way firewall). Should both sessions complete anyway, the connector's
+// replaces the other on both nodes. Each socket runs a mutual HMAC challenge-response first (auth.ts);
 // garbage, a wrong secret or the wrong resource drops that socket with a logged reason and nothing else.
 // Keepalive: the meta socket carries a ping every pingIntervalMs; silence for pingTimeoutMs drops the connection,
 // which is how a dead or black-holed peer is noticed.
@@ -458,6 +461,15 @@ interface PendingSession {
   timer: NodeJS.Timeout;
 }
 
+/** The connector refuses the other node's session while it can dial itself: said so, and not an error. */
+const DIALS_ITSELF = 'dials its peer itself';
+
+/** A StandAlone node refuses every session: its peer is told why; its own last error (why it went StandAlone) stays. */
+const NOT_CONNECTING = 'is StandAlone (not connecting)';
+
+/** Consecutive failed dials after which the connector accepts a session the other node dialled. */
+const CONNECTOR_FAILURES_BEFORE_ACCEPTING = 2;
+
 /** Keeps one PeerConnection up while connecting is enabled. */
 export class PeerLink {
   state: LinkState = 'StandAlone';
@@ -476,12 +488,24 @@ export class PeerLink {
   private readonly connectRetryMs: number;
   private readonly handshakeTimeoutMs: number;
   private closed = false;
+  /** Who dialled the current connection: this node, or its peer. */
+  private dialledBy: 'self' | 'peer' = 'self';
+  /** This node's dials that failed in a row (reset by a connection). */
+  private dialFailures = 0;
+  /** How long the acceptor waits in Connecting before it dials too: the connector normally connects first. */
+  private readonly acceptorDialDelayMs: number;
 
   constructor(private readonly options: PeerLinkOptions) {
     assert.notEqual(options.localNode, options.peerNode, 'a node cannot peer with itself');
     this.side = options.side ?? (options.localNode < options.peerNode ? 'connector' : 'acceptor');
     this.connectRetryMs = options.connectRetryMs ?? 300;
     this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? Math.max(2000, options.pingTimeoutMs);
+    this.acceptorDialDelayMs = Math.max(2000, 5 * this.connectRetryMs);
+  }
+
+  /** The first dial after going Connecting: at once for the connector, later for the acceptor. */
+  private firstDialDelayMs(): number {
+    return this.side === 'connector' ? 0 : this.acceptorDialDelayMs;
   }
 
   private get log(): Logger {
@@ -523,7 +547,7 @@ export class PeerLink {
   connect(): void {
     if (this.closed || this.state !== 'StandAlone') return;
     this.state = 'Connecting';
-    if (this.side === 'connector') this.scheduleAttempt(0);
+    this.scheduleAttempt(this.firstDialDelayMs());
   }
 
   /**
@@ -584,6 +608,12 @@ export class PeerLink {
     } catch (error) {
       for (const socket of sockets) socket.close('handshake failed');
       const message = (error as Error).message;
+      this.dialFailures += 1;
+      if (message.includes(DIALS_ITSELF)) {
+        // The connector reaches us itself: nothing wrong, and nothing to retry soon.
+        if (this.state === 'Connecting' && !this.closed) this.scheduleAttempt(this.acceptorDialDelayMs);
+        return;
+      }
       this.recordError(`connect to ${this.options.peer.host}:${this.options.peer.port}: ${message}`);
       if (attempt === 1 || attempt % 50 === 0 || !/ECONNREFUSED|ECONNRESET|closed/.test(message)) {
         this.log.info({ peer: this.options.peerNode, attempt }, `connect to peer failed: ${message}`);
@@ -591,11 +621,16 @@ export class PeerLink {
       if (this.state === 'Connecting' && !this.closed) this.scheduleAttempt(this.connectRetryMs);
       return;
     }
+    // (A cast: TypeScript keeps the narrowing from the check above across the awaits.)
+    if ((this.state as LinkState) === 'Connected' && this.side === 'connector' && this.dialledBy === 'peer' && !this.closed) {
+      // Both sessions completed: the connector's wins, here and (pair() replaces) on the peer.
+      this.connection?.close(`replaced by the session ${this.options.localNode} dialled (the node whose name sorts first keeps its own)`);
+    }
     if (this.state !== 'Connecting' || this.closed) {
       for (const socket of sockets) socket.close('no longer connecting');
       return;
     }
-    this.establish(sockets[0]!, sockets[1]!);
+    this.establish(sockets[0]!, sockets[1]!, 'self');
   }
 
   private dial(): Promise<FrameSocket> {
@@ -653,6 +688,11 @@ export class PeerLink {
       return { socket: raw, direct: false };
     });
     this.acceptorHandshake(socket).catch((error: Error) => {
+      if (error.message.includes(DIALS_ITSELF) || error.message.includes(NOT_CONNECTING)) {
+        this.log.debug({ peer: this.options.peerNode, remote, reason: error.message }, 'refused the peer\'s session');
+        socket.close(error.message);
+        return;
+      }
       this.reject(`from ${remote}: ${error.message}`);
       socket.close(error.message);
     });
@@ -686,7 +726,10 @@ export class PeerLink {
     if (!responseMatches(expected, answer.response)) {
       refuse(`node ${hello.node} failed authentication (shared-secret differs)`);
     }
-    if (this.state === 'StandAlone' || this.closed) refuse(`node ${localNode} is StandAlone (not connecting)`);
+    if (this.state === 'StandAlone' || this.closed) refuse(`node ${localNode} ${NOT_CONNECTING}`);
+    if (this.side === 'connector' && this.dialFailures < CONNECTOR_FAILURES_BEFORE_ACCEPTING) {
+      refuse(`node ${localNode} ${DIALS_ITSELF} (the node whose name sorts first keeps its own session)`);
+    }
     socket.writer.send(FrameType.AUTH_RESULT, 0, 0, 0, encodeMessage(Messages.AuthResult, { ok: true, reason: '' }));
     this.pair(hello.session.toString('hex'), channel, socket);
   }
@@ -713,7 +756,7 @@ export class PeerLink {
     this.pending.delete(sessionKey);
     // A new authenticated session replaces an old connection: the peer restarted before we noticed.
     if (this.connection !== null) this.connection.close('replaced by a new connection from the peer');
-    this.establish(data, meta);
+    this.establish(data, meta, 'peer');
   }
 
   /**
@@ -749,7 +792,7 @@ export class PeerLink {
     }
   }
 
-  private establish(data: FrameSocket, meta: FrameSocket): void {
+  private establish(data: FrameSocket, meta: FrameSocket, dialledBy: 'self' | 'peer'): void {
     const transport = this.handOff(data, meta);
     const connection = new PeerConnection(
       data, meta, this.options.peerNode, this.options.pingIntervalMs, this.options.pingTimeoutMs,
@@ -757,6 +800,8 @@ export class PeerLink {
     );
     this.connection = connection;
     this.state = 'Connected';
+    this.dialledBy = dialledBy;
+    this.dialFailures = 0;
     this.lastError = null;
     connection.onClose = (reason) => {
       if (this.connection !== connection) return;
@@ -766,11 +811,11 @@ export class PeerLink {
       if (this.state !== 'StandAlone' && !this.closed) this.recordError(`connection lost: ${reason}`);
       if (this.state === 'Connected') this.state = 'Connecting';
       this.onDisconnected(reason);
-      if (this.state === 'Connecting' && this.side === 'connector' && !this.closed) {
-        this.scheduleAttempt(this.connectRetryMs);
+      if (this.state === 'Connecting' && !this.closed) {
+        this.scheduleAttempt(this.side === 'connector' ? this.connectRetryMs : this.acceptorDialDelayMs);
       }
     };
-    this.log.info({ peer: this.options.peerNode, side: this.side, dataPath: transport === null ? 'js' : 'native' },
+    this.log.info({ peer: this.options.peerNode, side: this.side, dialledBy, dataPath: transport === null ? 'js' : 'native' },
       'connected to peer');
     this.onConnected(connection);
   }
