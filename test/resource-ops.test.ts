@@ -10,7 +10,7 @@
 //   address each stop with a message naming the thing at fault and what to do;
 // - the peer link: both nodes listen and dial; with both reachable the session alice (first by name) dialled is
 //   the only one; when alice cannot reach bob, bob's session connects them;
-// - `--json` on role/cstate/dstate, usage errors (an unknown command included) exit 2, `drbdts --help` lists
+// - `--json` on role/cstate/dstate, `dump` (the configuration with its defaults) reading back to itself, usage errors (an unknown command included) exit 2, `drbdts --help` lists
 //   every command, and docs/operators.md documents each resource command and the exit codes.
 import { spawn } from 'node:child_process';
 import { chmod, mkdir, readFile, stat, truncate, writeFile } from 'node:fs/promises';
@@ -65,7 +65,7 @@ describe('usage, help and --json on queries', () => {
     expect(help.code).toBe(0);
     const commands = ['serve', 'create-md', 'up', 'down', 'primary', 'secondary', 'connect', 'disconnect', 'invalidate',
       'invalidate-remote', 'new-current-uuid', 'verify', 'status', 'resync', 'pause-sync', 'resume-sync', 'wait-connect',
-      'wait-sync', 'role', 'cstate', 'dstate', 'events2', 'dump-md', 'dirsync', 'dirsync-server'];
+      'wait-sync', 'role', 'cstate', 'dstate', 'events2', 'dump-md', 'dump', 'dirsync', 'dirsync-server'];
     for (const command of commands) {
       expect(help.stdout, `--help lists ${command}`).toMatch(new RegExp(`(^|[ ,])${command} `, 'm'));
       const own = await drbdts(command, '--help');
@@ -118,6 +118,20 @@ describe('waiting for the connection and the resync', () => {
       expect(s).toMatchObject({ connection: 'Connected', disk: 'UpToDate', peer: { disk: 'UpToDate' }, outOfSyncBytes: 0 });
       expect((await c.cli(node, 'wait-sync', '--timeout', '5')).code).toBe(0);
     }
+    // dump: the configuration with every default, the secret hidden; it reads back to the same configuration.
+    const dumped = await c.cli('bob', 'dump');
+    expect(dumped.code, dumped.stderr).toBe(0);
+    expect(dumped.stdout).toContain('shared-secret = "<hidden>"');
+    expect(dumped.stdout).not.toContain('test-secret');
+    expect(dumped.stdout).toMatch(/^\[net\]\non-congestion = "block"\nallow-two-primaries = false\n/m);
+    expect(dumped.stdout).toContain('ping-interval = "200ms"\nping-timeout = "1500ms"\nconnect-int = "200ms"\nmax-buffers = "64MiB"');
+    const again = path.join(c.dir, 'dumped.toml');
+    await writeFile(again, dumped.stdout.replace('<hidden>', 'test-secret'));
+    const redumped = await run(process.execPath, [cliPath, 'dump', 'r0', '--config', again]);
+    expect(redumped.stdout.split('\n').slice(1)).toEqual(dumped.stdout.split('\n').slice(1));
+    const json = JSON.parse((await c.cli('bob', 'dump', '--json')).stdout);
+    expect(json).toMatchObject({ file: c.configPath('bob'), resource: { name: 'r0', protocol: 'C', 'shared-secret': '<hidden>' },
+      disk: { size: '64MiB', 'al-extents': 1237 }, 'node.bob': { address: `127.0.0.1:${c.ports.bob}`, 'meta-disk': 'internal' } });
     // --json on the one-word queries.
     expect(JSON.parse((await c.cli('alice', 'role', '--json')).stdout)).toEqual({ resource: 'r0', node: 'alice', role: 'Primary' });
     expect(JSON.parse((await c.cli('bob', 'cstate', '--json')).stdout)).toEqual({ resource: 'r0', node: 'bob', connection: 'Connected' });

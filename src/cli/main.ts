@@ -20,7 +20,7 @@ const groups: CommandGroup[] = [
     commands: [
       'create-md', 'up', 'down', 'primary', 'secondary', 'connect', 'disconnect', 'invalidate',
       'invalidate-remote', 'new-current-uuid', 'status', 'resync', 'verify', 'pause-sync', 'resume-sync', 'events2',
-      'role', 'cstate', 'dstate', 'dump-md', 'wait-connect', 'wait-sync',
+      'role', 'cstate', 'dstate', 'dump-md', 'dump', 'wait-connect', 'wait-sync',
     ],
     load: () => import('./resource.js'),
     summary: 'COMMAND RES [--config FILE] [--node NAME]  replicated resource commands (DRBD vocabulary)',
@@ -61,6 +61,7 @@ Replicated resources (config: /etc/drbdts/RES.toml, node: $DRBDTS_NODE or the ho
   role RES, cstate RES, dstate RES  one-word state queries for scripts (--json: an object)
   events2 RES [--now] [--full] [--statistics]  drbdsetup-style event lines
   dump-md RES [--json]              the on-disk metadata of a stopped node
+  dump RES [--json]                 the configuration as read, defaults filled in (drbdadm dump)
   Common options: --config FILE, --node NAME
 
 Directory sync:

@@ -57,6 +57,7 @@ const commandFlags: Record<string, string[]> = {
   cstate: ['json'],
   dstate: ['json'],
   'dump-md': ['json'],
+  dump: ['json'],
 };
 
 const commandHelp: Record<string, string> = {
@@ -91,6 +92,8 @@ const commandHelp: Record<string, string> = {
   dstate: 'dstate RES [--json]   print the disk states, this node\'s then the peer\'s (UpToDate/Inconsistent), for scripts',
   'dump-md': 'dump-md RES [--json]   print the on-disk metadata of a stopped node: size, generation UUIDs, flags,\n' +
     '  clean shutdown, activity-log extents, out-of-sync blocks (refused while the node is up)',
+  dump: 'dump RES [--json]   print the resource\'s configuration as this node reads it: every key, defaults filled in\n' +
+    '  (drbdadm dump); valid TOML, the shared secret hidden',
   events2: 'events2 RES [--now] [--full] [--statistics] [--interval SECONDS]   drbdsetup-style event lines\n' +
     '  (exists ... then change ... lines); --now prints the current state and exits; --full repeats every object\n' +
     '  on each change',
@@ -163,13 +166,19 @@ interface Target {
   node: NodeConfig;
 }
 
-function loadTarget(options: Options): Target {
+/** The resource's config, checked against the name the command gave; no node needed. */
+function loadConfig(options: Options): ResourceConfig {
   const file = options.config ?? defaultConfigPath(options.resource);
   const config = loadResourceConfig(file);
   if (options.resource === '') options.resource = config.name;
   if (config.name !== options.resource) {
     throw new ConfigError(file, 'resource.name', `is "${config.name}", but the command names resource "${options.resource}"`);
   }
+  return config;
+}
+
+function loadTarget(options: Options): Target {
+  const config = loadConfig(options);
   const nodeName = resolveNodeName(config, options.node);
   return { config, nodeName, node: config.nodes[nodeName]! };
 }
@@ -417,6 +426,61 @@ async function dumpMd(options: Options): Promise<number> {
       (snapshot.wideRanges.length > 0 ? `, ${snapshot.wideRanges.length} wide range(s)` : ''),
     `out-of-sync ${dump.outOfSyncBlocks} block(s) of 4 KiB (${formatBytes(outOfSyncBytes)})`,
   ].join('\n') + '\n');
+  return 0;
+}
+
+/** Bytes in the largest binary unit that divides them exactly ("64MiB"), as a config file would say it. */
+function exactSize(bytes: number): string {
+  for (const [unit, factor] of [['TiB', 1024 ** 4], ['GiB', 1024 ** 3], ['MiB', 1024 ** 2], ['KiB', 1024]] as const) {
+    if (bytes >= factor && bytes % factor === 0) return `${bytes / factor}${unit}`;
+  }
+  return String(bytes);
+}
+
+function durationText(ms: number): string {
+  return ms % 1000 === 0 ? `${ms / 1000}s` : `${ms}ms`;
+}
+
+/**
+ * `dump`: the configuration as loaded, every key with its value or default, in the file's own sections. The
+ * shared secret is never printed (an operator's terminal or a support ticket is no place for it).
+ */
+function dump(options: Options): number {
+  const config = loadConfig(options);
+  const hidden = '<hidden>';
+  const sections: Record<string, Record<string, string | number | boolean>> = {
+    resource: { name: config.name, protocol: config.protocol, 'shared-secret': hidden },
+    disk: { ...(config.sizeBytes === undefined ? {} : { size: exactSize(config.sizeBytes) }), 'al-extents': config.alExtents },
+    net: {
+      'on-congestion': config.onCongestion, 'allow-two-primaries': config.allowTwoPrimaries,
+      'after-sb-0pri': config.afterSb0pri, 'after-sb-1pri': config.afterSb1pri, 'after-sb-2pri': config.afterSb2pri,
+      'ping-interval': durationText(config.pingIntervalMs), 'ping-timeout': durationText(config.pingTimeoutMs),
+      'connect-int': durationText(config.connectRetryMs), 'max-buffers': exactSize(config.sendQueueMaxBytes),
+      'max-in-flight': config.maxInFlightWrites,
+    },
+    resync: {
+      rate: exactSize(config.resyncRateMaxBytesPerSecond), 'min-rate': exactSize(config.resyncRateMinBytesPerSecond),
+      ...(config.csumsAlg === undefined ? {} : { 'csums-alg': config.csumsAlg }),
+      'verify-alg': config.verifyAlg ?? 'xxh64',
+    },
+  };
+  for (const node of Object.values(config.nodes)) {
+    const address = node.address.host.includes(':') ? `[${node.address.host}]:${node.address.port}` : `${node.address.host}:${node.address.port}`;
+    sections[`node.${node.name}`] = {
+      address, disk: node.disk, 'meta-disk': node.metaDisk, nbd: node.nbd,
+      ...(node.device === undefined ? {} : { device: node.device }), control: node.control,
+    };
+  }
+  if (options.flags.has('json')) {
+    out(`${JSON.stringify({ file: config.fileName, ...sections }, null, 2)}\n`);
+    return 0;
+  }
+  const lines = [`# ${config.fileName}, as drbdts reads it (defaults filled in, the shared secret hidden)`];
+  for (const [section, keys] of Object.entries(sections)) {
+    lines.push('', `[${section}]`);
+    for (const [key, value] of Object.entries(keys)) lines.push(`${key} = ${typeof value === 'string' ? JSON.stringify(value) : String(value)}`);
+  }
+  out(`${lines.join('\n')}\n`);
   return 0;
 }
 
@@ -696,6 +760,7 @@ export async function run(command: string, argv: string[]): Promise<number> {
       case 'wait-sync': return await waitCommand('sync', options);
       case 'role': case 'cstate': case 'dstate': return await query(command, options);
       case 'dump-md': return await dumpMd(options);
+      case 'dump': return dump(options);
       case 'primary': case 'secondary': case 'connect': case 'disconnect': case 'invalidate': case 'invalidate-remote':
       case 'new-current-uuid': case 'pause-sync': case 'resume-sync':
         return await simple(command, options);
