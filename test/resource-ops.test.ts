@@ -10,7 +10,7 @@
 //   address each stop with a message naming the thing at fault and what to do;
 // - the peer link: both nodes listen and dial; with both reachable the session alice (first by name) dialled is
 //   the only one; when alice cannot reach bob, bob's session connects them;
-// - `--json` on role/cstate/dstate, `dump` (the configuration with its defaults) reading back to itself, usage errors (an unknown command included) exit 2, `drbdts --help` lists
+// - `--json` on role/cstate/dstate, `get-gi` from the daemon and from a stopped node's metadata, `dump` (the configuration with its defaults) reading back to itself, usage errors (an unknown command included) exit 2, `drbdts --help` lists
 //   every command, and docs/operators.md documents each resource command and the exit codes.
 import { spawn } from 'node:child_process';
 import { chmod, mkdir, readFile, stat, truncate, writeFile } from 'node:fs/promises';
@@ -65,7 +65,7 @@ describe('usage, help and --json on queries', () => {
     expect(help.code).toBe(0);
     const commands = ['serve', 'create-md', 'up', 'down', 'primary', 'secondary', 'connect', 'disconnect', 'invalidate',
       'invalidate-remote', 'new-current-uuid', 'verify', 'status', 'resync', 'pause-sync', 'resume-sync', 'wait-connect',
-      'wait-sync', 'role', 'cstate', 'dstate', 'events2', 'dump-md', 'dump', 'dirsync', 'dirsync-server'];
+      'wait-sync', 'role', 'cstate', 'dstate', 'events2', 'dump-md', 'dump', 'get-gi', 'dirsync', 'dirsync-server'];
     for (const command of commands) {
       expect(help.stdout, `--help lists ${command}`).toMatch(new RegExp(`(^|[ ,])${command} `, 'm'));
       const own = await drbdts(command, '--help');
@@ -159,8 +159,16 @@ describe('waiting for the connection and the resync', () => {
     const bobSynced = await c.cli('bob', 'wait-sync', '--timeout', '60');
     expect(bobSynced.code, bobSynced.stderr).toBe(0);
     expect(await c.status('bob')).toMatchObject({ disk: 'UpToDate', outOfSyncBytes: 0, connection: 'Connected' });
+    // get-gi: the generation UUIDs from the daemon, and from the metadata once the node is down.
+    const bobUuids = (await c.status('bob')).uuids;
+    const gi = await c.cli('bob', 'get-gi');
+    expect(gi.code, gi.stderr).toBe(0);
+    expect(gi.stdout).toBe(`${bobUuids.current}:${bobUuids.bitmap}:${bobUuids.history[0]}:${bobUuids.history[1]}\n`);
+    expect((await c.cli('alice', 'get-gi')).stdout.split(':')[0]).toBe(bobUuids.current);
     // A node that is not up: nothing to wait for (exit 1).
     await c.down('bob');
+    expect(JSON.parse((await c.cli('bob', 'get-gi', '--json')).stdout))
+      .toEqual({ resource: 'r0', node: 'bob', source: 'metadata', ...bobUuids });
     const notUp = await c.cli('bob', 'wait-connect', '--timeout', '5');
     expect(notUp.code).toBe(1);
     expect(notUp.stderr).toContain('resource r0 is not up on node bob');

@@ -20,7 +20,7 @@ const groups: CommandGroup[] = [
     commands: [
       'create-md', 'up', 'down', 'primary', 'secondary', 'connect', 'disconnect', 'invalidate',
       'invalidate-remote', 'new-current-uuid', 'status', 'resync', 'verify', 'pause-sync', 'resume-sync', 'events2',
-      'role', 'cstate', 'dstate', 'dump-md', 'dump', 'wait-connect', 'wait-sync',
+      'role', 'cstate', 'dstate', 'dump-md', 'dump', 'get-gi', 'wait-connect', 'wait-sync',
     ],
     load: () => import('./resource.js'),
     summary: 'COMMAND RES [--config FILE] [--node NAME]  replicated resource commands (DRBD vocabulary)',
@@ -62,6 +62,7 @@ Replicated resources (config: /etc/drbdts/RES.toml, node: $DRBDTS_NODE or the ho
   events2 RES [--now] [--full] [--statistics]  drbdsetup-style event lines
   dump-md RES [--json]              the on-disk metadata of a stopped node
   dump RES [--json]                 the configuration as read, defaults filled in (drbdadm dump)
+  get-gi RES [--json]               the generation UUIDs CURRENT:BITMAP:HISTORY1:HISTORY2
   Common options: --config FILE, --node NAME
 
 Directory sync:

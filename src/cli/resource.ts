@@ -58,6 +58,7 @@ const commandFlags: Record<string, string[]> = {
   dstate: ['json'],
   'dump-md': ['json'],
   dump: ['json'],
+  'get-gi': ['json'],
 };
 
 const commandHelp: Record<string, string> = {
@@ -92,6 +93,8 @@ const commandHelp: Record<string, string> = {
   dstate: 'dstate RES [--json]   print the disk states, this node\'s then the peer\'s (UpToDate/Inconsistent), for scripts',
   'dump-md': 'dump-md RES [--json]   print the on-disk metadata of a stopped node: size, generation UUIDs, flags,\n' +
     '  clean shutdown, activity-log extents, out-of-sync blocks (refused while the node is up)',
+  'get-gi': 'get-gi RES [--json]   print the generation identifiers CURRENT:BITMAP:HISTORY1:HISTORY2 (hex), from the\n' +
+    '  daemon, or from the on-disk metadata of a node that is not up',
   dump: 'dump RES [--json]   print the resource\'s configuration as this node reads it: every key, defaults filled in\n' +
     '  (drbdadm dump); valid TOML, the shared secret hidden',
   events2: 'events2 RES [--now] [--full] [--statistics] [--interval SECONDS]   drbdsetup-style event lines\n' +
@@ -484,6 +487,36 @@ function dump(options: Options): number {
   return 0;
 }
 
+/**
+ * get-gi: the generation UUIDs, as drbdadm get-gi prints them first (the flag bits it appends are not printed).
+ * A running daemon's are newer than the disk's; a node that is not up answers from its metadata.
+ */
+async function getGi(options: Options): Promise<number> {
+  const target = loadTarget(options);
+  let uuids: { current: string; bitmap: string; history: [string, string] };
+  let source: 'daemon' | 'metadata';
+  try {
+    const status = (await request(target, 'status')) as ResourceStatus;
+    uuids = status.uuids!;
+    source = 'daemon';
+  } catch (error) {
+    if (!(error instanceof ControlError && error.code === 'ENODAEMON')) throw error;
+    const { Metadata } = await import('../resource/metadata.js');
+    const snapshot = await Metadata.read(target.node.disk, target.node.metaDisk);
+    if (snapshot === null) throw new Error(await missingMetadata(target));
+    const { formatUuid } = await import('../resource/uuids.js');
+    uuids = { current: formatUuid(snapshot.uuids.current), bitmap: formatUuid(snapshot.uuids.bitmap),
+      history: [formatUuid(snapshot.uuids.history[0]), formatUuid(snapshot.uuids.history[1])] };
+    source = 'metadata';
+  }
+  if (options.flags.has('json')) {
+    out(`${JSON.stringify({ resource: target.config.name, node: target.nodeName, source, ...uuids })}\n`);
+  } else {
+    out(`${uuids.current}:${uuids.bitmap}:${uuids.history[0]}:${uuids.history[1]}\n`);
+  }
+  return 0;
+}
+
 async function statusAll(options: Options): Promise<number> {
   let files: string[];
   try {
@@ -761,6 +794,7 @@ export async function run(command: string, argv: string[]): Promise<number> {
       case 'role': case 'cstate': case 'dstate': return await query(command, options);
       case 'dump-md': return await dumpMd(options);
       case 'dump': return dump(options);
+      case 'get-gi': return await getGi(options);
       case 'primary': case 'secondary': case 'connect': case 'disconnect': case 'invalidate': case 'invalidate-remote':
       case 'new-current-uuid': case 'pause-sync': case 'resume-sync':
         return await simple(command, options);
