@@ -354,10 +354,25 @@ describe('errors that explain', () => {
     expect(blocked.stderr).not.toMatch(/^drbdts up: (EEXIST|ENOTDIR)/m);
     await editConfig(c, 'alice', (t) => t.replace(`${c.dir}/plain-file/alice.ctl`, `${c.dir}/alice.ctl`));
 
-    // A user who may not use the (mode 0600) socket of root's daemon.
-    await c.start('alice');
+    // A user who may not create the socket where the config puts it: permission denied, named, with what to do.
+    // (The tests run as root, who may write anywhere: the daemon runs as nobody, with a disk and an NBD socket
+    // directory it may use and a control directory it may not.)
     await chmod(c.dir, 0o755);
     await mkdir(path.join(c.dir, 'home'), { mode: 0o777 });
+    await chmod(path.join(c.dir, 'home'), 0o777);
+    await chmod(c.imagePath('bob'), 0o666);
+    await mkdir(path.join(c.dir, 'rootonly'), { mode: 0o755 });
+    await editConfig(c, 'bob', (t) => t.replace(`control = "${c.dir}/bob.ctl"`, `control = "${c.dir}/rootonly/bob.ctl"`)
+      .replace(`nbd = "unix:${c.dir}/bob.nbd"`, `nbd = "unix:${c.dir}/home/bob.nbd"`));
+    const denied = await run('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, cliPath, 'up', 'r0',
+      '--config', c.configPath('bob'), '--node', 'bob'], { env: { ...process.env, HOME: path.join(c.dir, 'home'), DRBDTS_LOG_LEVEL: 'warn' } });
+    expect(denied.code, denied.stderr).toBe(1);
+    expect(denied.stderr).toContain(`control socket ${c.dir}/rootonly/bob.ctl: permission denied creating it in ${c.dir}/rootonly: ` +
+      'run as a user who may write there');
+    expect(denied.stderr).not.toMatch(/^drbdts up: (listen )?EACCES/m);
+
+    // A user who may not use the (mode 0600) socket of root's daemon.
+    await c.start('alice');
     const asNobody = await run('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, cliPath, 'status', 'r0',
       '--config', c.configPath('alice'), '--node', 'alice'], { env: { ...process.env, HOME: path.join(c.dir, 'home') } });
     expect(asNobody.code, asNobody.stderr).toBe(1);
