@@ -41,9 +41,9 @@ export interface PeerLinkOptions {
   localNode: string;
   peerNode: string;
   sharedSecret: string;
-  /** Where this node listens (both sides bind it; the accepting side is the one its peer dials). */
+  /** Where this node listens (both sides bind it at start()). */
   listen: PeerAddress;
-  /** Where the peer listens (used when this node is the connecting side). */
+  /** Where the peer listens: where this node dials it. */
   peer: PeerAddress;
   pingIntervalMs: number;
   pingTimeoutMs: number;
@@ -514,8 +514,8 @@ export class PeerLink {
 
   /**
    * Starts listening on this node's address (on both sides: a port conflict is found at `up`, whichever side this
-   * node is); does not connect yet. The connecting side accepts too: a peer dialling it is handled like any
-   * other authenticated session, which replaces the current connection.
+   * node is); does not connect yet. The connector accepts its peer's session only once its own dials keep
+   * failing (see the file comment).
    */
   async start(): Promise<void> {
     // pauseOnConnect: nothing is read before accept() re-wraps the socket for direct reads.
