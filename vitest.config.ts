@@ -18,6 +18,7 @@ const bothDataPaths = [
   'test/resource-cli.test.ts',
   'test/resource-diskless.test.ts',
   'test/resource-outdate.test.ts',
+  'test/resource-ops.test.ts',
   'test/resource-splitbrain.test.ts',
 ];
 

@@ -82,12 +82,17 @@ export class Cluster {
     this.cleanupDir = temp.cleanup;
     this.ports = { alice: await freePort(), bob: await freePort() };
     let bobSeenByAlice = this.ports.bob;
+    let aliceSeenByBob = this.ports.alice;
     if (this.options.proxy === true) {
       this.proxy = new TcpProxy(this.ports.bob);
       bobSeenByAlice = await this.proxy.listen();
+      // Both nodes dial (bob only when alice's dials keep failing): with the proxy on alice's path alone, bob's
+      // direct dial would heal every partition the proxy makes. bob is told a port nobody listens on instead, so
+      // all traffic goes through the proxy, as when only alice dialled.
+      aliceSeenByBob = await freePort();
     }
-    await writeFile(this.configPath('alice'), this.configText('alice', bobSeenByAlice));
-    await writeFile(this.configPath('bob'), this.configText('bob', this.ports.bob));
+    await writeFile(this.configPath('alice'), this.configText('alice', bobSeenByAlice, this.ports.alice));
+    await writeFile(this.configPath('bob'), this.configText('bob', this.ports.bob, aliceSeenByBob));
     for (const node of ['alice', 'bob'] as const) {
       const result = await this.cli(node, 'create-md');
       if (result.code !== 0) throw new Error(`create-md ${node}: ${result.stderr}`);
@@ -98,8 +103,8 @@ export class Cluster {
     return path.join(this.dir, `r0-${node}.toml`);
   }
 
-  /** Each node gets its own copy: alice may be told to reach bob through the proxy. */
-  private configText(node: NodeName, bobPort: number): string {
+  /** Each node gets its own copy: alice may be told to reach bob through the proxy (and bob not to reach alice). */
+  private configText(node: NodeName, bobPort: number, alicePort: number): string {
     const secret = this.options.secrets?.[node] ?? 'test-secret';
     return `[resource]
 name = "r0"
@@ -118,7 +123,7 @@ rate = "${this.options.resyncRate ?? '1GiB'}"
 ${this.options.extraResync ?? ''}
 ${this.options.handlers === undefined ? '' : `[handlers]\n${this.options.handlers}`}
 [node.alice]
-address = "127.0.0.1:${this.ports.alice}"
+address = "127.0.0.1:${alicePort}"
 disk = "${this.imagePath('alice')}"
 meta-disk = "internal"
 nbd = "unix:${this.dir}/alice.nbd"

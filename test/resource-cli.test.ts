@@ -93,11 +93,15 @@ describe('drbdts create-md and bad input', () => {
   });
 
   it('says the resource is not up when no daemon runs', async () => {
-    for (const command of ['primary', 'down', 'resync', 'events2']) {
+    for (const command of ['primary', 'resync', 'events2', 'role']) {
       const result = await cli('alice', command);
       expect(result.code).toBe(1);
       expect(result.stderr).toBe(`drbdts ${command}: resource r0 is not up on node alice (no daemon at ${path.join(dir, 'alice.ctl')})\n`);
     }
+    // down is a stop: a node that is not up is stopped already (exit 0, a note), as init scripts expect.
+    const down = await cli('alice', 'down');
+    expect(down.code, down.stderr).toBe(0);
+    expect(down.stdout).toBe('r0 is not up on node alice: nothing to stop\n');
     // status also says what the stopped node's metadata holds.
     const result = await cli('alice', 'status');
     expect(result.code).toBe(1);

@@ -100,7 +100,7 @@ describe('Diskless', () => {
 
     // fio on the Diskless Primary: random writes and their verification reads, all through bob's disk.
     const fio = await run('fio', ['--name=diskless', '--ioengine=nbd', `--uri=${cluster.nbdUri('alice')}`, '--rw=randwrite',
-      '--bs=4k', '--size=8M', '--iodepth=8', '--verify=crc32c', '--do_verify=1', '--output-format=json'], { timeoutMs: 120_000 });
+      '--bs=4k', '--size=8M', '--iodepth=8', '--verify=crc32c', '--do_verify=1', '--verify_state_save=0', '--output-format=json'], { timeoutMs: 120_000 });
     expect(fio.code, fio.stderr).toBe(0);
     const report = JSON.parse(fio.stdout.slice(fio.stdout.indexOf('{')));
     expect(report.jobs[0].error).toBe(0);
@@ -114,7 +114,7 @@ describe('Diskless', () => {
     await cluster.setup();
     await cluster.startSkippingSync();
     const fio = run('fio', ['--name=failing', '--ioengine=nbd', `--uri=${cluster.nbdUri('alice')}`, '--rw=randwrite',
-      '--bs=4k', '--size=16M', '--iodepth=16', '--verify=crc32c', '--do_verify=1', '--output-format=json'], { timeoutMs: 180_000 });
+      '--bs=4k', '--size=16M', '--iodepth=16', '--verify=crc32c', '--do_verify=1', '--verify_state_save=0', '--output-format=json'], { timeoutMs: 180_000 });
     await new Promise((resolve) => setTimeout(resolve, 300));
     await writeFile(failing.trigger, '');
     const done = await fio;

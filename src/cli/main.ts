@@ -20,7 +20,7 @@ const groups: CommandGroup[] = [
     commands: [
       'create-md', 'up', 'down', 'primary', 'secondary', 'connect', 'disconnect', 'outdate', 'adjust', 'detach', 'attach', 'invalidate',
       'invalidate-remote', 'new-current-uuid', 'status', 'resync', 'verify', 'pause-sync', 'resume-sync', 'events2',
-      'role', 'cstate', 'dstate', 'dump-md',
+      'role', 'cstate', 'dstate', 'dump-md', 'dump', 'get-gi', 'wait-connect', 'wait-sync',
     ],
     load: () => import('./resource.js'),
     summary: 'COMMAND RES [--config FILE] [--node NAME]  replicated resource commands (DRBD vocabulary)',
@@ -44,7 +44,7 @@ Standalone NBD serving:
 Replicated resources (config: /etc/drbdts/RES.toml, node: $DRBDTS_NODE or the host name):
   create-md RES [--force]           write fresh metadata (creates a missing backing file)
   up RES                            run the node daemon in the foreground (SIGTERM = down)
-  down RES                          stop a running node
+  down RES [--force]                stop a running node (refused while NBD clients hold the export)
   primary RES [--force]             promote (--force: make this node's data the good copy)
   secondary RES                     demote
   connect RES [--discard-my-data]   (re)connect to the peer
@@ -57,10 +57,16 @@ Replicated resources (config: /etc/drbdts/RES.toml, node: $DRBDTS_NODE or the ho
   invalidate-remote RES             full resync to the peer
   new-current-uuid RES [--clear-bitmap]
   verify RES                        online verify against the peer
-  status RES [--json]               state, peer state, out-of-sync bytes, counters
-  resync RES [status|pause|resume|--rate R|--wait] [--json]
-  role RES, cstate RES, dstate RES  one-word state queries for scripts
+  status RES [--json] [--statistics]  state, peer state, out-of-sync bytes, counters, last connection error
+  resync RES [status|pause|resume] [--rate R] [--wait [--timeout S]] [--json]
+  pause-sync RES, resume-sync RES   pause / resume the resync
+  wait-connect RES [--timeout S]    wait until connected to the peer
+  wait-sync RES [--timeout S]       wait until connected and every resync has ended
+  role RES, cstate RES, dstate RES  one-word state queries for scripts (--json: an object)
+  events2 RES [--now] [--full] [--statistics]  drbdsetup-style event lines
   dump-md RES [--json]              the on-disk metadata of a stopped node
+  dump RES [--json]                 the configuration as read, defaults filled in (drbdadm dump)
+  get-gi RES [--json]               the generation UUIDs CURRENT:BITMAP:HISTORY1:HISTORY2
   Common options: --config FILE, --node NAME
 
 Directory sync:
@@ -70,13 +76,19 @@ Directory sync:
   dirsync-server --listen ADDR --root DIR | --stdio
 
 Run 'drbdts COMMAND --help' for a command's options.
+Exit codes: 0 done, 1 refused or failed, 2 bad usage, 5 a wait timed out (docs/operators.md).
 `;
 
 export async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   if (command === undefined || command === '--help' || command === '-h' || command === 'help') {
+    // No command at all is a usage error (exit 2, usage on stderr); asking for help is not.
+    if (command === undefined) {
+      process.stderr.write(usage);
+      return 2;
+    }
     process.stdout.write(usage);
-    return command === undefined ? 1 : 0;
+    return 0;
   }
   if (command === '--version' || command === '-V') {
     const { createRequire } = await import('node:module');
@@ -86,8 +98,8 @@ export async function main(argv: string[]): Promise<number> {
   }
   const group = groups.find((candidate) => candidate.commands.includes(command));
   if (group === undefined) {
-    process.stderr.write(`drbdts: unknown command "${command}"\n\n${usage}`);
-    return 1;
+    process.stderr.write(`drbdts: unknown command "${command}" (drbdts --help lists them)\n`);
+    return 2;
   }
   const module = await group.load();
   return module.run(command, rest);

@@ -3,7 +3,8 @@
 // the foreground); every other command is a request to the running daemon over its control socket, so the
 // daemon's state machine alone decides what is allowed and says why not.
 //
-// Exit codes: 0 done, 1 refused or failed (the message says why), 2 bad usage.
+// Exit codes (docs/operators.md): 0 done; 1 refused or failed (the message says why); 2 bad usage; 5 a wait
+// (wait-connect, wait-sync, resync --wait) timed out. A wait the state cannot end (StandAlone) is refused: 1.
 import { readdir } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ConfigError, DEFAULT_CONFIG_DIR, defaultConfigPath, loadResourceConfig, resolveNodeName, type NodeConfig, type ResourceConfig } from '../resource/config.js';
@@ -12,6 +13,14 @@ import { formatBytes, parseSize } from '../util/size.js';
 
 class UsageError extends Error {}
 
+export const EXIT_OK = 0;
+export const EXIT_FAILED = 1;
+export const EXIT_USAGE = 2;
+export const EXIT_TIMEOUT = 5;
+
+/** How often a wait asks the daemon for its state: short enough that a resync of a few blocks is not missed. */
+const WAIT_POLL_MS = 100;
+
 interface Options {
   resource: string;
   config?: string;
@@ -19,6 +28,8 @@ interface Options {
   flags: Set<string>;
   rate?: number;
   intervalMs: number;
+  /** --timeout for waits, in ms; null waits for ever (as DRBD's wfc-timeout 0). */
+  timeoutMs: number | null;
   positional: string[];
 }
 
@@ -26,7 +37,7 @@ interface Options {
 const commandFlags: Record<string, string[]> = {
   'create-md': ['force'],
   up: [],
-  down: [],
+  down: ['force'],
   primary: ['force'],
   secondary: [],
   connect: ['discard-my-data'],
@@ -40,21 +51,26 @@ const commandFlags: Record<string, string[]> = {
   'new-current-uuid': ['clear-bitmap'],
   verify: ['wait', 'json'],
   status: ['json', 'statistics', 's', 'verbose', 'v'],
-  resync: ['json', 'wait', 'rate', 'interval'],
+  resync: ['json', 'wait', 'rate', 'interval', 'timeout'],
+  'wait-connect': ['timeout', 'json'],
+  'wait-sync': ['timeout', 'json'],
   'pause-sync': [],
   'resume-sync': [],
   events2: ['now', 'statistics', 's', 'interval', 'full', 'timestamps'],
-  role: [],
-  cstate: [],
-  dstate: [],
+  role: ['json'],
+  cstate: ['json'],
+  dstate: ['json'],
   'dump-md': ['json'],
+  dump: ['json'],
+  'get-gi': ['json'],
 };
 
 const commandHelp: Record<string, string> = {
   'create-md': 'create-md RES [--force]   write fresh metadata on this node\'s disk (creates a missing backing file\n' +
     '  of [disk] size plus metadata); refuses to overwrite existing metadata without --force',
   up: 'up RES   run the node daemon in the foreground (SIGTERM or "drbdts down RES" stops it)',
-  down: 'down RES   stop the node daemon (waits until it has gone)',
+  down: 'down RES [--force]   stop the node daemon (waits until it has gone); refused while NBD clients hold the\n' +
+    '  export open (--force: stop anyway, their next request fails); a node that is not up: exit 0 with a note',
   primary: 'primary RES [--force]   promote; --force makes this node\'s data the good copy (initial sync)',
   secondary: 'secondary RES   demote',
   connect: 'connect RES [--discard-my-data]   (re)connect to the peer; --discard-my-data resolves a split brain\n' +
@@ -70,16 +86,25 @@ const commandHelp: Record<string, string> = {
     '  fresh connected pair skips the initial sync (both disks must already be identical, e.g. all zeros)',
   verify: 'verify RES [--wait] [--json]   online verify against the peer; --wait polls until it ends',
   status: 'status RES [--json] [--statistics]   roles, disk states, connection, resync progress, counters',
-  resync: 'resync RES [status|pause|resume] [--rate R] [--wait] [--interval SECONDS] [--json]\n' +
+  resync: 'resync RES [status|pause|resume] [--rate R] [--wait [--timeout SECONDS]] [--interval SECONDS] [--json]\n' +
     '  show resync progress (a bar with rate and ETA on a terminal), pause or resume it, set its maximum rate\n' +
-    '  (R is bytes per second: 50MiB, 200M); --wait polls until the resync is done',
+    '  (R is bytes per second: 50MiB, 200M); --wait waits through Connecting until the resync is done\n' +
+    '  (exit 5 after --timeout, 1 if the node is or goes StandAlone)',
+  'wait-connect': 'wait-connect RES [--timeout SECONDS] [--json]   wait until the node is connected to its peer\n' +
+    '  (exit 0), StandAlone (exit 1: it does not try to connect) or the timeout passes (exit 5; none: wait for ever)',
+  'wait-sync': 'wait-sync RES [--timeout SECONDS] [--json]   wait for the connection, then until every resync has\n' +
+    '  ended and both disks are UpToDate (exit 0); StandAlone: exit 1; timeout: exit 5',
   'pause-sync': 'pause-sync RES   pause the resync',
   'resume-sync': 'resume-sync RES   resume the resync',
-  role: 'role RES   print this node\'s role (Primary or Secondary), for scripts',
-  cstate: 'cstate RES   print the connection state (Connected, StandAlone, SyncSource, ...), for scripts',
-  dstate: 'dstate RES   print the disk states, this node\'s then the peer\'s (UpToDate/Inconsistent), for scripts',
+  role: 'role RES [--json]   print this node\'s role (Primary or Secondary), for scripts',
+  cstate: 'cstate RES [--json]   print the connection state (Connected, StandAlone, SyncSource, ...), for scripts',
+  dstate: 'dstate RES [--json]   print the disk states, this node\'s then the peer\'s (UpToDate/Inconsistent), for scripts',
   'dump-md': 'dump-md RES [--json]   print the on-disk metadata of a stopped node: size, generation UUIDs, flags,\n' +
     '  clean shutdown, activity-log extents, out-of-sync blocks (refused while the node is up)',
+  'get-gi': 'get-gi RES [--json]   print the generation identifiers CURRENT:BITMAP:HISTORY1:HISTORY2 (hex), from the\n' +
+    '  daemon, or from the on-disk metadata of a node that is not up',
+  dump: 'dump RES [--json]   print the resource\'s configuration as this node reads it: every key, defaults filled in\n' +
+    '  (drbdadm dump); valid TOML, the shared secret hidden',
   events2: 'events2 RES [--now] [--full] [--statistics] [--timestamps]   drbdsetup-style event lines\n' +
     '  (exists ... then change ... lines, pushed by the daemon at each change); --now prints the current state\n' +
     '  and exits; --full repeats every object on each change; --timestamps prefixes drbdsetup\'s time stamps',
@@ -87,7 +112,7 @@ const commandHelp: Record<string, string> = {
 
 function parseArgs(command: string, argv: string[]): Options {
   const allowed = new Set(commandFlags[command] ?? []);
-  const options: Options = { resource: '', flags: new Set(), intervalMs: 1000, positional: [] };
+  const options: Options = { resource: '', flags: new Set(), intervalMs: 1000, timeoutMs: null, positional: [] };
   for (let i = 0; i < argv.length; i += 1) {
     const arg = argv[i]!;
     const takeValue = (name: string): string => {
@@ -120,6 +145,13 @@ function parseArgs(command: string, argv: string[]): Options {
       const seconds = Number(takeValue('--interval'));
       if (!(seconds > 0) || seconds > 3600) throw new UsageError('--interval: a number of seconds, like 1 or 0.5');
       options.intervalMs = Math.round(seconds * 1000);
+    } else if (name === 'timeout') {
+      const text = takeValue('--timeout');
+      const seconds = Number(text);
+      if (text.trim() === '' || !Number.isFinite(seconds) || seconds < 0) {
+        throw new UsageError(`--timeout: "${text}" is not a number of seconds (0 waits for ever)`);
+      }
+      options.timeoutMs = seconds === 0 ? null : Math.round(seconds * 1000);
     } else {
       options.flags.add(name === 's' ? 'statistics' : name === 'v' ? 'verbose' : name);
     }
@@ -145,13 +177,19 @@ interface Target {
   node: NodeConfig;
 }
 
-function loadTarget(options: Options): Target {
+/** The resource's config, checked against the name the command gave; no node needed. */
+function loadConfig(options: Options): ResourceConfig {
   const file = options.config ?? defaultConfigPath(options.resource);
   const config = loadResourceConfig(file);
   if (options.resource === '') options.resource = config.name;
   if (config.name !== options.resource) {
     throw new ConfigError(file, 'resource.name', `is "${config.name}", but the command names resource "${options.resource}"`);
   }
+  return config;
+}
+
+function loadTarget(options: Options): Target {
+  const config = loadConfig(options);
   const nodeName = resolveNodeName(config, options.node);
   return { config, nodeName, node: config.nodes[nodeName]! };
 }
@@ -204,6 +242,8 @@ export function renderStatus(status: ResourceStatus, options: { statistics?: boo
     lines.push(replication);
   } else {
     lines.push(`  ${status.peer.node} connection:${status.connection}`);
+    // Why it is not connected, which otherwise only the log says (a wrong secret, a refused handshake...).
+    if (status.lastConnectionError) lines.push(`    last-error:"${status.lastConnectionError.message}" at:${status.lastConnectionError.at}`);
   }
   if (status.splitBrain) {
     const reason = status.splitBrain.reason;
@@ -277,13 +317,30 @@ async function up(options: Options): Promise<number> {
   const daemon = (await import(daemonPath)) as {
     runDaemon(config: ResourceConfig, nodeName: string, logger: unknown): Promise<void>;
   };
-  await daemon.runDaemon(target.config, target.nodeName, logger);
+  try {
+    await daemon.runDaemon(target.config, target.nodeName, logger);
+  } catch (error) {
+    const { MetadataError } = await import('../metadata/metadata.js');
+    if (error instanceof MetadataError && error.code === 'ENOMETA' && !/does not exist/.test(error.message)) {
+      throw new Error(await missingMetadata(target));
+    }
+    throw error;
+  }
   return 0;
 }
 
 async function down(options: Options): Promise<number> {
   const target = loadTarget(options);
-  await request(target, 'down');
+  try {
+    await request(target, 'down', { force: options.flags.has('force') });
+  } catch (error) {
+    // A stop action must be idempotent (init scripts, resource agents): a node that is not up is stopped.
+    if (error instanceof ControlError && error.code === 'ENODAEMON') {
+      out(`${target.config.name} is not up on node ${target.nodeName}: nothing to stop\n`);
+      return 0;
+    }
+    throw error;
+  }
   // Return only when the daemon has gone, so "down; up" and "down; create-md" work from scripts.
   const deadline = Date.now() + 60_000;
   while (Date.now() < deadline) {
@@ -296,6 +353,12 @@ async function down(options: Options): Promise<number> {
   }
   process.stderr.write(`drbdts: ${target.config.name} on ${target.nodeName}: the daemon accepted "down" but still runs after 60 s\n`);
   return 1;
+}
+
+async function missingMetadata(target: Target): Promise<string> {
+  const { explainMissingMetadata } = await import('../metadata/metadata.js');
+  return explainMissingMetadata({ diskPath: target.node.disk, metaDisk: target.node.metaDisk,
+    configuredSizeBytes: target.config.sizeBytes, alExtents: target.config.alExtents, resource: target.config.name });
 }
 
 function printResult(result: unknown): void {
@@ -329,6 +392,13 @@ async function simple(command: string, options: Options): Promise<number> {
 /** drbdadm's one-word queries, for scripts: `role`, `cstate`, `dstate` print one line each. */
 async function query(command: 'role' | 'cstate' | 'dstate', options: Options): Promise<number> {
   const status = (await request(loadTarget(options), 'status')) as ResourceStatus;
+  if (options.flags.has('json')) {
+    const fields = command === 'role' ? { role: status.role }
+      : command === 'cstate' ? { connection: status.connection }
+        : { disk: status.disk, peerDisk: status.peer.disk };
+    out(`${JSON.stringify({ resource: status.name, node: status.node, ...fields })}\n`);
+    return 0;
+  }
   if (command === 'role') out(`${status.role}\n`);
   else if (command === 'cstate') out(`${status.connection}\n`);
   else out(`${status.disk}/${status.peer.disk}\n`);
@@ -349,7 +419,7 @@ async function dumpMd(options: Options): Promise<number> {
     throw new Error(`cannot read the metadata of ${where}: ${error.message}`);
   });
   if (snapshot === null) {
-    throw new Error(`${where} holds no drbdts metadata (no valid superblock): "drbdts create-md ${target.config.name}" writes it`);
+    throw new Error(await missingMetadata(target));
   }
   const hex = (uuid: bigint): string => uuid.toString(16).toUpperCase().padStart(16, '0');
   const outOfSyncBytes = snapshot.dirtyBlocks * 4096;
@@ -379,6 +449,91 @@ async function dumpMd(options: Options): Promise<number> {
       (snapshot.wideRanges.length > 0 ? `, ${snapshot.wideRanges.length} wide range(s)` : ''),
     `out-of-sync ${dump.outOfSyncBlocks} block(s) of 4 KiB (${formatBytes(outOfSyncBytes)})`,
   ].join('\n') + '\n');
+  return 0;
+}
+
+/** Bytes in the largest binary unit that divides them exactly ("64MiB"), as a config file would say it. */
+function exactSize(bytes: number): string {
+  for (const [unit, factor] of [['TiB', 1024 ** 4], ['GiB', 1024 ** 3], ['MiB', 1024 ** 2], ['KiB', 1024]] as const) {
+    if (bytes >= factor && bytes % factor === 0) return `${bytes / factor}${unit}`;
+  }
+  return String(bytes);
+}
+
+function durationText(ms: number): string {
+  return ms % 1000 === 0 ? `${ms / 1000}s` : `${ms}ms`;
+}
+
+/**
+ * `dump`: the configuration as loaded, every key with its value or default, in the file's own sections. The
+ * shared secret is never printed (an operator's terminal or a support ticket is no place for it).
+ */
+function dump(options: Options): number {
+  const config = loadConfig(options);
+  const hidden = '<hidden>';
+  const sections: Record<string, Record<string, string | number | boolean>> = {
+    resource: { name: config.name, protocol: config.protocol, 'shared-secret': hidden },
+    disk: { ...(config.sizeBytes === undefined ? {} : { size: exactSize(config.sizeBytes) }), 'al-extents': config.alExtents },
+    net: {
+      'on-congestion': config.onCongestion, 'allow-two-primaries': config.allowTwoPrimaries,
+      'after-sb-0pri': config.afterSb0pri, 'after-sb-1pri': config.afterSb1pri, 'after-sb-2pri': config.afterSb2pri,
+      'ping-interval': durationText(config.pingIntervalMs), 'ping-timeout': durationText(config.pingTimeoutMs),
+      'connect-int': durationText(config.connectRetryMs), 'max-buffers': exactSize(config.sendQueueMaxBytes),
+      'max-in-flight': config.maxInFlightWrites,
+    },
+    resync: {
+      rate: exactSize(config.resyncRateMaxBytesPerSecond), 'min-rate': exactSize(config.resyncRateMinBytesPerSecond),
+      ...(config.csumsAlg === undefined ? {} : { 'csums-alg': config.csumsAlg }),
+      'verify-alg': config.verifyAlg ?? 'xxh64',
+    },
+  };
+  for (const node of Object.values(config.nodes)) {
+    const address = node.address.host.includes(':') ? `[${node.address.host}]:${node.address.port}` : `${node.address.host}:${node.address.port}`;
+    sections[`node.${node.name}`] = {
+      address, disk: node.disk, 'meta-disk': node.metaDisk, nbd: node.nbd,
+      ...(node.device === undefined ? {} : { device: node.device }), control: node.control,
+    };
+  }
+  if (options.flags.has('json')) {
+    out(`${JSON.stringify({ file: config.fileName, ...sections }, null, 2)}\n`);
+    return 0;
+  }
+  const lines = [`# ${config.fileName}, as drbdts reads it (defaults filled in, the shared secret hidden)`];
+  for (const [section, keys] of Object.entries(sections)) {
+    lines.push('', `[${section}]`);
+    for (const [key, value] of Object.entries(keys)) lines.push(`${key} = ${typeof value === 'string' ? JSON.stringify(value) : String(value)}`);
+  }
+  out(`${lines.join('\n')}\n`);
+  return 0;
+}
+
+/**
+ * get-gi: the generation UUIDs, as drbdadm get-gi prints them first (the flag bits it appends are not printed).
+ * A running daemon's are newer than the disk's; a node that is not up answers from its metadata.
+ */
+async function getGi(options: Options): Promise<number> {
+  const target = loadTarget(options);
+  let uuids: { current: string; bitmap: string; history: [string, string] };
+  let source: 'daemon' | 'metadata';
+  try {
+    const status = (await request(target, 'status')) as ResourceStatus;
+    uuids = status.uuids!;
+    source = 'daemon';
+  } catch (error) {
+    if (!(error instanceof ControlError && error.code === 'ENODAEMON')) throw error;
+    const { Metadata } = await import('../metadata/metadata.js');
+    const snapshot = await Metadata.read(target.node.disk, target.node.metaDisk);
+    if (snapshot === null) throw new Error(await missingMetadata(target));
+    const { formatUuid } = await import('../metadata/uuids.js');
+    uuids = { current: formatUuid(snapshot.uuids.current), bitmap: formatUuid(snapshot.uuids.bitmap),
+      history: [formatUuid(snapshot.uuids.history[0]), formatUuid(snapshot.uuids.history[1])] };
+    source = 'metadata';
+  }
+  if (options.flags.has('json')) {
+    out(`${JSON.stringify({ resource: target.config.name, node: target.nodeName, source, ...uuids })}\n`);
+  } else {
+    out(`${uuids.current}:${uuids.bitmap}:${uuids.history[0]}:${uuids.history[1]}\n`);
+  }
   return 0;
 }
 
@@ -415,7 +570,7 @@ async function describeOnDisk(target: Target): Promise<string> {
   try {
     const { Metadata } = await import('../metadata/metadata.js');
     const md = await Metadata.read(target.node.disk, target.node.metaDisk);
-    if (md === null) return `no drbdts metadata on ${target.node.disk} (run "drbdts create-md ${target.config.name}")`;
+    if (md === null) return missingMetadata(target);
     const disk = !md.flags.consistent ? 'Inconsistent' : md.flags.peerOutdated || md.flags.wasUpToDate ? 'UpToDate' : 'Consistent';
     const { formatUuid } = await import('../metadata/uuids.js');
     return `on disk: ${disk}, ${md.flags.wasPrimary ? 'was Primary' : 'was Secondary'}, generation ${formatUuid(md.uuids.current)}, ` +
@@ -452,6 +607,7 @@ async function resync(options: Options): Promise<number> {
     throw new UsageError(`resync: unknown action "${action}" (status, pause, resume)`);
   }
   const json = options.flags.has('json');
+  if (options.timeoutMs !== null && !options.flags.has('wait')) throw new UsageError('--timeout goes with --wait');
   if (options.rate !== undefined) {
     printResult(await request(target, 'resync-rate', { bytesPerSecond: options.rate }));
   }
@@ -471,30 +627,107 @@ async function resync(options: Options): Promise<number> {
     show(current, true);
     return 0;
   }
-  // --wait: until no resync runs and nothing is out of sync while connected (a resync about to start counts
-  // as pending), or the connection is gone (then the operator must know: exit 1).
+  // --wait: through Connecting (a resync right after `up` starts once the peer is there) until no resync runs
+  // and nothing is out of sync, as wait-sync; StandAlone ends the wait (exit 1), --timeout too (exit 5).
+  const deadline = options.timeoutMs === null ? null : Date.now() + options.timeoutMs;
   let lastPlainMs = 0;
   for (;;) {
-    const connected = current.connection !== 'StandAlone' && current.connection !== 'Connecting' && current.connection !== 'Disconnecting';
-    const done = current.resync === null && connected && current.outOfSyncBytes === 0
-      && current.disk !== 'Inconsistent' && current.peer.disk !== 'Inconsistent';
-    if (done) {
+    const verdict = waitVerdict('sync', current);
+    if (verdict === 'done') {
       show(current, true);
-      return 0;
+      return EXIT_OK;
     }
-    if (!connected) {
+    if (verdict === 'refused') {
       show(current, true);
-      process.stderr.write(`drbdts: ${target.config.name} on ${target.nodeName}: not connected (${current.connection}); the resync cannot finish\n`);
-      return 1;
+      process.stderr.write(`drbdts resync: ${refusedWait(target, current)}\n`);
+      return EXIT_FAILED;
+    }
+    if (deadline !== null && Date.now() >= deadline) {
+      show(current, true);
+      process.stderr.write(`drbdts resync: ${timedOutWait(target, current, 'sync', options.timeoutMs!)}\n`);
+      return EXIT_TIMEOUT;
     }
     const now = Date.now();
-    // On a pipe one line every 10 intervals is plenty; a terminal redraws every interval.
-    if (tty || json || now - lastPlainMs >= options.intervalMs * 10) {
+    // The state is asked for every WAIT_POLL_MS; a terminal or --json shows it every interval, a pipe every 10.
+    if (now - lastPlainMs >= (tty || json ? options.intervalMs : options.intervalMs * 10)) {
       show(current, false);
       lastPlainMs = now;
     }
-    await sleep(options.intervalMs);
+    await sleep(deadline === null ? WAIT_POLL_MS : Math.max(1, Math.min(WAIT_POLL_MS, deadline - Date.now())));
     current = (await request(target, 'status')) as ResourceStatus;
+  }
+}
+
+// ---- waiting (drbdsetup wait-connect / wait-sync) ----
+
+type WaitGoal = 'connect' | 'sync';
+
+function isConnected(s: ResourceStatus): boolean {
+  return s.connection !== 'StandAlone' && s.connection !== 'Connecting' && s.connection !== 'Disconnecting';
+}
+
+/** done: the goal is reached; refused: the state cannot reach it without an operator; wait: not yet. */
+function waitVerdict(goal: WaitGoal, s: ResourceStatus): 'done' | 'refused' | 'wait' {
+  if (s.connection === 'StandAlone') return 'refused';
+  if (!isConnected(s)) return 'wait';
+  if (goal === 'connect') return 'done';
+  const synced = s.resync === null && s.outOfSyncBytes === 0 && s.disk !== 'Inconsistent' && s.peer.disk !== 'Inconsistent';
+  return synced ? 'done' : 'wait';
+}
+
+function lastErrorText(s: ResourceStatus): string {
+  return s.lastConnectionError ? `; last connection error: ${s.lastConnectionError.message}` : '';
+}
+
+function refusedWait(target: Target, s: ResourceStatus): string {
+  return `${target.config.name} on ${target.nodeName} is StandAlone: it does not try to connect, so the wait cannot end` +
+    `${lastErrorText(s)} ("drbdts connect ${target.config.name}" connects again)`;
+}
+
+function timedOutWait(target: Target, s: ResourceStatus, goal: WaitGoal, timeoutMs: number): string {
+  const what = goal === 'connect' || !isConnected(s) ? 'not connected' : 'not in sync';
+  return `${target.config.name} on ${target.nodeName}: ${what} after ${timeoutMs / 1000} s (${s.connection}, ` +
+    `disk:${s.disk} peer-disk:${s.peer.disk}, out-of-sync:${formatBytes(s.outOfSyncBytes)})${lastErrorText(s)}`;
+}
+
+/**
+ * wait-connect and wait-sync: a short poll of the control socket (WAIT_POLL_MS), so a connection or a resync that
+ * lasts less than a second is still seen. Exit 0 when reached, 1 when StandAlone or the daemon stops, 5 on timeout.
+ */
+async function waitCommand(goal: WaitGoal, options: Options): Promise<number> {
+  const target = loadTarget(options);
+  const deadline = options.timeoutMs === null ? null : Date.now() + options.timeoutMs;
+  const report = (s: ResourceStatus, result: string): void => {
+    if (!options.flags.has('json')) return;
+    out(`${JSON.stringify({ resource: s.name, node: s.node, result, connection: s.connection, disk: s.disk,
+      peerDisk: s.peer.disk, outOfSyncBytes: s.outOfSyncBytes, lastConnectionError: s.lastConnectionError ?? null })}\n`);
+  };
+  for (;;) {
+    let s: ResourceStatus;
+    try {
+      s = (await request(target, 'status')) as ResourceStatus;
+    } catch (error) {
+      if (error instanceof ControlError && error.code === 'ENODAEMON') {
+        throw new ControlError('ENODAEMON', `${error.message}: nothing to wait for`);
+      }
+      throw error;
+    }
+    const verdict = waitVerdict(goal, s);
+    if (verdict === 'done') {
+      report(s, goal === 'connect' ? 'connected' : 'synced');
+      return EXIT_OK;
+    }
+    if (verdict === 'refused') {
+      report(s, 'refused');
+      process.stderr.write(`drbdts wait-${goal}: ${refusedWait(target, s)}\n`);
+      return EXIT_FAILED;
+    }
+    if (deadline !== null && Date.now() >= deadline) {
+      report(s, 'timeout');
+      process.stderr.write(`drbdts wait-${goal}: ${timedOutWait(target, s, goal, options.timeoutMs!)}\n`);
+      return EXIT_TIMEOUT;
+    }
+    await sleep(deadline === null ? WAIT_POLL_MS : Math.max(1, Math.min(WAIT_POLL_MS, deadline - Date.now())));
   }
 }
 
@@ -637,9 +870,13 @@ export async function run(command: string, argv: string[]): Promise<number> {
       case 'resync': return await resync(options);
       case 'verify': return await verify(options);
       case 'events2': return await events2(options);
+      case 'wait-connect': return await waitCommand('connect', options);
+      case 'wait-sync': return await waitCommand('sync', options);
       case 'role': case 'cstate': case 'dstate': return await query(command, options);
       case 'dump-md': return await dumpMd(options);
       case 'adjust': return await adjust(options);
+      case 'dump': return dump(options);
+      case 'get-gi': return await getGi(options);
       case 'primary': case 'secondary': case 'connect': case 'disconnect': case 'outdate': case 'detach': case 'attach': case 'invalidate': case 'invalidate-remote':
       case 'new-current-uuid': case 'pause-sync': case 'resume-sync':
         return await simple(command, options);

@@ -365,6 +365,40 @@ async function readAl(handle: fsp.FileHandle, layout: Layout, alExtents: number)
   return best;
 }
 
+/**
+ * Why a disk has no superblock, for an operator about to reach for create-md: internal metadata lives at the end of
+ * the disk, so a disk shrunk or truncated after create-md lost it with its tail, and create-md would then throw
+ * away this node's data generation. With the configured size the expected length is known and the shortfall named.
+ */
+export async function explainMissingMetadata(options: {
+  diskPath: string; metaDisk: 'internal' | string; configuredSizeBytes?: number; alExtents?: number; resource: string;
+}): Promise<string> {
+  const metaPath = metaPathOf(options.diskPath, options.metaDisk);
+  let fileSizeBytes: number | null = null;
+  try {
+    const stat = await fsp.stat(metaPath);
+    if (stat.isFile()) fileSizeBytes = stat.size;
+  } catch {
+    // unreadable or gone: said below without a size
+  }
+  const have = fileSizeBytes === null ? '' : ` (${fileSizeBytes} bytes)`;
+  const fresh = `for a new disk, "drbdts create-md ${options.resource}" writes it`;
+  if (options.configuredSizeBytes !== undefined && fileSizeBytes !== null) {
+    const metaBytes = metadataSizeBytes(options.configuredSizeBytes, options.alExtents ?? AL_EXTENTS_DEFAULT);
+    const needBytes = options.metaDisk === 'internal' ? options.configuredSizeBytes + metaBytes : metaBytes;
+    if (fileSizeBytes < needBytes) {
+      return `${metaPath} holds no drbdts metadata: it has ${fileSizeBytes} bytes, smaller than the ${needBytes} bytes ` +
+        `that [disk] size (${options.configuredSizeBytes}) and its metadata take. If it was shrunk or truncated after ` +
+        `create-md, its metadata (kept at its end) went with the lost part: grow it back to ${needBytes} bytes ` +
+        '(truncate -s, lvextend) or restore it from a backup; create-md would start a new, empty data generation ' +
+        `and a full sync from the peer would overwrite this node's data. Only ${fresh}`;
+    }
+  }
+  return `${metaPath}${have} holds no drbdts metadata (no valid superblock at its end). If it held metadata before, ` +
+    'its size changed since create-md: restore the former size or the disk (create-md would start a new, empty ' +
+    `data generation); ${fresh}`;
+}
+
 function metaPathOf(diskPath: string, metaDisk: 'internal' | string): string {
   return metaDisk === 'internal' ? diskPath : metaDisk;
 }
@@ -591,7 +625,9 @@ export class Metadata {
       if (!internal && dataHandle !== undefined) {
         const diskSizeBytes = await sizeOf(dataHandle, diskPath);
         if (diskSizeBytes < sb.dataSizeBytes) {
-          throw new MetadataError('ETOOSMALL', `disk ${diskPath} has ${diskSizeBytes} bytes, the metadata says ${sb.dataSizeBytes}`);
+          throw new MetadataError('ETOOSMALL', `disk ${diskPath} has ${diskSizeBytes} bytes, smaller than the ${sb.dataSizeBytes} ` +
+            `bytes of data its metadata (${metaPath}) records: it shrank or was truncated after create-md. Grow it back to ` +
+            `${sb.dataSizeBytes} bytes or restore it from a backup (create-md would start a new, empty data generation)`);
         }
       }
       const bitmapBuffer = Buffer.alloc(layout.bitmapBytes);

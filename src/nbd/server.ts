@@ -4,6 +4,7 @@
 
 import * as fs from 'node:fs';
 import * as net from 'node:net';
+import * as path from 'node:path';
 import * as tls from 'node:tls';
 import type { Duplex } from 'node:stream';
 import { pino, type Logger } from 'pino';
@@ -57,6 +58,8 @@ export class NbdServer {
   private readonly secureContext: tls.SecureContext | undefined;
   private readonly listeners: Array<{ server: net.Server; address: ListenAddress }> = [];
   private readonly connections = new Set<NbdConnection>();
+  /** Who each connection is, for an operator told that the export is open (`down` refused). */
+  private readonly clientInfo = new WeakMap<NbdConnection, { remote: string; sinceMs: number; kernel: boolean }>();
   private readonly waitingForBudget = new Set<NbdConnection>();
   private serverInFlightBytes = 0;
   private closedConnectionsDataPathRequests = 0;
@@ -117,6 +120,14 @@ export class NbdServer {
     return this.connections.size;
   }
 
+  /** The open connections: the client's address (a unix socket's path: its peer has no address), since when. */
+  get clients(): Array<{ id: number; remote: string; since: string; kernel: boolean }> {
+    return [...this.connections].map((connection) => {
+      const info = this.clientInfo.get(connection) ?? { remote: 'unknown', sinceMs: 0, kernel: false };
+      return { id: connection.id, remote: info.remote, since: new Date(info.sinceMs).toISOString(), kernel: info.kernel };
+    });
+  }
+
   /** Requests the native data path has served, over every connection so far. */
   get dataPathRequests(): number {
     let requests = this.closedConnectionsDataPathRequests;
@@ -156,7 +167,14 @@ export class NbdServer {
     if (this.closed) throw new Error('NbdServer.listen: the server is closed');
     if (address.kind === 'unix') await removeStaleSocket(address.path);
     // pauseOnConnect: no byte is read before the connection decides how it reads (see NbdConnection).
-    const server = net.createServer({ noDelay: true, allowHalfOpen: true, pauseOnConnect: true }, (socket) => this.accept(socket));
+    const server = net.createServer({ noDelay: true, allowHalfOpen: true, pauseOnConnect: true }, (socket) => this.accept(socket, address));
+    if (address.kind === 'unix') {
+      // bind() in a missing directory fails with a bare errno (EACCES or ENOENT): name the directory instead.
+      const directory = path.dirname(address.path);
+      if (!fs.existsSync(directory)) {
+        throw new Error(`cannot listen on unix:${address.path}: the directory ${directory} does not exist (create it, or choose another path)`);
+      }
+    }
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
       const done = (): void => {
@@ -185,6 +203,7 @@ export class NbdServer {
     }
     const connection = new NbdConnection(this.host, socket, this.logger, { direct: socket instanceof net.Socket });
     this.connections.add(connection);
+    this.clientInfo.set(connection, { remote: 'the kernel NBD client', sinceMs: Date.now(), kernel: true });
     connection.adoptTransmission(this.device, transmissionFlagsFor(this.device, this.readOnly, false));
     return connection.transport;
   }
@@ -217,7 +236,7 @@ export class NbdServer {
     this.logger.info('NBD server closed');
   }
 
-  private accept(socket: net.Socket): void {
+  private accept(socket: net.Socket, address: ListenAddress): void {
     if (this.closed || this.connections.size >= this.limits.connectionsMax) {
       this.logger.warn({ connections: this.connections.size }, 'refusing connection');
       socket.destroy();
@@ -228,6 +247,10 @@ export class NbdServer {
     // Direct reads into our own buffers, except under TLS, where TLSSocket must own the handle's reads.
     const connection = new NbdConnection(this.host, socket, this.logger, { direct: this.secureContext === undefined });
     this.connections.add(connection);
+    this.clientInfo.set(connection, {
+      remote: socket.remoteAddress === undefined ? `a client on ${formatListenAddress(address)}` : `${remote}:${socket.remotePort}`,
+      sinceMs: Date.now(), kernel: false,
+    });
     this.logger.info({ connection: connection.id, remote, connections: this.connections.size }, 'client connected');
     void connection.startHandshake();
   }

@@ -1,7 +1,11 @@
 // The peer link: two authenticated TCP connections to the peer, like DRBD's data and meta sockets. Writes,
 // resync data and barriers travel on the data socket; acks, pings and state changes on the meta socket, so an
-// ack never waits behind megabytes of data. The node with the smaller name connects, the other listens
-// (deterministic: no connect race to resolve). Each socket runs a mutual HMAC challenge-response first (auth.ts);
+// ack never waits behind megabytes of data. As in DRBD both nodes listen on their own address (so a port another
+// process holds is an error at `up` on either node) and both dial, and a deterministic rule keeps one session: the
+// one dialled by the node whose name sorts first (the `connector`). It dials at once; the other node dials only
+// after it has waited a while, and the connector accepts that session only when its own dials keep failing (the
+// peer is unreachable from it, say a one-way firewall). Should both sessions complete anyway, the connector's
+// replaces the other on both nodes. Each socket runs a mutual HMAC challenge-response first (auth.ts);
 // garbage, a wrong secret or the wrong resource drops that socket with a logged reason and nothing else.
 // Keepalive: the meta socket carries a ping every pingIntervalMs; silence for pingTimeoutMs drops the connection,
 // which is how a dead or black-holed peer is noticed.
@@ -38,9 +42,9 @@ export interface PeerLinkOptions {
   localNode: string;
   peerNode: string;
   sharedSecret: string;
-  /** Where this node listens (used when it is the accepting side). */
+  /** Where this node listens (both sides bind it at start()). */
   listen: PeerAddress;
-  /** Where the peer listens (used when this node is the connecting side). */
+  /** Where the peer listens: where this node dials it. */
   peer: PeerAddress;
   pingIntervalMs: number;
   pingTimeoutMs: number;
@@ -457,10 +461,25 @@ export class PeerConnection implements PeerChannel {
 
 export type LinkState = 'StandAlone' | 'Connecting' | 'Connected';
 
+/** Why the last connection attempt failed or the last connection ended, for `status` (not only the log). */
+export interface LinkError {
+  message: string;
+  atMs: number;
+}
+
 interface PendingSession {
   sockets: Array<FrameSocket | undefined>;
   timer: NodeJS.Timeout;
 }
+
+/** The connector refuses the other node's session while it can dial itself: said so, and not an error. */
+const DIALS_ITSELF = 'dials its peer itself';
+
+/** A StandAlone node refuses every session: its peer is told why; its own last error (why it went StandAlone) stays. */
+const NOT_CONNECTING = 'is StandAlone (not connecting)';
+
+/** Consecutive failed dials after which the connector accepts a session the other node dialled. */
+const CONNECTOR_FAILURES_BEFORE_ACCEPTING = 2;
 
 /** Keeps one PeerConnection up while connecting is enabled. */
 export class PeerLink {
@@ -471,6 +490,8 @@ export class PeerLink {
   readonly side: 'connector' | 'acceptor';
   /** Reasons for dropped inbound connections (garbage, wrong secret), newest last; bounded. */
   readonly rejections: string[] = [];
+  /** The newest connection failure (handshake refused, wrong secret, connection lost, refused by the daemon). */
+  lastError: LinkError | null = null;
   private server: net.Server | null = null;
   private retryTimer: NodeJS.Timeout | null = null;
   private attempt = 0;
@@ -478,30 +499,52 @@ export class PeerLink {
   private connectRetryMs: number;
   private readonly handshakeTimeoutMs: number;
   private closed = false;
+  /** Who dialled the current connection: this node, or its peer. */
+  private dialledBy: 'self' | 'peer' = 'self';
+  /** This node's dials that failed in a row (reset by a connection). */
+  private dialFailures = 0;
+  /** How long the acceptor waits in Connecting before it dials too: the connector normally connects first. */
+  private readonly acceptorDialDelayMs: number;
 
   constructor(private readonly options: PeerLinkOptions) {
     assert.notEqual(options.localNode, options.peerNode, 'a node cannot peer with itself');
     this.side = options.side ?? (options.localNode < options.peerNode ? 'connector' : 'acceptor');
     this.connectRetryMs = options.connectRetryMs ?? 300;
     this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? Math.max(2000, options.pingTimeoutMs);
+    this.acceptorDialDelayMs = Math.max(2000, 5 * this.connectRetryMs);
+  }
+
+  /** The first dial after going Connecting: at once for the connector, later for the acceptor. */
+  private firstDialDelayMs(): number {
+    return this.side === 'connector' ? 0 : this.acceptorDialDelayMs;
   }
 
   private get log(): Logger {
     return this.options.logger;
   }
 
-  /** Starts listening (acceptor side); does not connect yet. */
+  /**
+   * Starts listening on this node's address (on both sides: a port conflict is found at `up`, whichever side this
+   * node is); does not connect yet. The connector accepts its peer's session only once its own dials keep
+   * failing (see the file comment).
+   */
   async start(): Promise<void> {
-    if (this.side !== 'acceptor') return;
     // pauseOnConnect: nothing is read before accept() re-wraps the socket for direct reads.
     const server = net.createServer({ pauseOnConnect: true }, (socket) => this.accept(socket));
     this.server = server;
+    const { host, port } = this.options.listen;
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
-      server.listen(this.options.listen.port, this.options.listen.host, () => {
+      server.listen(port, host, () => {
         server.off('error', reject);
         resolve();
       });
+    }).catch((error: NodeJS.ErrnoException) => {
+      this.server = null;
+      const advice = error.code === 'EADDRINUSE' ? 'another process listens there: stop it or change this node\'s address'
+        : error.code === 'EADDRNOTAVAIL' ? 'no interface of this machine has that address: check this node\'s address'
+          : error.code === 'EACCES' ? 'ports below 1024 need root' : error.code ?? 'failed';
+      throw new Error(`${advice} (${error.message})`, { cause: error });
     });
     server.on('error', (error) => this.log.error({ err: error }, 'peer listener failed'));
   }
@@ -515,7 +558,7 @@ export class PeerLink {
   connect(): void {
     if (this.closed || this.state !== 'StandAlone') return;
     this.state = 'Connecting';
-    if (this.side === 'connector') this.scheduleAttempt(0);
+    this.scheduleAttempt(this.firstDialDelayMs());
   }
 
   /** `adjust`: keepalive and retry timers (now, also on the live connection) and the secret (at the next connect). */
@@ -527,7 +570,12 @@ export class PeerLink {
     this.connection?.setKeepalive(settings.pingIntervalMs, settings.pingTimeoutMs);
   }
 
-  disconnect(reason: string): void {
+  /**
+   * Stops connecting. `failed`: the reason is an error the operator must see in `status` (a refused handshake, a
+   * config mismatch, a split brain), not an operator's own disconnect.
+   */
+  disconnect(reason: string, options: { failed?: boolean } = {}): void {
+    if (options.failed === true) this.recordError(reason);
     this.state = 'StandAlone';
     if (this.retryTimer !== null) clearTimeout(this.retryTimer);
     this.retryTimer = null;
@@ -547,8 +595,13 @@ export class PeerLink {
     if (server !== null) await new Promise<void>((resolve) => server.close(() => resolve()));
   }
 
+  private recordError(message: string): void {
+    this.lastError = { message, atMs: Date.now() };
+  }
+
   private reject(reason: string): void {
     this.log.warn({ peer: this.options.peerNode }, `peer connection dropped: ${reason}`);
+    this.recordError(`inbound connection ${reason}`);
     this.rejections.push(reason);
     if (this.rejections.length > 32) this.rejections.shift();
   }
@@ -575,17 +628,29 @@ export class PeerLink {
     } catch (error) {
       for (const socket of sockets) socket.close('handshake failed');
       const message = (error as Error).message;
+      this.dialFailures += 1;
+      if (message.includes(DIALS_ITSELF)) {
+        // The connector reaches us itself: nothing wrong, and nothing to retry soon.
+        if (this.state === 'Connecting' && !this.closed) this.scheduleAttempt(this.acceptorDialDelayMs);
+        return;
+      }
+      this.recordError(`connect to ${this.options.peer.host}:${this.options.peer.port}: ${message}`);
       if (attempt === 1 || attempt % 50 === 0 || !/ECONNREFUSED|ECONNRESET|closed/.test(message)) {
         this.log.info({ peer: this.options.peerNode, attempt }, `connect to peer failed: ${message}`);
       }
       if (this.state === 'Connecting' && !this.closed) this.scheduleAttempt(this.connectRetryMs);
       return;
     }
+    // (A cast: TypeScript keeps the narrowing from the check above across the awaits.)
+    if ((this.state as LinkState) === 'Connected' && this.side === 'connector' && this.dialledBy === 'peer' && !this.closed) {
+      // Both sessions completed: the connector's wins, here and (pair() replaces) on the peer.
+      this.connection?.close(`replaced by the session ${this.options.localNode} dialled (the node whose name sorts first keeps its own)`);
+    }
     if (this.state !== 'Connecting' || this.closed) {
       for (const socket of sockets) socket.close('no longer connecting');
       return;
     }
-    this.establish(sockets[0]!, sockets[1]!);
+    this.establish(sockets[0]!, sockets[1]!, 'self');
   }
 
   private dial(): Promise<FrameSocket> {
@@ -652,6 +717,11 @@ export class PeerLink {
       return { socket: raw, direct: false };
     });
     this.acceptorHandshake(socket).catch((error: Error) => {
+      if (error.message.includes(DIALS_ITSELF) || error.message.includes(NOT_CONNECTING)) {
+        this.log.debug({ peer: this.options.peerNode, remote, reason: error.message }, 'refused the peer\'s session');
+        socket.close(error.message);
+        return;
+      }
       this.reject(`from ${remote}: ${error.message}`);
       socket.close(error.message);
     });
@@ -685,7 +755,10 @@ export class PeerLink {
     if (!responseMatches(expected, answer.response)) {
       refuse(`node ${hello.node} failed authentication (shared-secret differs)`);
     }
-    if (this.state === 'StandAlone' || this.closed) refuse(`node ${localNode} is StandAlone (not connecting)`);
+    if (this.state === 'StandAlone' || this.closed) refuse(`node ${localNode} ${NOT_CONNECTING}`);
+    if (this.side === 'connector' && this.dialFailures < CONNECTOR_FAILURES_BEFORE_ACCEPTING) {
+      refuse(`node ${localNode} ${DIALS_ITSELF} (the node whose name sorts first keeps its own session)`);
+    }
     socket.writer.send(FrameType.AUTH_RESULT, 0, 0, 0, encodeMessage(Messages.AuthResult, { ok: true, reason: '' }));
     this.pair(hello.session.toString('hex'), channel, socket);
   }
@@ -712,7 +785,7 @@ export class PeerLink {
     this.pending.delete(sessionKey);
     // A new authenticated session replaces an old connection: the peer restarted before we noticed.
     if (this.connection !== null) this.connection.close('replaced by a new connection from the peer');
-    this.establish(data, meta);
+    this.establish(data, meta, 'peer');
   }
 
   /**
@@ -748,7 +821,7 @@ export class PeerLink {
     }
   }
 
-  private establish(data: FrameSocket, meta: FrameSocket): void {
+  private establish(data: FrameSocket, meta: FrameSocket, dialledBy: 'self' | 'peer'): void {
     const transport = this.handOff(data, meta);
     const connection = new PeerConnection(
       data, meta, this.options.peerNode, this.options.pingIntervalMs, this.options.pingTimeoutMs,
@@ -756,17 +829,22 @@ export class PeerLink {
     );
     this.connection = connection;
     this.state = 'Connected';
+    this.dialledBy = dialledBy;
+    this.dialFailures = 0;
+    this.lastError = null;
     connection.onClose = (reason) => {
       if (this.connection !== connection) return;
       this.connection = null;
       this.log.warn({ peer: this.options.peerNode }, `connection to peer lost: ${reason}`);
+      // disconnect() went StandAlone first: its caller recorded the reason already, or it was the operator's.
+      if (this.state !== 'StandAlone' && !this.closed) this.recordError(`connection lost: ${reason}`);
       if (this.state === 'Connected') this.state = 'Connecting';
       this.onDisconnected(reason);
-      if (this.state === 'Connecting' && this.side === 'connector' && !this.closed) {
-        this.scheduleAttempt(this.connectRetryMs);
+      if (this.state === 'Connecting' && !this.closed) {
+        this.scheduleAttempt(this.side === 'connector' ? this.connectRetryMs : this.acceptorDialDelayMs);
       }
     };
-    this.log.info({ peer: this.options.peerNode, side: this.side, dataPath: transport === null ? 'js' : 'native' },
+    this.log.info({ peer: this.options.peerNode, side: this.side, dialledBy, dataPath: transport === null ? 'js' : 'native' },
       'connected to peer');
     this.onConnected(connection);
   }

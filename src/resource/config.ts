@@ -358,6 +358,7 @@ export function parseResourceConfig(text: string, fileName: string): ResourceCon
     const nbd = v.string(table, section, 'nbd', true);
     if (nbd.startsWith('unix:')) {
       if (nbd.length <= 'unix:'.length) v.fail(`${section}.nbd`, '"unix:" needs a socket path');
+      if (!nbd.startsWith('unix:/')) v.fail(`${section}.nbd`, `"${nbd}": the socket path must be absolute, like "unix:/run/drbdts/${name}.nbd"`);
     } else {
       v.hostPort(nbd, `${section}.nbd`);
     }
@@ -366,6 +367,8 @@ export function parseResourceConfig(text: string, fileName: string): ResourceCon
       v.fail(`${section}.device`, `"${device}" is not a device path like /dev/nbd0`);
     }
     const control = v.string(table, section, 'control', false) ?? `${DEFAULT_RUN_DIR}/${name}-${nodeName}.ctl`;
+    // Every path in the file is absolute, as disk is: a relative one would depend on where a command runs.
+    if (!control.startsWith('/')) v.fail(`${section}.control`, `"${control}" must be an absolute path`);
     // sockaddr_un holds 108 bytes including the terminating NUL; a longer path fails only at bind time.
     if (Buffer.byteLength(control) > UNIX_PATH_MAX_BYTES) {
       v.fail(`${section}.control`, `socket path "${control}" is longer than ${UNIX_PATH_MAX_BYTES} bytes (a unix socket limit)`);

@@ -79,6 +79,8 @@ export interface ResourceStatus {
   };
   pending: number;
   unacked: number;
+  /** Why the last connection attempt failed or the last connection ended; null once a connection is made. */
+  lastConnectionError?: null | { message: string; at: string };
   uuids?: { current: string; bitmap: string; history: [string, string] };
   /** The last split brain found at connect (the reason names the way out), until a connection succeeds. */
   splitBrain?: null | { detectedMs: number; reason: string };
@@ -154,12 +156,21 @@ export class ControlServer {
 
   async listen(): Promise<void> {
     assert.ok(!this.#listening, 'ControlServer.listen called twice');
+    try {
+      await this.#listen();
+    } catch (error) {
+      if (error instanceof ControlError) throw error;
+      throw new ControlError('EINUSE', explainSocketError(this.path, error as NodeJS.ErrnoException, 'create'), { cause: error });
+    }
+  }
+
+  async #listen(): Promise<void> {
     await fsp.mkdir(path.dirname(this.path), { recursive: true });
     let exists = true;
     try {
       const stat = await fsp.lstat(this.path);
       if (!stat.isSocket()) {
-        throw new ControlError('EINUSE', `control socket path ${this.path} exists and is not a socket; remove it or set another "control" path`);
+        throw new ControlError('EINUSE', `control socket ${this.path}: the path exists and is not a socket; remove it or set another "control" path`);
       }
     } catch (error) {
       if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
@@ -167,7 +178,7 @@ export class ControlServer {
     }
     if (exists) {
       if (await probe(this.path, 2000)) {
-        throw new ControlError('EINUSE', `another daemon is already running on control socket ${this.path}`);
+        throw new ControlError('EINUSE', `another daemon is already running on control socket ${this.path} ("drbdts down" stops it)`);
       }
       this.#logger?.info({ path: this.path }, 'removing stale control socket (no daemon answers on it)');
       await fsp.unlink(this.path).catch((error: NodeJS.ErrnoException) => {
@@ -177,7 +188,7 @@ export class ControlServer {
     await new Promise<void>((resolve, reject) => {
       const onError = (error: NodeJS.ErrnoException): void => {
         reject(error.code === 'EADDRINUSE'
-          ? new ControlError('EINUSE', `control socket ${this.path} was taken by another daemon while starting`)
+          ? new ControlError('EINUSE', `control socket ${this.path}: taken by another daemon while starting`)
           : error);
       };
       this.#server.once('error', onError);
@@ -361,6 +372,32 @@ export function subscribeControl(socketPath: string, onMessage: (message: Record
   });
 }
 
+/**
+ * A control socket failure in words: which path, what the errno means there, and what to do. `create` is the
+ * daemon making the socket (and its directory), `connect` a command reaching it.
+ */
+export function explainSocketError(socketPath: string, error: NodeJS.ErrnoException, action: 'create' | 'connect'): string {
+  const directory = path.dirname(socketPath);
+  const where = `control socket ${socketPath}`;
+  switch (error.code) {
+    case 'EACCES':
+    case 'EPERM':
+      return action === 'create'
+        ? `${where}: permission denied creating it in ${directory}: run as a user who may write there (root for ` +
+          '/run/drbdts), or set this node\'s "control" to a path you may write'
+        : `${where}: permission denied: the socket is mode 0600, run the command as the user that started the daemon`;
+    case 'EEXIST':
+    case 'ENOTDIR':
+      return `${where}: a part of ${directory} exists and is not a directory: remove it or set another "control" path`;
+    case 'EROFS':
+      return `${where}: ${directory} is on a read-only filesystem: set another "control" path`;
+    case 'ENAMETOOLONG':
+      return `${where}: the path is too long for a unix socket: set a shorter "control" path`;
+    default:
+      return `${where}: ${error.message}`;
+  }
+}
+
 /** bigint (UUIDs) serializes as a hex string; JSON.stringify would throw. */
 function jsonReplacer(_key: string, value: unknown): unknown {
   return typeof value === 'bigint' ? value.toString(16).toUpperCase().padStart(16, '0') : value;
@@ -408,7 +445,7 @@ export function sendControlRequest(
       if (error.code === 'ENOENT' || error.code === 'ECONNREFUSED') {
         finish(new ControlError('ENODAEMON', `no daemon at ${socketPath}`, { cause: error }));
       } else {
-        finish(new ControlError('EPROTO', `control socket ${socketPath}: ${error.message}`, { cause: error }));
+        finish(new ControlError('EPROTO', explainSocketError(socketPath, error, 'connect'), { cause: error }));
       }
     });
     socket.on('close', () => {

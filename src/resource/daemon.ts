@@ -165,6 +165,12 @@ export class NodeDaemon {
     const peer = peerOf(this.config, this.nodeName);
     this.metadata = await Metadata.open(node.disk, node.metaDisk);
     try {
+      if (this.config.sizeBytes !== undefined && this.config.sizeBytes > this.metadata.dataSizeBytes) {
+        // Serving the metadata's size while the config promises more would mislead; growing needs a resize.
+        throw new Error(`${this.config.fileName}: disk.size: ${this.config.sizeBytes} bytes is larger than the ` +
+          `${this.metadata.dataSizeBytes} bytes this node's metadata records (set size = "${this.metadata.dataSizeBytes}" ` +
+          'or leave it out; "create-md --force" would start a new, empty data generation)');
+      }
       if (this.metadata.recoveredFromCrash) {
         this.logger.warn({ dirtyBytes: this.metadata.bitmap.dirtyBytes() },
           'previous run did not shut down cleanly: activity-log extents are marked out of sync');
@@ -379,6 +385,8 @@ export class NodeDaemon {
       pending: this.device.pendingLocal,
       unacked: this.device.unacked,
       splitBrain: this.splitBrain,
+      lastConnectionError: this.link.lastError === null ? null
+        : { message: this.link.lastError.message, at: new Date(this.link.lastError.atMs).toISOString() },
       uuids: {
         current: formatUuid(this.metadata.uuids.current),
         bitmap: formatUuid(this.metadata.uuids.bitmap),
@@ -1055,7 +1063,7 @@ export class NodeDaemon {
   private refuse(session: Session, reason: string): void {
     this.logger.error({ reason }, 'cannot connect to the peer: going StandAlone');
     session.connection.sendMessage(CHANNEL_META, FrameType.DISCONNECT, 'Disconnect', { reason });
-    this.link.disconnect(reason);
+    this.link.disconnect(reason, { failed: true });
   }
 
   private sendBitmap(connection: PeerConnection): void {
@@ -1252,9 +1260,17 @@ export class NodeDaemon {
       case 'status':
         return this.status();
       case 'down': {
+        // As DRBD refuses to take down a device in use: an open export would get EIO on its next request.
+        const force = args.force === true;
         const inUse = this.kernel === null ? null : deviceInUse(this.kernel.devicePath);
-        if (inUse !== null) throw new Error(`${name}: ${inUse}: unmount it first (the device would vanish under it)`);
-        void this.down('operator');
+        if (inUse !== null && !force) throw new Error(`${name}: ${inUse}: unmount it first (the device would vanish under it), or down --force`);
+        const clients = this.nbd.clients.filter((client) => !client.kernel);
+        if (clients.length > 0 && !force) {
+          throw new Error(`${name}: the export is open by ${clients.length} NBD client(s): `
+            + `${clients.map((client) => `${client.remote} (connected ${client.since})`).join(', ')}; `
+            + 'disconnect them first, or down --force (their next request fails)');
+        }
+        void this.down(force ? 'operator (--force)' : 'operator');
         return { ok: true };
       }
       case 'primary': {
