@@ -1252,7 +1252,7 @@ export class NodeDaemon {
       if (this.alreadyThere(command)) return this.status();
       const refused = refusal(command as Command, this.stateView(), { name, peer: this.peerName }, {
         force: args.force === true, discardMyData: args.discardMyData === true, clearBitmap: args.clearBitmap === true,
-        nbdClients: this.nbd.activeConnections,
+        nbdClients: this.nbd.clients.filter((client) => !client.kernel).length,
       });
       if (refused !== null) throw new Error(refused);
     }
@@ -1274,32 +1274,13 @@ export class NodeDaemon {
         return { ok: true };
       }
       case 'primary': {
+        // The state rules ran (states.ts): what is left depends on more than the state.
         const force = args.force === true;
-        if (this.role === 'Primary') return this.status();
         const session = this.session;
-        if (session !== null && session.peerRole === 'Primary') {
-          if (!this.config.allowTwoPrimaries) {
-            throw new Error(`${name}: the peer ${this.peerName} is Primary; demote it first (allow-two-primaries is off)`);
-          }
-          // Dual-primary: only a node with the same data as the Primary peer, replicating to it, may join it.
-          if (force) throw new Error(`${name}: the peer ${this.peerName} is Primary: --force would discard the data it serves`);
-          if (this.connectionState() !== 'Connected' || this.diskState() !== 'UpToDate' || session.peerDisk !== 'UpToDate'
-            || !this.device.isShipping) {
-            throw new Error(`${name}: a second Primary needs both disks UpToDate and the nodes Connected `
-              + `(now ${this.connectionState()}, ${this.diskState()}/${session.peerDisk})`);
-          }
-        }
-        if (session?.target != null) {
-          throw new Error(`${name} is SyncTarget (resync ${this.status().resync?.doneBytes ?? 0} bytes done): wait for the resync to finish`);
+        if (session !== null && session.peerRole === 'Primary' && !this.device.isShipping) {
+          throw new Error(`${name}: a second Primary needs the nodes replicating (now ${this.connectionState()})`);
         }
         const disk = this.diskState();
-        if (disk === 'Outdated' && !force) {
-          throw new Error(`${name} is Outdated: refusing to be Primary with data that may be stale (connect to the peer `
-            + 'to resync, or use --force only if this node\'s data is the good copy)');
-        }
-        if (disk !== 'UpToDate' && disk !== 'Consistent' && !force) {
-          throw new Error(`${name} is ${disk}: refusing to promote (use --force only if this node's data is the good copy)`);
-        }
         if (session === null && this.config.fencing === 'resource-only' && !force && this.fencedPeerDisk === null) {
           // As in DRBD: promoting without knowing the peer's disk first has fence-peer make sure the peer
           // cannot be (or become) Primary with other data.
@@ -1313,7 +1294,7 @@ export class NodeDaemon {
               + `outdate it (exit code ${exitCode ?? 'none'}, see the log): promote with --force only if ${this.peerName} is known to be down`);
           }
         }
-        if (force && disk !== 'UpToDate') {
+        if (force && disk !== 'UpToDate' && disk !== 'Diskless') {
           // This node's data becomes the good copy: a new generation; the peer gets a full sync.
           if (this.metadata.uuids.current === 0n) this.metadata.uuids = { current: newUuid(), bitmap: 0n, history: [0n, 0n] };
           else await this.metadata.newCurrentUuid();
@@ -1343,7 +1324,6 @@ export class NodeDaemon {
         return this.status();
       }
       case 'secondary': {
-        if (this.role === 'Secondary') return this.status();
         const inUse = this.kernel === null ? null : deviceInUse(this.kernel.devicePath);
         if (inUse !== null) throw new Error(`${name}: ${inUse}: unmount it first, then demote`);
         if (this.kernel !== null) {
@@ -1362,48 +1342,20 @@ export class NodeDaemon {
         return this.status();
       }
       case 'connect':
-        if (this.link.state !== 'StandAlone') throw new Error(`${name} is already ${this.connectionState()}`);
         this.discardMyData = args.discardMyData === true;
-        if (this.discardMyData && this.role === 'Primary') {
-          this.discardMyData = false;
-          throw new Error(`${name}: --discard-my-data on a Primary is refused; demote it first`);
-        }
         this.link.connect();
         return this.status();
       case 'adjust':
         return this.adjust(name);
-      case 'detach': {
-        if (this.device.diskless) return this.status();
-        const session = this.session;
-        if (args.force !== true && (session === null || session.decision === null || session.peerDisk !== 'UpToDate')) {
-          throw new Error(`${name}: the peer's disk is not UpToDate and connected (${session?.peerDisk ?? 'not connected'}): `
-            + 'detaching would leave no good data to serve; use --force to detach anyway');
-        }
-        if (this.connectionState() === 'SyncTarget' || this.connectionState() === 'SyncSource') {
-          throw new Error(`${name}: a resync runs (${this.connectionState()}): wait for it to end`);
-        }
+      case 'detach':
         this.detachDisk('detached by the operator');
         return this.status();
-      }
-      case 'attach': {
-        if (!this.device.diskless) return this.status();
-        if (this.role === 'Primary') {
-          throw new Error(`${name} is a Diskless Primary: demote it first (or fail over to the peer), then attach `
-            + '(the attach resyncs this disk from the peer, which a Primary here does not do)');
-        }
+      case 'attach':
         await this.attachDisk(name);
         return this.status();
-      }
       case 'outdate': {
         // As drbdsetup outdate: marks this node's data as possibly stale, so it is not promoted by mistake (what a
-        // fence-peer handler on the Primary runs here). Refused where DRBD refuses it.
-        if (this.role === 'Primary') throw new Error(`${name} is Primary: refusing to outdate the data it serves (demote it first)`);
-        const disk = this.diskState();
-        if (disk === 'Outdated') return this.status();
-        if (disk !== 'UpToDate' && disk !== 'Consistent') throw new Error(`${name} is ${disk}: only good data can be outdated`);
-        if (this.session !== null && this.session.decision !== null) {
-          throw new Error(`${name}: refusing to be Outdated while Connected to ${this.peerName} (disconnect first)`);
-        }
+        // fence-peer handler on the Primary runs here). Refused where DRBD refuses it (states.ts).
         this.metadata.flags = { ...this.metadata.flags, outdated: true };
         await this.metadata.writeSuperblock();
         this.logger.warn('data outdated by the operator');
