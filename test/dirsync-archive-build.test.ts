@@ -4,8 +4,7 @@
 import { describe, expect, it } from 'vitest';
 import { ArchiveBuild } from '../src/dirsync/archive/build.js';
 import type { ArchiveEntry } from '../src/dirsync/archive/file.js';
-import { Detection } from '../src/dirsync/detect/detection.js';
-import { newState, type PathState } from '../src/dirsync/detect/path-state.js';
+import { Detection, newState, type PathState } from '../src/dirsync/detect/detection.js';
 import { CopyResults, type PropagationResults } from '../src/dirsync/propagate/results.js';
 import type { Action } from '../src/dirsync/reconcile/reconcile.js';
 import type { EntryStat, ScanEntry } from '../src/dirsync/replica.js';
@@ -93,8 +92,8 @@ describe('archive build', () => {
     still.e2 = fileEntry('still', 1, 1000);
     still.refresh = true;
     detection.states.set('still', still);
-    expect(new ArchiveBuild(detection, noResults).unchanged([])).toBe(true);
+    expect(detection.archiveUnchanged()).toBe(true);
     still.e2 = fileEntry('still', 1, 1500);
-    expect(new ArchiveBuild(detection, noResults).unchanged([])).toBe(false);
+    expect(detection.archiveUnchanged()).toBe(false);
   });
 });

@@ -4,7 +4,7 @@
 import { describe, expect, it } from 'vitest';
 import type { ArchiveEntry } from '../src/dirsync/archive/file.js';
 import { Detection } from '../src/dirsync/detect/detection.js';
-import { joinScans } from '../src/dirsync/detect/join.js';
+import { joinScans } from '../src/dirsync/detect/scan.js';
 import { detectUpdates } from '../src/dirsync/detect/updates.js';
 import type { HashResult, Replica } from '../src/dirsync/replica.js';
 import { SCAN_DIR, SCAN_FILE, type PackedScan } from '../src/native/scan.js';

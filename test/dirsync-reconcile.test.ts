@@ -2,7 +2,7 @@
 // hands them on, the plan is the one unison's rules give. No file system: the states are written out here.
 import { describe, expect, it } from 'vitest';
 import type { ArchiveEntry } from '../src/dirsync/archive/file.js';
-import { newState, type PathState } from '../src/dirsync/detect/path-state.js';
+import { newState, type PathState } from '../src/dirsync/detect/detection.js';
 import { conflictName, reconcile, type ReconcileOptions } from '../src/dirsync/reconcile/reconcile.js';
 import type { ScanEntry } from '../src/dirsync/replica.js';
 import type { ChangeKind } from '../src/dirsync/types.js';

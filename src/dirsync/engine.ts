@@ -14,19 +14,15 @@
 //   4. propagation (propagate/): renames of conflict losers and deletions, directories, files and links through
 //      a copy back-end, deferred deletions, properties (propagate.ts);
 //   5. archive (archive/build.ts): commit the archive with exactly the paths that synced; release the lock.
-import { commitArchive } from './archive/build.js';
 import { ArchiveError, archivePathFor, ArchiveTable, loadArchiveData, PairLock, type ArchiveEntry } from './archive/file.js';
 import { Detection } from './detect/detection.js';
-import { joinScans } from './detect/join.js';
 import { NEW_DONE, NEW_FAILED, NEW_PLANNED, NEW_SKIPPED, packedNewEnabled } from './detect/new-paths.js';
-import { scanBoth } from './detect/scan.js';
+import { joinScans, localCopier, scanBoth } from './detect/scan.js';
 import { detectUpdates } from './detect/updates.js';
 import type { EarlyStart } from './early.js';
 import { LocalReplica } from './local.js';
-import { localCopier } from './propagate/file-plan.js';
-import { Propagation } from './propagate/propagate.js';
-import { deletionSafety, exposeItems } from './reconcile/plan.js';
-import { reconcile, type Action } from './reconcile/reconcile.js';
+import type { Propagation } from './propagate/propagate.js';
+import { deletionSafety, exposeItems, reconcile, type Action } from './reconcile/reconcile.js';
 import { ReplicaError, type Replica, type ReplicaInfo } from './replica.js';
 import { trace, type SyncOptions, type SyncResult } from './types.js';
 
@@ -111,13 +107,21 @@ export class SyncEngine {
       }
 
       if (proceed) {
-        // Propagation, then the archive.
-        propagation = new Propagation(replicas, options, detection);
-        await propagation.run(actions);
+        // Propagation, then the archive. Their modules are loaded only when there is something to propagate or to
+        // record: a no-change run (the common cron case) needs neither, and Node's ESM loader costs ~0.5-1 ms of
+        // CPU per module.
+        if (detection.newCount() > 0 || actions.some((a) => a.item.action !== 'equal' && (a.item.action !== 'conflict' || a.item.resolvedBy !== undefined))) {
+          const { Propagation } = await import('./propagate/propagate.js');
+          propagation = new Propagation(replicas, options, detection);
+          await propagation.run(actions);
+        }
         trace('propagated');
-        await commitArchive({ file, swapped, roots: { root1Id: id1, root2Id: id2 } }, detection, actions, propagation);
+        if (actions.length > 0 || !detection.archiveUnchanged()) {
+          const { commitArchive, NOTHING_PROPAGATED } = await import('./archive/build.js');
+          await commitArchive({ file, swapped, roots: { root1Id: id1, root2Id: id2 } }, detection, actions, propagation ?? NOTHING_PROPAGATED);
+        }
         trace('archived');
-        if (propagation.connectionLost !== undefined) throw propagation.connectionLost;
+        if (propagation?.connectionLost !== undefined) throw propagation.connectionLost;
       } else if (!options.dryRun) {
         // The user declined: everything planned is skipped (exit 1). A dry run leaves items 'planned'.
         for (const action of actions) if (action.item.status === 'planned' && action.item.action !== 'equal') action.item.status = 'skipped';

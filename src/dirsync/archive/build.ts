@@ -2,10 +2,8 @@
 // the loaded table as runs of bytes in table mode), unchanged paths get their new stamps, synced paths their
 // final stats on both sides, and failed, skipped or conflicting paths what the archive knew before. Nothing is
 // written when the result equals the loaded archive (the common cron case).
-import type { Detection } from '../detect/detection.js';
-import { TABLE_CLEAN } from '../detect/detection.js';
+import { type Detection, entryOf, fingerprintOf, type PathState, TABLE_CLEAN } from '../detect/detection.js';
 import { NEW_DONE } from '../detect/new-paths.js';
-import { entryOf, fingerprintOf, type PathState } from '../detect/path-state.js';
 import type { PropagationResults } from '../propagate/results.js';
 import type { Action } from '../reconcile/reconcile.js';
 import type { EntryStat } from '../replica.js';
@@ -13,6 +11,13 @@ import { other, type Side } from '../types.js';
 import { ArchiveBuilder, saveArchive, saveArchiveBuilder, type ArchiveEntry } from './file.js';
 
 type Put = (path: string, entry: ArchiveEntry) => void;
+
+/** The results of a run that propagated nothing (propagation's modules are then never loaded). */
+export const NOTHING_PROPAGATED: PropagationResults = {
+  copies: { stat: () => undefined, fingerprint: () => undefined },
+  newDirStats: new Map(),
+  finalDirStats: [new Map(), new Map()],
+};
 
 /** The archive entry of a path unchanged on both sides: the same object when no stamp moved (no allocation). */
 function refreshed(a: ArchiveEntry, e1: EntryStat, e2: EntryStat): ArchiveEntry {
@@ -80,9 +85,10 @@ export interface ArchiveTarget {
 
 /** Build the new archive from the run's phases and write it, unless it equals the loaded one. */
 export async function commitArchive(target: ArchiveTarget, detection: Detection, actions: Action[], results: PropagationResults): Promise<void> {
+  // Nothing changed (the common cron case): skip building the new archive, the write and its two fsyncs. (The
+  // engine checks the same before it loads this module at all.)
+  if (actions.length === 0 && detection.archiveUnchanged()) return;
   const build = new ArchiveBuild(detection, results);
-  // Nothing changed (the common cron case): skip building the new archive, the write and its two fsyncs.
-  if (build.unchanged(actions)) return;
   const { file, swapped, roots } = target;
   if (detection.flags !== undefined) {
     // Table mode: clean entries are copied as they are from the loaded file; an identical result is not written.
@@ -102,27 +108,6 @@ export async function commitArchive(target: ArchiveTarget, detection: Detection,
 
 export class ArchiveBuild {
   constructor(private readonly detection: Detection, private readonly results: PropagationResults) {}
-
-  /** With no action at all, the new archive would be the old one unless some unchanged path's stamps moved
-   * (entries() then keeps every other entry as it was): checked without building it. */
-  unchanged(actions: Action[]): boolean {
-    if (actions.length > 0 || this.detection.newCount() > 0) return false;
-    for (const state of this.detection.states.values()) {
-      const { a, e1, e2 } = state;
-      if (state.refresh !== true || a === undefined || e1 === undefined || e2 === undefined) continue;
-      if (
-        a.mtime1Ms !== e1.mtimeMs ||
-        a.ctime1Ms !== e1.ctimeMs ||
-        a.inode1 !== e1.inode ||
-        a.mtime2Ms !== e2.mtimeMs ||
-        a.ctime2Ms !== e2.ctimeMs ||
-        a.inode2 !== e2.inode
-      ) {
-        return false;
-      }
-    }
-    return true;
-  }
 
   /** The new archive's entries, in order, given to `put` (each path once). Map mode. */
   entries(put: Put): void {

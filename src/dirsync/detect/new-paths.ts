@@ -15,7 +15,7 @@ import { packedEntry } from '../local.js';
 import { ReplicaError, type EntryStat, type ScanEntry } from '../replica.js';
 import { SCAN_DIR, SCAN_FILE, SCAN_RECORD_FIELDS, SCAN_SYMLINK, type PackedScan } from '../../native/scan.js';
 import type { PlanItem, Side } from '../types.js';
-import type { PathState } from './path-state.js';
+import type { PathState } from './detection.js';
 
 export const NEW_PLANNED = 0;
 export const NEW_DONE = 1;

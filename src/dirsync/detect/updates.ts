@@ -4,8 +4,7 @@
 import type { ArchiveEntry } from '../archive/file.js';
 import { sameStat, type Replica, type ScanEntry } from '../replica.js';
 import { modeOf, other, parentOf, TIME_TOLERANCE_MS, type ChangeKind, type Side, type SyncOptions } from '../types.js';
-import type { Detection } from './detection.js';
-import { entryOf, fingerprintOf, type PathState } from './path-state.js';
+import { type Detection, entryOf, fingerprintOf, type PathState } from './detection.js';
 import type { ProblemPaths } from './scan.js';
 
 const HASH_BATCH_PATHS = 256;

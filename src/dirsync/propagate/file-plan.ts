@@ -1,12 +1,8 @@
 // How each file travels: a local copy of content the target side already holds (a rename or copy recognised by
 // its fingerprint), a delta against the target's old version (a remote side), or the full content. The copy-local
 // index maps the fingerprints some copy needs to a target-side path that holds them.
-import type { Detection } from '../detect/detection.js';
-import { entryOf, fingerprintOf, newState, type PathState } from '../detect/path-state.js';
+import { type Detection, entryOf, fingerprintOf, newState, type PathState } from '../detect/detection.js';
 import type { ArchiveEntry } from '../archive/file.js';
-import { LocalReplica } from '../local.js';
-import type { Replica } from '../replica.js';
-import { nativeCopier } from '../../native/scan.js';
 import type { Action } from '../reconcile/reconcile.js';
 import { comparePaths, other, type SyncOptions } from '../types.js';
 import type { FileOp } from './fileop.js';
@@ -15,19 +11,6 @@ const DEFAULT_DELTA_THRESHOLD_BYTES = 256 * 1024;
 
 /** Per side, a fingerprint's first holder in path order among the paths whose content some copy may reuse. */
 export type CopyIndex = [Map<string, PathState>, Map<string, PathState>];
-
-/** Both roots are plain local directories: their paths. */
-export function localRoots(replicas: [Replica, Replica]): [string, string] | undefined {
-  const [r1, r2] = replicas;
-  if (r1.constructor !== LocalReplica || r2.constructor !== LocalReplica) return undefined;
-  return [(r1 as LocalReplica).rootPath, (r2 as LocalReplica).rootPath];
-}
-
-/** The addon's copy, when propagation between two local roots uses it (not with DRBDTS_DIRSYNC_WORKERS=0,
- * which keeps every file operation on this thread): packing new paths depends on it being there. */
-export function localCopier(replicas: [Replica, Replica]): ReturnType<typeof nativeCopier> {
-  return localRoots(replicas) !== undefined && process.env.DRBDTS_DIRSYNC_WORKERS !== '0' ? nativeCopier() : undefined;
-}
 
 /**
  * The copy-local index of `work`'s copies, and the target-side paths it will read (`sources`, "side:path"),

@@ -2,7 +2,7 @@
 // in batches on the thread pool, so more than one core does the file-system work with no V8 isolate per thread.
 import type { NewPaths } from '../detect/new-paths.js';
 import { NEW_PLANNED } from '../detect/new-paths.js';
-import { entryOf } from '../detect/path-state.js';
+import { entryOf } from '../detect/detection.js';
 import { ReplicaError, type Replica } from '../replica.js';
 import { COPY_DONE, COPY_FAILURE_CODES, COPY_IN_FIELDS, COPY_OUT_FIELDS, type CopyBatchResult, type nativeCopier } from '../../native/scan.js';
 import type { Action } from '../reconcile/reconcile.js';

@@ -7,15 +7,15 @@
 //       roots (native-copies.ts), copy workers (workers.ts), or several in flight on this thread (remote roots);
 //   3. the deferred deletions; 4. properties only, deepest first;
 // then the final stamps of the directories whose contents changed, for the archive.
-import type { Detection } from '../detect/detection.js';
+import { type Detection, entryOf } from '../detect/detection.js';
 import { NEW_DONE, NEW_FAILED, NEW_PLANNED, NEW_SKIPPED } from '../detect/new-paths.js';
-import { entryOf } from '../detect/path-state.js';
 import type { LocalReplica } from '../local.js';
 import { ReplicaError, type EntryStat, type Replica } from '../replica.js';
 import type { Action } from '../reconcile/reconcile.js';
 import { depthOf, modeOf, other, parentOf, TIME_TOLERANCE_MS, type ProgressState, type Side, type SyncOptions } from '../types.js';
 import { executeFileOp, type FileOpResult } from './fileop.js';
-import { buildCopyIndex, localCopier, localRoots, planFileOp } from './file-plan.js';
+import { localCopier, localRoots } from '../detect/scan.js';
+import { buildCopyIndex, planFileOp } from './file-plan.js';
 import { runNativeCopies } from './native-copies.js';
 import { CopyResults, type PropagationResults } from './results.js';
 import { runInWorkers } from './workers.js';

@@ -11,7 +11,13 @@ const COPY_ROW_FIELDS = COPY_OUT_FIELDS - 1;
 
 const KIND_OF_CODE: Record<number, EntryStat['kind']> = { [SCAN_FILE]: 'file', [SCAN_DIR]: 'dir', [SCAN_SYMLINK]: 'symlink' };
 
-export class CopyResults {
+/** Native copies' results as the archive reads them: by row, -1 for none. */
+export interface CopyResultRows {
+  stat(row: number): EntryStat | undefined;
+  fingerprint(row: number): string | undefined;
+}
+
+export class CopyResults implements CopyResultRows {
   private numbers = new Float64Array(0);
   private digests = Buffer.alloc(0);
   private rows = 0;
@@ -47,9 +53,10 @@ export class CopyResults {
 /** Propagation's results the archive reads besides the actions' own fields. */
 export interface PropagationResults {
   /** Native copies' results (Action.resultRow, NewPaths.rows). */
-  readonly copies: CopyResults;
+  readonly copies: CopyResultRows;
   /** mkdir results of packed new directories, by their index in NewPaths (directories are few). */
   readonly newDirStats: Map<number, EntryStat>;
   /** Final stamps of directories whose contents this run changed, per side. */
   readonly finalDirStats: [Map<string, EntryStat>, Map<string, EntryStat>];
 }
+
