@@ -1,9 +1,9 @@
-// The archive file (src/dirsync/archive.ts): format 2 (binary) round-trips every field in both orientations,
+// The archive file (src/dirsync/archive/file.ts): format 2 (binary) round-trips every field in both orientations,
 // archives written in format 1 (text) by earlier versions still load, and any damage is refused as corrupt.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { ArchiveError, loadArchive, saveArchive, type ArchiveEntry } from '../src/dirsync/archive.js';
+import { ArchiveError, loadArchive, saveArchive, type ArchiveEntry } from '../src/dirsync/archive/file.js';
 import { getHasher } from '../src/dirsync/hash.js';
 import { fingerprintHex } from '../src/dirsync/replica.js';
 import xxhash from 'xxhash-wasm';

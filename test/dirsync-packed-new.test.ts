@@ -1,4 +1,4 @@
-// Paths new on one side only are kept packed (src/dirsync/new-paths.ts): no PathState, PlanItem or Action, their
+// Paths new on one side only are kept packed (src/dirsync/detect/new-paths.ts): no PathState, PlanItem or Action, their
 // plan and archive entries made from the scan records and the native copy's results. This proves that the packed
 // path and the object path (DRBDTS_DIRSYNC_PACKED_NEW=0) give the same plan lines, the same --json output, the
 // same summary and exit code, the same trees and the same archive, on a tree with nested new directories,
@@ -12,7 +12,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { archivePathFor, loadArchive } from '../src/dirsync/archive.js';
+import { archivePathFor, loadArchive } from '../src/dirsync/archive/file.js';
 import { SyncEngine } from '../src/dirsync/engine.js';
 import { LocalReplica } from '../src/dirsync/local.js';
 import { nativeCopier, nativeScanAvailable } from '../src/native/scan.js';
@@ -185,7 +185,7 @@ describe.skipIf(!canRun)('packed new paths decide, copy and archive as the objec
     const engine = new SyncEngine(new LocalReplica(tree.a), new LocalReplica(tree.b), options);
     const result = await engine.run();
     expect(result.exitCode).toBe(1); // the two conflicts are skipped; as root the "unreadable" file is readable
-    const internals = engine as unknown as { states: Map<string, unknown>; newCount(): number };
+    const internals = engine.detection;
     // States: the symlinks (not packed), the paths on both sides, the conflicts and what lies below them.
     expect([...internals.states.keys()].sort()).toEqual(
       ['kindclash', 'kindclash/inside.txt', 'link', 'moded', 'moded/kid.txt', 'moded/other.txt', 'n1/dangling', 'shared', 'shared/same.txt'].sort(),

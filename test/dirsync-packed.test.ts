@@ -9,7 +9,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ArchiveBuilder, archivePathFor, loadArchive, saveArchiveBuilder } from '../src/dirsync/archive.js';
+import { ArchiveBuilder, archivePathFor, loadArchive, saveArchiveBuilder } from '../src/dirsync/archive/file.js';
 import { startEarly } from '../src/dirsync/early.js';
 import { SyncEngine, type SyncOptions, type SyncResult } from '../src/dirsync/engine.js';
 import { LocalReplica } from '../src/dirsync/local.js';
@@ -153,8 +153,8 @@ async function sync(tree: Tree, mode: Mode, prefer: SyncOptions['prefer']): Prom
   try {
     const engine = new SyncEngine(new LocalReplica(tree.a), new LocalReplica(tree.b), options(tree, prefer));
     const result = await engine.run();
-    const internals = engine as unknown as { states: Map<string, unknown>; cleanCount(): number; flags?: Uint8Array };
-    return { result, states: internals.states.size, clean: internals.cleanCount(), table: internals.flags !== undefined };
+    const { detection } = engine;
+    return { result, states: detection.states.size, clean: detection.cleanCount(), table: detection.flags !== undefined };
   } finally {
     for (const [name, value] of [['DRBDTS_DIRSYNC_NATIVE_SCAN', saved[0]], ['DRBDTS_DIRSYNC_NATIVE_JOIN', saved[1]]] as const) {
       if (value === undefined) delete process.env[name];
@@ -254,9 +254,8 @@ describe.skipIf(!nativeScanAvailable())('packed scans decide as the object path 
     expect(early).toBeDefined();
     expect(await startEarly([tree.a, tree.b], tree.archive, () => undefined)).toBeUndefined();
     const matched = new SyncEngine(new LocalReplica(tree.a), new LocalReplica(tree.b), { ...options(tree, undefined), early });
-    const internals = matched as unknown as { flags?: Uint8Array };
     expect((await matched.run()).exitCode).toBe(0);
-    expect(internals.flags).toBeDefined();
+    expect(matched.detection.flags).toBeDefined();
     expect(fs.existsSync(early!.file + '.lock')).toBe(false);
     expect(fs.readFileSync(path.join(tree.b, 'f2'), 'utf8')).toBe('f2');
   });

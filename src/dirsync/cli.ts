@@ -3,7 +3,7 @@
 // (some paths failed and will be retried next run), 3 fatal (bad arguments, a root missing, a corrupt archive,
 // the lock held, a refused deletion in batch mode).
 import * as pathModule from 'node:path';
-import { defaultArchiveDir } from './archive.js';
+import { defaultArchiveDir } from './archive/file.js';
 import { startEarly } from './early.js';
 import type { PlanItem, Prefer, SyncOptions, SyncResult } from './engine.js';
 import { compileIgnore } from './ignore.js';

@@ -1,6 +1,7 @@
 // Early start of a local-to-local run: the pair's lock is taken and both native scans and the archive load are
 // started before the CLI loads the engine's modules, so that compiling those (~15 ms) overlaps the scans (~25 ms
-// for 10,000 files) instead of preceding them. It imports only what that needs (archive.ts, the addon wrapper).
+// for 10,000 files) instead of preceding them. It imports only what that needs (archive/file.ts, the addon
+// wrapper).
 //
 // Safety: the scans start only after the lock is held, exactly as in SyncEngine.run; the engine uses them only
 // when its own view of the run agrees (same roots, same archive file, no ignore patterns, not a dry run), and
@@ -9,7 +10,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as pathModule from 'node:path';
-import { archivePathFor, loadArchiveData, PairLock, type ArchiveEntry, type ArchiveTable } from './archive.js';
+import { archivePathFor, loadArchiveData, PairLock, type ArchiveEntry, type ArchiveTable } from './archive/file.js';
 import { nativeScanAvailable, scanTree, type PackedScan } from '../native/scan.js';
 
 export interface EarlyStart {

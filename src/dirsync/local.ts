@@ -363,7 +363,7 @@ export class LocalReplica implements Replica {
   }
 
   /**
-   * `recycle`: the consumer (a LocalReplica.writeFile in this process, see fileop.ts) hands each chunk back through
+   * `recycle`: the consumer (a LocalReplica.writeFile in this process, see propagate/fileop.ts) hands each chunk back through
    * `ContentSource.recycle` once it has written and hashed it, and the chunk buffers come from a pool of this
    * replica instead of a new allocation per file. Without it (a remote consumer keeps chunks queued) every chunk
    * is a fresh buffer, as the ContentSource contract says. Measured: an initial sync of 10,000 files / 257 MB

@@ -54,7 +54,7 @@ export interface ContentSource {
   done: Promise<{ fingerprint: string; statAfter: EntryStat }>;
   /** Abandon the read early (target failed); idempotent. */
   cancel(): void;
-  /** Offered only by a LocalReplica source read for a consumer in the same process (fileop.ts): the consumer
+  /** Offered only by a LocalReplica source read for a consumer in the same process (propagate/fileop.ts): the consumer
    * hands a chunk back once it is written and hashed, and the producer may then reuse its buffer. */
   recycle?(chunk: Buffer): void;
 }

@@ -57,7 +57,7 @@ interface ScanAddon {
   ): Promise<[Float64Array, Buffer, string[]]>;
 }
 
-/** The archive load's native helpers (native/src/dirsync_join.cc), or undefined (archive.ts then uses xxhash-wasm
+/** The archive load's native helpers (native/src/dirsync_join.cc), or undefined (archive/file.ts then uses xxhash-wasm
  * and its own loop; DRBDTS_DIRSYNC_NATIVE_JOIN=0 forces that, as it forces the JavaScript join). */
 export interface ArchiveNative {
   /** xxh64 of the bytes as fingerprintHex writes it (16 hex digits), the same digest as xxhash-wasm's h64Raw. */
@@ -114,7 +114,7 @@ export function archiveNative(): ArchiveNative | undefined {
   return { xxh64: native.dirsyncXxh64, archiveStarts: native.dirsyncArchiveStarts };
 }
 
-/** The archive's packed arrays as the native join reads them (ArchiveTable in src/dirsync/archive.ts); none may be
+/** The archive's packed arrays as the native join reads them (ArchiveTable in src/dirsync/archive/file.ts); none may be
  * a small typed array of its own (V8 keeps those on its heap, where they can move): views of a buffer only. */
 export interface PackedArchive {
   strings: Buffer;

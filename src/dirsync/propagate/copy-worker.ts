@@ -1,11 +1,12 @@
 // A worker thread that executes file operations between two local roots. Between local roots every operation is
 // synchronous file-system work (open, read, hash, write, rename); on the main thread alone a sync of many small
-// files uses one core, so the engine hands slices of the work to a few of these workers. Each runs the very same
-// LocalReplica code (temp file, fingerprint check, precondition re-check, rename) as the main thread would.
+// files uses one core, so propagation (workers.ts) hands slices of the work to a few of these workers. Each runs
+// the very same LocalReplica code (temp file, fingerprint check, precondition re-check, rename) as the main thread
+// would.
 import { parentPort, workerData } from 'node:worker_threads';
 import { executeFileOp, type FileOp, type FileOpResult } from './fileop.js';
-import { LocalReplica } from './local.js';
-import { ReplicaError } from './replica.js';
+import { LocalReplica } from '../local.js';
+import { ReplicaError } from '../replica.js';
 
 export interface CopyWorkerData {
   roots: [string, string];

@@ -1,9 +1,9 @@
 // One file (or symlink) propagation, as a plain-data operation so that it can run on the main thread against any
 // pair of replicas, or inside a copy worker (copy-worker.ts) between two local roots. The decision of how the
-// content travels (local copy on the target, delta, full) is made by the engine; this only executes it, with the
+// content travels (local copy on the target, delta, full) is made by file-plan.ts; this only executes it, with the
 // fallback from a failed local copy to a full transfer.
-import { LocalReplica } from './local.js';
-import { ReplicaError, type EntryStat, type Precondition, type Replica } from './replica.js';
+import { LocalReplica } from '../local.js';
+import { ReplicaError, type EntryStat, type Precondition, type Replica } from '../replica.js';
 
 export interface FileOp {
   path: string;

@@ -25,9 +25,9 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as pathModule from 'node:path';
-import { archiveNative } from '../native/scan.js';
-import { getHasher } from './hash.js';
-import { fingerprintHex, type EntryKind } from './replica.js';
+import { archiveNative } from '../../native/scan.js';
+import { getHasher } from '../hash.js';
+import { fingerprintHex, type EntryKind } from '../replica.js';
 
 const MAGIC = 'drbdts-dirsync-archive 1';
 const MAGIC_2 = 'drbdts-dirsync-archive 2';
