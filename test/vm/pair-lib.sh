@@ -1,0 +1,97 @@
+# Sourced by the two-guest scenarios (test/vm/*.sh), which scripts/vm/run-pair.sh runs in both guests at once:
+# names, logging, checks, the meeting points of the two guests (files in the shared directory), and the drbdts
+# resource r0 between them: one dual-capable config, identical on both nodes, each node's own virtio disk as
+# backing device, its export attached to the kernel NBD client /dev/nbd0 while Primary.
+set -euo pipefail
+node=${DRBDTS_VM_NODE:?run by scripts/vm/run-pair.sh}
+peer=$DRBDTS_VM_PEER
+shared=$DRBDTS_VM_SHARED
+boot=$DRBDTS_VM_BOOT
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+# The replicated device's size: the virtio disk (run-pair.sh --disk) less room for drbdts's internal metadata.
+size_mib=${SIZE_MIB:-256}
+
+say() { echo "$(cut -d' ' -f1 /proc/uptime)s $node: $*"; }
+# A checked step that held: the vitest test looks for each one by name.
+ok() { say "OK $*"; }
+fail() {
+  say "FAIL $*"
+  : > "$shared/failed.$node"
+  [ ! -f "$shared/drbdts-$node.log" ] || { say "last lines of drbdts log:"; tail -n 20 "$shared/drbdts-$node.log"; }
+  exit 1
+}
+trap 'status=$?; [ "$status" = 0 ] || [ -e "$shared/failed.$node" ] || fail "line $LINENO exited $status"' EXIT
+# Meeting points: `arrive NAME` tells the peer this node got to NAME; `meet NAME [SECONDS]` arrives and waits for
+# the peer to arrive too (or fails when the peer failed or did not come in time).
+arrive() { : > "$shared/at.$1.$node"; }
+await() {
+  local name=$1 seconds=${2:-180} waited=0
+  until [ -e "$shared/at.$name.$peer" ]; do
+    [ ! -e "$shared/failed.$peer" ] || fail "waiting for $peer at $name: $peer failed"
+    [ "$waited" -lt $((seconds * 5)) ] || fail "$peer did not reach $name within ${seconds}s"
+    sleep 0.2
+    waited=$((waited + 1))
+  done
+}
+meet() { arrive "$1"; await "$@"; }
+# Runs a command; on failure, fails the scenario with its output.
+must() {
+  local output
+  output=$("$@" 2>&1) || fail "$* exited $?: $output"
+  [ -z "$output" ] || printf '%s\n' "$output"
+}
+# Polls until `$@` succeeds, for at most SECONDS.
+wait_until() {
+  local what=$1 seconds=$2 waited=0
+  shift 2
+  until "$@" >/dev/null 2>&1; do
+    [ ! -e "$shared/failed.$peer" ] || fail "waiting for $what: $peer failed"
+    [ "$waited" -lt $((seconds * 5)) ] || fail "$what: not within ${seconds}s"
+    sleep 0.2
+    waited=$((waited + 1))
+  done
+}
+
+drbdts() { node "$repo/bin/drbdts.js" "$@"; }
+is() { [ "$(drbdts "$1" r0 2>/dev/null)" = "$2" ]; }
+attached() { [ -e /sys/block/nbd0/pid ]; }
+
+# The node's name is the host name: drbdts and o2cb both find the local node from it.
+hostname "$node"
+mkdir -p /etc/drbdts /run/drbdts
+cat > /etc/drbdts/r0.toml <<EOF
+[resource]
+name = "r0"
+protocol = "C"
+shared-secret = "two-guests"
+
+[disk]
+size = "${size_mib}MiB"
+
+[net]
+allow-two-primaries = true
+ping-timeout = "3s"
+
+[node.alice]
+address = "10.99.0.1:7789"
+disk = "/dev/vda"
+nbd = "unix:/run/drbdts/r0-alice.nbd"
+device = "/dev/nbd0"
+
+[node.bob]
+address = "10.99.0.2:7789"
+disk = "/dev/vda"
+nbd = "unix:/run/drbdts/r0-bob.nbd"
+device = "/dev/nbd0"
+EOF
+
+# Starts this node's daemon in the background (its log in the shared directory), waits for its control socket.
+drbdts_pid=
+start_drbdts() {
+  drbdts up r0 >> "$shared/drbdts-$node.log" 2>&1 &
+  drbdts_pid=$!
+  wait_until "drbdts up on $node" 60 drbdts role r0
+}
+
+# The data area of this node's disk (the device's size; internal metadata after it), hashed.
+data_hash() { head -c "$((size_mib * 1024 * 1024))" /dev/vda | sha256sum | cut -d' ' -f1; }
