@@ -11,7 +11,8 @@
 # DRBDTS_VM_DISK (/dev/vda), DRBDTS_VM_SHARED (the shared directory) and DRBDTS_VM_BOOT (1, or more after the
 # guest rebooted itself: a guest that resets, as an OCFS2 node fencing itself does, boots again and runs the
 # command again, with the same disk). A guest stops when its command exits.
-#   bash scripts/vm/run-pair.sh [--memory MiB] [--cpus N] [--disk MiB] [--timeout SECONDS] -- COMMAND [ARG...]
+#   bash scripts/vm/run-pair.sh [--memory MiB] [--cpus N] [--disk MiB] [--timeout SECONDS] [--keep DIR] -- COMMAND...
+# --keep DIR: copy the shared directory and both guests' consoles to DIR at the end (for a post-mortem).
 # Prints alice's output, then bob's, each line prefixed with the node's name. Exit code: 0 when both commands
 # exited 0, else the first non-zero one (alice's first), 124 when a guest did not finish in time, 125 when a guest
 # could not run.
@@ -22,13 +23,15 @@ memory=1536
 cpus=1
 disk_mib=320
 timeout=600
-usage="usage: run-pair.sh [--memory MiB] [--cpus N] [--disk MiB] [--timeout S] -- COMMAND..."
+keep=
+usage="usage: run-pair.sh [--memory MiB] [--cpus N] [--disk MiB] [--timeout S] [--keep DIR] -- COMMAND..."
 while [ $# -gt 0 ]; do
   case "$1" in
     --memory) memory=$2; shift 2 ;;
     --cpus) cpus=$2; shift 2 ;;
     --disk) disk_mib=$2; shift 2 ;;
     --timeout) timeout=$2; shift 2 ;;
+    --keep) keep=$2; shift 2 ;;
     --) shift; break ;;
     *) echo "run-pair.sh: unknown option $1 ($usage)" >&2; exit 125 ;;
   esac
@@ -71,6 +74,11 @@ wait "${pids[0]}"; qemu_rc[alice]=$?
 wait "${pids[1]}"; qemu_rc[bob]=$?
 set -e
 pids=()
+if [ -n "$keep" ]; then
+  mkdir -p "$keep"
+  cp -r "$top/shared/." "$keep/"
+  for node in alice bob; do cp "$top/$node/console.log" "$keep/console-$node.log" 2>/dev/null || true; done
+fi
 result=0
 for node in alice bob; do
   rundir="$top/$node"
