@@ -42,7 +42,7 @@ if [ "$node" = alice ]; then
   done
   sync
   for i in $(seq 1 20); do record "tree/f$i" "$shared/manifest-alice"; done
-  writer during "$shared/during-alice" "$shared/stop-writers" &
+  writer during "$shared/during-alice" "$shared/stop-writers" 2>/dev/null &
   writer_pid=$!
   wait_until "alice's writer under way" 60 test -s "$shared/during-alice"
   sleep 3

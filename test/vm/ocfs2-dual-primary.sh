@@ -124,7 +124,7 @@ if [ "$boot" = 1 ]; then
   meet cross-read
 
   # ---- 3. alice's drbdts killed while both write ----
-  writer "during/$node" "$shared/during-$node" "$shared/stop-writers" &
+  writer "during/$node" "$shared/during-$node" "$shared/stop-writers" 2>/dev/null &
   writer_pid=$!
   sleep 5
   meet writing
