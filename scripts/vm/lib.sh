@@ -42,5 +42,6 @@ vm_qemu_args() {
     -append "console=ttyS0 quiet loglevel=3 panic=-1 drbdts.rundir=$rundir $*"
     -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"
     -virtfs "local,path=$rundir,mount_tag=run,security_model=none"
-    -display none -monitor none -serial "file:$rundir/console.log")
+    -display none -monitor none
+    -chardev "file,id=console,path=$rundir/console.log,append=on" -serial chardev:console)
 }

@@ -10,7 +10,8 @@
 # The command sees DRBDTS_VM_NODE (alice or bob), DRBDTS_VM_PEER, DRBDTS_VM_ADDRESS, DRBDTS_VM_PEER_ADDRESS,
 # DRBDTS_VM_DISK (/dev/vda), DRBDTS_VM_SHARED (the shared directory) and DRBDTS_VM_BOOT (1, or more after the
 # guest rebooted itself: a guest that resets, as an OCFS2 node fencing itself does, boots again and runs the
-# command again, with the same disk). A guest stops when its command exits.
+# command again, with the same disk (a new qemu process: see boot_guest); so does a guest whose kernel locks up
+# for a minute). A guest stops when its command exits.
 #   bash scripts/vm/run-pair.sh [--memory MiB] [--cpus N] [--disk MiB] [--timeout SECONDS] [--keep DIR] -- COMMAND...
 # --keep DIR: copy the shared directory and both guests' consoles to DIR at the end (for a post-mortem).
 # Prints alice's output, then bob's, each line prefixed with the node's name. Exit code: 0 when both commands
@@ -43,7 +44,8 @@ bash "$here/build-kit.sh" "$kit" >&2
 top=$(mktemp -d /tmp/drbdts-pair.XXXXXX)
 pids=()
 cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  # Each boot_guest, and the timeout (which passes the signal on to qemu) it runs.
+  for pid in "${pids[@]}"; do pkill -TERM -P "$pid" 2>/dev/null || true; kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$top"
 }
@@ -52,6 +54,27 @@ mkdir -p "$top/shared"
 declare -A address=([alice]=10.99.0.1 [bob]=10.99.0.2)
 declare -A peer=([alice]=bob [bob]=alice)
 declare -A mac=([alice]=52:54:00:99:00:01 [bob]=52:54:00:99:00:02)
+deadline=$(($(date +%s) + timeout))
+# Boots a guest until its command has finished: a guest that resets (a panic, o2cb's fence, the lockup watchdog)
+# makes qemu exit (-no-reboot) without an rc file, and a fresh qemu boots it again with the same disk and run
+# directory. A fresh process, not qemu's in-place reset: guests reset in place were seen hanging early in their
+# next boot on this emulated CPU. At most 4 boots; 124 when the deadline passes.
+boot_guest() {
+  local node=$1 boots=0 status
+  shift
+  while [ ! -f "$top/$node/rc" ]; do
+    boots=$((boots + 1))
+    [ "$boots" -le 4 ] || { echo "run-pair.sh: $node reset $((boots - 1)) times, not booting it again" >&2; return 125; }
+    local left=$((deadline - $(date +%s)))
+    [ "$left" -gt 0 ] || return 124
+    set +e
+    timeout --kill-after=10 "$left" "$@"
+    status=$?
+    set -e
+    if [ "$status" = 124 ] || [ "$status" = 137 ]; then return 124; fi
+    [ -f "$top/$node/rc" ] || echo "run-pair.sh: $node reset (qemu exit $status): booting it again" >&2
+  done
+}
 for node in alice bob; do
   rundir="$top/$node"
   mkdir -p "$rundir"
@@ -59,9 +82,13 @@ for node in alice bob; do
   vm_write_command "$rundir" DRBDTS_VM_NODE="$node" DRBDTS_VM_PEER="${peer[$node]}" \
     DRBDTS_VM_ADDRESS="${address[$node]}" DRBDTS_VM_PEER_ADDRESS="${address[${peer[$node]}]}" \
     DRBDTS_VM_DISK=/dev/vda DRBDTS_VM_SHARED="$top/shared" -- "$@"
-  vm_qemu_args "$rundir" "$memory" "$cpus" "drbdts.shared=$top/shared" "drbdts.ip=${address[$node]}/24"
-  # No -no-reboot: a guest that resets boots again (its init counts the boots); poweroff ends qemu.
-  timeout --kill-after=10 "$timeout" "${qemu_args[@]}" \
+  # A guest whose kernel livelocks resets itself, as a node's hardware watchdog would reset it (OCFS2's I/O-error
+  # path, its /dev/nbd0's server killed, must not leave a node hanging where o2cb's fence would not run). The
+  # soft-lockup threshold is 2 x watchdog_thresh = 60 s: an emulated vCPU starved by a busy host for tens of
+  # seconds must not count. The console (loglevel 5) keeps a panic's trace.
+  vm_qemu_args "$rundir" "$memory" "$cpus" "drbdts.shared=$top/shared" "drbdts.ip=${address[$node]}/24" \
+    loglevel=5 softlockup_panic=1 watchdog_thresh=30
+  boot_guest "$node" "${qemu_args[@]}" -no-reboot \
     -virtfs "local,path=$top/shared,mount_tag=shared,security_model=none" \
     -drive "file=$rundir/disk.img,format=raw,if=virtio,cache=writeback" \
     -netdev "dgram,id=link,local.type=unix,local.path=$top/$node.link,remote.type=unix,remote.path=$top/${peer[$node]}.link" \
@@ -91,7 +118,7 @@ for node in alice bob; do
     tail -n 30 "$rundir/console.log" | sed "s/^/$node console| /" >&2
     [ "$result" != 0 ] || result=124
   elif [ ! -f "$rundir/rc" ]; then
-    echo "run-pair.sh: $node stopped without finishing its command (qemu exit ${qemu_rc[$node]}); its console:" >&2
+    echo "run-pair.sh: $node stopped without finishing its command (exit ${qemu_rc[$node]}); its console:" >&2
     tail -n 30 "$rundir/console.log" | sed "s/^/$node console| /" >&2
     [ "$result" != 0 ] || result=125
   else

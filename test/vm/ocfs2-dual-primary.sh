@@ -158,7 +158,7 @@ if [ "$boot" = 1 ]; then
 else
   # ---- 4. alice after the fence: resync from bob, primary, remount ----
   [ "$node" = alice ] && [ "$boot" = 2 ] || fail "unexpected boot $boot of $node"
-  grep -E 'o2hb|o2quo|ocfs2|fencing' "$shared/kernel-alice-boot1.log" | tail -n 8 | sed 's/^/  previous boot kernel: /'
+  grep -E 'o2hb|o2quo|ocfs2|fencing|soft lockup' "$shared/kernel-alice-boot1.log" | tail -n 8 | sed 's/^/  previous boot kernel: /'
   ok "alice was fenced and rebooted"
   await survived 300
   start_drbdts
