@@ -14,12 +14,60 @@
 #   4. alice (boot 2) starts drbdts again: resync from bob, UpToDate, primary, o2cb, mount; every file whose write
 #      was synced before the kill and every file bob wrote meanwhile is there, checksums agreeing.
 #   5. Both unmount; fsck.ocfs2 -fn is clean on each; both demote and stop; the data areas hash identical.
+# BACKEND=drbd runs the same scenario on kernel DRBD 8.4 (/dev/drbd0, drbdsetup) as a control; there a kernel
+# module cannot be SIGKILLed, so alice's kernel is crashed instead (sysrq c), which her node's reset comes to anyway.
 . "$(dirname "$0")/pair-lib.sh"
 # Iterations of 2 s before o2hb declares a node dead (o2cb's default is 31, a minute): the same on both nodes.
 heartbeat_dead_threshold=${HEARTBEAT_DEAD_THRESHOLD:-11}
 # Rounds of the concurrent phase: each writes a file, a block of the shared file, a flock-ed line and count.
 rounds=${ROUNDS:-12}
 say "boot $boot"
+backend=${BACKEND:-drbdts}
+S=/usr/lib/drbd/drbdsetup-84
+k_is() { [ "$($S "$1" 0 2>/dev/null)" = "$2" ]; }
+if [ "$backend" = drbd ]; then
+  dev=/dev/drbd0
+  mkdir -p /run/lock /var/lock
+  # No drbd.conf here: the kernel's handler calls (drbdadm before-resync-source ...) would fail and drop the
+  # connection; drbdsetup drives everything, so the handler is a no-op.
+  echo /bin/true > /sys/module/drbd/parameters/usermode_helper
+fi
+# The resource's steps, on drbdts or kernel DRBD.
+replica_connect() { # fresh: create the metadata; else attach the existing one
+  if [ "$backend" = drbd ]; then
+    if [ "$1" = fresh ]; then
+      { yes 2>/dev/null || true; } | drbdmeta --force 0 v08 /dev/vda internal create-md >/dev/null 2>&1
+    else
+      # After a crash: the activity log into the bitmap first, as `drbdadm apply-al` does before attach.
+      must drbdmeta 0 v08 /dev/vda internal apply-al
+    fi
+    must $S new-resource r0
+    must $S new-minor r0 0 0
+    must $S attach 0 /dev/vda /dev/vda internal
+    must $S connect r0 "ipv4:$DRBDTS_VM_ADDRESS:7788" "ipv4:$DRBDTS_VM_PEER_ADDRESS:7788" --protocol=C --allow-two-primaries
+    wait_until "Connected" 120 k_is cstate Connected
+  else
+    [ "$1" != fresh ] || must drbdts create-md r0
+    start_drbdts
+    wait_until "Connected" 120 is cstate Connected
+  fi
+}
+replica_uptodate() {
+  if [ "$backend" = drbd ]; then k_is dstate UpToDate/UpToDate; else is dstate UpToDate/UpToDate; fi
+}
+replica_primary() {
+  if [ "$backend" = drbd ]; then
+    must $S primary 0
+  else
+    must drbdts primary r0
+    wait_until "/dev/nbd0 attached" 30 attached
+  fi
+}
+replica_both_primary() {
+  if [ "$backend" = drbd ]; then k_is role Primary/Primary; else
+    is role Primary && [ "$(drbdts status r0 --json | node -e 'process.stdout.write(JSON.parse(require("fs").readFileSync(0)).peer.role)')" = Primary ]
+  fi
+}
 dmesg --follow > "$shared/kernel-$node-boot$boot.log" 2>&1 &
 
 # The recipe's o2cb part: configfs, dlmfs, the cluster description, the cluster registered with the local node
@@ -60,27 +108,24 @@ block() { yes "$1 block $2" | head -c 65536 || true; }  # yes ends on SIGPIPE
 
 if [ "$boot" = 1 ]; then
   # ---- 1. the resource, dual-primary, and OCFS2 on both ----
-  must drbdts create-md r0
-  start_drbdts
-  wait_until "Connected" 120 is cstate Connected
+  replica_connect fresh
   # Both disks are new and all zeros: nothing to sync.
-  [ "$node" != alice ] || must drbdts new-current-uuid r0 --clear-bitmap
-  wait_until "UpToDate/UpToDate" 60 is dstate UpToDate/UpToDate
+  if [ "$node" = alice ]; then
+    if [ "$backend" = drbd ]; then must $S new-current-uuid 0 --clear-bitmap; else must drbdts new-current-uuid r0 --clear-bitmap; fi
+  fi
+  wait_until "UpToDate/UpToDate" 60 replica_uptodate
   meet uptodate
-  must drbdts primary r0
-  wait_until "/dev/nbd0 attached" 30 attached
+  replica_primary
   meet primary
-  is role Primary || fail "not Primary"
-  [ "$(drbdts status r0 --json | node -e 'process.stdout.write(JSON.parse(require("fs").readFileSync(0)).peer.role)')" = Primary ] \
-    || fail "the peer is not Primary"
-  ok "dual-primary, /dev/nbd0 attached"
+  replica_both_primary || fail "not both Primary"
+  ok "dual-primary, $dev attached"
   o2cb_online
   ok "o2cb cluster online"
-  if [ "$node" = alice ]; then must mkfs.ocfs2 -N 2 -b 4K -C 4K -J size=8M -L r0 /dev/nbd0; fi
+  if [ "$node" = alice ]; then must mkfs.ocfs2 -N 2 -b 4K -C 4K -J size=8M -L r0 "$dev"; fi
   meet mkfs 300
   mount_r0 ocfs2
   meet mounted 300
-  nodes=$(mounted.ocfs2 -f /dev/nbd0)
+  nodes=$(mounted.ocfs2 -f "$dev")
   [[ "$nodes" == *"alice, bob"* || "$nodes" == *"bob, alice"* ]] || fail "mounted.ocfs2 does not list both nodes: $nodes"
   ok "OCFS2 mounted on both"
 
@@ -131,6 +176,12 @@ if [ "$boot" = 1 ]; then
   meet writing
   if [ "$node" = alice ]; then
     [ -s "$shared/during-alice" ] || fail "alice's writer wrote nothing before the kill"
+    if [ "$backend" = drbd ]; then
+      say "crashing the kernel (sysrq c) while writing"
+      : > "$shared/killed"
+      echo 1 > /proc/sys/kernel/sysrq
+      echo c > /proc/sysrq-trigger
+    fi
     kill -9 "$drbdts_pid"
     say "killed drbdts (SIGKILL) while writing"
     : > "$shared/killed"
@@ -163,14 +214,11 @@ else
   grep -E 'o2hb|o2quo|ocfs2|fencing|soft lockup' "$shared/kernel-alice-boot1.log" | tail -n 8 | sed 's/^/  previous boot kernel: /'
   ok "alice was fenced and rebooted"
   await survived 300
-  start_drbdts
-  wait_until "Connected" 120 is cstate Connected
-  is cstate SyncTarget || is cstate Connected || true
-  wait_until "UpToDate/UpToDate after the resync" 300 is dstate UpToDate/UpToDate
-  grep -q '"resync finished: UpToDate"' "$shared/drbdts-alice.log" || fail "no resync to alice in her log"
+  replica_connect existing
+  wait_until "UpToDate/UpToDate after the resync" 300 replica_uptodate
+  [ "$backend" = drbd ] || grep -q '"resync finished: UpToDate"' "$shared/drbdts-alice.log" || fail "no resync to alice in her log"
   ok "alice resynced from bob: UpToDate"
-  must drbdts primary r0
-  wait_until "/dev/nbd0 attached" 30 attached
+  replica_primary
   o2cb_online
   mount_r0 ocfs2
   ok "alice remounted"
@@ -186,17 +234,27 @@ must umount "$mnt"
 meet unmounted
 # One at a time: fsck.ocfs2 takes the volume's cluster lock.
 if [ "$node" = bob ]; then await fsck-alice 300; fi
-must fsck.ocfs2 -fn /dev/nbd0
+must fsck.ocfs2 -fn "$dev"
 ok "fsck.ocfs2 -fn clean"
 arrive "fsck-$node"
 if [ "$node" = alice ]; then await fsck-bob 300; fi
-must drbdts secondary r0
-meet secondary
-wait_until "UpToDate/UpToDate, nothing out of sync" 120 is dstate UpToDate/UpToDate
-meet demoted
-must drbdts down r0
-wait "$drbdts_pid" || true
-data_hash > "$shared/hash-$node"
+if [ "$backend" = drbd ]; then
+  size_bytes=$(blockdev --getsize64 /dev/drbd0)
+  must $S secondary 0
+  meet secondary
+  wait_until "UpToDate/UpToDate, nothing out of sync" 120 replica_uptodate
+  meet demoted
+  must $S down r0
+  data_hash "$size_bytes" > "$shared/hash-$node"
+else
+  must drbdts secondary r0
+  meet secondary
+  wait_until "UpToDate/UpToDate, nothing out of sync" 120 replica_uptodate
+  meet demoted
+  must drbdts down r0
+  wait "$drbdts_pid" || true
+  data_hash > "$shared/hash-$node"
+fi
 meet hashed
 [ "$(cat "$shared/hash-alice")" = "$(cat "$shared/hash-bob")" ] || fail "data areas differ: $(cat "$shared/hash-alice") $(cat "$shared/hash-bob")"
 ok "data areas identical: $(cut -c1-16 "$shared/hash-$node")"

@@ -101,13 +101,15 @@ start_drbdts() {
 }
 
 # The data area of this node's disk (the device's size; internal metadata after it), hashed.
-data_hash() { head -c "$((size_mib * 1024 * 1024))" /dev/vda | sha256sum | cut -d' ' -f1; }
+data_hash() { head -c "${1:-$((size_mib * 1024 * 1024))}" /dev/vda | sha256sum | cut -d' ' -f1; }
 
 mnt=/mnt/r0
-# mount_r0 FSTYPE: /dev/nbd0 at $mnt.
+# The replicated block device: drbdts's kernel NBD client (a scenario may use kernel DRBD's /dev/drbd0 instead).
+dev=/dev/nbd0
+# mount_r0 FSTYPE: $dev at $mnt.
 mount_r0() {
   mkdir -p "$mnt"
-  must mount -t "$1" /dev/nbd0 "$mnt"
+  must mount -t "$1" "$dev" "$mnt"
   mountpoint -q "$mnt" || fail "$mnt is not mounted"
 }
 
