@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds what scripts/vm/run.sh boots: Debian's stock kernel (from the linux-image-amd64 package, unpacked, not
-# installed) and a small initramfs (busybox + the modules for virtio, 9p, overlayfs, ext4, nbd, loop and drbd:
-# the kernel DRBD 8.4 that bench/drbd-compare runs against). The VM's root
+# installed) and a small initramfs (busybox + the modules for virtio (9p, disk, network), overlayfs, ext4, nbd, loop,
+# drbd (the kernel DRBD 8.4 that bench/drbd-compare runs against) and OCFS2 with its o2cb cluster stack and dlmfs
+# (scripts/vm/run-pair.sh's cluster; the guest cannot modprobe: the root it sees has only this host kernel's
+# modules, so init loads them all at boot). The VM's root
 # is this machine's own file system, shared read-only over 9p with a tmpfs overlay on top, so the VM runs the same
 # node, repository and tools as the host while having the kernel modules this host kernel lacks (nbd).
 # Idempotent: does nothing when the kit for the current package version exists.
@@ -40,7 +42,8 @@ version=${package#linux-image-}
 modules="$work/pkg/lib/modules/$version"
 depmod -b "$work/pkg" "$version"
 # Load order: each module after its dependencies, each once.
-order=$(for m in virtio_pci 9pnet_virtio 9p overlay ext4 nbd loop drbd; do
+order=$(for m in virtio_pci 9pnet_virtio 9p virtio_blk virtio_net overlay ext4 nbd loop drbd configfs ocfs2 \
+    ocfs2_stack_o2cb ocfs2_dlmfs; do
   modprobe -d "$work/pkg" -S "$version" --show-depends "$m" | awk '$1 == "insmod" { print $2 }'
 done | awk '!seen[$0]++')
 initramfs="$work/initramfs"

@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# Runs a command inside a throwaway KVM virtual machine that has Debian's stock kernel (with the nbd module
+# Runs a command inside a throwaway virtual machine that has Debian's stock kernel (with the nbd module
 # this host's kernel lacks) and this machine's file system as its root: read-only over 9p, with a tmpfs overlay,
 # so the command sees the same repository, node and tools, and nothing it writes reaches the host. The VM has
 # no network device at all (only its own loopback). Its output is printed; its exit code is ours.
 #   bash scripts/vm/run.sh [--memory MiB] [--cpus N] [--timeout SECONDS] -- COMMAND [ARG...]
-# The kit (kernel + initramfs) is built on first use by scripts/vm/build-kit.sh. The CPU is emulated (qemu's TCG,
-# one host thread per virtual CPU): /dev/kvm exists on this workplace's machines but a guest kernel hangs there
-# right after decompression (nested virtualisation is not really offered), so KVM is opt-in: DRBDTS_VM_ACCEL=kvm.
+# The kit (kernel + initramfs) is built on first use by scripts/vm/build-kit.sh. The CPU is emulated (qemu's TCG;
+# why not KVM: scripts/vm/lib.sh). Two VMs joined by a private link: scripts/vm/run-pair.sh.
 # Exit codes: the command's, or 124 on time-out, 125 when the VM could not run.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -24,31 +23,15 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ $# -gt 0 ] || { echo "run.sh: no command given" >&2; exit 125; }
-accel=${DRBDTS_VM_ACCEL:-tcg}
-case "$accel" in
-  tcg) accel_args=(-accel tcg,thread=multi -cpu max) ;;
-  kvm) accel_args=(-enable-kvm -cpu host) ;;
-  *) echo "run.sh: DRBDTS_VM_ACCEL must be tcg or kvm, not $accel" >&2; exit 125 ;;
-esac
+. "$here/lib.sh"
+vm_accel_args run.sh || exit 125
 bash "$here/build-kit.sh" "$kit" >&2
 rundir=$(mktemp -d /tmp/drbdts-vm.XXXXXX)
 trap 'rm -rf "$rundir"' EXIT
-pwd > "$rundir/cwd"
-{
-  echo 'set -e'
-  # The caller's environment, less what names this host's session.
-  export -p | grep -v -E '^declare -x (PWD|OLDPWD|SHLVL|_|TERM|DISPLAY|SSH_[A-Z_]*)=' || true
-  printf 'exec'
-  printf ' %q' "$@"
-  echo
-} > "$rundir/cmd.sh"
+vm_write_command "$rundir" -- "$@"
+vm_qemu_args "$rundir" "$memory" "$cpus"
 set +e
-timeout --kill-after=10 "$timeout" qemu-system-x86_64 "${accel_args[@]}" -m "$memory" -smp "$cpus" \
-  -kernel "$kit/vmlinuz" -initrd "$kit/initrd.gz" \
-  -append "console=ttyS0 quiet loglevel=3 panic=-1 drbdts.rundir=$rundir" \
-  -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
-  -virtfs "local,path=$rundir,mount_tag=run,security_model=none" \
-  -nic none -display none -monitor none -serial "file:$rundir/console.log" -no-reboot
+timeout --kill-after=10 "$timeout" "${qemu_args[@]}" -nic none -no-reboot
 qemu_rc=$?
 set -e
 if [ -f "$rundir/output" ]; then cat "$rundir/output"
