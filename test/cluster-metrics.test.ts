@@ -145,7 +145,8 @@ scrape_configs:
     await c.start('bob');
     await waitQuery(promPort, 'resynced', oos, (v) => v === 0);
     await waitQuery(promPort, 'bob UpToDate', 'drbd_device_state{node="bob",drbd_device_state="UpToDate"}', (v) => v === 1);
-    expect(await valueOf(promPort, 'drbd_peerdevice_received_bytes{node="bob"}')).toBeGreaterThan(0);
+    // bob's own scrape may predate the resync (his metadata said UpToDate from the start): wait for one after it.
+    await waitQuery(promPort, 'bob received the resync', 'drbd_peerdevice_received_bytes{node="bob"}', (v) => v !== null && v > 0);
 
     // Failover: the Primary dies, bob is promoted; Prometheus sees bob's role change and alice's target gone.
     c.kill('alice');

@@ -1688,6 +1688,7 @@ class ReplTransportObject : public Napi::ObjectWrap<ReplTransportObject> {
       throw Napi::Error::New(env, std::string("ReplTransport: eventfd: ") + strerror(errno));
     }
     plane_ = plane;
+    id_ = id;
   }
 
   ~ReplTransportObject() override { Release(); }
@@ -1791,9 +1792,10 @@ class ReplTransportObject : public Napi::ObjectWrap<ReplTransportObject> {
     return Napi::Number::New(info.Env(), transport_ == nullptr ? 0.0 : static_cast<double>(transport_->ForwardedModifying()));
   }
 
-  Napi::Value IdGetter(const Napi::CallbackInfo& info) {
-    return Napi::Number::New(info.Env(), transport_ == nullptr ? 0 : transport_->id());
-  }
+  // The id stays readable after destroy(): JavaScript unregisters the transport's event route by it.
+  Napi::Value IdGetter(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), id_); }
+
+  uint32_t id_ = 0;
 
   std::shared_ptr<Plane> plane_;
   std::shared_ptr<Transport> transport_;

@@ -445,9 +445,10 @@ export class PeerConnection implements PeerChannel {
       // Its threads stop now; the plane marks what the peer did not confirm (events that still come are routed
       // until the threads are joined, a turn later).
       transport.close(reason);
+      const id = transport.id; // read now: a destroyed transport no longer knows its id
       setImmediate(() => {
         transport.destroy();
-        this.hub!.unregister(transport.id);
+        this.hub!.unregister(id);
       });
     }
     this.data.close(reason);
