@@ -312,7 +312,7 @@ async function up(options: Options): Promise<number> {
   const target = loadTarget(options);
   const { createLogger } = await import('../util/log.js');
   const logger = createLogger(`${target.config.name}@${target.nodeName}`);
-  // A variable specifier: the daemon is another engineer's module and this file must build without it.
+  // Loaded only by `up`: the other commands start without the daemon's modules.
   const daemonPath = '../resource/daemon.js';
   const daemon = (await import(daemonPath)) as {
     runDaemon(config: ResourceConfig, nodeName: string, logger: unknown): Promise<void>;

@@ -118,7 +118,7 @@ export async function run(_command: string, argv: string[]): Promise<number> {
   const devicePath = values.device as string | undefined;
   if (devicePath !== undefined) {
     try {
-      // Loaded by name so that serve builds and runs while kernel.ts (engineer A's) is absent or changing.
+      // Loaded only with --device: serving without the kernel client never loads its module.
       const kernelModulePath = '../nbd/kernel.js';
       const { attachKernelClient } = (await import(kernelModulePath)) as KernelModule;
       const { transmissionFlagsFor } = await import('../nbd/handshake.js');

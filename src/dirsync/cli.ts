@@ -123,8 +123,8 @@ function parseArgs(argv: string[]): ParsedArgs {
   return args;
 }
 
-// remote.ts and watch.ts are built by another engineer (docs/dirsync-interfaces.md); they are loaded only when a
-// remote root or --watch is used, through these declared shapes, so a build without them still syncs locally.
+// remote.ts and watch.ts (docs/dirsync-interfaces.md) are loaded only when a remote root or --watch is used,
+// through these declared shapes, so a local sync never pays for loading them.
 const REMOTE_MODULE = './remote.js';
 const WATCH_MODULE = './watch.js';
 interface RemoteModule {
