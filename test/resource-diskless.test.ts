@@ -3,13 +3,11 @@
 // back with a resync of exactly that; `[disk] on-io-error = "detach"` does the same by itself when the backing
 // disk returns EIO (a real one: FUSE over nbdkit's error filter), the failing write succeeding through the peer.
 import { createHash, randomBytes } from 'node:crypto';
-import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Cluster, run } from './replication-cluster.js';
-import { waitFor } from './replication-helpers.js';
+import { mountFailingDisk } from './helpers/failing-disk.js';
 
 const MiB = 1024 * 1024;
 let cluster: Cluster | null = null;
@@ -79,7 +77,7 @@ describe('Diskless', () => {
   });
 
   it('on-io-error detach: a real EIO on the Primary\'s disk makes it Diskless, and the write succeeds through the peer', async () => {
-    const failing = await mountFailingDisk(32 * MiB);
+    const failing = await failingDisk('alice.img', 32 * MiB);
     cluster = new Cluster({ sizeMiB: 16, diskDirs: { alice: failing.dir }, extraDisk: 'on-io-error = "detach"' });
     await cluster.setup();
     await cluster.startSkippingSync();
@@ -109,7 +107,7 @@ describe('Diskless', () => {
   });
 
   it('on-io-error detach under fio: the disk fails mid-run (activity-log writes included), fio sees no error', async () => {
-    const failing = await mountFailingDisk(32 * MiB);
+    const failing = await failingDisk('alice.img', 32 * MiB);
     cluster = new Cluster({ sizeMiB: 16, diskDirs: { alice: failing.dir }, extraDisk: 'on-io-error = "detach"' });
     await cluster.setup();
     await cluster.startSkippingSync();
@@ -126,25 +124,9 @@ describe('Diskless', () => {
   });
 });
 
-/** A FUSE-mounted file (alice.img) whose writes fail with EIO while the returned trigger file exists. */
-async function mountFailingDisk(sizeBytes: number): Promise<{ dir: string; trigger: string }> {
-  const base = path.join('/tmp', `drbdts-diskless-${process.pid}-${Date.now()}`);
-  const dir = path.join(base, 'mnt');
-  await mkdir(dir, { recursive: true });
-  const trigger = path.join(base, 'trigger');
-  const fuse: ChildProcess = spawn('nbdfuse', [path.join(dir, 'alice.img'), '--command', 'nbdkit', '-s', 'memory',
-    `size=${sizeBytes}`, '--filter=error', 'error-pwrite-rate=1', `error-pwrite-file=${trigger}`],
-  { stdio: ['ignore', 'ignore', 'pipe'] });
-  let stderr = '';
-  fuse.stderr!.on('data', (chunk) => (stderr += chunk));
-  await waitFor('the FUSE disk', () => {
-    if (fuse.exitCode !== null) throw new Error(`nbdfuse exited ${fuse.exitCode}: ${stderr}`);
-    return existsSync(path.join(dir, 'alice.img'));
-  }, 10_000, 100);
-  cleanups.push(async () => {
-    await run('fusermount3', ['-u', dir]).catch(() => undefined);
-    if (fuse.exitCode === null) fuse.kill('SIGKILL');
-    await run('rm', ['-rf', base]);
-  });
-  return { dir, trigger };
+/** A FUSE-mounted alice.img whose writes fail with EIO while the returned trigger file exists; unmounted after the test. */
+async function failingDisk(fileName: string, sizeBytes: number): Promise<{ dir: string; trigger: string }> {
+  const disk = await mountFailingDisk(fileName, sizeBytes);
+  cleanups.push(disk.cleanup);
+  return disk;
 }

@@ -12,12 +12,13 @@
 //   writes fail with a real EIO once a trigger file exists; its handler runs, on both replication data paths.
 //   That handler sleeps past [handlers] timeout, so the log must show it killed.
 import { afterEach, describe, expect, it } from 'vitest';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { mkdir, readFile, readdir, writeFile } from 'node:fs/promises';
+import { readFile, readdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { Cluster, repoRoot, run } from './replication-cluster.js';
 import { waitFor } from './replication-helpers.js';
+import { mountFailingDisk } from './helpers/failing-disk.js';
 
 let cluster: Cluster | null = null;
 const cleanups: Array<() => Promise<void>> = [];
@@ -211,7 +212,7 @@ describe('handlers', () => {
   for (const dataPath of ['native', 'js'] as const) {
     it(`local-io-error runs when the Secondary's disk returns EIO (${dataPath} data path), killed at its timeout`, async () => {
       // bob's backing file: nbdfuse exposes an nbdkit memory disk whose writes fail with EIO while `trigger` exists.
-      const mountDir = await mountFailingDisk(32 * MiB);
+      const mountDir = await failingDisk('bob.img', 32 * MiB);
       cluster = new Cluster({
         sizeMiB: 16, env: { alice: { DRBDTS_REPL_DATA_PATH: dataPath }, bob: { DRBDTS_REPL_DATA_PATH: dataPath } },
         handlers: `local-io-error = ${recorder('HANDLERS', 'local-io-error', 'sleep 30')}\ntimeout = "2s"`,
@@ -243,25 +244,9 @@ async function rewriteHandlersDir(c: Cluster, dir: string): Promise<void> {
   }
 }
 
-/** A FUSE-mounted file (bob.img) whose writes fail with EIO while the returned trigger file exists. */
-async function mountFailingDisk(sizeBytes: number): Promise<{ dir: string; trigger: string }> {
-  const base = path.join('/tmp', `drbdts-eio-${process.pid}-${Date.now()}`);
-  const dir = path.join(base, 'mnt');
-  await mkdir(dir, { recursive: true });
-  const trigger = path.join(base, 'trigger');
-  const fuse: ChildProcess = spawn('nbdfuse', [path.join(dir, 'bob.img'), '--command', 'nbdkit', '-s', 'memory',
-    `size=${sizeBytes}`, '--filter=error', 'error-pwrite-rate=1', `error-pwrite-file=${trigger}`],
-  { stdio: ['ignore', 'ignore', 'pipe'] });
-  let stderr = '';
-  fuse.stderr!.on('data', (chunk) => (stderr += chunk));
-  await waitFor('the FUSE disk', () => {
-    if (fuse.exitCode !== null) throw new Error(`nbdfuse exited ${fuse.exitCode}: ${stderr}`);
-    return existsSync(path.join(dir, 'bob.img'));
-  }, 10_000, 100);
-  cleanups.push(async () => {
-    await run('fusermount3', ['-u', dir]).catch(() => undefined);
-    if (fuse.exitCode === null) fuse.kill('SIGKILL');
-    await run('rm', ['-rf', base]);
-  });
-  return { dir, trigger };
+/** A FUSE-mounted bob.img whose writes fail with EIO while the returned trigger file exists; unmounted after the test. */
+async function failingDisk(fileName: string, sizeBytes: number): Promise<{ dir: string; trigger: string }> {
+  const disk = await mountFailingDisk(fileName, sizeBytes);
+  cleanups.push(disk.cleanup);
+  return disk;
 }
